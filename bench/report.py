@@ -1,0 +1,458 @@
+#!/usr/bin/env python
+"""Time dense / masked / compact-ideal / fg in one process and render the results table and plot.
+
+    python bench/report.py --quick                 # RoBERTa 768->3072, s in {0, 0.4}: CI, README
+    python bench/report.py --write-results         # full grid -> bench/RESULTS.md + bench/results_cpu.png
+
+For every (shape, sparsity, mode) the four variants run on the same inputs, interleaved: a warm-up
+round, then rounds in which each variant runs once (the order rotates every round), until the
+case's time budget is spent (between --min-rounds and --max-rounds). Times are medians; ratios are
+ratios of those medians, so every ratio comes from one run on the same inputs. Before timing, fg
+is checked against compact-ideal scattered to full size (output, or all gradients); a wrong result
+gets no timing.
+
+Outputs in --out (default bench/out/): results.json (raw per-round times, environment),
+results.md (the table) and results_cpu.png (the plot). --write-results also rewrites
+bench/RESULTS.md and bench/results_cpu.png. The table goes to stdout, progress to stderr.
+Exit status: 1 when fg is wrong anywhere; 2 with --strict when a target is missed; else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import shlex
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from bench.common import (  # noqa: E402
+    BENCH_DIR,
+    MODES,
+    REFERENCE_NAME,
+    VARIANTS,
+    check_fg,
+    dtype_from_name,
+    environment_record,
+    load_fg_op,
+    make_callable,
+    make_inputs,
+    meets,
+    selected_cases,
+    targets,
+)
+
+RATIOS = ("fg/compact-ideal", "fg/dense", "masked/fg")
+NOISY = 0.05  # relative interquartile spread above which a case is flagged as noisy
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------------------------
+
+
+def _run_once(fn) -> float:
+    t0 = time.perf_counter()
+    out = fn()
+    t1 = time.perf_counter()
+    del out  # freed outside the timed region
+    return t1 - t0
+
+
+def time_interleaved(fns, warmup: int, budget_s: float, min_rounds: int, max_rounds: int):
+    """``({name: [seconds per round]}, rounds)``; every round runs every fn once, rotating order."""
+    names = list(fns)
+    round_s = None
+    for _ in range(max(1, warmup)):
+        round_s = sum(_run_once(fns[n]) for n in names)
+    rounds = int(min(max_rounds, max(min_rounds, math.ceil(budget_s / max(round_s, 1e-6)))))
+    times = {n: [] for n in names}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            k = r % len(names)
+            for n in names[k:] + names[:k]:
+                times[n].append(_run_once(fns[n]))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times, rounds
+
+
+def _stats(xs):
+    xs = sorted(xs)
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) >= 2 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "p25": q[0], "p75": q[2], "min": xs[0], "max": xs[-1]}
+
+
+# --------------------------------------------------------------------------------------------
+# One case
+# --------------------------------------------------------------------------------------------
+
+
+def run_case(inp, mode, op, args):
+    shape = inp.shape
+    case = {
+        "shape": shape.label,
+        "shape_id": shape.id,
+        "model": shape.model,
+        "tokens": shape.m,
+        "in_features": shape.k,
+        "out_features": shape.n,
+        "sparsity": inp.sparsity,
+        "active_rows": inp.active_rows,
+        "active_cols": inp.active_cols,
+        "active_fraction": inp.active_fraction,
+        "mode": mode,
+    }
+    check = check_fg(inp, op, mode)
+    case["check"] = check
+    variants = [v for v in VARIANTS if v != "fg" or check["ok"]]
+    fns = {v: make_callable(v, mode, inp, op) for v in variants}
+    times, rounds = time_interleaved(fns, args.warmup, args.budget, args.min_rounds, args.max_rounds)
+    case["rounds"] = rounds
+    case["times_ms"] = {v: [t * 1e3 for t in ts] for v, ts in times.items()}
+    st = {v: _stats(ts) for v, ts in case["times_ms"].items()}
+    case["stats_ms"] = st
+    med = {v: s["median"] for v, s in st.items()}
+    case["median_ms"] = med
+    case["spread"] = max((s["p75"] - s["p25"]) / s["median"] for s in st.values())
+
+    ratios = {}
+    paired = {}
+    if "fg" in med:
+        ratios["fg/compact-ideal"] = med["fg"] / med["compact-ideal"]
+        ratios["fg/dense"] = med["fg"] / med["dense"]
+        ratios["masked/fg"] = med["masked"] / med["fg"]
+        # Same-round ratios (robust to drift), for the record.
+        tm = case["times_ms"]
+        paired["fg/compact-ideal"] = statistics.median(a / b for a, b in zip(tm["fg"], tm["compact-ideal"]))
+        paired["fg/dense"] = statistics.median(a / b for a, b in zip(tm["fg"], tm["dense"]))
+        paired["masked/fg"] = statistics.median(a / b for a, b in zip(tm["masked"], tm["fg"]))
+    case["ratios"] = ratios
+    case["paired_ratios"] = paired
+
+    tg = targets(mode, inp.sparsity, inp.active_fraction)
+    case["targets"] = {
+        name: {"op": op_, "bound": bound, "value": ratios.get(name),
+               "pass": (meets(ratios[name], (op_, bound)) if name in ratios else False)}
+        for name, (op_, bound) in tg.items()
+    }
+    if not check["ok"]:
+        case["status"] = "WRONG"
+    else:
+        missed = [n for n, t in case["targets"].items() if not t["pass"]]
+        case["status"] = "PASS" if not missed else "MISS"
+        case["missed"] = missed
+    return case
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_ms(v):
+    if v is None:
+        return "—"
+    return f"{v:.1f}" if v >= 100 else (f"{v:.2f}" if v >= 10 else f"{v:.3f}")
+
+
+def _fmt_ratio(case, name):
+    v = case["ratios"].get(name)
+    if v is None:
+        return "—"
+    t = case["targets"].get(name)
+    txt = f"{v:.3f}"
+    if t is None:
+        return txt
+    bound = f"{'≤' if t['op'] == '<=' else '≥'}{t['bound']:.2f}"
+    return f"{txt} ({bound})" if t["pass"] else f"**{txt}** ({bound})"
+
+
+def render_table(cases) -> str:
+    head = ("| shape (K→N) | sparsity | R×C active | mode | dense ms | masked ms | compact-ideal ms | fg ms "
+            "| fg/compact-ideal | fg/dense | masked/fg | spread | result |")
+    sep = "|" + "---|" * 4 + "---:|" * 4 + "---:|" * 3 + "---:|---|"
+    lines = [head, sep]
+    for c in cases:
+        med = c["median_ms"]
+        fg = _fmt_ms(med.get("fg")) if c["check"]["ok"] else "WRONG"
+        if c["status"] == "WRONG":
+            result = f"WRONG: {c['check']['message']}"
+        elif c["status"] == "MISS":
+            result = "MISS " + ", ".join(c["missed"])
+        else:
+            result = "PASS"
+        lines.append(
+            f"| {c['shape']} | {c['sparsity']:.1f} | {c['active_rows']}×{c['active_cols']} | {c['mode']} "
+            f"| {_fmt_ms(med.get('dense'))} | {_fmt_ms(med.get('masked'))} | {_fmt_ms(med.get('compact-ideal'))} "
+            f"| {fg} | {_fmt_ratio(c, 'fg/compact-ideal')} | {_fmt_ratio(c, 'fg/dense')} "
+            f"| {_fmt_ratio(c, 'masked/fg')} | {100 * c['spread']:.1f}% | {result} |"
+        )
+    return "\n".join(lines)
+
+
+def render_plot(cases, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = []
+    for c in cases:
+        if c["shape"] not in shapes:
+            shapes.append(c["shape"])
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), squeeze=False)
+    smax = max([c["sparsity"] for c in cases] + [0.2])
+    grid = [i * smax / 100 for i in range(101)]
+    for row, mode in enumerate(MODES):
+        ax_l, ax_r = axes[row]
+        for i, shape in enumerate(shapes):
+            cs = sorted((c for c in cases if c["shape"] == shape and c["mode"] == mode), key=lambda c: c["sparsity"])
+            if not cs:
+                continue
+            col = colors[i % len(colors)]
+            xs = [c["sparsity"] for c in cs]
+            ax_l.plot(xs, [c["ratios"].get("fg/compact-ideal", math.nan) for c in cs], "o-", color=col, label=shape)
+            if mode == "fwd":
+                z = [c for c in cs if c["sparsity"] == 0]
+                if z:
+                    ax_l.plot([0.0], [z[0]["ratios"].get("fg/dense", math.nan)], "s", mfc="none", color=col, ms=9)
+            ax_r.plot(xs, [c["ratios"].get("masked/fg", math.nan) for c in cs], "o-", color=col, label=shape)
+        if mode == "fwd":
+            ax_l.plot([0.2, smax], [1.05, 1.05], "k--", lw=1, label="target fg/compact-ideal ≤ 1.05 (s ≥ 0.2)")
+            ax_l.plot([-0.02, 0.06], [1.03, 1.03], "k:", lw=1.5, label="target fg/dense ≤ 1.03 (s = 0, □)")
+        else:
+            ax_l.axhline(1.10, color="k", ls="--", lw=1, label="target fg/compact-ideal ≤ 1.10")
+        ax_l.axhline(1.0, color="0.7", lw=0.8)
+        ax_r.plot(grid, [0.9 / (1 - s) ** 2 for s in grid], "k--", lw=1, label="target 0.9 / ((1-s)²)")
+        ax_r.plot(grid, [1.0 / (1 - s) ** 2 for s in grid], color="0.6", ls=":", lw=1, label="ideal 1 / (1-s)²")
+        ax_l.set_title(f"{mode}: fg / compact-ideal (lower is better)")
+        ax_r.set_title(f"{mode}: masked / fg (speed-up over the reference; higher is better)")
+        for ax in (ax_l, ax_r):
+            ax.set_xlabel("sparsity per dimension")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        ax_l.set_ylabel("time ratio")
+        ax_r.set_ylabel("time ratio")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _env_rows(env, args, command, n_cases):
+    cfg = env.get("torch_config", [])
+    mkl = next((l for l in cfg if "Math Kernel Library" in l), "MKL: n/a")
+    dnn = next((l for l in cfg if "MKL-DNN" in l or "oneDNN" in l), "oneDNN: n/a")
+    cap = next((l for l in cfg if "CPU capability" in l), "")
+    build = "; ".join(f"{Path(b['file']).name} built {b['mtime']}" for b in env.get("fg_build", [])) or "n/a"
+    return [
+        ("Machine", f"{env['cpu']}; {env['logical_cpus']} logical CPUs ({env['usable_cpus']} usable); {env['platform']}"),
+        ("Threads", f"{env['threads']} (torch.get_num_threads())"),
+        ("torch", f"{env['torch']}; {mkl}; {dnn}; {cap}"),
+        ("dtype / tokens", f"{args.dtype}, {2048} tokens"),
+        ("Date", env["date"]),
+        ("Command", f"`{command}`"),
+        ("Op", f"{env['fg_op']} ({build})"),
+        ("Git", env.get("git_commit") or "no commit"),
+        ("Timing", f"{n_cases} cases; per case {args.warmup} warm-up round(s), then interleaved rounds "
+                   f"(rotating order) for ~{args.budget:g} s, {args.min_rounds}–{args.max_rounds} rounds; "
+                   "medians; ratios of medians from the same run and inputs"),
+    ]
+
+
+def render_results_md(cases, env, args, command, table, plot_name) -> str:
+    rows = _env_rows(env, args, command, len(cases))
+    n_pass = sum(c["status"] == "PASS" for c in cases)
+    n_miss = sum(c["status"] == "MISS" for c in cases)
+    n_wrong = sum(c["status"] == "WRONG" for c in cases)
+    noisy = [c for c in cases if c["spread"] > NOISY]
+    out = [
+        "# Benchmark results: `fg::gated_linear` on CPU",
+        "",
+        "Generated by `bench/report.py --write-results`; do not edit by hand (rerun the command below).",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    out += [f"| {k} | {v} |" for k, v in rows]
+    out += [
+        "",
+        "## What is compared",
+        "",
+        "- `dense`: `F.linear(x, W, b)`.",
+        "- `masked`: `F.linear(x * g_c, W, b) * g_r`, the reference FineGates computation.",
+        "- `compact-ideal`: the same computation on tensors gathered before timing: `x[:, C] * g_c[C]` "
+        "(fwd; `x[:, C]` and `g_c[C]` as separate leaves for fwd+bwd), `W[R][:, C]`, `b[R]`, `g_r[R]`.",
+        "- `fg`: `torch.ops.fg.gated_linear(x, W, b, g_r, g_c)`.",
+        "",
+        "`fwd`: forward under `no_grad`. `fwd_bwd`: forward + `autograd.grad` for x, bias and both gates "
+        "(weight frozen) with a fixed random `grad_out`. Gates: exactly round(s·N) rows and round(s·K) "
+        "columns zeroed at random (seeded), other gate values uniform in (0.5, 1]. `R×C active` is the "
+        "realised |R|×|C|. fg is checked against compact-ideal scattered to full size before timing "
+        "(relative error < 1e-4 for fp32); a wrong result gets no timing.",
+        "",
+        "Targets (fp32, 2 threads): fwd `fg ≤ 1.05 × compact-ideal` for s ≥ 0.2 and `fg ≤ 1.03 × dense` "
+        "at s = 0; fwd+bwd `fg ≤ 1.10 × compact-ideal`; both `masked / fg ≥ 0.9 / ((1-s_r)(1-s_c))`. "
+        "A missed target is in **bold**. `spread` is the largest interquartile range / median of the "
+        "four variants in that case.",
+        "",
+        f"Summary: {n_pass} PASS, {n_miss} MISS, {n_wrong} WRONG of {len(cases)} cases"
+        + (f"; {len(noisy)} case(s) with spread > {100 * NOISY:.0f}%." if noisy else "."),
+        "",
+        "## Results",
+        "",
+        table,
+        "",
+        f"![ratios vs sparsity]({plot_name})",
+        "",
+    ]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="RoBERTa 768->3072 at sparsity 0 and 0.4 only (~1 min)")
+    p.add_argument("--write-results", action="store_true", help="rewrite bench/RESULTS.md and bench/results_cpu.png")
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="output folder (default bench/out)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds of timed rounds per (shape, sparsity, mode) case (default 18, quick 8)")
+    p.add_argument("--min-rounds", type=int, default=None, help="default 7, quick 7")
+    p.add_argument("--max-rounds", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds per case (after the correctness check)")
+    p.add_argument("--shapes", default=None, help="comma-separated substrings of shape ids to keep, e.g. 768to3072")
+    p.add_argument("--sparsities", default=None, help="comma-separated sparsities, e.g. 0,0.4")
+    p.add_argument("--modes", default=",".join(MODES), help="fwd,fwd_bwd")
+    p.add_argument("--allow-reference", action="store_true",
+                   help="let the reference stand in when the op is not built (harness testing; timings meaningless)")
+    p.add_argument("--strict", action="store_true", help="exit 2 when a target is missed")
+    args = p.parse_args(argv)
+    if args.budget is None:
+        args.budget = 8.0 if args.quick else 18.0
+    if args.min_rounds is None:
+        args.min_rounds = 7
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = " ".join(["python"] + [shlex.quote(a) for a in (sys.argv if argv is None else ["bench/report.py", *argv])])
+    torch.set_num_threads(args.threads)
+    dtype = dtype_from_name(args.dtype)
+    op, op_name = load_fg_op(allow_reference=args.allow_reference)
+    if op_name == REFERENCE_NAME:
+        log("WARNING: timing the REFERENCE as fg (op not built): the numbers mean nothing.")
+        if args.write_results:
+            log("refusing --write-results with the reference standing in for the op")
+            return 1
+
+    shapes, sparsities = selected_cases(args.quick)
+    if args.shapes:
+        keep = [s.strip() for s in args.shapes.split(",") if s.strip()]
+        shapes = tuple(s for s in shapes if any(k.lower() in s.id.lower() for k in keep))
+    if args.sparsities:
+        sparsities = tuple(float(s) for s in args.sparsities.split(","))
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not shapes or not sparsities or not modes or any(m not in MODES for m in modes):
+        log("nothing to run (check --shapes / --sparsities / --modes)")
+        return 1
+
+    env = environment_record(op_name)
+    log(f"# {env['cpu']}, {env['threads']} threads, torch {env['torch']}, op: {op_name}")
+    for b in env["fg_build"]:
+        log(f"#   {b['file']} built {b['mtime']}")
+
+    total = len(shapes) * len(sparsities) * len(modes)
+    cases = []
+    t_start = time.perf_counter()
+    i = 0
+    for shape in shapes:
+        for s in sparsities:
+            inp = make_inputs(shape, s, dtype, args.seed)
+            for mode in modes:
+                i += 1
+                t0 = time.perf_counter()
+                c = run_case(inp, mode, op, args)
+                cases.append(c)
+                med = c["median_ms"]
+                r = c["ratios"]
+                msg = (f"[{i}/{total}] {shape.label} s={s:.1f} {mode}: {c['rounds']} rounds; "
+                       + ", ".join(f"{v} {med[v]:.2f}" for v in VARIANTS if v in med) + " ms")
+                if r:
+                    msg += (f"; fg/ci {r['fg/compact-ideal']:.3f}, fg/dense {r['fg/dense']:.3f}, "
+                            f"masked/fg {r['masked/fg']:.2f}")
+                msg += f"; spread {100 * c['spread']:.1f}%; {c['status']}"
+                if c["status"] == "WRONG":
+                    msg += f" ({c['check']['message']})"
+                msg += f"  [{time.perf_counter() - t0:.0f} s, total {time.perf_counter() - t_start:.0f} s]"
+                log(msg)
+            del inp
+            gc.collect()
+
+    table = render_table(cases)
+    print(table)
+    n_wrong = sum(c["status"] == "WRONG" for c in cases)
+    misses = [c for c in cases if c["status"] == "MISS"]
+    noisy = [c for c in cases if c["spread"] > NOISY]
+    if misses:
+        print("\nMissed targets:")
+        for c in misses:
+            det = ", ".join(f"{n} = {c['targets'][n]['value']:.3f} (target {c['targets'][n]['op']} "
+                            f"{c['targets'][n]['bound']:.3f})" for n in c["missed"])
+            print(f"- {c['shape']} s={c['sparsity']:.1f} {c['mode']}: {det}")
+    if noisy:
+        log(f"note: {len(noisy)} case(s) with interquartile spread > {100 * NOISY:.0f}% (noisy machine?)")
+    log(f"total {time.perf_counter() - t_start:.0f} s")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    title = (f"fg::gated_linear, {args.dtype}, 2048 tokens, {env['threads']} threads, torch {env['torch']}, "
+             f"{env['cpu']} — {env['date']}")
+    plot_path = out / "results_cpu.png"
+    render_plot(cases, plot_path, title)
+    with open(out / "results.json", "w") as fh:
+        json.dump({"environment": env, "command": command, "args": {k: str(v) for k, v in vars(args).items()},
+                   "cases": cases}, fh, indent=1)
+    (out / "results.md").write_text(render_results_md(cases, env, args, command, table, plot_path.name))
+    log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {plot_path}")
+
+    if args.write_results:
+        shutil.copyfile(plot_path, BENCH_DIR / "results_cpu.png")
+        (BENCH_DIR / "RESULTS.md").write_text(render_results_md(cases, env, args, command, table, "results_cpu.png"))
+        log(f"wrote {BENCH_DIR / 'RESULTS.md'} and {BENCH_DIR / 'results_cpu.png'}")
+
+    if n_wrong:
+        return 1
+    if args.strict and misses:
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,274 @@
+// CPU building blocks: gathers, scatters and the blocked GEMM + fused epilogue.
+#include "compact_gemm.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+namespace fg {
+namespace cpu {
+
+namespace {
+
+// Rows per at::parallel_for task in the memory-bound passes.
+constexpr int64_t kRowGrain = 4;
+
+bool strictly_increasing(const std::vector<int64_t>& v) {
+  for (size_t i = 1; i < v.size(); ++i) {
+    if (v[i] <= v[i - 1]) return false;
+  }
+  return true;
+}
+
+// Writes one output row: dst[idx[i]] = f(i) for the active set, zero elsewhere. With a sorted
+// active set the zeros are written only into the gaps, so each element is written once.
+template <typename scalar_t, typename F>
+inline void write_row(scalar_t* dst, const Active& a, bool sorted, F f) {
+  const int64_t n = a.size();
+  if (a.all) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(f(i));
+    return;
+  }
+  const int64_t* idx = a.idx.data();
+  if (sorted) {
+    int64_t prev = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t c = idx[i];
+      if (c > prev) std::memset(dst + prev, 0, sizeof(scalar_t) * (c - prev));
+      dst[c] = static_cast<scalar_t>(f(i));
+      prev = c + 1;
+    }
+    if (a.full > prev) std::memset(dst + prev, 0, sizeof(scalar_t) * (a.full - prev));
+  } else {
+    std::memset(dst, 0, sizeof(scalar_t) * a.full);
+    for (int64_t i = 0; i < n; ++i) dst[idx[i]] = static_cast<scalar_t>(f(i));
+  }
+}
+
+}  // namespace
+
+GateSet gate_set(const at::Tensor& gate) {
+  const at::Tensor g = gate.to(at::kFloat).contiguous();
+  const float* p = g.data_ptr<float>();
+  const int64_t n = g.numel();
+  GateSet s;
+  s.active.full = n;
+  s.active.idx.reserve(n);
+  s.values.reserve(n);
+  bool all_one = true;
+  for (int64_t i = 0; i < n; ++i) {
+    if (p[i] != 0.0f) {
+      s.active.idx.push_back(i);
+      s.values.push_back(p[i]);
+      all_one = all_one && p[i] == 1.0f;
+    }
+  }
+  s.active.all = static_cast<int64_t>(s.active.idx.size()) == n;
+  if (s.active.all) s.active.idx.clear();
+  if (all_one) s.values.clear();
+  return s;
+}
+
+Active index_set(const c10::optional<at::Tensor>& idx, int64_t full) {
+  Active a;
+  a.full = full;
+  if (!idx.has_value()) return a;
+  const at::Tensor i64 = idx->to(at::kLong).contiguous();
+  a.idx.assign(i64.data_ptr<int64_t>(), i64.data_ptr<int64_t>() + i64.numel());
+  a.all = false;
+  return a;
+}
+
+bool Active::is_sorted() const { return all || strictly_increasing(idx); }
+
+at::Tensor gather_block(const at::Tensor& weight, const Active& rows, const Active& cols) {
+  if (rows.all && cols.all) return weight;
+  const int64_t nr = rows.size(), nc = cols.size();
+  at::Tensor out = at::empty({nr, nc}, weight.options());
+  if (nr == 0 || nc == 0) return out;
+  const int64_t s0 = weight.stride(0), s1 = weight.stride(1);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "fg_gather_block", [&] {
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, nr, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t r = rows.all ? i : rows.idx[i];
+        const scalar_t* src = w + r * s0;
+        scalar_t* dst = o + i * nc;
+        if (cols.all && s1 == 1) {
+          std::memcpy(dst, src, sizeof(scalar_t) * nc);
+        } else if (cols.all) {
+          for (int64_t j = 0; j < nc; ++j) dst[j] = src[j * s1];
+        } else {
+          const int64_t* c = cols.idx.data();
+          for (int64_t j = 0; j < nc; ++j) dst[j] = src[c[j] * s1];
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor gather_cols(const at::Tensor& x2, const Active& cols, const std::vector<float>& scale) {
+  TORCH_INTERNAL_ASSERT(x2.dim() == 2 && (x2.stride(1) == 1 || x2.size(1) <= 1));
+  const int64_t M = x2.size(0), nc = cols.size();
+  at::Tensor out = at::empty({M, nc}, x2.options());
+  if (M == 0 || nc == 0) return out;
+  const int64_t ld = x2.stride(0);
+  const float* sc = scale.empty() ? nullptr : scale.data();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x2.scalar_type(), "fg_gather_cols", [&] {
+    const scalar_t* x = x2.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t* c = cols.all ? nullptr : cols.idx.data();
+    at::parallel_for(0, M, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        const scalar_t* src = x + m * ld;
+        scalar_t* dst = o + m * nc;
+        if (c == nullptr && sc == nullptr) {
+          std::memcpy(dst, src, sizeof(scalar_t) * nc);
+        } else if (c == nullptr) {
+          for (int64_t j = 0; j < nc; ++j) dst[j] = static_cast<scalar_t>(static_cast<float>(src[j]) * sc[j]);
+        } else if (sc == nullptr) {
+          for (int64_t j = 0; j < nc; ++j) dst[j] = src[c[j]];
+        } else {
+          for (int64_t j = 0; j < nc; ++j)
+            dst[j] = static_cast<scalar_t>(static_cast<float>(src[c[j]]) * sc[j]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+void scatter_cols(const at::Tensor& src, const Active& cols, const std::vector<float>& scale,
+                  at::Tensor& dst) {
+  const int64_t M = dst.size(0), nc = cols.size();
+  TORCH_INTERNAL_ASSERT(dst.is_contiguous() && dst.size(1) == cols.full);
+  TORCH_INTERNAL_ASSERT(src.size(0) == M && src.size(1) == nc && src.stride(1) == 1);
+  if (M == 0) return;
+  const bool sorted = cols.is_sorted();
+  const float* sc = scale.empty() ? nullptr : scale.data();
+  const int64_t lds = src.stride(0);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dst.scalar_type(), "fg_scatter_cols", [&] {
+    const scalar_t* s = src.data_ptr<scalar_t>();
+    scalar_t* d = dst.data_ptr<scalar_t>();
+    at::parallel_for(0, M, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m) {
+        const scalar_t* srow = s + m * lds;
+        if (sc == nullptr) {
+          write_row(d + m * cols.full, cols, sorted, [&](int64_t j) { return srow[j]; });
+        } else {
+          write_row(d + m * cols.full, cols, sorted,
+                    [&](int64_t j) { return static_cast<float>(srow[j]) * sc[j]; });
+        }
+      }
+    });
+  });
+}
+
+void scatter_rows_cols(const at::Tensor& src, const Active& rows, const Active& cols, at::Tensor& dst) {
+  const int64_t nr = rows.size(), nc = cols.size();
+  TORCH_INTERNAL_ASSERT(dst.is_contiguous() && dst.size(0) == rows.full && dst.size(1) == cols.full);
+  TORCH_INTERNAL_ASSERT(src.size(0) == nr && src.size(1) == nc);
+  if (nr == 0 || nc == 0) return;
+  const at::Tensor s = src.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dst.scalar_type(), "fg_scatter_rows_cols", [&] {
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    scalar_t* d = dst.data_ptr<scalar_t>();
+    at::parallel_for(0, nr, kRowGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t* drow = d + (rows.all ? i : rows.idx[i]) * cols.full;
+        const scalar_t* srow = sp + i * nc;
+        if (cols.all) {
+          std::memcpy(drow, srow, sizeof(scalar_t) * nc);
+        } else {
+          for (int64_t j = 0; j < nc; ++j) drow[cols.idx[j]] = srow[j];
+        }
+      }
+    });
+  });
+}
+
+int64_t token_block(int64_t M, int64_t width_in, int64_t width_out, int64_t elem_size) {
+  static const int64_t env_block = [] {
+    const char* s = std::getenv("FG_CPU_BLOCK_M");
+    return s ? std::atoll(s) : int64_t{-1};
+  }();
+  if (env_block == 0) return std::max<int64_t>(M, 1);
+  if (env_block > 0) return env_block;
+  // Keep a block's gathered input and GEMM result within about 1 MiB (a core's L2 here).
+  constexpr int64_t kTargetBytes = int64_t{1} << 20;
+  const int64_t per_row = std::max<int64_t>((width_in + width_out) * elem_size, 1);
+  int64_t bm = kTargetBytes / per_row;
+  bm = std::max<int64_t>(64, (bm / 16) * 16);
+  return std::min<int64_t>(bm, std::max<int64_t>(M, 1));
+}
+
+void compact_linear_forward(const at::Tensor& x2, const CompactLinear& p, at::Tensor& out) {
+  const Active& rows = *p.rows;
+  const Active& cols = *p.cols;
+  const int64_t M = x2.size(0), nR = rows.size(), nC = cols.size();
+  TORCH_INTERNAL_ASSERT(out.is_contiguous() && out.size(0) == M && out.size(1) == rows.full);
+  if (M == 0) return;
+  if (nR == 0) {
+    out.zero_();  // every output row removed: no GEMM at all
+    return;
+  }
+  const bool gather_x = !cols.all || !p.col_scale->empty();
+  const bool direct = rows.all && p.row_scale->empty();  // GEMM may write straight into out
+  const bool lora = p.lora_a_c.defined();
+  const at::Tensor wt = p.weight_c.t();
+
+  // One GEMM for the whole of x when there is nothing to fuse; otherwise per block of tokens.
+  const int64_t bm = (!gather_x && direct)
+                         ? M
+                         : token_block(M, nC, direct ? 0 : nR, x2.element_size());
+  at::Tensor hbuf;
+  if (!direct) hbuf = at::empty({std::min(bm, M), nR}, out.options());
+  const bool sorted = rows.is_sorted();
+  const float* rs = p.row_scale->empty() ? nullptr : p.row_scale->data();
+
+  for (int64_t m0 = 0; m0 < M; m0 += bm) {
+    const int64_t mb = std::min(bm, M - m0);
+    at::Tensor xb = x2.narrow(0, m0, mb);
+    if (gather_x) xb = gather_cols(xb, cols, *p.col_scale);
+    at::Tensor hb = direct ? out.narrow(0, m0, mb) : hbuf.narrow(0, 0, mb);
+    if (nC == 0) {
+      // Every input column removed: the GEMM contributes nothing, only the bias remains.
+      if (direct && p.bias_c.defined()) {
+        hb.copy_(p.bias_c.expand({mb, nR}));
+      } else {
+        hb.zero_();
+      }
+    } else if (direct && p.bias_c.defined()) {
+      at::addmm_out(hb, p.bias_c, xb, wt);
+    } else {
+      at::mm_out(hb, xb, wt);
+    }
+    if (lora && nC > 0) hb.addmm_(at::mm(xb, p.lora_a_c.t()), p.lora_b_r.t(), 1.0, p.lora_scale);
+    if (direct) continue;
+
+    // Epilogue: bias, row gate, scatter into the active output columns, zeros elsewhere.
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "fg_epilogue", [&] {
+      const scalar_t* h = hb.data_ptr<scalar_t>();
+      const scalar_t* b = p.bias_c.defined() ? p.bias_c.data_ptr<scalar_t>() : nullptr;
+      scalar_t* o = out.data_ptr<scalar_t>() + m0 * rows.full;
+      at::parallel_for(0, mb, kRowGrain, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m) {
+          const scalar_t* hrow = h + m * nR;
+          write_row(o + m * rows.full, rows, sorted, [&](int64_t i) {
+            float v = static_cast<float>(hrow[i]);
+            if (b) v += static_cast<float>(b[i]);
+            return rs ? v * rs[i] : v;
+          });
+        }
+      });
+    });
+  }
+}
+
+}  // namespace cpu
+}  // namespace fg

@@ -1,0 +1,73 @@
+// The CPU building blocks shared by fg::gated_linear and fg::gathered_linear.
+//
+// Both ops reduce to one pattern: gather (and scale) the active columns of x, one GEMM against a
+// compact weight block, and an epilogue that adds the bias, scales by the row gate and writes the
+// active output columns while zeroing the rest. The GEMM runs per block of tokens so that the
+// gathered input and the GEMM result of a block are still in cache when the epilogue reads them.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace fg {
+namespace cpu {
+
+// An active set: indices into a full dimension, or "all of it" (identity, no gather needed).
+struct Active {
+  std::vector<int64_t> idx;  // sorted, unique when built from a gate
+  int64_t full = 0;          // size of the full dimension
+  bool all = true;           // idx == 0..full-1
+  int64_t size() const { return all ? full : static_cast<int64_t>(idx.size()); }
+  bool is_sorted() const;  // strictly increasing: the epilogue then zeroes only the gaps
+};
+
+// Non-zero entries of a gate, and the gate values there as float (empty when every value is 1,
+// so that callers can skip the scaling).
+struct GateSet {
+  Active active;
+  std::vector<float> values;  // compact gate values, or empty when they are all exactly 1
+};
+GateSet gate_set(const at::Tensor& gate);
+
+// Active set from a user-supplied index tensor (already range-checked); undefined -> all.
+Active index_set(const c10::optional<at::Tensor>& idx, int64_t full);
+
+// W[rows][:, cols] as a new contiguous (|rows|, |cols|) tensor; returns `weight` itself when both
+// sets are complete.
+at::Tensor gather_block(const at::Tensor& weight, const Active& rows, const Active& cols);
+
+// x2[:, cols] * scale (scale may be empty = 1) as a contiguous (M, |cols|) tensor, parallel over
+// rows. x2 must have unit stride in its last dimension.
+at::Tensor gather_cols(const at::Tensor& x2, const Active& cols, const std::vector<float>& scale);
+
+// Writes `src` (compact, shape (n, |cols|)) into the columns `cols` of `dst` rows (n, full), times
+// `scale` (may be empty = 1), zeroing every other column; parallel over rows.
+void scatter_cols(const at::Tensor& src, const Active& cols, const std::vector<float>& scale,
+                  at::Tensor& dst);
+
+// dst[rows[i], cols[j]] = src[i, j] for a zero-initialised, contiguous dst (weight gradients).
+void scatter_rows_cols(const at::Tensor& src, const Active& rows, const Active& cols, at::Tensor& dst);
+
+// The fused forward: out[:, rows] = row_scale * (gather(x2, cols) * col_scale @ weight_c.T
+//                                   + lora_scale * (... @ lora_a_c.T) @ lora_b_r.T + bias_c),
+// other columns of out are 0. out is (M, rows.full) and contiguous. weight_c is (|rows|, |cols|)
+// (any strides); bias_c is compact or undefined; lora_* compact or undefined.
+struct CompactLinear {
+  const Active* cols;
+  const std::vector<float>* col_scale;
+  at::Tensor weight_c;
+  at::Tensor bias_c;
+  const Active* rows;
+  const std::vector<float>* row_scale;
+  at::Tensor lora_a_c;  // (r, |cols|)
+  at::Tensor lora_b_r;  // (|rows|, r)
+  double lora_scale = 1.0;
+};
+void compact_linear_forward(const at::Tensor& x2, const CompactLinear& p, at::Tensor& out);
+
+// Token-block size for the blocked GEMM + epilogue (env FG_CPU_BLOCK_M overrides, 0 = no blocking).
+int64_t token_block(int64_t M, int64_t width_in, int64_t width_out, int64_t elem_size);
+
+}  // namespace cpu
+}  // namespace fg
