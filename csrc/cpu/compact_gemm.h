@@ -18,9 +18,16 @@ struct Active {
   std::vector<int64_t> idx;  // sorted, unique when built from a gate
   int64_t full = 0;          // size of the full dimension
   bool all = true;           // idx == 0..full-1
+  int64_t pad = 0;           // extra zero entries appended in compact buffers (friendly GEMM widths)
   int64_t size() const { return all ? full : static_cast<int64_t>(idx.size()); }
+  int64_t padded() const { return size() + pad; }
   bool is_sorted() const;  // strictly increasing: the epilogue then zeroes only the gaps
 };
+
+// Rounds a partial active set's compact width up to a multiple that the BLAS handles at full speed
+// (an odd width was measured to run slower than the whole dense size). The padding is exact: padded
+// input columns are zero and padded output columns are never written back.
+void pad_for_gemm(Active& a);
 
 // Non-zero entries of a gate, and the gate values there as float (empty when every value is 1,
 // so that callers can skip the scaling).
@@ -33,15 +40,15 @@ GateSet gate_set(const at::Tensor& gate);
 // Active set from a user-supplied index tensor (already range-checked); undefined -> all.
 Active index_set(const c10::optional<at::Tensor>& idx, int64_t full);
 
-// W[rows][:, cols] as a new contiguous (|rows|, |cols|) tensor; returns `weight` itself when both
-// sets are complete.
+// W[rows][:, cols] as a new contiguous (rows.padded(), cols.padded()) tensor, zero in the padding;
+// returns `weight` itself when both sets are complete.
 at::Tensor gather_block(const at::Tensor& weight, const Active& rows, const Active& cols);
 
-// x2[:, cols] * scale (scale may be empty = 1) as a contiguous (M, |cols|) tensor, parallel over
-// rows. x2 must have unit stride in its last dimension.
+// x2[:, cols] * scale (scale may be empty = 1) as a contiguous (M, cols.padded()) tensor, zero in
+// the padding, parallel over rows. x2 must have unit stride in its last dimension.
 at::Tensor gather_cols(const at::Tensor& x2, const Active& cols, const std::vector<float>& scale);
 
-// Writes `src` (compact, shape (n, |cols|)) into the columns `cols` of `dst` rows (n, full), times
+// Writes the first |cols| columns of `src` (compact, (n, >= |cols|), unit inner stride) into the columns `cols` of `dst` rows (n, full), times
 // `scale` (may be empty = 1), zeroing every other column; parallel over rows.
 void scatter_cols(const at::Tensor& src, const Active& cols, const std::vector<float>& scale,
                   at::Tensor& dst);

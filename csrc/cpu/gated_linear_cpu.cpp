@@ -73,8 +73,10 @@ at::Tensor gated_linear_cpu(
   const at::Tensor x2 = as_rows(x, K);
   at::Tensor out = at::empty({x2.size(0), N}, x.options());
 
-  const GateSet rg = gate_set(row_gate);
-  const GateSet cg = gate_set(col_gate);
+  GateSet rg = gate_set(row_gate);
+  GateSet cg = gate_set(col_gate);
+  pad_for_gemm(rg.active);
+  pad_for_gemm(cg.active);
   const bool any = rg.active.size() > 0 && x2.size(0) > 0;
   CompactLinear p;
   p.cols = &cg.active;
@@ -119,11 +121,13 @@ gated_linear_backward_cpu(
   xshape.back() = K;
   const int64_t r = lora_a.has_value() ? lora_a->size(0) : 0;
 
-  const GateSet rg = gate_set(row_gate);
-  const GateSet cg = gate_set(col_gate);
+  GateSet rg = gate_set(row_gate);
+  GateSet cg = gate_set(col_gate);
+  pad_for_gemm(rg.active);
+  pad_for_gemm(cg.active);
   const Active& rows = rg.active;
   const Active& cols = cg.active;
-  const int64_t nR = rows.size(), nC = cols.size();
+  const int64_t nR = rows.size(), nC = cols.size(), ldh = rows.padded(), ldc = cols.padded();
   const Active all_r{{}, r, true};
 
   at::Tensor dx = need_dx ? at::empty(xshape, opt) : none;
@@ -132,7 +136,7 @@ gated_linear_backward_cpu(
   // --- Pass over grad_out: dh = dy[:, R] * g_r[R]; sums for the bias and row-gate gradients. ---
   const bool need_dh = need_dx || need_dgc || need_dw || need_da || need_dlb;
   const bool dh_is_dy = rows.all && rg.values.empty();
-  at::Tensor dh = need_dh ? (dh_is_dy ? dy : at::empty({M, nR}, opt)) : none;
+  at::Tensor dh = need_dh ? (dh_is_dy ? dy : at::empty({M, ldh}, opt)) : none;
   ColumnSums bias_sums(need_db ? nR : 0), gate_sums(need_dgr ? nR : 0);
   const at::Tensor y2 = need_dgr ? as_rows(*output, N).contiguous() : none;
   if (nR > 0 && M > 0 && ((need_dh && !dh_is_dy) || need_db || need_dgr)) {
@@ -148,7 +152,8 @@ gated_linear_backward_cpu(
         for (int64_t m = begin; m < end; ++m) {
           const scalar_t* grow = g + m * N;
           const scalar_t* yrow = yv ? yv + m * N : nullptr;
-          scalar_t* hrow = h ? h + m * nR : nullptr;
+          scalar_t* hrow = h ? h + m * ldh : nullptr;
+          if (hrow) for (int64_t i = nR; i < ldh; ++i) hrow[i] = scalar_t(0);
           for (int64_t i = 0; i < nR; ++i) {
             const int64_t c = ri ? ri[i] : i;
             const float gv = static_cast<float>(grow[c]);
@@ -178,8 +183,8 @@ gated_linear_backward_cpu(
       if (need_dx) dx.zero_();
     } else {
       const at::Tensor wc = gather_block(weight, rows, cols);
-      const int64_t bm = token_block(M, nR, nC, dy.element_size());
-      at::Tensor dxc_buf = at::empty({std::min(bm, M), nC}, opt);
+      const int64_t bm = token_block(M, ldh, ldc, dy.element_size());
+      at::Tensor dxc_buf = at::empty({std::min(bm, M), ldc}, opt);
       at::Tensor dx2 = need_dx ? dx.view({M, K}) : none;
       const int64_t* ci = cols.all ? nullptr : cols.idx.data();
       for (int64_t m0 = 0; m0 < M; m0 += bm) {
@@ -200,7 +205,7 @@ gated_linear_backward_cpu(
             at::parallel_for(0, mb, 16, [&](int64_t begin, int64_t end) {
               double* s = col_sums.local();
               for (int64_t m = begin; m < end; ++m) {
-                const scalar_t* drow = d + m * nC;
+                const scalar_t* drow = d + m * ldc;
                 const scalar_t* xrow = xv + (m0 + m) * ldx;
                 for (int64_t j = 0; j < nC; ++j) {
                   const int64_t c = ci ? ci[j] : j;
@@ -220,14 +225,11 @@ gated_linear_backward_cpu(
     const at::Tensor xc = (nR > 0 && nC > 0 && M > 0) ? gather_cols(x2, cols, cg.values) : none;
     const bool empty = !xc.defined() || xc.numel() == 0 || nR == 0;
     if (need_dw) {
-      dw = at::zeros({N, K}, opt);
-      if (!empty) {
-        const at::Tensor dwc = at::mm(dh.t(), xc);
-        if (rows.all && cols.all) {
-          dw = dwc;
-        } else {
-          scatter_rows_cols(dwc, rows, cols, dw);
-        }
+      if (!empty && rows.all && cols.all) {
+        dw = at::mm(dh.t(), xc);
+      } else {
+        dw = at::zeros({N, K}, opt);
+        if (!empty) scatter_rows_cols(at::mm(dh.t(), xc), rows, cols, dw);
       }
     }
     if (need_dlb) {
