@@ -4,8 +4,10 @@
 // Triton kernels registered from Python for CUDA) implements exactly the same contract. Autograd
 // and fake (meta) kernels are registered once, in Python (fg_kernels/ops.py).
 
-#include <Python.h>
 #include <torch/library.h>
+
+#ifndef FG_NO_PYTHON_MODULE
+#include <Python.h>
 
 extern "C" {
 // `import fg_kernels._C` only needs to load this shared library so that the static
@@ -16,6 +18,7 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif  // FG_NO_PYTHON_MODULE (the CMake/libtorch build has no Python module)
 
 TORCH_LIBRARY(fg, m) {
   // y = row_gate * ((x * col_gate) @ (weight + lora_scale * lora_b @ lora_a).T + bias),
