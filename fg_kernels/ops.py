@@ -8,6 +8,7 @@ columns just as the forward does.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -111,7 +112,10 @@ if library_loaded():
         mask = [g[0], g[1], bias is not None and g[2], g[3], g[4], lora and g[5], lora and g[6]]
         need_x = mask[1] or mask[4] or mask[5] or mask[6]
         # Only what the requested gradients need: x for col_gate/weight/LoRA, the output for
-        # row_gate (d row_gate = sum(dy * y) / row_gate, no extra pre-gate buffer is kept).
+        # row_gate (d row_gate = sum(dy * y) / row_gate, no extra pre-gate buffer is kept). Like
+        # torch.exp or torch.sigmoid, the op then saves its output: modifying y in place before
+        # backward raises autograd's "modified by an inplace operation" error (never a wrong
+        # gradient). Exact for any normal (non-subnormal) gate value.
         ctx.save_for_backward(
             x if need_x else None, weight, row_gate, col_gate, lora_a, lora_b, output if mask[3] else None
         )
@@ -140,7 +144,9 @@ if library_loaded():
         """Inference op, so a plain torch-ops backward (not a tuned kernel) is enough."""
         x, weight_c, row_idx, col_idx = ctx.saved_tensors
         g = ctx.needs_input_grad
+        tokens = math.prod(ctx.x_shape[:-1])  # explicit: reshape(-1, 0) of an empty tensor fails
         gc = grad if row_idx is None else grad.index_select(-1, row_idx)
+        gc2 = gc.reshape(tokens, gc.shape[-1])
         dx = dw = db = None
         if g[0]:
             dxc = gc @ weight_c
@@ -150,9 +156,9 @@ if library_loaded():
                 dx = dxc.new_zeros(ctx.x_shape).index_add_(-1, col_idx, dxc)
         if g[1]:
             xc = x if col_idx is None else x.index_select(-1, col_idx)
-            dw = gc.reshape(-1, gc.shape[-1]).t() @ xc.reshape(-1, xc.shape[-1])
+            dw = gc2.t() @ xc.reshape(tokens, xc.shape[-1])
         if g[2] and ctx.has_bias:
-            db = gc.reshape(-1, gc.shape[-1]).sum(0)
+            db = gc2.sum(0)
         return dx, dw, db, None, None, None
 
     torch.library.register_autograd(

@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <array>
@@ -19,7 +20,9 @@ namespace {
 
 // x as (M, K) rows with unit stride in the last dimension (a copy only when a view cannot do).
 at::Tensor as_rows(const at::Tensor& x, int64_t K) {
-  at::Tensor x2 = x.reshape({-1, K});
+  // Explicit token count: reshape(-1, 0) of an empty tensor is ambiguous.
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  at::Tensor x2 = x.reshape({M, K});
   if (K > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
   return x2;
 }
@@ -71,7 +74,9 @@ at::Tensor gated_linear_cpu(
   check_gated_linear_args(x, weight, bias, row_gate, col_gate, lora_a, lora_b);
   const int64_t N = weight.size(0), K = weight.size(1);
   const at::Tensor x2 = as_rows(x, K);
-  at::Tensor out = at::empty({x2.size(0), N}, x.options());
+  // Allocated in its final shape and returned as such (a view would break in-place use of y).
+  at::Tensor out = at::empty(out_shape(x, N), x.options());
+  at::Tensor out2 = out.view({x2.size(0), N});
 
   GateSet rg = gate_set(row_gate);
   GateSet cg = gate_set(col_gate);
@@ -92,8 +97,8 @@ at::Tensor gated_linear_cpu(
       p.lora_scale = lora_scale;
     }
   }
-  compact_linear_forward(x2, p, out);
-  return out.view(out_shape(x, N));
+  compact_linear_forward(x2, p, out2);
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -284,7 +289,8 @@ at::Tensor gathered_linear_cpu(
                       " when col_idx is None (compact input), got shape ", x.sizes());
   }
   const at::Tensor x2 = as_rows(x, Kx);
-  at::Tensor out = at::empty({x2.size(0), out_features}, x.options());
+  at::Tensor out = at::empty(out_shape(x, out_features), x.options());
+  at::Tensor out2 = out.view({x2.size(0), out_features});
   const Active rows = index_set(row_idx, out_features);
   const Active cols = index_set(col_idx, Kx);
   const std::vector<float> no_scale;
@@ -295,8 +301,8 @@ at::Tensor gathered_linear_cpu(
   p.row_scale = &no_scale;
   p.weight_c = weight_c;
   if (bias_c.has_value()) p.bias_c = bias_c->contiguous();
-  compact_linear_forward(x2, p, out);
-  return out.view(out_shape(x, out_features));
+  compact_linear_forward(x2, p, out2);
+  return out;
 }
 
 }  // namespace
