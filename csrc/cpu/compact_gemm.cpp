@@ -93,29 +93,37 @@ Active index_set(const c10::optional<at::Tensor>& idx, int64_t full) {
 
 bool Active::is_sorted() const { return all || strictly_increasing(idx); }
 
-at::Tensor gather_block(const at::Tensor& weight, const Active& rows, const Active& cols) {
-  if (rows.all && cols.all) return weight;
+at::Tensor gather_block(const at::Tensor& weight, const Active& rows, const Active& cols,
+                        const std::vector<float>& row_scale, const std::vector<float>& col_scale) {
+  if (rows.all && cols.all && row_scale.empty() && col_scale.empty()) return weight;
   const int64_t nr = rows.size(), nc = cols.size(), ldo = cols.padded();
   at::Tensor out = at::empty({rows.padded(), ldo}, weight.options());
   if (rows.pad > 0) out.narrow(0, nr, rows.pad).zero_();
-  if (nr == 0 || nc == 0) return out;
+  if (nr == 0 || nc == 0) {
+    out.zero_();
+    return out;
+  }
   const int64_t s0 = weight.stride(0), s1 = weight.stride(1);
+  const float* rs = row_scale.empty() ? nullptr : row_scale.data();
+  const float* cs = col_scale.empty() ? nullptr : col_scale.data();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "fg_gather_block", [&] {
     const scalar_t* w = weight.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t* c = cols.all ? nullptr : cols.idx.data();
     at::parallel_for(0, nr, kRowGrain, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t r = rows.all ? i : rows.idx[i];
         const scalar_t* src = w + r * s0;
         scalar_t* dst = o + i * ldo;
         if (cols.pad > 0) std::memset(dst + nc, 0, sizeof(scalar_t) * cols.pad);
-        if (cols.all && s1 == 1) {
+        if (!rs && !cs && !c && s1 == 1) {
           std::memcpy(dst, src, sizeof(scalar_t) * nc);
-        } else if (cols.all) {
-          for (int64_t j = 0; j < nc; ++j) dst[j] = src[j * s1];
-        } else {
-          const int64_t* c = cols.idx.data();
-          for (int64_t j = 0; j < nc; ++j) dst[j] = src[c[j] * s1];
+          continue;
+        }
+        const float ri = rs ? rs[i] : 1.0f;
+        for (int64_t j = 0; j < nc; ++j) {
+          const float v = static_cast<float>(src[(c ? c[j] : j) * s1]);
+          dst[j] = static_cast<scalar_t>(cs ? v * ri * cs[j] : v * ri);
         }
       }
     });
@@ -204,18 +212,15 @@ void scatter_rows_cols(const at::Tensor& src, const Active& rows, const Active& 
   });
 }
 
-int64_t token_block(int64_t M, int64_t width_in, int64_t width_out, int64_t elem_size) {
+int64_t token_block(int64_t M) {
   static const int64_t env_block = [] {
     const char* s = std::getenv("FG_CPU_BLOCK_M");
     return s ? std::atoll(s) : int64_t{-1};
   }();
-  (void)width_in;
-  (void)width_out;
-  (void)elem_size;
   if (env_block == 0) return std::max<int64_t>(M, 1);
-  // 512 tokens per block measured best on the benchmark shapes (768..3072 wide, fp32, 2 threads):
-  // smaller blocks make the BLAS re-pack the weight too often, larger ones let the gathered
-  // input and the GEMM result fall out of cache before the epilogue reads them.
+  // 512 tokens per block measured best on the benchmark shapes (768..3072 wide, fp32): smaller
+  // blocks make the BLAS re-pack the weight too often, larger ones let the compact result fall
+  // out of cache before the scatter reads it.
   const int64_t bm = env_block > 0 ? env_block : 512;
   return std::min<int64_t>(bm, std::max<int64_t>(M, 1));
 }
@@ -230,58 +235,53 @@ void compact_linear_forward(const at::Tensor& x2, const CompactLinear& p, at::Te
     out.zero_();  // every output row removed: no GEMM at all
     return;
   }
-  const bool gather_x = !cols.all || !p.col_scale->empty();
-  const bool scatter = !rows.all;        // else the GEMM writes straight into out
-  const bool scale_rows = !p.row_scale->empty();
-  const bool fused_bias = !scatter && !scale_rows;  // addmm adds the bias, nothing left to fuse
+  const bool scatter = !rows.all;  // else the GEMM (addmm with the bias) writes out directly
   const bool lora = p.lora_a_c.defined() && nC > 0;
   const at::Tensor wt = p.weight_c.t();
 
-  // One GEMM over all tokens when there is nothing to fuse; otherwise per block of tokens, so the
-  // gathered input and the GEMM result are still in cache for the epilogue.
-  const int64_t bm = (!gather_x && fused_bias)
-                         ? M
-                         : token_block(M, cols.padded(), ldh, x2.element_size());
+  // Without a scatter: one GEMM over all tokens, since blocking would make the BLAS re-pack the
+  // whole weight once per block (measured ~10% at 768->3072). With a scatter, blocks of tokens
+  // keep the compact result in cache for the epilogue, which measured faster than one large
+  // GEMM followed by an out-of-cache scatter.
+  const int64_t bm = scatter ? token_block(M) : M;
   at::Tensor hbuf;
   if (scatter) hbuf = at::empty({std::min(bm, M), ldh}, out.options());
   const bool sorted = rows.is_sorted();
-  const float* rs = scale_rows ? p.row_scale->data() : nullptr;
 
   for (int64_t m0 = 0; m0 < M; m0 += bm) {
     const int64_t mb = std::min(bm, M - m0);
     at::Tensor xb = x2.narrow(0, m0, mb);
-    if (gather_x) xb = gather_cols(xb, cols, *p.col_scale);
+    if (!cols.all) xb = gather_cols(xb, cols, {});
     at::Tensor hb = scatter ? hbuf.narrow(0, 0, mb) : out.narrow(0, m0, mb);
     if (nC == 0) {
       // Every input column removed: the GEMM contributes nothing, only the bias remains.
-      if (fused_bias && p.bias_c.defined()) {
+      if (!scatter && p.bias_c.defined()) {
         hb.copy_(p.bias_c.expand({mb, nR}));
       } else {
         hb.zero_();
       }
-    } else if (fused_bias && p.bias_c.defined()) {
+    } else if (!scatter && p.bias_c.defined()) {
       at::addmm_out(hb, p.bias_c, xb, wt);
     } else {
       at::mm_out(hb, xb, wt);
     }
     if (lora) hb.addmm_(at::mm(xb, p.lora_a_c.t()), p.lora_b_r.t(), 1.0, p.lora_scale);
-    if (fused_bias) continue;
+    if (!scatter) continue;
 
-    // Epilogue: bias, row gate, scatter into the active output columns (zeros elsewhere), or in
-    // place when every row is active.
+    // Epilogue: bias and scatter into the active output columns, zeros elsewhere.
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "fg_epilogue", [&] {
       const scalar_t* b = p.bias_c.defined() ? p.bias_c.data_ptr<scalar_t>() : nullptr;
+      const scalar_t* h = hb.data_ptr<scalar_t>();
       scalar_t* o = out.data_ptr<scalar_t>() + m0 * rows.full;
-      const scalar_t* h = scatter ? hb.data_ptr<scalar_t>() : o;
-      const int64_t ld = scatter ? ldh : rows.full;
       at::parallel_for(0, mb, kRowGrain, [&](int64_t begin, int64_t end) {
         for (int64_t m = begin; m < end; ++m) {
-          const scalar_t* hrow = h + m * ld;
-          write_row(o + m * rows.full, rows, sorted, [&](int64_t i) {
-            float v = static_cast<float>(hrow[i]);
-            if (b) v += static_cast<float>(b[i]);
-            return rs ? v * rs[i] : v;
-          });
+          const scalar_t* hrow = h + m * ldh;
+          if (b) {
+            write_row(o + m * rows.full, rows, sorted,
+                      [&](int64_t i) { return static_cast<float>(hrow[i]) + static_cast<float>(b[i]); });
+          } else {
+            write_row(o + m * rows.full, rows, sorted, [&](int64_t i) { return hrow[i]; });
+          }
         }
       });
     });

@@ -40,9 +40,14 @@ GateSet gate_set(const at::Tensor& gate);
 // Active set from a user-supplied index tensor (already range-checked); undefined -> all.
 Active index_set(const c10::optional<at::Tensor>& idx, int64_t full);
 
-// W[rows][:, cols] as a new contiguous (rows.padded(), cols.padded()) tensor, zero in the padding;
-// returns `weight` itself when both sets are complete.
-at::Tensor gather_block(const at::Tensor& weight, const Active& rows, const Active& cols);
+// diag(row_scale) W[rows][:, cols] diag(col_scale) as a new contiguous (rows.padded(),
+// cols.padded()) tensor, zero in the padding (a scale may be empty = 1). Returns `weight` itself
+// when both sets are complete and there is nothing to scale. Folding the gates into the weight
+// here is free (the gather writes the block anyway) and leaves the GEMM's epilogue only the bias
+// and the scatter; with every row and column active it costs one pass over the weight, where
+// scaling x and the output would cost passes over (M, K) and (M, N).
+at::Tensor gather_block(const at::Tensor& weight, const Active& rows, const Active& cols,
+                        const std::vector<float>& row_scale = {}, const std::vector<float>& col_scale = {});
 
 // x2[:, cols] * scale (scale may be empty = 1) as a contiguous (M, cols.padded()) tensor, zero in
 // the padding, parallel over rows. x2 must have unit stride in its last dimension.
@@ -56,25 +61,24 @@ void scatter_cols(const at::Tensor& src, const Active& cols, const std::vector<f
 // dst[rows[i], cols[j]] = src[i, j] for a zero-initialised, contiguous dst (weight gradients).
 void scatter_rows_cols(const at::Tensor& src, const Active& rows, const Active& cols, at::Tensor& dst);
 
-// The fused forward: out[:, rows] = row_scale * (gather(x2, cols) * col_scale @ weight_c.T
-//                                   + lora_scale * (... @ lora_a_c.T) @ lora_b_r.T + bias_c),
-// other columns of out are 0. out is (M, rows.full) and contiguous. weight_c is (|rows|, |cols|)
-// (any strides); bias_c is compact or undefined; lora_* compact or undefined.
+// The fused forward: out[:, rows] = gather(x2, cols) @ weight_c.T
+//                                   + lora_scale * (gather(x2, cols) @ lora_a_c.T) @ lora_b_r.T + bias_c,
+// other columns of out are 0 (gates, if any, are already folded into the compact operands).
+// out is (M, rows.full) and contiguous; weight_c is (rows.padded(), cols.padded()) with any
+// strides; bias_c is compact (>= |rows| long) or undefined; lora_* compact or undefined.
 struct CompactLinear {
   const Active* cols;
-  const std::vector<float>* col_scale;
+  const Active* rows;
   at::Tensor weight_c;
   at::Tensor bias_c;
-  const Active* rows;
-  const std::vector<float>* row_scale;
-  at::Tensor lora_a_c;  // (r, |cols|)
-  at::Tensor lora_b_r;  // (|rows|, r)
+  at::Tensor lora_a_c;  // (r, cols.padded())
+  at::Tensor lora_b_r;  // (rows.padded(), r)
   double lora_scale = 1.0;
 };
 void compact_linear_forward(const at::Tensor& x2, const CompactLinear& p, at::Tensor& out);
 
-// Token-block size for the blocked GEMM + epilogue (env FG_CPU_BLOCK_M overrides, 0 = no blocking).
-int64_t token_block(int64_t M, int64_t width_in, int64_t width_out, int64_t elem_size);
+// Token-block size for the blocked GEMM + scatter epilogue (env FG_CPU_BLOCK_M overrides).
+int64_t token_block(int64_t M);
 
 }  // namespace cpu
 }  // namespace fg

@@ -35,9 +35,9 @@ std::vector<int64_t> out_shape(const at::Tensor& x, int64_t last) {
 
 const Active kAllOfOne{{}, 1, true};
 
-// v[idx] for a 1-D tensor, contiguous; v itself when idx is complete.
-at::Tensor gather_vec(const at::Tensor& v, const Active& a) {
-  return gather_block(v.reshape({1, -1}), kAllOfOne, a).reshape({-1}).contiguous();
+// (v * scale)[idx] for a 1-D tensor, contiguous (scale may be empty = 1).
+at::Tensor gather_vec(const at::Tensor& v, const Active& a, const std::vector<float>& scale = {}) {
+  return gather_block(v.reshape({1, -1}), kAllOfOne, a, {}, scale).reshape({-1}).contiguous();
 }
 
 // Per-thread accumulators for column sums over tokens, reduced in double at the end.
@@ -83,17 +83,17 @@ at::Tensor gated_linear_cpu(
   pad_for_gemm(rg.active);
   pad_for_gemm(cg.active);
   const bool any = rg.active.size() > 0 && x2.size(0) > 0;
+  // The gates are folded into the compact operands as they are gathered:
+  // y[:, R] = x[:, C] (g_r W g_c)[R][:, C]^T + g_r b  (+ x[:, C] (A g_c)^T (g_r B)^T s for LoRA).
   CompactLinear p;
   p.cols = &cg.active;
-  p.col_scale = &cg.values;
   p.rows = &rg.active;
-  p.row_scale = &rg.values;
   if (any) {
-    p.weight_c = gather_block(weight, rg.active, cg.active);
-    if (bias.has_value()) p.bias_c = gather_vec(*bias, rg.active);
+    p.weight_c = gather_block(weight, rg.active, cg.active, rg.values, cg.values);
+    if (bias.has_value()) p.bias_c = gather_vec(*bias, rg.active, rg.values);
     if (lora_a.has_value()) {
-      p.lora_a_c = gather_block(*lora_a, Active{{}, lora_a->size(0), true}, cg.active);
-      p.lora_b_r = gather_block(*lora_b, rg.active, Active{{}, lora_b->size(1), true});
+      p.lora_a_c = gather_block(*lora_a, Active{{}, lora_a->size(0), true}, cg.active, {}, cg.values);
+      p.lora_b_r = gather_block(*lora_b, rg.active, Active{{}, lora_b->size(1), true}, rg.values, {});
       p.lora_scale = lora_scale;
     }
   }
@@ -188,7 +188,7 @@ gated_linear_backward_cpu(
       if (need_dx) dx.zero_();
     } else {
       const at::Tensor wc = gather_block(weight, rows, cols);
-      const int64_t bm = token_block(M, ldh, ldc, dy.element_size());
+      const int64_t bm = token_block(M);
       at::Tensor dxc_buf = at::empty({std::min(bm, M), ldc}, opt);
       at::Tensor dx2 = need_dx ? dx.view({M, K}) : none;
       const int64_t* ci = cols.all ? nullptr : cols.idx.data();
@@ -293,12 +293,9 @@ at::Tensor gathered_linear_cpu(
   at::Tensor out2 = out.view({x2.size(0), out_features});
   const Active rows = index_set(row_idx, out_features);
   const Active cols = index_set(col_idx, Kx);
-  const std::vector<float> no_scale;
   CompactLinear p;
   p.cols = &cols;
-  p.col_scale = &no_scale;
   p.rows = &rows;
-  p.row_scale = &no_scale;
   p.weight_c = weight_c;
   if (bias_c.has_value()) p.bias_c = bias_c->contiguous();
   compact_linear_forward(x2, p, out2);
