@@ -190,3 +190,38 @@ def test_device_mismatch(inp, name):
     cuda = inp.map(lambda n, t: t.cuda() if n != name else t)
     with pytest.raises(BAD_INPUT_ERRORS, match=name):
         op_forward(cuda)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backward op is callable directly: it validates its arguments too (never reads out of range)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        ({"row_gate": torch.ones(6)}, "row_gate"),
+        ({"col_gate": torch.ones(3)}, "col_gate"),
+        ({"x": torch.randn(2, 4)}, "tokens"),
+        ({"output": torch.randn(3, 4)}, "output"),
+        ({"grad_out": torch.randn(3, 6)}, "grad_out"),
+        ({"lora_a": torch.randn(2, 5), "lora_b": torch.randn(5, 2)}, "lora_a"),
+    ],
+)
+def test_backward_op_rejects_mismatched_arguments(bad, fragment):
+    args = {
+        "grad_out": torch.randn(3, 5),
+        "x": torch.randn(3, 4),
+        "weight": torch.randn(5, 4),
+        "row_gate": torch.ones(5),
+        "col_gate": torch.ones(4),
+        "lora_a": None,
+        "lora_b": None,
+        "output": torch.randn(3, 5),
+    }
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError, IndexError, RuntimeError), match=fragment):
+        torch.ops.fg.gated_linear_backward(
+            args["grad_out"], args["x"], args["weight"], args["row_gate"], args["col_gate"],
+            args["lora_a"], args["lora_b"], 1.0, args["output"], [True] * 7,
+        )

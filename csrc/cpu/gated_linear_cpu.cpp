@@ -107,10 +107,27 @@ gated_linear_backward_cpu(
     const at::Tensor& row_gate, const at::Tensor& col_gate,
     const c10::optional<at::Tensor>& lora_a, const c10::optional<at::Tensor>& lora_b,
     double lora_scale, const c10::optional<at::Tensor>& output, std::array<bool, 7> mask) {
+  // The backward is callable directly (torch.ops.fg.gated_linear_backward), so it validates
+  // its arguments as the forward does: a mismatch is an error, never an out-of-range read.
+  check_float_tensor(grad_out, "grad_out");
+  TORCH_CHECK_VALUE(weight.dim() == 2, "weight must be 2-D (out_features, in_features), got shape ", weight.sizes());
   const int64_t N = weight.size(0), K = weight.size(1);
-  check_same_dtype(grad_out, weight, "grad_out");
+  check_same_dtype(weight, grad_out, "weight");
   TORCH_CHECK_VALUE(grad_out.dim() >= 1 && grad_out.size(-1) == N,
                     "grad_out must have last dimension out_features = ", N, ", got shape ", grad_out.sizes());
+  check_gated_linear_args(x_opt.has_value() ? *x_opt : at::empty({0, K}, grad_out.options()), weight,
+                          c10::nullopt, row_gate, col_gate, lora_a, lora_b);
+  if (x_opt.has_value()) {
+    TORCH_CHECK_VALUE(x_opt->dim() >= 1 &&
+                          c10::multiply_integers(x_opt->sizes().begin(), x_opt->sizes().end() - 1) ==
+                              c10::multiply_integers(grad_out.sizes().begin(), grad_out.sizes().end() - 1),
+                      "x must have as many tokens as grad_out, got shapes ", x_opt->sizes(), " and ", grad_out.sizes());
+  }
+  if (output.has_value()) {
+    check_same_dtype(*output, grad_out, "output");
+    TORCH_CHECK_VALUE(output->sizes() == grad_out.sizes(), "output must have the shape of grad_out ",
+                      grad_out.sizes(), ", got ", output->sizes());
+  }
   const bool need_dx = mask[0], need_dw = mask[1], need_db = mask[2], need_dgr = mask[3],
              need_dgc = mask[4], need_da = mask[5] && lora_a.has_value(),
              need_dlb = mask[6] && lora_a.has_value();
