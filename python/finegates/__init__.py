@@ -1,0 +1,27 @@
+"""FineGates training layer: learnable row/column gates on the Linears of any model.
+
+    model = finegates.sparsify(model, target_sparsity=0.4)
+    loss = task_loss + lam * finegates.sparsity_loss(model)
+    finegates.compression_report(model)
+"""
+
+from .gates import Gates
+from .layers import GatedLinear
+from .loss import SparsitySchedule, sparsity_loss
+from .report import compression_report
+from .sparsify import gated_layers, sparsify, trainable_parameters
+from .state import load_trainable_state, trainable_state_dict
+
+__all__ = [
+    "Gates",
+    "GatedLinear",
+    "sparsify",
+    "sparsity_loss",
+    "SparsitySchedule",
+    "compression_report",
+    "trainable_parameters",
+    "gated_layers",
+    "trainable_state_dict",
+    "load_trainable_state",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,74 @@
+"""Stochastic gates: the FineGates (reference) parametrisation.
+
+theta ~ N(init_mean, init_std) at init; mu = tanh(theta);
+training gate  g = clamp(mu + 0.5 + eps, 0, 1), eps ~ N(0, sigma^2) drawn from torch's RNG;
+eval gate      g = clamp(mu + 0.5, 0, 1);
+keep probability P(g > 0) = 1 - Phi((-0.5 - mu) / 0.5).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["Gates"]
+
+
+class Gates(nn.Module):
+    """A vector of ``size`` stochastic gates with logits ``theta`` (an ``nn.Parameter``)."""
+
+    def __init__(
+        self,
+        size: int,
+        *,
+        sigma: float = 0.1,
+        init_mean: float = 1.0,
+        init_std: float = 0.1,
+        dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
+        super().__init__()
+        if int(size) <= 0:
+            raise ValueError(f"Gates: size must be positive, got {size}")
+        if sigma < 0:
+            raise ValueError(f"Gates: sigma must be >= 0, got {sigma}")
+        self.size = int(size)
+        self.sigma = float(sigma)
+        self.theta = nn.Parameter(torch.empty(self.size, dtype=dtype, device=device))
+        with torch.no_grad():
+            self.theta.normal_(init_mean, init_std)
+
+    def mu(self) -> Tensor:
+        return torch.tanh(self.theta)
+
+    def _check_finite(self) -> None:
+        if torch.isnan(self.theta).any():
+            raise ValueError(
+                "Gates: the gate logits theta contain NaN (training diverged?); gate values are undefined"
+            )
+
+    def values(self) -> Tensor:
+        """Sampled gate values in training mode, deterministic ``clamp(mu + 0.5, 0, 1)`` in eval."""
+        self._check_finite()
+        mu = self.mu()
+        if self.training and self.sigma > 0:
+            eps = torch.randn_like(mu) * self.sigma
+            return torch.clamp(mu + 0.5 + eps, 0.0, 1.0)
+        return torch.clamp(mu + 0.5, 0.0, 1.0)
+
+    def eval_values(self) -> Tensor:
+        """Deterministic gate values regardless of the module's mode."""
+        self._check_finite()
+        return torch.clamp(self.mu() + 0.5, 0.0, 1.0)
+
+    def keep_probability(self) -> Tensor:
+        """``P(g > 0) = 1 - Phi((-0.5 - mu) / 0.5)`` per gate (differentiable in theta)."""
+        return 1.0 - torch.special.ndtr((-0.5 - self.mu()) / 0.5)
+
+    @torch.no_grad()
+    def active(self) -> Tensor:
+        """Indices (int64) of the gates whose eval value is non-zero."""
+        return torch.nonzero(self.eval_values() != 0, as_tuple=True)[0]
+
+    def extra_repr(self) -> str:
+        return f"{self.size}, sigma={self.sigma}"

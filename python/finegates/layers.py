@@ -1,0 +1,126 @@
+"""``GatedLinear``: row/column gates (and optional LoRA inside them) on a frozen Linear weight."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+import fg_kernels  # noqa: F401  -- registers torch.ops.fg.*
+
+from .gates import Gates
+
+__all__ = ["GatedLinear", "is_conv1d", "is_linear_like"]
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """GPT-2 style ``Conv1D`` (weight of shape (in, out)), detected by class name."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "weight") and module.weight.dim() == 2
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+class GatedLinear(nn.Module):
+    """``y = g_r * ((x * g_c) @ (W + s * B @ A).T + b)`` computed by ``torch.ops.fg.gated_linear``.
+
+    ``weight`` (and ``bias``) are the base module's own Parameters (no copy). For a ``Conv1D`` the
+    stored weight has shape (in, out) and the op gets ``weight.t()``. A bias is never added when the
+    base has none. ``target_sparsity`` is set by :func:`finegates.sparsify`.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        *,
+        lora_rank: int = 0,
+        lora_alpha: Optional[float] = None,
+        train_weight: bool = False,
+        sigma: float = 0.1,
+        gate_dtype: torch.dtype = torch.float32,
+        target_sparsity: Optional[float] = None,
+    ):
+        super().__init__()
+        if not is_linear_like(base):
+            raise TypeError(f"GatedLinear wraps nn.Linear or Conv1D, got {type(base).__name__}")
+        self.transposed = is_conv1d(base)
+        self.weight = base.weight
+        self.bias = base.bias if getattr(base, "bias", None) is not None else None
+        if self.transposed:
+            self.in_features, self.out_features = self.weight.shape
+        else:
+            self.out_features, self.in_features = self.weight.shape
+        self.weight.requires_grad_(bool(train_weight))
+        dev = self.weight.device
+        self.row_gates = Gates(self.out_features, sigma=sigma, dtype=gate_dtype, device=dev)
+        self.col_gates = Gates(self.in_features, sigma=sigma, dtype=gate_dtype, device=dev)
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
+        self.lora_rank = int(lora_rank)
+        if self.lora_rank > 0:
+            alpha = float(lora_alpha) if lora_alpha is not None else float(self.lora_rank)
+            self.lora_scale = alpha / self.lora_rank
+            wd = self.weight.dtype
+            self.lora_a = nn.Parameter(torch.empty(self.lora_rank, self.in_features, dtype=wd, device=dev))
+            self.lora_b = nn.Parameter(torch.zeros(self.out_features, self.lora_rank, dtype=wd, device=dev))
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        else:
+            self.lora_scale = 1.0
+            self.lora_a = None
+            self.lora_b = None
+        self.target_sparsity = target_sparsity
+        # Kurtosis weighting (reference --kurt), enabled by sparsify(kurtosis=True).
+        self.kurtosis_tau: Optional[float] = None
+        self._kurtosis_state = None
+
+    def dense_weight(self) -> Tensor:
+        """The weight as (out, in), a view for Conv1D."""
+        return self.weight.t() if self.transposed else self.weight
+
+    def gate_values(self):
+        """(row, col) gate values, sampled in this order when training."""
+        return self.row_gates.values(), self.col_gates.values()
+
+    def forward(self, x: Tensor) -> Tensor:
+        row, col = self.gate_values()
+        if not (x.dtype == torch.bfloat16 and row.dtype == torch.float32):
+            row = row.to(x.dtype)
+            col = col.to(x.dtype)
+        w = self.dense_weight()
+        if self.kurtosis_tau is not None and self.training:
+            self._record_kurtosis(x, w)
+        return torch.ops.fg.gated_linear(
+            x, w, self.bias, row, col, self.lora_a, self.lora_b, float(self.lora_scale)
+        )
+
+    @torch.no_grad()
+    def _record_kurtosis(self, x: Tensor, w: Tensor) -> None:
+        """Reference ``--kurt``: activations = mean input (over all tokens) * W, restricted to active
+        rows/cols; per-column and per-row sqrt(Pearson kurtosis) -> softmax(-kurt / tau)."""
+        x_mean = x.reshape(-1, x.shape[-1]).float().mean(0, keepdim=True)
+        rows = self.row_gates.active()
+        cols = self.col_gates.active()
+        act = (x_mean * w.float())[rows][:, cols]
+
+        def kurt(m: Tensor) -> Tensor:  # over dim 0, unbiased std as in the reference
+            z = (m - m.mean(0, keepdim=True)) / m.std(0, keepdim=True)
+            z = torch.where(torch.isnan(z), torch.zeros_like(z), z)
+            return z.pow(4).mean(0).sqrt()
+
+        tau = float(self.kurtosis_tau)
+        col_w = torch.softmax(-kurt(act) / tau, dim=0)
+        row_w = torch.softmax(-kurt(act.t()) / tau, dim=0)
+        self._kurtosis_state = (row_w, col_w, rows, cols)
+
+    def extra_repr(self) -> str:
+        s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        if self.transposed:
+            s += ", conv1d=True"
+        if self.lora_rank:
+            s += f", lora_rank={self.lora_rank}, lora_scale={self.lora_scale:g}"
+        if self.target_sparsity is not None:
+            s += f", target_sparsity={self.target_sparsity:g}"
+        return s

@@ -1,0 +1,69 @@
+"""The sparsity regulariser and a schedule for its weight lambda."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .layers import GatedLinear
+
+__all__ = ["sparsity_loss", "SparsitySchedule"]
+
+
+def _layer_loss(layer: GatedLinear, kurtosis: bool) -> Tensor:
+    keep_r = layer.row_gates.keep_probability()
+    keep_c = layer.col_gates.keep_probability()
+    if kurtosis:
+        state = layer._kurtosis_state
+        if state is None:
+            raise RuntimeError(
+                "sparsity_loss(kurtosis=True) needs kurtosis weights: sparsify(..., kurtosis=True) and a "
+                "forward pass in training mode first"
+            )
+        row_w, col_w, rows, cols = state
+        means = torch.stack(((keep_r[rows] * row_w.to(keep_r.dtype)).sum(), (keep_c[cols] * col_w.to(keep_c.dtype)).sum()))
+    else:
+        means = torch.stack((keep_r.mean(), keep_c.mean()))
+    target_keep = 1.0 - float(layer.target_sparsity)
+    return (means - target_keep).abs().mean()
+
+
+def sparsity_loss(model: nn.Module, *, kurtosis: bool = False) -> Tensor:
+    """The reference (jsvir/FineGates ``SparseLayer.sparsity_loss`` + ``compute_sparsity_loss``):
+
+    for each gated layer with keep probabilities ``p_r`` (rows) and ``p_c`` (columns) and
+    ``t = 1 - target_sparsity``::
+
+        L_layer = ( |mean(p_r) - t| + |mean(p_c) - t| ) / 2
+
+    and ``sparsity_loss = mean over gated layers of L_layer`` (a float32 scalar).
+
+    ``kurtosis=True`` (reference ``--kurt``): ``mean(p)`` is replaced by the weighted sum
+    ``sum_i w_i p_i`` over the currently active rows (columns), with weights
+    ``softmax(-sqrt(kurt_i) / tau)`` recorded in the last training forward (see
+    ``GatedLinear._record_kurtosis``); requires ``sparsify(..., kurtosis=True)``.
+    Layers whose ``target_sparsity`` is None are skipped.
+    """
+    layers = [m for m in model.modules() if isinstance(m, GatedLinear) and m.target_sparsity is not None]
+    if not layers:
+        raise ValueError("sparsity_loss: the model has no gated layer with a target_sparsity (call sparsify first)")
+    return torch.stack([_layer_loss(m, kurtosis).float() for m in layers]).mean()
+
+
+class SparsitySchedule:
+    """``lambda(step)``: 0 before ``start_step``; then a linear ramp over ``warmup_steps`` steps,
+    ``lam * min(1, (step - start_step + 1) / warmup_steps)``; ``lam`` afterwards."""
+
+    def __init__(self, lam: float, start_step: int = 0, warmup_steps: int = 0):
+        if lam < 0 or start_step < 0 or warmup_steps < 0:
+            raise ValueError("SparsitySchedule: lam, start_step and warmup_steps must be >= 0")
+        self.lam = float(lam)
+        self.start_step = int(start_step)
+        self.warmup_steps = int(warmup_steps)
+
+    def __call__(self, step: int) -> float:
+        if step < self.start_step:
+            return 0.0
+        if self.warmup_steps > 0:
+            return self.lam * min(1.0, (step - self.start_step + 1) / self.warmup_steps)
+        return self.lam

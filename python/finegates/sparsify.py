@@ -1,0 +1,158 @@
+"""``sparsify``: put FineGates on the Linears of any ``nn.Module`` (in place)."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Iterable, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .layers import GatedLinear, is_linear_like
+
+__all__ = ["sparsify", "trainable_parameters", "gated_layers", "HEAD_NAMES"]
+
+logger = logging.getLogger("finegates")
+
+# Names of task-head modules (last name component); never gated by default.
+HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head", "pooler", "cls", "embed_out", "output_projection")
+_TASK_HEADS = ("classifier", "score", "qa_outputs")
+_EXCLUDE_PARTS = ("embed", "embeddings", "wte", "wpe") + HEAD_NAMES
+
+
+def gated_layers(model: nn.Module):
+    """``(name, GatedLinear)`` pairs of the model."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, GatedLinear)]
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    """Number of (distinct) parameters that require grad."""
+    seen = set()
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def _inside_block(model: nn.Module, name: str) -> bool:
+    """True if some proper ancestor of ``name`` is an element of an ``nn.ModuleList``."""
+    parts = name.split(".")
+    mod = model
+    for i, part in enumerate(parts[:-1]):
+        child = getattr(mod, part, None)
+        if child is None:
+            return False
+        if isinstance(mod, nn.ModuleList):
+            return True
+        mod = child
+    return isinstance(mod, nn.ModuleList)
+
+
+def _default_match(model: nn.Module, name: str) -> bool:
+    parts = name.split(".")
+    if any(p in _EXCLUDE_PARTS or p.startswith("embed") for p in parts):
+        return False
+    return _inside_block(model, name)
+
+
+def _matcher(model: nn.Module, target_modules):
+    if target_modules is None:
+        return lambda name: _default_match(model, name)
+    if isinstance(target_modules, str):
+        pattern = re.compile(target_modules)
+        return lambda name: pattern.fullmatch(name) is not None
+    suffixes = list(target_modules)
+    if not suffixes:
+        raise ValueError("target_modules is an empty list")
+    return lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def sparsify(
+    model: nn.Module,
+    *,
+    target_sparsity: float,
+    target_modules: Optional[Union[str, Sequence[str]]] = None,
+    lora_rank: int = 0,
+    lora_alpha: Optional[float] = None,
+    train_weights: bool = False,
+    train_bias: bool = True,
+    trainable_modules: Optional[Sequence[str]] = None,
+    sigma: float = 0.1,
+    gate_dtype: torch.dtype = torch.float32,
+    kurtosis: bool = False,
+    kurtosis_tau: float = 100.0,
+    verbose: bool = True,
+) -> nn.Module:
+    """Replace the chosen Linear/Conv1D modules of ``model`` by :class:`GatedLinear`, in place.
+
+    Selection: ``target_modules`` is a list of name suffixes (``"query"`` matches
+    ``"...attention.self.query"``) or a regex matched against the full qualified name (PEFT style).
+    Default: every Linear/Conv1D inside the transformer blocks (a module below an ``nn.ModuleList``
+    element), excluding embeddings and heads (classifier / score / pooler / lm_head ...).
+
+    Trainable afterwards (everything else frozen): gates, LoRA factors, the gated layers' biases
+    (``train_bias``), their weights (``train_weights``), the task head (modules named
+    ``classifier``/``score``/``qa_outputs``; with a classifier also the ``pooler``; ``lm_head`` only
+    when ``train_weights``), and every module named in ``trainable_modules`` (suffixes).
+    ``kurtosis=True`` makes the gated layers record the reference's kurtosis weights in training
+    forwards, for ``sparsity_loss(model, kurtosis=True)``.
+    Returns the model.
+    """
+    ts = float(target_sparsity)
+    if not (0.0 <= ts < 1.0) or ts != ts:
+        raise ValueError(f"target_sparsity must lie in [0, 1), got {target_sparsity!r}")
+    match = _matcher(model, target_modules)
+    targets: List[str] = [
+        n for n, m in model.named_modules() if n and is_linear_like(m) and not isinstance(m, GatedLinear) and match(n)
+    ]
+    if not targets:
+        raise ValueError(
+            f"sparsify: no nn.Linear/Conv1D module matched target_modules={target_modules!r}"
+            + (" (default: Linears inside the transformer blocks, i.e. below an nn.ModuleList)" if target_modules is None else "")
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for n in targets:
+        base = model.get_submodule(n)
+        layer = GatedLinear(
+            base,
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+            train_weight=train_weights,
+            sigma=sigma,
+            gate_dtype=gate_dtype,
+            target_sparsity=ts,
+        )
+        layer.train(base.training)
+        if kurtosis:
+            layer.kurtosis_tau = float(kurtosis_tau)
+        _set_submodule(model, n, layer)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(bool(train_bias))
+    # Task head.
+    names = {n.rpartition(".")[2]: None for n, _ in model.named_modules()}
+    head = list(_TASK_HEADS)
+    if "classifier" in names:
+        head.append("pooler")  # BERT-style classifiers read the pooler (frozen pooler => chance level)
+    if train_weights:
+        head.append("lm_head")
+    head += list(trainable_modules or [])
+    for n, m in model.named_modules():
+        if n and any(n == s or n.endswith("." + s) for s in head) and not isinstance(m, GatedLinear):
+            for p in m.parameters():
+                p.requires_grad_(True)
+    total = trainable_parameters(model)
+    msg = f"finegates.sparsify: gated {len(targets)} layers, trainable parameters: {total:,}"
+    logger.info(msg)
+    if verbose:
+        print(msg)
+    return model

@@ -1,0 +1,45 @@
+"""Saving and restoring just the trainable state (gates, LoRA, trained biases/heads)."""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import Tensor, nn
+
+from .gates import Gates
+from .layers import GatedLinear
+
+__all__ = ["trainable_state_dict", "load_trainable_state"]
+
+
+def trainable_state_dict(model: nn.Module) -> Dict[str, Tensor]:
+    """Detached copies of the parameters that require grad, plus every gate and LoRA tensor
+    (parameters and buffers of ``Gates`` modules and ``GatedLinear.lora_a/lora_b``) even if frozen.
+    Keys are those of ``model.state_dict()``."""
+    full = model.state_dict(keep_vars=True)
+    keep = set()
+    for name, t in full.items():
+        if isinstance(t, nn.Parameter) and t.requires_grad:
+            keep.add(name)
+    for mname, m in model.named_modules():
+        prefix = mname + "." if mname else ""
+        if isinstance(m, Gates):
+            for k in m.state_dict(keep_vars=True):
+                keep.add(prefix + k)
+        elif isinstance(m, GatedLinear) and m.lora_a is not None:
+            keep.add(prefix + "lora_a")
+            keep.add(prefix + "lora_b")
+    return {k: full[k].detach().clone() for k in full if k in keep}
+
+
+def load_trainable_state(model: nn.Module, state: Dict[str, Tensor]) -> nn.Module:
+    """Load a :func:`trainable_state_dict` onto a model sparsified the same way (e.g. a fresh base
+    model + ``sparsify`` with the same arguments). Raises KeyError on keys the model lacks."""
+    own = model.state_dict()
+    unknown = [k for k in state if k not in own]
+    if unknown:
+        raise KeyError(f"load_trainable_state: keys not in the model (sparsified the same way?): {unknown[:5]}")
+    result = model.load_state_dict(state, strict=False)
+    assert not result.unexpected_keys
+    return model
