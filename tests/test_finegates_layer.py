@@ -327,3 +327,11 @@ def test_no_matching_module():
         finegates.sparsify(mlp(), target_sparsity=0.2, target_modules=["nonexistent"], verbose=False)
     with pytest.raises(ValueError, match="no nn.Linear"):
         finegates.sparsify(mlp(), target_sparsity=0.2, verbose=False)  # no transformer blocks
+
+
+def test_set_backend_rejects_unknown_backend():
+    import finegates
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="backend"):
+        finegates.set_backend(model, "cuda")

@@ -6,7 +6,7 @@
 """
 
 from .gates import Gates
-from .layers import GatedLinear
+from .layers import GatedLinear, set_backend
 from .loss import SparsitySchedule, sparsity_loss
 from .report import compression_report
 from .sparsify import gated_layers, sparsify, trainable_parameters
@@ -15,6 +15,7 @@ from .state import load_trainable_state, trainable_state_dict
 __all__ = [
     "Gates",
     "GatedLinear",
+    "set_backend",
     "sparsify",
     "sparsity_loss",
     "SparsitySchedule",

@@ -12,7 +12,12 @@ import fg_kernels  # noqa: F401  -- registers torch.ops.fg.*
 
 from .gates import Gates
 
-__all__ = ["GatedLinear", "is_conv1d", "is_linear_like"]
+__all__ = ["GatedLinear", "is_conv1d", "is_linear_like", "set_backend", "BACKENDS"]
+
+# "ops": torch.ops.fg.gated_linear, dispatched by device (C++ on CPU, Triton on CUDA).
+# "triton": fg_kernels.triton.gated_linear on any device (CPU tensors under TRITON_INTERPRET=1),
+# to check a whole model through the Triton kernels without a GPU.
+BACKENDS = ("ops", "triton")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -72,6 +77,7 @@ class GatedLinear(nn.Module):
             self.lora_a = None
             self.lora_b = None
         self.target_sparsity = target_sparsity
+        self.backend = "ops"
         # Kurtosis weighting (reference --kurt), enabled by sparsify(kurtosis=True).
         self.kurtosis_tau: Optional[float] = None
         self._kurtosis_state = None
@@ -92,6 +98,10 @@ class GatedLinear(nn.Module):
         w = self.dense_weight()
         if self.kurtosis_tau is not None and self.training:
             self._record_kurtosis(x, w)
+        if self.backend == "triton":
+            from fg_kernels import triton as fg_triton  # imported lazily: triton is optional
+
+            return fg_triton.gated_linear(x, w, self.bias, row, col, self.lora_a, self.lora_b, float(self.lora_scale))
         return torch.ops.fg.gated_linear(
             x, w, self.bias, row, col, self.lora_a, self.lora_b, float(self.lora_scale)
         )
@@ -124,3 +134,13 @@ class GatedLinear(nn.Module):
         if self.target_sparsity is not None:
             s += f", target_sparsity={self.target_sparsity:g}"
         return s
+
+
+def set_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Selects how every ``GatedLinear`` in ``model`` computes: ``"ops"`` (default) or ``"triton"``."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for m in model.modules():
+        if isinstance(m, GatedLinear):
+            m.backend = backend
+    return model
