@@ -68,6 +68,17 @@ def gathered_linear(
     return torch.ops.fg.gathered_linear(x, weight_c, bias_c, row_idx, col_idx, out_features)
 
 
+def gated_backward_plan(needs_input_grad, has_bias: bool, has_lora: bool):
+    """Which gradients of gated_linear to compute (the backward op's ``output_mask`` over
+    x, weight, bias, row_gate, col_gate, lora_a, lora_b) and whether x must be saved for them
+    (col_gate, weight and LoRA gradients read x; the others do not). Shared by the autograd of
+    the op and of the directly callable Triton function."""
+    g = needs_input_grad
+    mask = [g[0], g[1], has_bias and g[2], g[3], g[4], has_lora and g[5], has_lora and g[6]]
+    need_x = mask[1] or mask[4] or mask[5] or mask[6]
+    return mask, need_x
+
+
 if library_loaded():
 
     @torch.library.register_fake("fg::gated_linear")
@@ -107,10 +118,7 @@ if library_loaded():
 
     def _gated_setup_context(ctx, inputs, output):
         x, weight, bias, row_gate, col_gate, lora_a, lora_b, lora_scale = inputs
-        g = ctx.needs_input_grad
-        lora = lora_a is not None
-        mask = [g[0], g[1], bias is not None and g[2], g[3], g[4], lora and g[5], lora and g[6]]
-        need_x = mask[1] or mask[4] or mask[5] or mask[6]
+        mask, need_x = gated_backward_plan(ctx.needs_input_grad, bias is not None, lora_a is not None)
         # Only what the requested gradients need: x for col_gate/weight/LoRA, the output for
         # row_gate (d row_gate = sum(dy * y) / row_gate, no extra pre-gate buffer is kept). Like
         # torch.exp or torch.sigmoid, the op then saves its output: modifying y in place before

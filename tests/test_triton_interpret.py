@@ -794,3 +794,13 @@ def test_sparsified_model_same_through_cpu_kernel_and_triton():
     torch.testing.assert_close(loss_tri, loss_cpu, rtol=1e-5, atol=1e-6)
     for n in g_cpu:
         torch.testing.assert_close(g_tri[n], g_cpu[n], rtol=1e-4, atol=1e-5, msg=lambda m: f"{n}: {m}")
+
+
+def test_triton_outputs_are_not_views():
+    """Like the CPU kernel, the Triton forwards return their output in its final shape (a view
+    would make autograd refuse in-place use of the op's output on CUDA)."""
+    x = torch.randn(2, 3, 5)
+    y = ft.gated_linear_forward(x, torch.randn(4, 5), None, torch.ones(4), torch.ones(5))
+    assert y._base is None and y.shape == (2, 3, 4)
+    z = ft.gathered_linear_forward(x, torch.randn(2, 5), None, torch.tensor([0, 3]), None, 4)
+    assert z._base is None and z.shape == (2, 3, 4)

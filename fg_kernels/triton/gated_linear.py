@@ -30,6 +30,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..ops import gated_backward_plan
 from ..reference import gated_linear_ref
 from . import _launch as L
 from ._checks import check_gated_linear_args
@@ -77,7 +78,10 @@ def gated_linear_forward(
             y = gated_linear_ref(x, weight, bias, row_gate, col_gate, lora_a, lora_b, lora_scale)
         return y.to(x.dtype).contiguous()
     x2 = _rows(x, K)
-    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    # Allocated in its final shape and returned as such: a returned view would make autograd
+    # refuse in-place use of the op's output (as the CPU kernel does).
+    y = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
+    out = y.view(M, N)
     rmeta, cmeta = L.gate_meta(row_gate, col_gate)
     t = _lora_t(x2, lora_a, cmeta, lora_scale) if r > 0 else None
     L.gmm(
@@ -88,7 +92,7 @@ def gated_linear_forward(
         bias=None if bias is None else bias.contiguous(),
         lora_t=t, lora_b=lora_b if r > 0 else None,
     )
-    return out.view(*x.shape[:-1], N)
+    return y
 
 
 def _empty_like_fake(like: Tensor) -> Tensor:
@@ -235,10 +239,7 @@ class _GatedLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, row_gate, col_gate, lora_a, lora_b, lora_scale):
         out = gated_linear_forward(x, weight, bias, row_gate, col_gate, lora_a, lora_b, lora_scale)
-        g = ctx.needs_input_grad
-        lora = lora_a is not None
-        mask = [g[0], g[1], bias is not None and g[2], g[3], g[4], lora and g[5], lora and g[6]]
-        need_x = mask[1] or mask[4] or mask[5] or mask[6]
+        mask, need_x = gated_backward_plan(ctx.needs_input_grad, bias is not None, lora_a is not None)
         ctx.save_for_backward(
             x if need_x else None, weight, row_gate, col_gate, lora_a, lora_b, out if mask[3] else None
         )

@@ -81,7 +81,8 @@ def gathered_linear_forward(
         return y.to(x.dtype).contiguous()
     dev = x.device
     x2 = x.reshape(-1, kx)
-    out = torch.empty((M, out_features), dtype=x.dtype, device=dev)
+    y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=dev)  # final shape, not a view
+    out = y.view(M, out_features)
     n_kw = {}
     if row_idx is not None:
         # inv[c] = row of weight_c that produces output column c, or -1; the order lists the
@@ -98,7 +99,7 @@ def gathered_linear_forward(
         bias=None if bias_c is None else bias_c.contiguous(),
         **n_kw,
     )
-    return out.view(*x.shape[:-1], out_features)
+    return y
 
 
 class _GatheredLinearFunction(torch.autograd.Function):
