@@ -23,6 +23,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -57,10 +58,45 @@ RATIOS = ("fg/compact-ideal", "fg/dense", "masked/fg", "masked/compact-ideal")
 FLOOR_NOTE = ("† compact-ideal itself misses this bound (masked/compact-ideal is below it: the compact GEMM "
               "is less efficient than the full one at this size), so no gathered kernel can meet it.")
 NOISY = 0.05  # relative interquartile spread above which a case is flagged as noisy
+BUSY = 0.05  # share of the CPUs used by other processes above which a case is flagged
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+class OtherLoad:
+    """CPU time used by *other* processes while a block runs, as a fraction of all CPUs' time
+    (from /proc/stat minus this process's own CPU time): an objective noise indicator on a
+    shared machine. ``fraction`` is None where /proc/stat is unavailable."""
+
+    def __init__(self):
+        self.fraction = None
+
+    @staticmethod
+    def _busy_s():
+        try:
+            with open("/proc/stat") as fh:
+                f = [int(v) for v in fh.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal ...
+        busy = f[0] + f[1] + f[2] + f[5] + f[6] + (f[7] if len(f) > 7 else 0)
+        return busy / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self):
+        self._b0, self._t0, self._w0 = self._busy_s(), os.times(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        b1, t1, w1 = self._busy_s(), os.times(), time.perf_counter()
+        if self._b0 is None or b1 is None:
+            return False
+        own = (t1.user - self._t0.user) + (t1.system - self._t0.system)
+        ncpu = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        wall = max(w1 - self._w0, 1e-9)
+        self.fraction = max(0.0, ((b1 - self._b0) - own) / (wall * ncpu))
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +164,9 @@ def run_case(inp, mode, op, args):
     case["check"] = check
     variants = [v for v in VARIANTS if v != "fg" or check["ok"]]
     fns = {v: make_callable(v, mode, inp, op) for v in variants}
-    times, rounds = time_interleaved(fns, args.warmup, args.budget, args.min_rounds, args.max_rounds)
+    with OtherLoad() as load:
+        times, rounds = time_interleaved(fns, args.warmup, args.budget, args.min_rounds, args.max_rounds)
+    case["other_load"] = load.fraction
     case["rounds"] = rounds
     case["times_ms"] = {v: [t * 1e3 for t in ts] for v, ts in times.items()}
     st = {v: _stats(ts) for v, ts in case["times_ms"].items()}
@@ -197,10 +235,19 @@ def _fmt_ratio(case, name):
     return f"{txt} ({bound})" if t["pass"] else f"**{txt}** ({bound})"
 
 
+def _fmt_load(c):
+    v = c.get("other_load")
+    return "—" if v is None else (f"**{100 * v:.0f}%**" if v > BUSY else f"{100 * v:.0f}%")
+
+
+def _busy(cases):
+    return [c for c in cases if (c.get("other_load") or 0.0) > BUSY]
+
+
 def render_table(cases) -> str:
     head = ("| shape (K→N) | sparsity | R×C active | mode | dense ms | masked ms | compact-ideal ms | fg ms "
-            "| fg/compact-ideal | fg/dense | masked/fg | masked/compact-ideal | spread | result |")
-    sep = "|" + "---|" * 4 + "---:|" * 4 + "---:|" * 4 + "---:|---|"
+            "| fg/compact-ideal | fg/dense | masked/fg | masked/compact-ideal | spread | other load | result |")
+    sep = "|" + "---|" * 4 + "---:|" * 4 + "---:|" * 4 + "---:|---:|---|"
     lines = [head, sep]
     for c in cases:
         med = c["median_ms"]
@@ -217,7 +264,7 @@ def render_table(cases) -> str:
             f"| {_fmt_ms(med.get('dense'))} | {_fmt_ms(med.get('masked'))} | {_fmt_ms(med.get('compact-ideal'))} "
             f"| {fg} | {_fmt_ratio(c, 'fg/compact-ideal')} | {_fmt_ratio(c, 'fg/dense')} "
             f"| {_fmt_ratio(c, 'masked/fg')} | {_fmt_ratio(c, 'masked/compact-ideal')} "
-            f"| {100 * c['spread']:.1f}% | {result} |"
+            f"| {100 * c['spread']:.1f}% | {_fmt_load(c)} | {result} |"
         )
     return "\n".join(lines)
 
@@ -340,7 +387,8 @@ def render_results_md(cases, env, args, command, table, plot_name) -> str:
         "at s = 0; fwd+bwd `fg ≤ 1.10 × compact-ideal`; both `masked / fg ≥ 0.9 / ((1-s_r)(1-s_c))`. "
         "A missed target is in **bold**. `masked/compact-ideal` (no target) is the best `masked/fg` a "
         "gathered kernel can reach. `spread` is the largest interquartile range / median of the "
-        "four variants in that case.",
+        "four variants in that case; `other load` is the share of all CPUs that other processes "
+        f"used while the case was timed (above {100 * BUSY:.0f}% in **bold**: the timings are disturbed).",
         "",
         f"Summary: {n_pass} PASS, {n_miss} MISS, {n_wrong} WRONG of {len(cases)} cases"
         + (f"; {len(noisy)} case(s) with spread > {100 * NOISY:.0f}%." if noisy else "."),
@@ -352,6 +400,11 @@ def render_results_md(cases, env, args, command, table, plot_name) -> str:
     ]
     if any(c.get("floor_limited") and "masked/fg" in c.get("missed", []) for c in cases):
         out += [FLOOR_NOTE, ""]
+    busy = _busy(cases)
+    if busy:
+        out += [f"**Disturbed:** other processes used more than {100 * BUSY:.0f}% of the CPUs during "
+                f"{len(busy)} of {len(cases)} cases (up to {100 * max(c['other_load'] for c in busy):.0f}%); "
+                "rerun those on a quiet machine before trusting them.", ""]
     if noisy:
         out += [f"Noise: {len(noisy)} of {len(cases)} cases have a spread above {100 * NOISY:.0f}% "
                 f"(largest {100 * max(c['spread'] for c in cases):.0f}%); ratios of medians are less "
@@ -442,7 +495,10 @@ def main(argv=None) -> int:
                 if r:
                     msg += (f"; fg/ci {r['fg/compact-ideal']:.3f}, fg/dense {r['fg/dense']:.3f}, "
                             f"masked/fg {r['masked/fg']:.2f}")
-                msg += f"; spread {100 * c['spread']:.1f}%; {c['status']}"
+                msg += f"; spread {100 * c['spread']:.1f}%"
+                if c.get("other_load") is not None:
+                    msg += f"; other load {100 * c['other_load']:.0f}%"
+                msg += f"; {c['status']}"
                 if c["status"] == "WRONG":
                     msg += f" ({c['check']['message']})"
                 msg += f"  [{time.perf_counter() - t0:.0f} s, total {time.perf_counter() - t_start:.0f} s]"
@@ -465,6 +521,10 @@ def main(argv=None) -> int:
                      if "masked/fg" in c["missed"] and c.get("floor_limited") else ""))
         if any(c.get("floor_limited") and "masked/fg" in c["missed"] for c in misses):
             print(FLOOR_NOTE)
+    busy = _busy(cases)
+    if busy:
+        log(f"WARNING: other processes used > {100 * BUSY:.0f}% of the CPUs during {len(busy)} case(s): "
+            + ", ".join(f"{c['shape']} s={c['sparsity']:.1f} {c['mode']} ({100 * c['other_load']:.0f}%)" for c in busy))
     if noisy:
         log(f"note: {len(noisy)} case(s) with interquartile spread > {100 * NOISY:.0f}% (noisy machine?)")
     log(f"total {time.perf_counter() - t_start:.0f} s")
