@@ -3,12 +3,17 @@
     model = finegates.sparsify(model, target_sparsity=0.4)
     loss = task_loss + lam * finegates.sparsity_loss(model)
     finegates.compression_report(model)
+    finegates.save_compact(finegates.compact(model.eval()), "out/compact")   # smaller, same outputs
+    model = finegates.load_compact("out/compact")                           # stock classes, no gates
 """
 
+from .compact import compact
+from .compact_layers import GatheredLinear
 from .gates import Gates
 from .layers import GatedLinear, set_backend
 from .loss import SparsitySchedule, sparsity_loss
 from .report import compression_report
+from .serialize import load_compact, save_compact
 from .sparsify import gated_layers, sparsify, trainable_parameters
 from .state import load_trainable_state, trainable_state_dict
 
@@ -24,5 +29,9 @@ __all__ = [
     "gated_layers",
     "trainable_state_dict",
     "load_trainable_state",
+    "compact",
+    "GatheredLinear",
+    "save_compact",
+    "load_compact",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,398 @@
+"""``compact``: turn a gated model into a physically smaller one with the same eval outputs.
+
+Every gated Linear is replaced by its active block with the eval gates (and LoRA) folded into the
+weight. Where two layers meet on a dimension that no residual connection reads, the dimension
+itself shrinks and no gather or scatter is left:
+
+- MLP intermediate: BERT/RoBERTa ``intermediate.dense`` rows ∩ ``output.dense`` columns; LLaMA-like
+  ``gate_proj`` rows ∩ ``up_proj`` rows ∩ ``down_proj`` columns (a closed row feeds ``act(0) = 0``).
+- attention, BERT/RoBERTa: heads whose value path (value rows ∩ output columns) is closed are
+  removed; the remaining heads shrink to one head size D per layer (the attention keeps its
+  original softmax scale), query/key keep only dims open on both sides, value only dims open on
+  both sides, zero-filled up to D.
+- attention, LLaMA/Mistral/Qwen2: the head size is shared by q, k, v and fixes the rotary
+  frequencies, so heads do not shrink; a KV head is removed with its whole group of query heads
+  when none of them has an open value path (GQA group size stays uniform); q/k rows are computed
+  only where the rotary pair (d, d + head_dim/2) can meet an open dim on the other side.
+
+A head whose query or key side is fully closed is *not* removed: its scores are all equal, so it
+outputs the mean of its values, not zero. Every other gated Linear (residual-stream inputs and
+outputs, unknown architectures) becomes a :class:`GatheredLinear` (``fg::gathered_linear``).
+Each compacted layer holds at most ``|R| x |C|`` weights, so the parameter count drops at least by
+what :func:`finegates.compression_report` promised.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .compact_layers import GatheredLinear
+from .layers import GatedLinear, is_linear_like
+from .sparsify import _set_submodule
+
+__all__ = ["compact", "COMPACT_ATTRS", "KNOWN_FAMILIES"]
+
+logger = logging.getLogger("finegates")
+
+KNOWN_FAMILIES = ("BERT", "RoBERTa", "LLaMA", "Mistral", "Qwen2")
+_BERT_LAYERS = ("BertLayer", "RobertaLayer")
+_LLAMA_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer")
+
+# Name of the per-module dict of attributes that compact() changed (head counts, head sizes);
+# save_compact stores it and load_compact sets it again on a fresh stock model.
+COMPACT_ATTRS = "_finegates_compact_attrs"
+
+
+@dataclass
+class _Folded:
+    """A Linear as (out, in) with eval gates and LoRA folded in, and its open rows/columns."""
+
+    weight: Tensor
+    bias: Optional[Tensor]
+    rows: Tensor  # bool (N,)
+    cols: Tensor  # bool (K,)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+@torch.no_grad()
+def _fold(module: nn.Module) -> _Folded:
+    """Folds ``g_r ⊙ (W + s·BA) ⊙ g_c`` and ``g_r ⊙ b`` in fp32, cast back to the weight's dtype."""
+    if isinstance(module, GatedLinear):
+        w = module.dense_weight().float()
+        if module.lora_a is not None:
+            w = w + float(module.lora_scale) * (module.lora_b.float() @ module.lora_a.float())
+        gr = module.row_gates.eval_values().float()
+        gc = module.col_gates.eval_values().float()
+        dtype = module.weight.dtype
+    elif is_linear_like(module):
+        w = module.weight.float()
+        if not isinstance(module, nn.Linear):  # GPT-2 Conv1D stores (in, out)
+            w = w.t()
+        gr = torch.ones(w.shape[0], device=w.device)
+        gc = torch.ones(w.shape[1], device=w.device)
+        dtype = module.weight.dtype
+    else:
+        raise TypeError(f"compact: cannot fold a {type(module).__name__}")
+    weight = (gr[:, None] * w * gc[None, :]).to(dtype)
+    b = getattr(module, "bias", None)
+    bias = None if b is None else (gr * b.float()).to(b.dtype)
+    return _Folded(weight, bias, gr != 0, gc != 0)
+
+
+def _idx(mask: Tensor) -> Tensor:
+    return torch.nonzero(mask, as_tuple=True)[0]
+
+
+def _build(
+    f: _Folded,
+    rows: Tensor,
+    cols: Tensor,
+    *,
+    scatter_to: Optional[int] = None,
+    gather_from: Optional[int] = None,
+) -> nn.Module:
+    """The block ``f.weight[rows][:, cols]`` as an ``nn.Linear`` if nothing needs placing, else as
+    a :class:`GatheredLinear` that scatters its outputs into ``scatter_to`` wide rows and/or gathers
+    its inputs from a ``gather_from`` wide input. ``rows``/``cols`` are int64 index lists."""
+    w = f.weight.index_select(0, rows).index_select(1, cols).contiguous()
+    b = None if f.bias is None else f.bias.index_select(0, rows).contiguous()
+    if scatter_to is not None and rows.numel() == scatter_to and torch.equal(rows, torch.arange(scatter_to, device=rows.device)):
+        scatter_to = None
+    if gather_from is not None and cols.numel() == gather_from and torch.equal(cols, torch.arange(gather_from, device=cols.device)):
+        gather_from = None
+    if scatter_to is None and gather_from is None:
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if b is not None:
+                lin.bias.copy_(b)
+        lin.requires_grad_(False)
+        return lin
+    return GatheredLinear.from_block(
+        w,
+        b,
+        rows if scatter_to is not None else None,
+        cols if gather_from is not None else None,
+        in_features=gather_from if gather_from is not None else w.shape[1],
+        out_features=scatter_to if scatter_to is not None else w.shape[0],
+    )
+
+
+def _residual_layer(f: _Folded) -> nn.Module:
+    """A layer reading and writing full-width tensors: gather open columns, scatter open rows."""
+    return _build(f, _idx(f.rows), _idx(f.cols), scatter_to=f.out_features, gather_from=f.in_features)
+
+
+def _act_keeps_zero(act: Callable, dtype: torch.dtype, device) -> bool:
+    """True if ``act(0) == 0`` (gelu, relu, silu ...): then a closed up-projection row is removable."""
+    try:
+        z = act(torch.zeros(4, dtype=dtype, device=device))
+    except Exception:  # pragma: no cover - unusual activation modules
+        return False
+    return bool((z == 0).all())
+
+
+def _any_gated(*modules: nn.Module) -> bool:
+    return any(isinstance(m, GatedLinear) for m in modules)
+
+
+# --------------------------------------------------------------------------------------- MLPs
+
+
+def _compact_mlp(model: nn.Module, ups: List[str], down: str, act: Optional[Callable]) -> None:
+    """``down(act(up_1(x)) * up_2(x) ...)``: keep the intermediate dims that every up-projection
+    row (if act(0) == 0, else only the non-activated ones) and the down-projection column keep."""
+    up_f = [_fold(model.get_submodule(n)) for n in ups]
+    down_f = _fold(model.get_submodule(down))
+    keep = down_f.cols.clone()
+    for i, f in enumerate(up_f):
+        if i == 0 and act is not None and not _act_keeps_zero(act, f.weight.dtype, f.weight.device):
+            continue  # act(0) != 0: a closed row still feeds a constant
+        keep &= f.rows
+    kidx = _idx(keep)
+    for n, f in zip(ups, up_f):
+        _set_submodule(model, n, _build(f, kidx, _idx(f.cols), gather_from=f.in_features))
+    _set_submodule(model, down, _build(down_f, _idx(down_f.rows), kidx, scatter_to=down_f.out_features))
+
+
+# --------------------------------------------------------------------------- BERT attention
+
+
+def _compact_bert_attention(model: nn.Module, prefix: str) -> None:
+    sa = model.get_submodule(prefix + "attention.self")
+    names = {k: f"{prefix}attention.self.{k}" for k in ("query", "key", "value")}
+    o_name = prefix + "attention.output.dense"
+    q, k, v = (_fold(model.get_submodule(names[t])) for t in ("query", "key", "value"))
+    o = _fold(model.get_submodule(o_name))
+    H, hd = int(sa.num_attention_heads), int(sa.attention_head_size)
+    qk = (q.rows & k.rows).view(H, hd)
+    vo = (v.rows & o.cols).view(H, hd)
+    heads = _idx(vo.any(1))
+    if heads.numel() == 0:  # attention contributes only o's bias: keep one all-zero head of size 1
+        heads = torch.zeros(1, dtype=torch.long, device=qk.device)
+    D = max(1, int(qk[heads].sum(1).max()), int(vo[heads].sum(1).max()))
+
+    def layout(open_dims: Tensor):
+        """Per kept head: the open dims first; their source rows and their slots in the H'·D layout."""
+        src, slots = [], []
+        for j, h in enumerate(heads.tolist()):
+            d = _idx(open_dims[h])
+            src.append(h * hd + d)
+            slots.append(j * D + torch.arange(d.numel(), device=d.device))
+        return torch.cat(src), torch.cat(slots)
+
+    width = heads.numel() * D
+    qk_src, qk_slots = layout(qk)
+    v_src, v_slots = layout(vo)
+    for name, f in ((names["query"], q), (names["key"], k)):
+        _set_submodule(model, name, _place(f, qk_src, qk_slots, width))
+    _set_submodule(model, names["value"], _place(v, v_src, v_slots, width))
+    # o reads the H'·D layout at the value slots (a gather unless every head is full)
+    o_c = _Folded(o.weight.index_select(1, v_src), o.bias, o.rows, torch.ones(v_src.numel(), dtype=torch.bool, device=o.cols.device))
+    o_lin = _build(o_c, _idx(o.rows), torch.arange(v_src.numel(), device=v_src.device), scatter_to=o.out_features)
+    if v_slots.numel() != width:
+        o_lin = _with_gather(o_lin, v_slots, width)
+    _set_submodule(model, o_name, o_lin)
+    attrs = dict(num_attention_heads=int(heads.numel()), attention_head_size=D, all_head_size=width)
+    for a, val in attrs.items():
+        setattr(sa, a, val)
+    setattr(sa, COMPACT_ATTRS, attrs)
+
+
+def _place(f: _Folded, src_rows: Tensor, slots: Tensor, width: int) -> nn.Module:
+    """Rows ``src_rows`` of ``f`` (open columns gathered) written to output ``slots`` of a
+    ``width`` wide layout; the other slots are exactly 0."""
+    cols = _idx(f.cols)
+    block = _Folded(f.weight.index_select(0, src_rows), None if f.bias is None else f.bias.index_select(0, src_rows),
+                    torch.ones(src_rows.numel(), dtype=torch.bool, device=src_rows.device), f.cols)
+    lin = _build(block, torch.arange(src_rows.numel(), device=src_rows.device), cols, gather_from=f.in_features)
+    if slots.numel() == width:  # slots are then exactly 0..width-1 in order
+        return lin
+    w, b = lin.weight, lin.bias
+    col_idx = lin.col_idx if isinstance(lin, GatheredLinear) else None
+    return GatheredLinear.from_block(w, b, slots, col_idx, in_features=f.in_features if col_idx is not None else w.shape[1], out_features=width)
+
+
+def _with_gather(lin: nn.Module, cols: Tensor, width: int) -> GatheredLinear:
+    """``lin`` reading its inputs from positions ``cols`` of a ``width`` wide input."""
+    row_idx = lin.row_idx if isinstance(lin, GatheredLinear) else None
+    out = lin.out_features
+    return GatheredLinear.from_block(lin.weight, lin.bias, row_idx, cols, in_features=width, out_features=out)
+
+
+def _compact_bert_layer(model: nn.Module, prefix: str, layer: nn.Module) -> None:
+    _compact_bert_attention(model, prefix)
+    act = getattr(layer.intermediate, "intermediate_act_fn", None)
+    _compact_mlp(model, [prefix + "intermediate.dense"], prefix + "output.dense", act)
+
+
+def _is_bert_layer(layer: nn.Module) -> bool:
+    try:
+        sa = layer.attention.self
+        ok = all(is_linear_like(getattr(sa, t)) for t in ("query", "key", "value"))
+        ok = ok and is_linear_like(layer.attention.output.dense)
+        ok = ok and is_linear_like(layer.intermediate.dense) and is_linear_like(layer.output.dense)
+        return ok and hasattr(sa, "attention_head_size") and not getattr(layer, "add_cross_attention", False)
+    except AttributeError:
+        return False
+
+
+# -------------------------------------------------------------------------- LLaMA attention
+
+
+def _compact_llama_attention(model: nn.Module, prefix: str, attn: nn.Module) -> None:
+    names = {t: f"{prefix}self_attn.{t}_proj" for t in ("q", "k", "v", "o")}
+    q, k, v, o = (_fold(model.get_submodule(names[t])) for t in ("q", "k", "v", "o"))
+    hd = int(attn.head_dim)
+    G = int(attn.num_key_value_groups)
+    H = q.out_features // hd
+    KV = k.out_features // hd
+    if H != KV * G or hd % 2:
+        raise ValueError(f"compact: unexpected attention shapes at {prefix}self_attn (heads {H}, kv heads {KV}, groups {G})")
+    qr, kr, vr = q.rows.view(H, hd), k.rows.view(KV, hd), v.rows.view(KV, hd)
+    oc = o.cols.view(H, hd)
+    vr_q = vr.repeat_interleave(G, 0)  # (H, hd): the kv row serving each query head
+    head_val = vr_q & oc  # query head h, dim d carries a value to the output
+    groups = _idx(head_val.view(KV, G * hd).any(1))
+    if groups.numel() == 0:  # attention contributes only o's bias: keep one group, all zero
+        groups = torch.zeros(1, dtype=torch.long, device=qr.device)
+    qheads = (groups[:, None] * G + torch.arange(G, device=groups.device)).flatten()
+
+    def pair(m: Tensor) -> Tensor:  # rotate_half: dim d meets d + hd/2
+        half = hd // 2
+        return m | torch.cat((m[..., half:], m[..., :half]), -1)
+
+    # q_d is needed if k of its group is open at d or its rotary partner (pairs mix under RoPE)
+    kr_q = kr.repeat_interleave(G, 0)
+    q_need = qr & pair(kr_q)
+    k_need = kr & pair(qr.view(KV, G, hd).any(1))
+    v_need = vr & head_val.view(KV, G, hd).any(1)
+
+    def rows_of(need: Tensor, heads: Tensor):
+        sub = need[heads]  # (heads', hd)
+        slots = _idx(sub.flatten())
+        src = (heads[:, None] * hd + torch.arange(hd, device=heads.device)).flatten()[slots]
+        return src, slots, heads.numel() * hd
+
+    for t, f, need, hs in (("q", q, q_need, qheads), ("k", k, k_need, groups), ("v", v, v_need, groups)):
+        src, slots, width = rows_of(need, hs)
+        _set_submodule(model, names[t], _place(f, src, slots, width))
+    # o reads the kept query heads' layout at the dims that carry a value
+    o_in = (qheads[:, None] * hd + torch.arange(hd, device=qheads.device)).flatten()
+    o_open = head_val[qheads].flatten()
+    src_cols = o_in[o_open]
+    slots = _idx(o_open)
+    o_c = _Folded(o.weight.index_select(1, src_cols), o.bias, o.rows, torch.ones(src_cols.numel(), dtype=torch.bool, device=o.rows.device))
+    o_lin = _build(o_c, _idx(o.rows), torch.arange(src_cols.numel(), device=src_cols.device), scatter_to=o.out_features)
+    width = qheads.numel() * hd
+    if slots.numel() != width:
+        o_lin = _with_gather(o_lin, slots, width)
+    _set_submodule(model, names["o"], o_lin)
+    setattr(attn, COMPACT_ATTRS, dict(num_kv_heads_kept=int(groups.numel())))
+
+
+def _compact_llama_layer(model: nn.Module, prefix: str, layer: nn.Module) -> None:
+    _compact_llama_attention(model, prefix, layer.self_attn)
+    mlp = layer.mlp
+    _compact_mlp(model, [prefix + "mlp.gate_proj", prefix + "mlp.up_proj"], prefix + "mlp.down_proj", getattr(mlp, "act_fn", None))
+
+
+def _is_llama_layer(layer: nn.Module) -> bool:
+    try:
+        a, m = layer.self_attn, layer.mlp
+        return all(is_linear_like(getattr(a, f"{t}_proj")) for t in "qkvo") and all(
+            is_linear_like(getattr(m, f"{t}_proj")) for t in ("gate", "up", "down")
+        ) and hasattr(a, "head_dim") and hasattr(a, "num_key_value_groups")
+    except AttributeError:
+        return False
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def _block_handlers():
+    return (
+        (_BERT_LAYERS, _is_bert_layer, _compact_bert_layer),
+        (_LLAMA_LAYERS, _is_llama_layer, _compact_llama_layer),
+    )
+
+
+def compact(model: nn.Module) -> nn.Module:
+    """Compacts ``model`` in place (eval mode, no gates left) and returns it.
+
+    Known block classes (BERT, RoBERTa, LLaMA, Mistral, Qwen2) shrink paired dimensions; every
+    other gated Linear becomes a :class:`GatheredLinear` on its active block, with a warning naming
+    the block classes whose pairings were not used. The compact model's outputs equal the gated
+    model's eval outputs up to float rounding.
+    """
+    if not any(isinstance(m, GatedLinear) for m in model.modules()):
+        raise ValueError("compact: the model has no GatedLinear layer (call finegates.sparsify first)")
+    with torch.no_grad():
+        _compact(model)
+    return model
+
+
+def _compact(model: nn.Module) -> None:
+    model.eval()
+    for layer_name, layer in list(model.named_modules()):
+        cls = type(layer).__name__
+        for classes, is_kind, handler in _block_handlers():
+            if cls in classes and is_kind(layer):
+                parts = [getattr_path(layer, p) for p in _gated_paths(layer)]
+                if _any_gated(*parts):
+                    handler(model, layer_name + "." if layer_name else "", layer)
+                break
+    left = [(n, m) for n, m in model.named_modules() if isinstance(m, GatedLinear)]
+    if left:
+        owners = sorted({_block_class(model, n) for n, _ in left})
+        known = [o for o in owners if o in _BERT_LAYERS + _LLAMA_LAYERS]
+        unknown = [o for o in owners if o not in known]
+        if unknown:
+            warnings.warn(
+                f"compact: {', '.join(unknown)} is not a known block ({', '.join(KNOWN_FAMILIES)}): its "
+                f"{len(left)} gated layers were compacted one by one with fg::gathered_linear; paired "
+                "dimensions (MLP intermediate, attention heads) were not shrunk",
+                stacklevel=3,
+            )
+    for n, m in left:
+        _set_submodule(model, n, _residual_layer(_fold(m)))
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def _gated_paths(layer: nn.Module) -> List[str]:
+    if type(layer).__name__ in _BERT_LAYERS:
+        return ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                "intermediate.dense", "output.dense"]
+    return [f"self_attn.{t}_proj" for t in "qkvo"] + [f"mlp.{t}_proj" for t in ("gate", "up", "down")]
+
+
+def getattr_path(root: nn.Module, path: str) -> nn.Module:
+    for p in path.split("."):
+        root = getattr(root, p)
+    return root
+
+
+def _block_class(model: nn.Module, name: str) -> str:
+    """The class of the nearest ancestor that is an element of an nn.ModuleList (the block)."""
+    parts = name.split(".")
+    mod, block = model, type(model).__name__
+    for p in parts[:-1]:
+        parent = mod
+        mod = getattr(mod, p)
+        if isinstance(parent, nn.ModuleList):
+            block = type(mod).__name__
+    return block

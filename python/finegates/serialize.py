@@ -1,0 +1,262 @@
+"""``save_compact`` / ``load_compact``: a compacted model as a directory anyone can load.
+
+Layout of the directory::
+
+    model.safetensors          the compact state dict (index lists of GatheredLinear included)
+    finegates_compact.json     format, model class, dtype, every resized Linear / GatheredLinear
+                               with its shape, attention attributes changed by compact(), and the
+                               sha256 of model.safetensors
+    config.json, generation_config.json, tokenizer files   (Hugging Face models, when present)
+
+``load_compact`` builds the stock transformers class from ``config.json``, swaps in Linears of the
+recorded shapes, sets the recorded attributes and loads the weights strictly, so no training code
+runs. Writes go to a temporary sibling directory that is renamed into place at the end: an
+interrupted save leaves the previous model (or nothing), never a half-written directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from .compact import COMPACT_ATTRS
+from .compact_layers import GatheredLinear
+from .layers import GatedLinear
+from .sparsify import _set_submodule
+
+__all__ = ["save_compact", "load_compact", "MANIFEST_NAME", "WEIGHTS_NAME"]
+
+FORMAT = "finegates-compact"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "finegates_compact.json"
+WEIGHTS_NAME = "model.safetensors"
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+PathLike = Union[str, os.PathLike]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _layer_specs(model: nn.Module) -> Dict[str, Dict[str, Any]]:
+    specs = {}
+    for name, m in model.named_modules():
+        if isinstance(m, GatheredLinear):
+            specs[name] = dict(
+                kind="gathered",
+                in_features=m.in_features,
+                out_features=m.out_features,
+                active_out=int(m.weight.shape[0]),
+                active_in=int(m.weight.shape[1]),
+                bias=m.bias is not None,
+                scatter_rows=m.row_idx is not None,
+                gather_cols=m.col_idx is not None,
+            )
+        elif isinstance(m, nn.Linear):
+            specs[name] = dict(kind="linear", in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
+    return specs
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return hasattr(model, "config") and hasattr(model.config, "save_pretrained") and hasattr(model, "can_generate")
+
+
+def _copy_tokenizer_files(src: str, dst: Path) -> None:
+    if not src or not os.path.isdir(src):
+        return
+    for fname in _TOKENIZER_FILES:
+        f = os.path.join(src, fname)
+        if os.path.isfile(f):
+            shutil.copy2(f, dst / fname)
+
+
+def _replace_dir(tmp: Path, path: Path) -> None:
+    """Moves the finished ``tmp`` to ``path``; an existing ``path`` must be a finegates compact
+    model directory or empty (never silently delete a user's unrelated files)."""
+    if path.exists():
+        if not path.is_dir():
+            raise FileExistsError(f"save_compact: path {str(path)!r} exists and is not a directory")
+        if any(path.iterdir()) and not (path / MANIFEST_NAME).is_file():
+            raise FileExistsError(
+                f"save_compact: directory {str(path)!r} is not empty and holds no {MANIFEST_NAME}; "
+                "choose a new path or remove it"
+            )
+        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+        os.replace(path, old / path.name)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def save_compact(model: nn.Module, path: PathLike, *, tokenizer=None) -> Path:
+    """Writes a :func:`finegates.compact` model to directory ``path`` (atomically) and returns it.
+
+    Hugging Face models also get ``config.json`` (and ``generation_config.json``); tokenizer files
+    come from ``tokenizer.save_pretrained`` or, if no tokenizer is given, are copied from the local
+    directory the model was loaded from (``config._name_or_path``) when it has them.
+    """
+    if any(isinstance(m, GatedLinear) for m in model.modules()):
+        raise ValueError("save_compact: the model still has GatedLinear layers; call finegates.compact(model) first")
+    from safetensors.torch import save_model
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        hf = _is_hf(model)
+        if hf:
+            model.config.save_pretrained(tmp)
+            gen = getattr(model, "generation_config", None)
+            if gen is not None and model.can_generate():
+                gen.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            else:
+                _copy_tokenizer_files(getattr(model.config, "_name_or_path", ""), tmp)
+        elif tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
+        manifest = dict(
+            format=FORMAT,
+            format_version=FORMAT_VERSION,
+            model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+            transformers_class=type(model).__name__ if hf else None,
+            dtype=str(floats[0]).replace("torch.", "") if floats else None,
+            parameters=sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+            layers=_layer_specs(model),
+            attributes={n: dict(getattr(m, COMPACT_ATTRS)) for n, m in model.named_modules() if hasattr(m, COMPACT_ATTRS)},
+            weights_sha256=_sha256(tmp / WEIGHTS_NAME),
+        )
+        with open(tmp / MANIFEST_NAME, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _read_manifest(path: Path) -> Dict[str, Any]:
+    if not path.is_dir():
+        raise FileNotFoundError(f"load_compact: {str(path)!r} is not a directory (expected a save_compact output)")
+    mpath = path / MANIFEST_NAME
+    if not mpath.is_file():
+        raise FileNotFoundError(f"load_compact: {str(path)!r} has no {MANIFEST_NAME}; was it written by finegates.save_compact?")
+    try:
+        with open(mpath) as f:
+            manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"load_compact: {MANIFEST_NAME} in {str(path)!r} is corrupt ({e}); re-save the model") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"load_compact: {MANIFEST_NAME} in {str(path)!r} is not a finegates compact manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"load_compact: format_version {manifest.get('format_version')!r} is not supported by this "
+            f"finegates (expects {FORMAT_VERSION}); upgrade finegates or re-save the model"
+        )
+    for key in ("layers", "attributes", "weights_sha256"):
+        if key not in manifest:
+            raise ValueError(f"load_compact: {MANIFEST_NAME} in {str(path)!r} lacks {key!r}; re-save the model")
+    return manifest
+
+
+def _skeleton(path: Path, manifest: Dict[str, Any]) -> nn.Module:
+    name = manifest.get("transformers_class")
+    if not name:
+        raise ValueError(
+            "load_compact: this model is not a Hugging Face model; pass model=<an instance of "
+            f"{manifest.get('model_class')} built like the original> to load it"
+        )
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise ValueError(f"load_compact: transformers {transformers.__version__} has no class {name!r}")
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    return cls(config)
+
+
+@torch.no_grad()
+def load_compact(path: PathLike, *, model: Optional[nn.Module] = None, device=None) -> nn.Module:
+    """Loads a :func:`save_compact` directory into the stock model class (eval mode).
+
+    ``model``: an uncompacted instance of the original architecture to load into (needed only for
+    models that are not Hugging Face ``PreTrainedModel``s). Raises ``FileNotFoundError`` /
+    ``ValueError`` naming the problem for a missing, corrupt or mismatched directory.
+    """
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    manifest = _read_manifest(path)
+    wpath = path / WEIGHTS_NAME
+    if not wpath.is_file():
+        raise FileNotFoundError(f"load_compact: {str(path)!r} has no {WEIGHTS_NAME}")
+    if _sha256(wpath) != manifest["weights_sha256"]:
+        raise ValueError(
+            f"load_compact: {WEIGHTS_NAME} in {str(path)!r} does not match the checksum in {MANIFEST_NAME} "
+            "(corrupt or modified file); re-save the model"
+        )
+    if model is None:
+        model = _skeleton(path, manifest)
+    dtype = getattr(torch, manifest["dtype"]) if manifest.get("dtype") else None
+    for name, spec in manifest["layers"].items():
+        try:
+            old = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"load_compact: the model has no module {name!r} recorded in {MANIFEST_NAME} (mismatched model?)") from None
+        if spec["kind"] == "linear":
+            new = nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=dtype)
+        elif spec["kind"] == "gathered":
+            new = GatheredLinear(
+                spec["in_features"], spec["out_features"], spec["active_out"], spec["active_in"],
+                bias=spec["bias"], scatter_rows=spec["scatter_rows"], gather_cols=spec["gather_cols"], dtype=dtype,
+            )
+        else:
+            raise ValueError(f"load_compact: unknown layer kind {spec['kind']!r} for {name!r} in {MANIFEST_NAME}")
+        if type(old).__name__ not in ("Linear", "Conv1D", "GatheredLinear", "GatedLinear"):
+            raise ValueError(f"load_compact: module {name!r} is a {type(old).__name__}, not a Linear (mismatched model?)")
+        _set_submodule(model, name, new)
+    for name, attrs in manifest["attributes"].items():
+        mod = model.get_submodule(name)
+        for a, v in attrs.items():
+            setattr(mod, a, v)
+        setattr(mod, COMPACT_ATTRS, dict(attrs))
+    if dtype is not None:
+        model.to(dtype)
+    try:
+        missing, unexpected = load_model(model, str(wpath), strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"load_compact: weights in {str(path)!r} do not fit the model: {str(e).splitlines()[0]}") from None
+    model.requires_grad_(False)
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model
