@@ -145,6 +145,10 @@ def _act_keeps_zero(act: Callable, dtype: torch.dtype, device) -> bool:
     return bool((z == 0).all())
 
 
+def _linear(m: nn.Module) -> bool:
+    return isinstance(m, GatedLinear) or is_linear_like(m)
+
+
 def _any_gated(*modules: nn.Module) -> bool:
     return any(isinstance(m, GatedLinear) for m in modules)
 
@@ -242,9 +246,9 @@ def _compact_bert_layer(model: nn.Module, prefix: str, layer: nn.Module) -> None
 def _is_bert_layer(layer: nn.Module) -> bool:
     try:
         sa = layer.attention.self
-        ok = all(is_linear_like(getattr(sa, t)) for t in ("query", "key", "value"))
-        ok = ok and is_linear_like(layer.attention.output.dense)
-        ok = ok and is_linear_like(layer.intermediate.dense) and is_linear_like(layer.output.dense)
+        ok = all(_linear(getattr(sa, t)) for t in ("query", "key", "value"))
+        ok = ok and _linear(layer.attention.output.dense)
+        ok = ok and _linear(layer.intermediate.dense) and _linear(layer.output.dense)
         return ok and hasattr(sa, "attention_head_size") and not getattr(layer, "add_cross_attention", False)
     except AttributeError:
         return False
@@ -313,8 +317,8 @@ def _compact_llama_layer(model: nn.Module, prefix: str, layer: nn.Module) -> Non
 def _is_llama_layer(layer: nn.Module) -> bool:
     try:
         a, m = layer.self_attn, layer.mlp
-        return all(is_linear_like(getattr(a, f"{t}_proj")) for t in "qkvo") and all(
-            is_linear_like(getattr(m, f"{t}_proj")) for t in ("gate", "up", "down")
+        return all(_linear(getattr(a, f"{t}_proj")) for t in "qkvo") and all(
+            _linear(getattr(m, f"{t}_proj")) for t in ("gate", "up", "down")
         ) and hasattr(a, "head_dim") and hasattr(a, "num_key_value_groups")
     except AttributeError:
         return False
@@ -358,8 +362,13 @@ def _compact(model: nn.Module) -> None:
     left = [(n, m) for n, m in model.named_modules() if isinstance(m, GatedLinear)]
     if left:
         owners = sorted({_block_class(model, n) for n, _ in left})
-        known = [o for o in owners if o in _BERT_LAYERS + _LLAMA_LAYERS]
-        unknown = [o for o in owners if o not in known]
+        unknown = [o for o in owners if o not in _BERT_LAYERS + _LLAMA_LAYERS]
+        if len(unknown) < len(owners):
+            warnings.warn(
+                f"compact: blocks {', '.join(o for o in owners if o not in unknown)} have a known class but an "
+                "unexpected structure: their gated layers were compacted one by one, without pairings",
+                stacklevel=3,
+            )
         if unknown:
             warnings.warn(
                 f"compact: {', '.join(unknown)} is not a known block ({', '.join(KNOWN_FAMILIES)}): its "
