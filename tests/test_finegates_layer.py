@@ -335,3 +335,18 @@ def test_set_backend_rejects_unknown_backend():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="backend"):
         finegates.set_backend(model, "cuda")
+
+
+def test_gated_layer_compiles_without_graph_break():
+    """The NaN check must not split the graph: fullgraph=True fails on any graph break."""
+    torch.manual_seed(0)
+    layer = GatedLinear(torch.nn.Linear(16, 8))
+    layer.eval()
+    x = torch.randn(3, 16)
+    ref = layer(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), ref)
+    layer.train()  # sampled gates + backward through the op's autograd, still one graph
+    compiled(x).square().sum().backward()
+    assert layer.row_gates.theta.grad is not None and torch.isfinite(layer.row_gates.theta.grad).all()
