@@ -88,14 +88,20 @@ inline void check_gated_linear_args(
   }
 }
 
-// Validates an index list: 1-D integer tensor with every value in [0, bound).
-inline void check_index(const at::Tensor& idx, int64_t bound, const char* name, const char* what,
-                        const at::Tensor& x) {
+// Device, dtype and rank of an index tensor (its values are checked by the caller: the CPU
+// gathered path checks them while copying them, without dispatching min/max reductions).
+inline void check_index_meta(const at::Tensor& idx, const char* name, const at::Tensor& x) {
   check_same_device(idx, x, name);
   TORCH_CHECK_TYPE(
       idx.scalar_type() == at::kLong || idx.scalar_type() == at::kInt, name,
       " must be an int64 or int32 index tensor, got ", idx.scalar_type());
   TORCH_CHECK_VALUE(idx.dim() == 1, name, " must be 1-D, got shape ", idx.sizes());
+}
+
+// Validates an index list: 1-D integer tensor with every value in [0, bound).
+inline void check_index(const at::Tensor& idx, int64_t bound, const char* name, const char* what,
+                        const at::Tensor& x) {
+  check_index_meta(idx, name, x);
   if (idx.numel() > 0) {
     const int64_t lo = idx.min().item<int64_t>();
     const int64_t hi = idx.max().item<int64_t>();

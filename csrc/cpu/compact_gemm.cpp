@@ -23,17 +23,38 @@ bool strictly_increasing(const std::vector<int64_t>& v) {
   return true;
 }
 
-// Writes one output row: dst[idx[i]] = f(i) for the active set, zero elsewhere. With a sorted
-// active set the zeros are written only into the gaps, so each element is written once.
+// How write_row fills the columns outside the active set.
+enum class ZeroFill {
+  kNone,  // the active set is the whole row
+  kGaps,  // sorted with few gaps: memset only the gaps, each element written once
+  kRow,   // memset the whole row first, then scatter: one fast vectorised pass instead of a
+          // memset call per gap (random gates leave a gap every few columns, and hundreds of
+          // tiny memsets per row cost more than the GEMM's epilogue itself at 128 tokens)
+};
+
+ZeroFill zero_fill(const Active& a) {
+  if (a.all) return ZeroFill::kNone;
+  if (!a.is_sorted()) return ZeroFill::kRow;
+  int64_t gaps = 0, prev = 0;
+  for (const int64_t c : a.idx) {
+    gaps += c > prev;
+    prev = c + 1;
+  }
+  gaps += a.full > prev;
+  return gaps <= std::max<int64_t>(8, a.full / 256) ? ZeroFill::kGaps : ZeroFill::kRow;
+}
+
+// Writes one output row: dst[idx[i]] = f(i) for the active set, zero elsewhere (the last write
+// wins for a repeated index).
 template <typename scalar_t, typename F>
-inline void write_row(scalar_t* dst, const Active& a, bool sorted, F f) {
+inline void write_row(scalar_t* dst, const Active& a, ZeroFill fill, F f) {
   const int64_t n = a.size();
-  if (a.all) {
+  if (fill == ZeroFill::kNone) {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<scalar_t>(f(i));
     return;
   }
   const int64_t* idx = a.idx.data();
-  if (sorted) {
+  if (fill == ZeroFill::kGaps) {
     int64_t prev = 0;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t c = idx[i];
@@ -81,13 +102,25 @@ GateSet gate_set(const at::Tensor& gate) {
   return s;
 }
 
-Active index_set(const c10::optional<at::Tensor>& idx, int64_t full) {
+Active index_set(const c10::optional<at::Tensor>& idx, int64_t full, const char* name, const char* what) {
   Active a;
   a.full = full;
   if (!idx.has_value()) return a;
   const at::Tensor i64 = idx->to(at::kLong).contiguous();
-  a.idx.assign(i64.data_ptr<int64_t>(), i64.data_ptr<int64_t>() + i64.numel());
+  const int64_t* p = i64.data_ptr<int64_t>();
+  const int64_t n = i64.numel();
+  a.idx.assign(p, p + n);
   a.all = false;
+  int64_t lo = 0, hi = 0;
+  if (n > 0) {
+    lo = hi = p[0];
+    for (int64_t i = 1; i < n; ++i) {
+      lo = std::min(lo, p[i]);
+      hi = std::max(hi, p[i]);
+    }
+  }
+  TORCH_CHECK_INDEX(n == 0 || (lo >= 0 && hi < full), name, " values must lie in [0, ", full, ") (", what,
+                    "), got range [", lo, ", ", hi, "]");
   return a;
 }
 
@@ -169,7 +202,7 @@ void scatter_cols(const at::Tensor& src, const Active& cols, const std::vector<f
   TORCH_INTERNAL_ASSERT(dst.is_contiguous() && dst.size(1) == cols.full);
   TORCH_INTERNAL_ASSERT(src.size(0) == M && src.size(1) >= nc && (src.stride(1) == 1 || nc <= 1));
   if (M == 0) return;
-  const bool sorted = cols.is_sorted();
+  const ZeroFill fill = zero_fill(cols);
   const float* sc = scale.empty() ? nullptr : scale.data();
   const int64_t lds = src.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dst.scalar_type(), "fg_scatter_cols", [&] {
@@ -179,9 +212,9 @@ void scatter_cols(const at::Tensor& src, const Active& cols, const std::vector<f
       for (int64_t m = begin; m < end; ++m) {
         const scalar_t* srow = s + m * lds;
         if (sc == nullptr) {
-          write_row(d + m * cols.full, cols, sorted, [&](int64_t j) { return srow[j]; });
+          write_row(d + m * cols.full, cols, fill, [&](int64_t j) { return srow[j]; });
         } else {
-          write_row(d + m * cols.full, cols, sorted,
+          write_row(d + m * cols.full, cols, fill,
                     [&](int64_t j) { return static_cast<float>(srow[j]) * sc[j]; });
         }
       }
@@ -246,7 +279,7 @@ void compact_linear_forward(const at::Tensor& x2, const CompactLinear& p, at::Te
   const int64_t bm = scatter ? token_block(M) : M;
   at::Tensor hbuf;
   if (scatter) hbuf = at::empty({std::min(bm, M), ldh}, out.options());
-  const bool sorted = rows.is_sorted();
+  const ZeroFill fill = scatter ? zero_fill(rows) : ZeroFill::kNone;
 
   for (int64_t m0 = 0; m0 < M; m0 += bm) {
     const int64_t mb = std::min(bm, M - m0);
@@ -277,10 +310,10 @@ void compact_linear_forward(const at::Tensor& x2, const CompactLinear& p, at::Te
         for (int64_t m = begin; m < end; ++m) {
           const scalar_t* hrow = h + m * ldh;
           if (b) {
-            write_row(o + m * rows.full, rows, sorted,
+            write_row(o + m * rows.full, rows, fill,
                       [&](int64_t i) { return static_cast<float>(hrow[i]) + static_cast<float>(b[i]); });
           } else {
-            write_row(o + m * rows.full, rows, sorted, [&](int64_t i) { return hrow[i]; });
+            write_row(o + m * rows.full, rows, fill, [&](int64_t i) { return hrow[i]; });
           }
         }
       });

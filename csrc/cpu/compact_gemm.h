@@ -21,7 +21,7 @@ struct Active {
   int64_t pad = 0;           // extra zero entries appended in compact buffers (friendly GEMM widths)
   int64_t size() const { return all ? full : static_cast<int64_t>(idx.size()); }
   int64_t padded() const { return size() + pad; }
-  bool is_sorted() const;  // strictly increasing: the epilogue then zeroes only the gaps
+  bool is_sorted() const;  // strictly increasing: the epilogue may then zero only the gaps
 };
 
 // Rounds a partial active set's compact width up to a multiple that the BLAS handles at full speed
@@ -37,8 +37,11 @@ struct GateSet {
 };
 GateSet gate_set(const at::Tensor& gate);
 
-// Active set from a user-supplied index tensor (already range-checked); undefined -> all.
-Active index_set(const c10::optional<at::Tensor>& idx, int64_t full);
+// Active set from a user-supplied index tensor; undefined -> all. Values must lie in [0, full):
+// checked while they are copied (one pass, no reductions dispatched), the error names `name`
+// and `what` (the bound's meaning).
+Active index_set(const c10::optional<at::Tensor>& idx, int64_t full, const char* name = "index",
+                 const char* what = "size");
 
 // diag(row_scale) W[rows][:, cols] diag(col_scale) as a new contiguous (rows.padded(),
 // cols.padded()) tensor, zero in the padding (a scale may be empty = 1). Returns `weight` itself

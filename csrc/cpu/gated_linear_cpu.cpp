@@ -290,7 +290,7 @@ at::Tensor gathered_linear_cpu(
   }
   TORCH_CHECK_VALUE(out_features >= 0, "out_features must be >= 0, got ", out_features);
   if (row_idx.has_value()) {
-    check_index(*row_idx, out_features, "row_idx", "out_features", x);
+    check_index_meta(*row_idx, "row_idx", x);  // values: checked by index_set below
     TORCH_CHECK_VALUE(row_idx->size(0) == nR, "row_idx must have length weight_c.shape[0] = ", nR,
                       ", got ", row_idx->size(0));
   } else {
@@ -298,7 +298,7 @@ at::Tensor gathered_linear_cpu(
                       " when row_idx is None (compact output), got ", out_features);
   }
   if (col_idx.has_value()) {
-    check_index(*col_idx, Kx, "col_idx", "x.shape[-1]", x);
+    check_index_meta(*col_idx, "col_idx", x);
     TORCH_CHECK_VALUE(col_idx->size(0) == nC, "col_idx must have length weight_c.shape[1] = ", nC,
                       ", got ", col_idx->size(0));
   } else {
@@ -308,8 +308,8 @@ at::Tensor gathered_linear_cpu(
   const at::Tensor x2 = as_rows(x, Kx);
   at::Tensor out = at::empty(out_shape(x, out_features), x.options());
   at::Tensor out2 = out.view({x2.size(0), out_features});
-  const Active rows = index_set(row_idx, out_features);
-  const Active cols = index_set(col_idx, Kx);
+  const Active rows = index_set(row_idx, out_features, "row_idx", "out_features");
+  const Active cols = index_set(col_idx, Kx, "col_idx", "x.shape[-1]");
   CompactLinear p;
   p.cols = &cols;
   p.rows = &rows;
