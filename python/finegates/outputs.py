@@ -1,0 +1,104 @@
+"""What a run leaves in its output directory: metrics.json, a CSV log of the training steps, a
+per-layer plot of kept rows/columns. Every file is written to a temporary name and renamed, so a
+crash never leaves a half-written file behind."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+__all__ = ["atomic_write_bytes", "write_json", "StepLog", "plot_layers", "LOG_FIELDS"]
+
+LOG_FIELDS = ["step", "epoch", "loss", "task_loss", "sparsity_loss", "lambda", "keep_fraction", "lr"]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=_jsonable) + "\n").encode())
+
+
+def _jsonable(x):
+    if hasattr(x, "item"):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+class StepLog:
+    """Per-step training log (``train_log.csv``). Rows are kept in memory and the whole file is
+    rewritten atomically on ``flush``; on resume the rows after the checkpoint's step are dropped,
+    so the log of a resumed run reads like the log of an uninterrupted one."""
+
+    def __init__(self, path: Path, resume_step: Optional[int] = None):
+        self.path = Path(path)
+        self.rows: List[Dict[str, Any]] = []
+        if resume_step is not None and self.path.exists():
+            with open(self.path, newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+
+    def append(self, row: Dict[str, Any]) -> None:
+        self.rows.append({k: row.get(k, "") for k in LOG_FIELDS})
+
+    def flush(self) -> None:
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
+        w.writeheader()
+        w.writerows(self.rows)
+        atomic_write_bytes(self.path, buf.getvalue().encode())
+
+
+def plot_layers(path: Path, layers: Iterable[Dict[str, Any]], title: str = "") -> None:
+    """Bar plot of the kept fraction of rows and of columns for every gated layer
+    (``compression_report(model)["layers"]``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(layers)
+    names = [l["name"] for l in layers]
+    rows = [l["active_rows"] / l["out_features"] for l in layers]
+    cols = [l["active_cols"] / l["in_features"] for l in layers]
+    width = max(6.0, 0.28 * len(layers) + 2)
+    fig, ax = plt.subplots(figsize=(width, 4.5))
+    xs = range(len(layers))
+    ax.bar([x - 0.2 for x in xs], rows, width=0.4, label="rows kept (outputs)")
+    ax.bar([x + 0.2 for x in xs], cols, width=0.4, label="columns kept (inputs)")
+    short = [_short(n) for n in names]
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(short, rotation=90, fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("kept fraction")
+    ax.set_title(title or "FineGates: kept rows / columns per gated layer")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(Path(path), buf.getvalue())
+
+
+def _short(name: str) -> str:
+    for drop in ("model.", "bert.", "roberta.", "encoder.", "transformer."):
+        name = name.replace(drop, "")
+    return name.replace("layer.", "L").replace("layers.", "L")

@@ -1,0 +1,302 @@
+"""The training loop shared by ``finegates finetune | posttrain | pretrain``, on Hugging Face
+Accelerate, so that one code path runs on a CPU, one GPU, and under ``accelerate launch`` /
+``torchrun`` (DDP, FSDP).
+
+Why the pieces look the way they do:
+
+* The model and its sparsity loss run in one ``forward`` (:class:`Objective`), so DDP/FSDP see a
+  single forward per step and the gates' gradients from both losses are reduced together.
+* The training data are shuffled by :class:`EpochSampler` from its own generator (``seed +
+  epoch``), and the DataLoader gets its own generator too: the global torch RNG (gate noise,
+  dropout) is then consumed only by the model, so a run resumed from a checkpoint (RNG states
+  restored by ``load_state``, data position by ``skip_first_batches``) continues exactly as the
+  uninterrupted run would have.
+* Checkpoints (``output_dir/checkpoints/step-N``, ``accelerator.save_state``) are written to a
+  temporary directory and renamed, so a crash never leaves a half-written checkpoint that
+  ``--resume-from-checkpoint latest`` would pick up.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from .layers import GatedLinear
+from .loss import SparsitySchedule, _layer_loss, sparsity_loss
+from .outputs import StepLog
+from .report import compression_report
+
+__all__ = ["Objective", "EpochSampler", "TrainState", "train", "find_checkpoint", "CHECKPOINT_RE"]
+
+CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
+
+
+class Objective(nn.Module):
+    """``model(**batch)`` plus, when the model is gated, the sparsity loss, in one forward.
+
+    The loss is :func:`finegates.sparsity_loss` (the mean of the per-layer terms), but each layer's
+    term is computed by a forward hook while that layer runs: under FSDP a layer's gate logits are
+    only materialised during its own forward."""
+
+    def __init__(self, model: nn.Module, gated: bool, kurtosis: bool = False):
+        super().__init__()
+        self.model = model
+        self.gated = gated
+        self.kurtosis = kurtosis
+        self._terms: Optional[Dict[int, torch.Tensor]] = None
+        self._layers = 0
+        if gated:
+            for m in model.modules():
+                if isinstance(m, GatedLinear) and m.target_sparsity is not None:
+                    m.register_forward_hook(self._collect)
+                    self._layers += 1
+            if not self._layers:
+                raise ValueError("Objective: the model has no gated layer with a target sparsity")
+
+    def _collect(self, module, inputs, output) -> None:
+        if self._terms is not None:
+            self._terms[id(module)] = _layer_loss(module, self.kurtosis).float()
+
+    def forward(self, batch: Dict[str, torch.Tensor], with_sparsity: bool = True):
+        want = self.gated and with_sparsity
+        self._terms = {} if want else None
+        try:
+            out = self.model(**batch)
+            sp = None
+            if want:
+                if len(self._terms) != self._layers:  # some gated layer did not run: fall back
+                    sp = sparsity_loss(self.model, kurtosis=self.kurtosis)
+                else:
+                    sp = torch.stack(list(self._terms.values())).mean()
+        finally:
+            self._terms = None
+        return out, sp
+
+
+class EpochSampler(Sampler):
+    """A random permutation per epoch from ``torch.Generator().manual_seed(seed + epoch)``; the
+    global RNG is never touched."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n = int(n)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class TrainState:
+    """The loop's own counters, saved in every checkpoint (``register_for_checkpointing``)."""
+
+    def __init__(self):
+        self.step = 0
+        self.train_time = 0.0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"step": self.step, "train_time": self.train_time}
+
+    def load_state_dict(self, d: Dict[str, Any]) -> None:
+        self.step = int(d["step"])
+        self.train_time = float(d.get("train_time", 0.0))
+
+
+def find_checkpoint(output_dir: Path) -> Optional[Path]:
+    """The latest complete ``checkpoints/step-N`` of a run, or None."""
+    ck = Path(output_dir) / "checkpoints"
+    if not ck.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in ck.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return max(steps)[1] if steps else None
+
+
+def _keep_fraction(model: nn.Module) -> float:
+    rep = compression_report(model)
+    return 1.0 - rep["params_removable"] / rep["params_gated"] if rep["params_gated"] else 1.0
+
+
+def _save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, log: Optional[StepLog]) -> Path:
+    ck = Path(output_dir) / "checkpoints"
+    final = ck / f"step-{step}"
+    tmp = ck / f".tmp-step-{step}"
+    if accelerator.is_main_process:
+        ck.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if log is not None:
+            log.flush()
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if keep > 0:
+            done = sorted((int(m.group(1)), p) for p in ck.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
+            for _, p in done[:-keep]:
+                shutil.rmtree(p, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+@torch.no_grad()
+def _rank_divergence(accelerator, params) -> Optional[float]:
+    """Largest difference between processes of per-tensor checksums (sum, sum of |x|) of the
+    trained parameters: 0.0 when the ranks stayed in sync; None on a single process."""
+    if accelerator.num_processes == 1:
+        return None
+    sums = torch.stack([t for p in params for t in (p.detach().double().sum(), p.detach().double().abs().sum())])
+    every = accelerator.gather(sums.unsqueeze(0).to(accelerator.device))
+    return float((every - every[0]).abs().max())
+
+
+def train(
+    args,
+    accelerator,
+    model: nn.Module,
+    *,
+    gated: bool,
+    train_dataset,
+    eval_dataset,
+    collate_fn: Callable,
+    param_groups: List[Dict[str, Any]],
+    evaluate: Callable,
+    output_dir: Path,
+    resume_from: Optional[Path] = None,
+) -> Dict[str, Any]:
+    """Train ``model`` (already sparsified when ``gated``) and evaluate it at the end.
+
+    ``args`` holds the shared options (batch_size, eval_batch_size, gradient_accumulation_steps,
+    epochs, max_steps, sparsity_lambda, sparsity_start, sparsity_warmup, kurtosis, lr_scheduler,
+    warmup_steps, max_grad_norm, seed, logging_steps, checkpointing_steps, keep_checkpoints).
+    ``evaluate(forward, eval_dataloader, accelerator) -> dict`` computes the metrics (gathered over
+    processes). Returns the metrics plus ``steps``, ``train_time_s`` and the last logged values."""
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    sampler = EpochSampler(len(train_dataset), args.seed)
+    train_dl = DataLoader(
+        train_dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    eval_dl = DataLoader(eval_dataset, batch_size=args.eval_batch_size, shuffle=False, collate_fn=collate_fn)
+    objective = Objective(model, gated=gated, kurtosis=bool(getattr(args, "kurtosis", False)))
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=args.weight_decay)
+
+    n_proc = accelerator.num_processes
+    ga = args.gradient_accumulation_steps
+    batches_per_epoch = math.ceil(len(train_dataset) / (args.batch_size * n_proc))
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / ga))
+    max_steps = args.max_steps if args.max_steps else args.epochs * steps_per_epoch
+    # The prepared scheduler steps once per process per optimizer step (accelerate's convention).
+    scheduler = get_scheduler(
+        args.lr_scheduler, optimizer,
+        num_warmup_steps=args.warmup_steps * n_proc, num_training_steps=max_steps * n_proc,
+    )
+    objective, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
+        objective, optimizer, train_dl, eval_dl, scheduler
+    )
+    state = TrainState()
+    accelerator.register_for_checkpointing(state)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        accelerator.print(f"finegates: resumed from {resume_from} (step {state.step})")
+    steps_per_epoch = max(1, math.ceil(len(train_dl) / ga))
+    raw_model = accelerator.unwrap_model(objective).model
+    trainable = [p for g in param_groups for p in g["params"]]
+
+    lam_of = SparsitySchedule(args.sparsity_lambda, start_step=args.sparsity_start, warmup_steps=args.sparsity_warmup)
+    main = accelerator.is_main_process
+    log = StepLog(Path(output_dir) / "train_log.csv", resume_step=state.step if resume_from else None) if main else None
+    bar = tqdm(total=max_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
+    step = state.step
+    epoch = step // steps_per_epoch
+    skip = (step % steps_per_epoch) * ga
+    last: Dict[str, Any] = {}
+    loss_sum = task_sum = sp_sum = 0.0
+    n_micro = 0
+    t0 = time.perf_counter()
+    while step < max_steps:
+        train_dl.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        dl = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+        skip = 0
+        objective.train()
+        for batch in dl:
+            with accelerator.accumulate(objective):
+                lam = lam_of(step)
+                out, sp = objective(batch)
+                task_loss = out.loss
+                loss = task_loss + lam * sp if sp is not None else task_loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            loss_sum += float(loss.detach())
+            task_sum += float(task_loss.detach())
+            sp_sum += float(sp.detach()) if sp is not None else 0.0
+            n_micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            state.step = step
+            bar.update(1)
+            if main and (step % args.logging_steps == 0 or step == max_steps or step == 1):
+                last = dict(
+                    step=step, epoch=epoch, loss=loss_sum / n_micro, task_loss=task_sum / n_micro,
+                    sparsity_loss=sp_sum / n_micro if gated else "", **{"lambda": lam},
+                    keep_fraction=_keep_fraction(raw_model) if gated else "",
+                    lr=scheduler.get_last_lr()[0],
+                )
+                log.append(last)
+                post = {"loss": f"{last['loss']:.4f}"}
+                if gated:
+                    post.update(sp=f"{last['sparsity_loss']:.4f}", keep=f"{last['keep_fraction']:.3f}")
+                bar.set_postfix(post)
+                if accelerator.trackers:
+                    accelerator.log({k: v for k, v in last.items() if v != "" and k != "step"}, step=step)
+            loss_sum = task_sum = sp_sum = 0.0
+            n_micro = 0
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                state.train_time += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                _save_checkpoint(accelerator, output_dir, step, args.keep_checkpoints, log)
+            if step >= max_steps:
+                break
+        epoch += 1
+    state.train_time += time.perf_counter() - t0
+    bar.close()
+    if main:
+        log.flush()
+    objective.eval()
+
+    def forward(batch):
+        with torch.no_grad():
+            out, _ = objective(batch, with_sparsity=False)
+        return out
+
+    metrics = evaluate(forward, eval_dl, accelerator)
+    divergence = _rank_divergence(accelerator, trainable)
+    accelerator.wait_for_everyone()
+    return dict(model=raw_model, metrics=metrics, steps=step, rank_divergence=divergence, train_time_s=state.train_time, last_log=last, max_steps=max_steps)

