@@ -220,3 +220,18 @@ def test_glue_metrics():
     assert compute_metrics("cola", [1, 0, 1, 0], [1, 0, 1, 0])["matthews_correlation"] == 1.0
     s = compute_metrics("stsb", [0.1, 0.4, 0.35, 0.8], [0, 1, 2, 3], num_labels=1)
     assert s["spearmanr"] == pytest.approx(0.8) and 0.8 < s["pearson"] < 1.0
+
+
+@pytest.mark.parametrize("method", ["dense", "lora"])
+def test_finetune_baselines(method, tiny_bert, sst_small, tmp_path):
+    out = tmp_path / method
+    assert main(_ft_args(tiny_bert, sst_small, out, "--max-steps", "2", "--method", method)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["method"] == method and 0 <= m["accuracy"] <= 1 and m["latency_ratio"] is None
+    assert "removed_fraction" not in m and not (out / "compact").exists()
+    n_all = sum(p.numel() for p in transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert).parameters())
+    if method == "dense":
+        assert m["trainable_params"] == n_all
+    else:  # rank 8 on 6 Linears x 2 blocks + classifier + pooler
+        lora = 2 * 8 * (4 * (32 + 32) + (32 + 64) + (64 + 32))
+        assert m["trainable_params"] == lora + (32 * 2 + 2) + (32 * 32 + 32)

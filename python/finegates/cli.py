@@ -346,6 +346,12 @@ def run(args, argv) -> dict:
         log_with=log_with, project_dir=str(out.path),
     )
     set_seed(args.seed)
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type == DistributedType.FSDP and not args.no_compact:
+        # Compaction needs the whole model in one process; under FSDP each process holds a shard.
+        accelerator.print("finegates: FSDP run: no compaction (each process holds a shard); metrics and checkpoints only")
+        args.no_compact = True
 
     def on_created():
         out.create(accelerator, args, argv)

@@ -25,7 +25,7 @@ from torch import nn
 from .errors import UsageError
 from .glue import compute_metrics, main_metric
 from .report import compression_report
-from .sparsify import gated_layers, sparsify, trainable_parameters
+from .sparsify import _default_match, gated_layers, sparsify, trainable_parameters
 
 __all__ = ["finetune", "posttrain", "pretrain", "CONFIG_DIR", "resolve_config", "measure_latency"]
 
@@ -265,11 +265,12 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
     else:  # lora (PEFT), the baseline of the quality table
         from peft import LoraConfig, get_peft_model
 
-        targets = [n.rpartition(".")[2] for n, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and (".layer." in n or ".layers." in n)]
-        cfg = LoraConfig(r=args.lora_rank or 8, lora_alpha=2 * (args.lora_rank or 8), lora_dropout=0.0,
-                         target_modules=sorted(set(targets)) or None, modules_to_save=_head_names(model),
-                         task_type="SEQ_CLS")
+        # LoRA on the same Linears FineGates gates (inside the transformer blocks), head fully trained.
+        r = args.lora_rank or 8
+        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+                         target_modules=[n for n, m in model.named_modules()
+                                         if isinstance(m, nn.Linear) and _default_match(model, n)],
+                         modules_to_save=_head_names(model), task_type="SEQ_CLS")
         model = get_peft_model(model, cfg)
         groups = _param_groups(model, args.gate_lr, args.head_lr)
     n_trainable = trainable_parameters(model)
