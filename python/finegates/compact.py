@@ -20,7 +20,9 @@ A head whose query or key side is fully closed is *not* removed: its scores are 
 outputs the mean of its values, not zero. Every other gated Linear (residual-stream inputs and
 outputs, unknown architectures) becomes a :class:`GatheredLinear` (``fg::gathered_linear``).
 Each compacted layer holds at most ``|R| x |C|`` weights, so the parameter count drops at least by
-what :func:`finegates.compression_report` promised.
+what :func:`finegates.compression_report` promised. One exception keeps that total: the MLP
+intermediate width is padded to a multiple of 16 with zeroed closed dims (friendlier GEMM widths)
+only where the MLP still holds no more than its promised ``sum |R| x |C|``.
 """
 
 from __future__ import annotations
@@ -157,6 +159,38 @@ def _any_gated(*modules: nn.Module) -> bool:
 # --------------------------------------------------------------------------------------- MLPs
 
 
+# The kept MLP intermediate width is rounded up to a multiple of this (0: off) when that costs no
+# more than compression_report promised: odd GEMM widths were measured up to 1.45x slower in MKL
+# (128 x 595 -> 1250 against 1264). The extra dims are closed ones whose folded up-projection rows
+# (weights and bias) and down-projection columns are zeroed: they compute act(0) or anything finite,
+# times a zero column, so the output is unchanged.
+_PAD_INTERMEDIATE = 16
+
+
+def _pad_intermediate(keep: Tensor, up_f: List[_Folded], down_f: _Folded) -> Tensor:
+    """Indices of the kept intermediate dims, padded with zeroed closed dims (see above)."""
+    kidx = _idx(keep)
+    mult = _PAD_INTERMEDIATE
+    pad = (-kidx.numel()) % mult if mult > 1 and kidx.numel() > 0 else 0
+    spare = _idx(~keep)[:pad]
+    if pad == 0 or spare.numel() < pad or kidx.numel() + pad >= keep.numel():
+        return kidx
+
+    def kept(width: int) -> int:  # parameters of the compacted MLP at a given intermediate width
+        n = sum(width * (int(f.cols.sum()) + (f.bias is not None)) for f in up_f)
+        return n + int(down_f.rows.sum()) * width + (int(down_f.rows.sum()) if down_f.bias is not None else 0)
+
+    promised = sum(int(f.rows.sum()) * (int(f.cols.sum()) + (f.bias is not None)) for f in up_f + [down_f])
+    if kept(kidx.numel() + pad) > promised:
+        return kidx
+    for f in up_f:
+        f.weight[spare] = 0
+        if f.bias is not None:
+            f.bias[spare] = 0
+    down_f.weight[:, spare] = 0
+    return torch.sort(torch.cat((kidx, spare))).values
+
+
 def _compact_mlp(model: nn.Module, ups: List[str], down: str, act: Optional[Callable]) -> None:
     """``down(act(up_1(x)) * up_2(x) ...)``: keep the intermediate dims that every up-projection
     row (if act(0) == 0, else only the non-activated ones) and the down-projection column keep."""
@@ -167,7 +201,7 @@ def _compact_mlp(model: nn.Module, ups: List[str], down: str, act: Optional[Call
         if i == 0 and act is not None and not _act_keeps_zero(act, f.weight.dtype, f.weight.device):
             continue  # act(0) != 0: a closed row still feeds a constant
         keep &= f.rows
-    kidx = _idx(keep)
+    kidx = _pad_intermediate(keep, up_f, down_f)
     for n, f in zip(ups, up_f):
         _set_submodule(model, n, _build(f, kidx, _idx(f.cols), gather_from=f.in_features))
     _set_submodule(model, down, _build(down_f, _idx(down_f.rows), kidx, scatter_to=down_f.out_features))
