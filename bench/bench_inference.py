@@ -194,6 +194,11 @@ def build_case_models(name: str, seed: int = 0):
     return dense, out
 
 
+def case_gated_names(per_target) -> List[str]:
+    gated = next(iter(per_target.values()))[0]
+    return [n for n, _ in finegates.gated_layers(gated)]
+
+
 def check_exact(gated: nn.Module, compact: nn.Module, inputs) -> float:
     with torch.no_grad():
         return rel_err(_logits(compact(**inputs)), _logits(gated(**inputs)))
@@ -205,6 +210,44 @@ def forward_fn(model: nn.Module, inputs):
             return model(**inputs)
 
     return run
+
+
+def breakdown(model: nn.Module, inputs, gated_names, reps: int = 5) -> Dict[str, float]:
+    """Where one forward spends its time (median of ``reps``, ms): the gated (or compacted) Linear
+    layers, the other Linear layers (heads: lm_head, pooler, classifier) and everything else, from
+    forward hooks around every Linear-like module (their overhead is small next to a GEMM)."""
+    gated_set = set(gated_names)
+    spent = {"gated": 0.0, "head": 0.0}
+    handles = []
+    for n, m in model.named_modules():
+        kind = "gated" if n in gated_set else ("head" if isinstance(m, nn.Linear) else None)
+        if kind is None:
+            continue
+
+        def pre(mod, args, _k=kind):
+            mod._fg_t0 = time.perf_counter()
+
+        def post(mod, args, out, _k=kind):
+            spent[_k] += time.perf_counter() - mod._fg_t0
+
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    rows = []
+    try:
+        with torch.no_grad():
+            model(**inputs)
+            for _ in range(reps):
+                spent["gated"] = spent["head"] = 0.0
+                t0 = time.perf_counter()
+                model(**inputs)
+                total = time.perf_counter() - t0
+                rows.append((total, spent["gated"], spent["head"]))
+    finally:
+        for h in handles:
+            h.remove()
+    rows.sort()
+    total, g, h = rows[len(rows) // 2]
+    return {"total_ms": total * 1e3, "gated_linear_ms": g * 1e3, "head_linear_ms": h * 1e3,
+            "other_ms": (total - g - h) * 1e3}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -226,6 +269,11 @@ def run_case(name: str, batch: int, dense, per_target, args) -> Dict[str, object
         times, rounds = time_interleaved(fns, args.warmup, args.budget, args.min_rounds, args.max_rounds)
     case["other_load"] = load.fraction
     case["rounds"] = rounds
+    if not args.no_breakdown:
+        names = case_gated_names(per_target)
+        case["breakdown"] = {"dense": breakdown(dense, inputs, names)}
+        for t, (_, compact, _) in per_target.items():
+            case["breakdown"][f"compact@{t:.1f}"] = breakdown(compact, inputs, names)
     case["times_ms"] = {k: [v * 1e3 for v in ts] for k, ts in times.items()}
     st = {k: _stats(v) for k, v in case["times_ms"].items()}
     case["stats_ms"] = st
@@ -285,6 +333,24 @@ def render_table(cases) -> str:
     return "\n".join(lines)
 
 
+def render_breakdown(cases) -> str:
+    lines = [
+        "| model | batch×seq | variant | forward ms | gated / compacted Linear layers | head Linear layers "
+        "| everything else (attention, norms, activations, embeddings, Python) |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for c in cases:
+        for v, b in c.get("breakdown", {}).items():
+            tot = b["total_ms"]
+
+            def cell(x):
+                return f"{x:.1f} ms ({100 * x / tot:.0f}%)"
+
+            lines.append(f"| {LABELS[c['model']]} | {c['batch']}×{c['seq']} | {v} | {tot:.1f} "
+                         f"| {cell(b['gated_linear_ms'])} | {cell(b['head_linear_ms'])} | {cell(b['other_ms'])} |")
+    return "\n".join(lines)
+
+
 def render_plot(cases, path: Path, title: str) -> None:
     import matplotlib
 
@@ -305,6 +371,8 @@ def render_plot(cases, path: Path, title: str) -> None:
                    label=f"gated/dense, {float(key):.0%} removed" if i == 0 else None)
             ax.bar(i + off + width / 2, ti["compact/dense"], width, color=colors[j],
                    label=f"compact/dense, {float(key):.0%} removed" if i == 0 else None)
+            ax.text(i + off + width / 2, ti["compact/dense"] + 0.01, f"{ti['compact/dense']:.2f}",
+                    ha="center", va="bottom", fontsize=7)
     for t, goal in GOALS.items():
         ax.axhline(goal, ls="--", lw=1, color=colors[list(GOALS).index(t)], label=f"goal at {t:.0%}: ≤ {goal:.2f}")
     ax.axhline(1.0, color="0.6", lw=0.8)
@@ -362,6 +430,19 @@ def render_md(cases, env, command, table, args) -> str:
     if busy:
         out += [f"**Disturbed:** other processes used more than 5% of the CPUs during {len(busy)} case(s).", ""]
     out += ["![compact/dense latency](results_inference.png)", ""]
+    if any("breakdown" in c for c in cases):
+        out += [
+            "## Where the time goes",
+            "",
+            "One forward each, after the timed rounds (median of 5), split by forward hooks around every "
+            "Linear-like module: the gated layers of the dense model (or their compacted replacements: "
+            "`GatheredLinear` / `nn.Linear`, gathers and scatters included), the head Linears that are "
+            "never gated (`lm_head`, pooler, classifier), and everything else. The time outside the gated "
+            "layers does not shrink with compaction, so it bounds compact/dense from below.",
+            "",
+            render_breakdown(cases),
+            "",
+        ]
     return "\n".join(out)
 
 
@@ -383,6 +464,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS}: this CPU)")
     p.add_argument("--no-gated", action="store_true", help="skip timing the gated variant")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the per-part time breakdown")
     p.add_argument("--no-lock", action="store_true", help=f"do not wait for / create {LOCK}")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "out")
     args = p.parse_args(argv)
@@ -437,7 +519,8 @@ def main(argv=None) -> int:
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    title = f"dense vs compact latency, fp32, seq {SEQ}, {THREADS} threads, torch {env['torch']}, {env['cpu']} — {env['date']}"
+    title = (f"latency / dense, fp32, seq {SEQ}, {env['threads']} threads, torch {env['torch']}, "
+             f"{env['cpu'].split(' (')[0]}, {env['date'][:16]}")
     render_plot(cases, out / PLOT.name, title)
     with open(out / "results_inference.json", "w") as fh:
         json.dump({"environment": env, "command": command, "cases": cases}, fh, indent=1)
