@@ -26,7 +26,7 @@ from bench.test_bench_ops import _explicitly_requested  # noqa: E402
 
 _QUICK = os.environ.get("FG_BENCH_QUICK", "") not in ("", "0")
 _SHAPES = QUICK_SHAPES if _QUICK else SHAPES
-_VARIANTS = ("dense", "compact-ideal", "gather", "scatter", "fg[rc]", "fg[c]", "fg[r]", "composed")
+_VARIANTS = ("dense", "compact-ideal", "gather", "scatter", "write", "fg[rc]", "fg[c]", "fg[r]", "composed")
 _TARGET_S = float(os.environ.get("FG_BENCH_TARGET_S", "0.5"))
 
 
