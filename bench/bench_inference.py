@@ -336,18 +336,26 @@ def render_table(cases) -> str:
 def render_breakdown(cases) -> str:
     lines = [
         "| model | batch×seq | variant | forward ms | gated / compacted Linear layers | head Linear layers "
-        "| everything else (attention, norms, activations, embeddings, Python) |",
-        "|---|---|---|---:|---:|---:|---:|",
+        "| everything else (attention, norms, activations, embeddings, Python) | layer time / dense layer time "
+        "| layer params / dense | proportional bound |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cases:
-        for v, b in c.get("breakdown", {}).items():
+        bd = c.get("breakdown", {})
+        d = bd.get("dense")
+        for v, b in bd.items():
             tot = b["total_ms"]
 
             def cell(x):
                 return f"{x:.1f} ms ({100 * x / tot:.0f}%)"
 
+            extra = "| — | — | — |"
+            if v != "dense" and d:
+                kept = 1.0 - c["targets"][v.split("@")[1]]["real_removed_linear"]
+                bound = (d["total_ms"] - d["gated_linear_ms"] * (1.0 - kept)) / d["total_ms"]
+                extra = f"| {b['gated_linear_ms'] / d['gated_linear_ms']:.3f} | {kept:.3f} | {bound:.3f} |"
             lines.append(f"| {LABELS[c['model']]} | {c['batch']}×{c['seq']} | {v} | {tot:.1f} "
-                         f"| {cell(b['gated_linear_ms'])} | {cell(b['head_linear_ms'])} | {cell(b['other_ms'])} |")
+                         f"| {cell(b['gated_linear_ms'])} | {cell(b['head_linear_ms'])} | {cell(b['other_ms'])} {extra}")
     return "\n".join(lines)
 
 
@@ -438,7 +446,11 @@ def render_md(cases, env, command, table, args) -> str:
             "Linear-like module: the gated layers of the dense model (or their compacted replacements: "
             "`GatheredLinear` / `nn.Linear`, gathers and scatters included), the head Linears that are "
             "never gated (`lm_head`, pooler, classifier), and everything else. The time outside the gated "
-            "layers does not shrink with compaction, so it bounds compact/dense from below.",
+            "layers does not shrink with compaction, so it bounds compact/dense from below: *proportional "
+            "bound* = the compact/dense ratio if the compacted layers took exactly their parameter share "
+            "of the dense layers' time and nothing else changed; *layer time / dense layer time* against "
+            "*layer params / dense* shows what the compacted layers cost beyond their size (gathers, "
+            "scatters, op dispatch, smaller GEMMs running less efficiently).",
             "",
             render_breakdown(cases),
             "",
