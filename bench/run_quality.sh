@@ -3,13 +3,15 @@
 # vs PEFT LoRA r=8, the same step budget and batch, trained on the 60,614 sentences of
 # ../shared/data/sst2/train.tsv and evaluated on GLUE's 872 validation sentences (test.tsv).
 # Outputs (metrics.json, logs) under bench/out/quality/. Usage: bench/run_quality.sh [STEPS]
+# (the runs are independent: they can also be started one by one, as for the recorded table)
 set -euo pipefail
-STEPS=${1:-400}
+STEPS=${1:-500}
 DATA=${SST2_DIR:-$(dirname "$0")/../../shared/data/sst2}
 OUT=$(dirname "$0")/out/quality
 COMMON=(--task sst2 --train-file "$DATA/train.tsv" --validation-file "$DATA/test.tsv"
-        --max-steps "$STEPS" --batch-size 32 --max-length 64 --seed 42 --overwrite)
+        --max-steps "$STEPS" --batch-size 16 --max-length 64 --seed 42 --overwrite)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 finegates finetune "${COMMON[@]}" --method dense --learning-rate 1e-4 --output-dir "$OUT/dense"
 finegates finetune "${COMMON[@]}" --method lora --lora-rank 8 --head-lr 2e-3 --output-dir "$OUT/lora"
+# FineGates with the defaults of `finegates finetune` (LoRA r=8 inside the gates, target sparsity 0.22, ...)
 finegates finetune "${COMMON[@]}" --method finegates --output-dir "$OUT/finegates"

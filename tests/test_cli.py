@@ -97,6 +97,7 @@ def _ft_args(model, data, out, *extra):
     return ["finetune", "--model", str(model), "--train-file", str(train), "--validation-file", str(val),
             "--output-dir", str(out), "--batch-size", "8", "--max-length", "32", "--latency-batch-size", "8",
             "--gate-lr", "0.3", "--sparsity-lambda", "10", "--target-sparsity", "0.5", "--logging-steps", "2",
+            "--sparsity-start", "0", "--sparsity-warmup", "0", "--lora-rank", "0",
             *extra]
 
 

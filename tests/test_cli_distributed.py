@@ -38,7 +38,8 @@ def test_two_processes_match_one(tiny_bert, sst_small, tmp_path):  # noqa: F811
         return ["finetune", "--model", str(tiny_bert), "--train-file", str(train), "--validation-file", str(val),
                 "--output-dir", str(out), "--batch-size", str(batch), "--max-length", "32", "--max-steps", "4",
                 "--gate-lr", "0.1", "--sparsity-lambda", "10", "--target-sparsity", "0.5", "--cpu",
-                "--checkpointing-steps", "4", "--no-compact", "--eval-batch-size", "8"]
+                "--checkpointing-steps", "4", "--no-compact", "--eval-batch-size", "8",
+                "--sparsity-start", "0", "--lora-rank", "0"]
 
     one, two = tmp_path / "one", tmp_path / "two"
     r1 = subprocess.run([sys.executable, "-m", "finegates", *args(one, 8)], env=ENV, capture_output=True,

@@ -81,7 +81,8 @@ def _nonneg_float(s: str) -> float:
 
 
 def _common(p: argparse.ArgumentParser, *, batch: int, lr_default: float, gate_lr: float, lam: float,
-            target: float, epochs: int, max_steps: Optional[int], sched: str, warmup: int) -> None:
+            target: float, epochs: int, max_steps: Optional[int], sched: str, warmup: int,
+            sp_start: int = 0, sp_warmup: int = 0) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default=None,
                    help="where metrics.json, train_log.csv, the plot, checkpoints and the compact model go "
@@ -96,8 +97,10 @@ def _common(p: argparse.ArgumentParser, *, batch: int, lr_default: float, gate_l
     g.add_argument("--target-sparsity", type=_float_in(0.0, 1.0, name="target sparsity"), default=target,
                    help=f"target fraction of removed rows and of removed columns per layer, in [0, 1) (default {target})")
     g.add_argument("--sparsity-lambda", type=_nonneg_float, default=lam, help=f"weight of the sparsity loss (default {lam})")
-    g.add_argument("--sparsity-start", type=_nonneg_int, default=0, help="optimizer step at which the sparsity loss starts")
-    g.add_argument("--sparsity-warmup", type=_nonneg_int, default=0, help="steps of linear ramp of lambda after the start")
+    g.add_argument("--sparsity-start", type=_nonneg_int, default=sp_start,
+                   help=f"optimizer step at which the sparsity loss starts (default {sp_start})")
+    g.add_argument("--sparsity-warmup", type=_nonneg_int, default=sp_warmup,
+                   help=f"steps of linear ramp of lambda after the start (default {sp_warmup})")
     g.add_argument("--gate-lr", type=_nonneg_float, default=gate_lr, help=f"learning rate of the gate logits (default {gate_lr})")
     g.add_argument("--kurtosis", action="store_true", help="kurtosis-weighted sparsity loss (reference --kurt)")
     g = p.add_argument_group("training")
@@ -154,11 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--max-length", type=_positive_int, default=128, help="max tokens per example (default 128)")
     ft.add_argument("--method", default="finegates", choices=["finegates", "dense", "lora"],
                     help="finegates (default); dense = full finetune and lora = PEFT LoRA, the baselines")
-    ft.add_argument("--lora-rank", type=_nonneg_int, default=0, help="LoRA rank inside the gates (finegates) / of PEFT LoRA (lora, default 8)")
-    ft.add_argument("--head-lr", type=_nonneg_float, default=1e-3, help="learning rate of the task head, biases and LoRA (default 1e-3)")
-    ft.add_argument("--learning-rate", type=_nonneg_float, default=5e-5, help="learning rate of all weights for --method dense (default 5e-5)")
-    _common(ft, batch=32, lr_default=1e-3, gate_lr=0.05, lam=5.0, target=0.3, epochs=1, max_steps=None,
-            sched="constant", warmup=0)
+    ft.add_argument("--lora-rank", type=_nonneg_int, default=8,
+                    help="rank of the LoRA inside the gates (finegates; 0 = gates only) or of PEFT LoRA (lora); default 8")
+    ft.add_argument("--head-lr", type=_nonneg_float, default=2e-3, help="learning rate of the task head, biases and LoRA (default 2e-3)")
+    ft.add_argument("--learning-rate", type=_nonneg_float, default=5e-5, help="learning rate of the pretrained weights for --method dense (default 5e-5; the head uses --head-lr)")
+    _common(ft, batch=16, lr_default=1e-3, gate_lr=0.05, lam=5.0, target=0.22, epochs=2, max_steps=None,
+            sched="constant", warmup=0, sp_start=50, sp_warmup=50)
 
     for name, helptext in (("posttrain", "task-agnostic sparsification of a causal LM (gates only, LM loss)"),
                            ("pretrain", "a LLaMA-style model from a config, trained from scratch with weights and gates")):
@@ -262,6 +266,12 @@ class _OutputDir:
                   file=sys.stderr)
             return
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def threading_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def _is_rank0() -> bool:
@@ -385,12 +395,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    import signal
+
+    old = None
+    if threading_main():
+        # A terminated run (e.g. a preempted job) cleans up like an interrupted one.
+        old = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         run(args, argv)
     except UsageError as e:
         if _is_rank0():
             print(f"finegates {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
     return 0
 
 

@@ -260,9 +260,14 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
                  kurtosis=args.kurtosis, verbose=False)
         groups = _param_groups(model, args.gate_lr, args.head_lr)
     elif args.method == "dense":
+        # Full finetune: the pretrained weights at --learning-rate, the new head (and pooler) at --head-lr.
         for p in model.parameters():
             p.requires_grad_(True)
-        groups = _param_groups(model, args.gate_lr, args.learning_rate)
+        heads = _head_names(model)
+        head = [p for n, p in model.named_parameters() if any(f"{h}." in n for h in heads)]
+        ids = {id(p) for p in head}
+        body = [p for p in model.parameters() if id(p) not in ids]
+        groups = [dict(params=body, lr=args.learning_rate)] + ([dict(params=head, lr=args.head_lr)] if head else [])
     else:  # lora (PEFT), the baseline of the quality table
         from peft import LoraConfig, get_peft_model
 
