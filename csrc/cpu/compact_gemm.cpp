@@ -106,7 +106,7 @@ Active index_set(const c10::optional<at::Tensor>& idx, int64_t full, const char*
   Active a;
   a.full = full;
   if (!idx.has_value()) return a;
-  const at::Tensor i64 = idx->to(at::kLong).contiguous();
+  const at::Tensor i64 = idx->scalar_type() == at::kLong ? idx->contiguous() : idx->to(at::kLong).contiguous();
   const int64_t* p = i64.data_ptr<int64_t>();
   const int64_t n = i64.numel();
   a.idx.assign(p, p + n);
@@ -281,11 +281,12 @@ void compact_linear_forward(const at::Tensor& x2, const CompactLinear& p, at::Te
   if (scatter) hbuf = at::empty({std::min(bm, M), ldh}, out.options());
   const ZeroFill fill = scatter ? zero_fill(rows) : ZeroFill::kNone;
 
+  const bool one_block = bm >= M;  // then no narrow() views: each costs a dispatcher call
   for (int64_t m0 = 0; m0 < M; m0 += bm) {
     const int64_t mb = std::min(bm, M - m0);
-    at::Tensor xb = x2.narrow(0, m0, mb);
+    at::Tensor xb = one_block ? x2 : x2.narrow(0, m0, mb);
     if (!cols.all) xb = gather_cols(xb, cols, {});
-    at::Tensor hb = scatter ? hbuf.narrow(0, 0, mb) : out.narrow(0, m0, mb);
+    at::Tensor hb = scatter ? (one_block ? hbuf : hbuf.narrow(0, 0, mb)) : (one_block ? out : out.narrow(0, m0, mb));
     if (nC == 0) {
       // Every input column removed: the GEMM contributes nothing, only the bias remains.
       if (!scatter && p.bias_c.defined()) {

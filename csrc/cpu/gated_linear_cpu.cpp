@@ -22,7 +22,7 @@ namespace {
 at::Tensor as_rows(const at::Tensor& x, int64_t K) {
   // Explicit token count: reshape(-1, 0) of an empty tensor is ambiguous.
   const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
-  at::Tensor x2 = x.reshape({M, K});
+  at::Tensor x2 = x.dim() == 2 ? x : x.reshape({M, K});
   if (K > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
   return x2;
 }
@@ -307,7 +307,7 @@ at::Tensor gathered_linear_cpu(
   }
   const at::Tensor x2 = as_rows(x, Kx);
   at::Tensor out = at::empty(out_shape(x, out_features), x.options());
-  at::Tensor out2 = out.view({x2.size(0), out_features});
+  at::Tensor out2 = x.dim() == 2 ? out : out.view({x2.size(0), out_features});
   const Active rows = index_set(row_idx, out_features, "row_idx", "out_features");
   const Active cols = index_set(col_idx, Kx, "col_idx", "x.shape[-1]");
   CompactLinear p;
