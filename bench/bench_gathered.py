@@ -101,6 +101,8 @@ def make_inputs(shape: GShape, s: float, seed: int = 0) -> Dict[str, Tensor]:
 
 
 def make_callables(inp: Dict[str, Tensor], shape: GShape) -> Dict[str, Callable[[], Tensor]]:
+    import fg_kernels  # noqa: F401  (registers torch.ops.fg.*)
+
     op = torch.ops.fg.gathered_linear
     x, w, b, R, C, wc, bc, xc, h = (inp[k] for k in ("x", "w", "b", "R", "C", "wc", "bc", "xc", "h"))
     M, N, nR = shape.m, shape.n, R.numel()
