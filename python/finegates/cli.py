@@ -297,8 +297,9 @@ def _summary(args, m, out: Path) -> str:
             f"  compact vs dense latency on a fixed batch: {m['latency_compact_ms']:.1f} ms vs {m['latency_dense_ms']:.1f} ms "
             f"= {m['latency_ratio']:.2f} ({m['speedup']:.2f}x speedup)"
         )
-    lines.append(f"  outputs: {out}/ (metrics.json, train_log.csv, sparsity_per_layer.png"
-                 + (", compact/)" if (out / "compact").exists() else ")"))
+    files = [f for f in ("metrics.json", "train_log.csv", "sparsity_per_layer.png", "compact/", "checkpoints/")
+             if (out / f.rstrip("/")).exists()]
+    lines.append(f"  outputs: {out}/ ({', '.join(files)})")
     return "\n".join(lines)
 
 
