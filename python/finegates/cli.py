@@ -310,6 +310,12 @@ def _quiet_libraries() -> None:
 
     datasets.disable_progress_bars()
     tlog.disable_progress_bar()
+    try:  # its retry warnings would add lines to a one-line "no network" error
+        from huggingface_hub.utils import logging as hlog
+
+        hlog.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def run(args, argv) -> dict:

@@ -53,6 +53,8 @@ def _from_pretrained(loader, name: str, what: str, **kw):
             raise UsageError(f"could not load the {what} from {name!r}: {_first_line(e)}") from None
     if _looks_like_path(name):
         raise UsageError(f"{what} path {name!r} does not exist; pass an existing directory or a Hub model name")
+    if not _hub_reachable():
+        kw["local_files_only"] = True  # no network: only the local cache, and fail at once, not after retries
     try:
         return loader(name, **kw)
     except (OSError, ValueError) as e:
@@ -60,6 +62,28 @@ def _from_pretrained(loader, name: str, what: str, **kw):
             f"could not load the {what} {name!r}: it is not a local directory and it could not be fetched "
             f"from the Hugging Face Hub (offline? wrong name?); pass a local directory ({_first_line(e)[:120]})"
         ) from None
+
+
+_HUB_OK = None
+
+
+def _hub_reachable() -> bool:
+    """False when offline mode is set or huggingface.co cannot be reached within 5 s (checked once)."""
+    global _HUB_OK
+    if _HUB_OK is None:
+        if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+            _HUB_OK = False
+        else:
+            import socket
+            from urllib.parse import urlparse
+
+            host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+            try:
+                socket.create_connection((host, 443), timeout=5).close()
+                _HUB_OK = True
+            except OSError:
+                _HUB_OK = False
+    return _HUB_OK
 
 
 def _first_line(e: BaseException) -> str:
