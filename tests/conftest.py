@@ -337,3 +337,14 @@ def seed(request) -> int:
     import zlib
 
     return zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: intra-op threads only add overhead (10x and more when another process holds
+    one of this 2-core machine's cores). Files of small-model tests use it for every test via
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -23,12 +23,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is a tes
 OPEN, CLOSED = 3.0, -3.0  # gate logits whose eval gate is exactly 1 / exactly 0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 COMMON = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=80)

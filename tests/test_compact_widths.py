@@ -18,12 +18,7 @@ import finegates
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency of finegates")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 CFG = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)

@@ -14,13 +14,7 @@ from finegates import GatedLinear, Gates
 from fg_kernels.reference import gated_linear_ref
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: intra-op threads only add overhead (10x on a loaded 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp(seed=0, d_in=16, hidden=64, d_out=8, bias=True):

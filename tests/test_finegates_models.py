@@ -17,12 +17,7 @@ from finegates import GatedLinear
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency of finegates")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small(kind):
