@@ -244,7 +244,7 @@ def _param_groups(model: nn.Module, gate_lr: float, other_lr: float, weight_lr: 
 def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[str, Any]:
     from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-    from .data import BUNDLED_SST2, load_classification, tokenize_classification
+    from .data_loading import BUNDLED_SST2, load_classification, tokenize_classification
 
     if args.train_file is None and args.task is None:
         args.task = "sst2"
@@ -377,7 +377,7 @@ class _quiet_transformers:
 
 
 def _lm_data(args, tokenizer):
-    from .data import load_text_corpus, pack_blocks
+    from .data_loading import load_text_corpus, pack_blocks
 
     train_texts, val_texts = load_text_corpus(args.dataset, args.dataset_config, args.train_file or [],
                                               args.validation_file or [], args.text_column, args.validation_fraction)
