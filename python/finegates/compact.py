@@ -99,24 +99,35 @@ def _idx(mask: Tensor) -> Tensor:
     return torch.nonzero(mask, as_tuple=True)[0]
 
 
+def _placement(pos: Tensor, width: Optional[int]) -> Optional[Tensor]:
+    """``pos`` as an index list into a ``width`` wide tensor, or None where no gather/scatter is
+    needed (no width given, or ``pos`` is exactly 0..width-1)."""
+    if width is None or (pos.numel() == width and torch.equal(pos, torch.arange(width, device=pos.device))):
+        return None
+    return pos
+
+
 def _build(
     f: _Folded,
     rows: Tensor,
     cols: Tensor,
     *,
-    scatter_to: Optional[int] = None,
-    gather_from: Optional[int] = None,
+    out_width: Optional[int] = None,
+    out_slots: Optional[Tensor] = None,
+    in_width: Optional[int] = None,
+    in_slots: Optional[Tensor] = None,
 ) -> nn.Module:
-    """The block ``f.weight[rows][:, cols]`` as an ``nn.Linear`` if nothing needs placing, else as
-    a :class:`GatheredLinear` that scatters its outputs into ``scatter_to`` wide rows and/or gathers
-    its inputs from a ``gather_from`` wide input. ``rows``/``cols`` are int64 index lists."""
+    """The block ``f.weight[rows][:, cols]`` (and ``f.bias[rows]``) as a layer.
+
+    With ``out_width`` its outputs land at positions ``out_slots`` (default: ``rows``) of an
+    ``out_width`` wide output, exact zeros elsewhere; with ``in_width`` it reads its inputs from
+    positions ``in_slots`` (default: ``cols``) of an ``in_width`` wide input. An ``nn.Linear`` when
+    neither placement is needed, else a :class:`GatheredLinear`. ``rows``/``cols`` are int64."""
     w = f.weight.index_select(0, rows).index_select(1, cols).contiguous()
     b = None if f.bias is None else f.bias.index_select(0, rows).contiguous()
-    if scatter_to is not None and rows.numel() == scatter_to and torch.equal(rows, torch.arange(scatter_to, device=rows.device)):
-        scatter_to = None
-    if gather_from is not None and cols.numel() == gather_from and torch.equal(cols, torch.arange(gather_from, device=cols.device)):
-        gather_from = None
-    if scatter_to is None and gather_from is None:
+    row_idx = _placement(rows if out_slots is None else out_slots, out_width)
+    col_idx = _placement(cols if in_slots is None else in_slots, in_width)
+    if row_idx is None and col_idx is None:
         lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
             lin.weight.copy_(w)
@@ -127,16 +138,16 @@ def _build(
     return GatheredLinear.from_block(
         w,
         b,
-        rows if scatter_to is not None else None,
-        cols if gather_from is not None else None,
-        in_features=gather_from if gather_from is not None else w.shape[1],
-        out_features=scatter_to if scatter_to is not None else w.shape[0],
+        row_idx,
+        col_idx,
+        in_features=in_width if col_idx is not None else w.shape[1],
+        out_features=out_width if row_idx is not None else w.shape[0],
     )
 
 
 def _residual_layer(f: _Folded) -> nn.Module:
     """A layer reading and writing full-width tensors: gather open columns, scatter open rows."""
-    return _build(f, _idx(f.rows), _idx(f.cols), scatter_to=f.out_features, gather_from=f.in_features)
+    return _build(f, _idx(f.rows), _idx(f.cols), out_width=f.out_features, in_width=f.in_features)
 
 
 def _act_keeps_zero(act: Callable, dtype: torch.dtype, device) -> bool:
@@ -203,8 +214,8 @@ def _compact_mlp(model: nn.Module, ups: List[str], down: str, act: Optional[Call
         keep &= f.rows
     kidx = _pad_intermediate(keep, up_f, down_f)
     for n, f in zip(ups, up_f):
-        _set_submodule(model, n, _build(f, kidx, _idx(f.cols), gather_from=f.in_features))
-    _set_submodule(model, down, _build(down_f, _idx(down_f.rows), kidx, scatter_to=down_f.out_features))
+        _set_submodule(model, n, _build(f, kidx, _idx(f.cols), in_width=f.in_features))
+    _set_submodule(model, down, _build(down_f, _idx(down_f.rows), kidx, out_width=down_f.out_features))
 
 
 # --------------------------------------------------------------------------- BERT attention
@@ -239,40 +250,26 @@ def _compact_bert_attention(model: nn.Module, prefix: str) -> None:
     width = heads.numel() * D
     qk_src, qk_slots = layout(qk)
     v_src, v_slots = layout(vo)
-    for name, f in ((names["query"], q), (names["key"], k)):
-        _set_submodule(model, name, _place(f, qk_src, qk_slots, width))
-    _set_submodule(model, names["value"], _place(v, v_src, v_slots, width))
-    # o reads the H'·D layout at the value slots (a gather unless every head is full)
-    o_c = _Folded(o.weight.index_select(1, v_src), o.bias, o.rows, torch.ones(v_src.numel(), dtype=torch.bool, device=o.cols.device))
-    o_lin = _build(o_c, _idx(o.rows), torch.arange(v_src.numel(), device=v_src.device), scatter_to=o.out_features)
-    if v_slots.numel() != width:
-        o_lin = _with_gather(o_lin, v_slots, width)
-    _set_submodule(model, o_name, o_lin)
+    for name, f, src, slots in ((names["query"], q, qk_src, qk_slots), (names["key"], k, qk_src, qk_slots),
+                                (names["value"], v, v_src, v_slots)):
+        _set_submodule(model, name, _heads_in(f, src, slots, width))
+    _set_submodule(model, o_name, _heads_out(o, v_src, v_slots, width))
     attrs = dict(num_attention_heads=int(heads.numel()), attention_head_size=D, all_head_size=width)
     for a, val in attrs.items():
         setattr(sa, a, val)
     setattr(sa, COMPACT_ATTRS, attrs)
 
 
-def _place(f: _Folded, src_rows: Tensor, slots: Tensor, width: int) -> nn.Module:
-    """Rows ``src_rows`` of ``f`` (open columns gathered) written to output ``slots`` of a
-    ``width`` wide layout; the other slots are exactly 0."""
-    cols = _idx(f.cols)
-    block = _Folded(f.weight.index_select(0, src_rows), None if f.bias is None else f.bias.index_select(0, src_rows),
-                    torch.ones(src_rows.numel(), dtype=torch.bool, device=src_rows.device), f.cols)
-    lin = _build(block, torch.arange(src_rows.numel(), device=src_rows.device), cols, gather_from=f.in_features)
-    if slots.numel() == width:  # slots are then exactly 0..width-1 in order
-        return lin
-    w, b = lin.weight, lin.bias
-    col_idx = lin.col_idx if isinstance(lin, GatheredLinear) else None
-    return GatheredLinear.from_block(w, b, slots, col_idx, in_features=f.in_features if col_idx is not None else w.shape[1], out_features=width)
+def _heads_in(f: _Folded, src_rows: Tensor, slots: Tensor, width: int) -> nn.Module:
+    """q/k/v: rows ``src_rows`` of ``f`` (open input columns gathered) written to ``slots`` of the
+    ``width`` wide head layout; the other slots are exactly 0."""
+    return _build(f, src_rows, _idx(f.cols), out_width=width, out_slots=slots, in_width=f.in_features)
 
 
-def _with_gather(lin: nn.Module, cols: Tensor, width: int) -> GatheredLinear:
-    """``lin`` reading its inputs from positions ``cols`` of a ``width`` wide input."""
-    row_idx = lin.row_idx if isinstance(lin, GatheredLinear) else None
-    out = lin.out_features
-    return GatheredLinear.from_block(lin.weight, lin.bias, row_idx, cols, in_features=width, out_features=out)
+def _heads_out(o: _Folded, src_cols: Tensor, slots: Tensor, width: int) -> nn.Module:
+    """o: columns ``src_cols`` of ``o``, read from ``slots`` of the ``width`` wide head layout,
+    open rows scattered into the residual stream."""
+    return _build(o, _idx(o.rows), src_cols, out_width=o.out_features, in_width=width, in_slots=slots)
 
 
 def _compact_bert_layer(model: nn.Module, prefix: str, layer: nn.Module) -> None:
@@ -331,18 +328,10 @@ def _compact_llama_attention(model: nn.Module, prefix: str, attn: nn.Module) -> 
 
     for t, f, need, hs in (("q", q, q_need, qheads), ("k", k, k_need, groups), ("v", v, v_need, groups)):
         src, slots, width = rows_of(need, hs)
-        _set_submodule(model, names[t], _place(f, src, slots, width))
+        _set_submodule(model, names[t], _heads_in(f, src, slots, width))
     # o reads the kept query heads' layout at the dims that carry a value
-    o_in = (qheads[:, None] * hd + torch.arange(hd, device=qheads.device)).flatten()
-    o_open = head_val[qheads].flatten()
-    src_cols = o_in[o_open]
-    slots = _idx(o_open)
-    o_c = _Folded(o.weight.index_select(1, src_cols), o.bias, o.rows, torch.ones(src_cols.numel(), dtype=torch.bool, device=o.rows.device))
-    o_lin = _build(o_c, _idx(o.rows), torch.arange(src_cols.numel(), device=src_cols.device), scatter_to=o.out_features)
-    width = qheads.numel() * hd
-    if slots.numel() != width:
-        o_lin = _with_gather(o_lin, slots, width)
-    _set_submodule(model, names["o"], o_lin)
+    src_cols, slots, width = rows_of(head_val, qheads)
+    _set_submodule(model, names["o"], _heads_out(o, src_cols, slots, width))
     setattr(attn, COMPACT_ATTRS, dict(num_kv_heads_kept=int(groups.numel())))
 
 
@@ -393,7 +382,7 @@ def _compact(model: nn.Module) -> None:
         cls = type(layer).__name__
         for classes, is_kind, handler in _block_handlers():
             if cls in classes and is_kind(layer):
-                parts = [getattr_path(layer, p) for p in _gated_paths(layer)]
+                parts = [layer.get_submodule(p) for p in _gated_paths(layer)]
                 if _any_gated(*parts):
                     handler(model, layer_name + "." if layer_name else "", layer)
                 break
@@ -425,12 +414,6 @@ def _gated_paths(layer: nn.Module) -> List[str]:
         return ["attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
                 "intermediate.dense", "output.dense"]
     return [f"self_attn.{t}_proj" for t in "qkvo"] + [f"mlp.{t}_proj" for t in ("gate", "up", "down")]
-
-
-def getattr_path(root: nn.Module, path: str) -> nn.Module:
-    for p in path.split("."):
-        root = getattr(root, p)
-    return root
 
 
 def _block_class(model: nn.Module, name: str) -> str:
