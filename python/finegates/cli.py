@@ -36,48 +36,30 @@ DEFAULT_OUTPUT_ROOT = Path("finegates-output")
 MARKER = "finegates_run.json"  # written first into every output directory this tool creates
 
 
-def _float_in(lo: float, hi: float, *, hi_open: bool = True, name: str = "value"):
-    def parse(s: str) -> float:
+def _number(cast, *, lo: float, hi: Optional[float] = None, lo_open: bool = False, hi_open: bool = True):
+    """An argparse ``type``: ``cast(s)`` within the bounds (NaN never is), else a one-line error."""
+    what = "an integer" if cast is int else "a number"
+
+    def parse(s: str):
         try:
-            v = float(s)
+            v = cast(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-        ok = lo <= v < hi if hi_open else lo <= v <= hi
-        if not ok or v != v:
-            raise argparse.ArgumentTypeError(f"{s} is outside [{lo:g}, {hi:g}{')' if hi_open else ']'}")
-        return v
+            raise argparse.ArgumentTypeError(f"{s!r} is not {what}") from None
+        ok = (v > lo if lo_open else v >= lo) and (hi is None or (v < hi if hi_open else v <= hi))
+        if ok:
+            return v
+        if hi is not None:
+            raise argparse.ArgumentTypeError(
+                f"{s} is outside {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+            )
+        raise argparse.ArgumentTypeError(f"{s} must be positive" if lo_open and lo == 0 else f"{s} must be >= {lo:g}")
 
     return parse
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{s} must be positive")
-    return v
-
-
-def _nonneg_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{s} must be >= 0")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"{s} must be >= 0")
-    return v
+_positive_int = _number(int, lo=0, lo_open=True)
+_nonneg_int = _number(int, lo=0)
+_nonneg_float = _number(float, lo=0)
 
 
 def _common(p: argparse.ArgumentParser, *, batch: int, lr_default: float, gate_lr: float, lam: float,
@@ -94,7 +76,7 @@ def _common(p: argparse.ArgumentParser, *, batch: int, lr_default: float, gate_l
                    help="examples of the fixed evaluation batch used to time dense vs compact (default 32)")
     g.add_argument("--logging-steps", type=_positive_int, default=10, help="log every N optimizer steps")
     g = p.add_argument_group("sparsity")
-    g.add_argument("--target-sparsity", type=_float_in(0.0, 1.0, name="target sparsity"), default=target,
+    g.add_argument("--target-sparsity", type=_number(float, lo=0.0, hi=1.0), default=target,
                    help=f"target fraction of removed rows and of removed columns per layer, in [0, 1) (default {target})")
     g.add_argument("--sparsity-lambda", type=_nonneg_float, default=lam, help=f"weight of the sparsity loss (default {lam})")
     g.add_argument("--sparsity-start", type=_nonneg_int, default=sp_start,
@@ -180,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--train-file", nargs="+", default=None, help="local .txt (a document per line) or .jsonl files")
         sp.add_argument("--validation-file", nargs="+", default=None)
         sp.add_argument("--text-column", default="text", help="text field of .jsonl files / datasets (default text)")
-        sp.add_argument("--validation-fraction", type=_float_in(0.0, 1.0), default=0.05,
+        sp.add_argument("--validation-fraction", type=_number(float, lo=0.0, hi=1.0), default=0.05,
                         help="share of documents held out when no validation data is given (default 0.05)")
         sp.add_argument("--block-size", type=_positive_int, default=256, help="tokens per training block (default 256)")
         _common(sp, batch=8, lr_default=1e-3, gate_lr=0.01 if name == "posttrain" else 1e-3, lam=1.0,
