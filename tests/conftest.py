@@ -348,3 +348,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def fresh_accelerate(one_thread):
+    """A fresh Accelerate state before and after a test that runs the command line in-process
+    (``AcceleratorState`` is a process-wide singleton that would carry over between runs)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

