@@ -64,6 +64,7 @@ from bench.common import BENCH_DIR, environment_record  # noqa: E402
 from bench.report import OtherLoad, _stats, time_interleaved  # noqa: E402
 
 import finegates  # noqa: E402
+from fg_kernels.testing import rel_err  # noqa: E402
 
 LOCK = Path("/tmp/fg_bench.lock")
 RESULTS = BENCH_DIR / "RESULTS_INFERENCE.md"
@@ -163,12 +164,6 @@ def count_params(model: nn.Module) -> int:
 
 def _logits(out) -> Tensor:
     return out.logits if hasattr(out, "logits") else out[0]
-
-
-def rel_err(a: Tensor, b: Tensor) -> float:
-    den = float(torch.linalg.vector_norm(b.double()))
-    num = float(torch.linalg.vector_norm(a.double() - b.double()))
-    return num / den if den else num
 
 
 def build_case_models(name: str, seed: int = 0):

@@ -42,6 +42,8 @@ REPO_ROOT = BENCH_DIR.parent
 if str(REPO_ROOT) not in sys.path:  # reference fallback / running from a checkout without install
     sys.path.append(str(REPO_ROOT))
 
+from fg_kernels.testing import rel_err  # noqa: E402
+
 # --------------------------------------------------------------------------------------------
 # What is measured
 # --------------------------------------------------------------------------------------------
@@ -378,15 +380,8 @@ def make_callable(variant: str, mode: str, inp: Inputs, op: Optional[Callable] =
 
 
 def _rel_err(a: Tensor, b: Tensor) -> float:
-    a = a.detach()
-    b = b.detach()
-    if a.shape != b.shape:
-        return float("inf")
-    num = torch.linalg.vector_norm((a.double() - b.double()))
-    den = torch.linalg.vector_norm(b.double())
-    if float(den) == 0.0:
-        return float(num)
-    return float(num / den)
+    """fg_kernels.testing.rel_err, and inf for a shape mismatch (a harness error, not a crash)."""
+    return float("inf") if a.shape != b.shape else rel_err(a, b)
 
 
 def default_rtol(dtype: torch.dtype) -> float:

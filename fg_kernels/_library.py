@@ -43,6 +43,3 @@ def require_library() -> None:
             f"{REBUILD_HINT}."
         )
 
-
-def has_op(name: str) -> bool:
-    return library_loaded() and hasattr(torch.ops.fg, name)

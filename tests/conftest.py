@@ -1,50 +1,70 @@
-"""Shared helpers for the ``fg`` op tests: seeded inputs, error metric, tolerances, poisoning.
+"""The one test harness of the ``fg`` ops: backends, sample inputs, the reference comparison and
+output poisoning, shared by every test file (as pytorch/extension-cpp and bitsandbytes do).
 
-The compiled ops are imported unconditionally: if ``fg_kernels`` (or its compiled ``_C``
-extension) is missing, every test in this folder must *fail*, not skip. Only GPU-specific tests
-may skip on a CPU-only machine.
+Backends (``BACKENDS``; tests parametrize over them with ``backend_params``):
 
-Accuracy rule (see ``assert_matches``):
+* ``cpu``: ``torch.ops.fg.*`` on CPU tensors (the C++/OpenMP kernels);
+* ``triton``: ``torch.ops.fg_triton.*`` on CPU tensors, i.e. the Triton kernels under the Triton
+  interpreter (CI's check of the GPU kernels). bfloat16 *values* are not compared there: the
+  interpreter computes bfloat16 ``tl.dot`` wrongly. Needs TRITON_INTERPRET=1 before triton is first
+  imported, which this file arranges on a machine without CUDA;
+* ``cuda``: ``torch.ops.fg.*`` on CUDA tensors (the compiled Triton kernels); skipped without a GPU.
 
-* The truth is always the pure-PyTorch reference (``fg_kernels.reference``) evaluated in float64
-  on exactly the inputs the op saw (low-precision inputs are upcast, so rounding of the inputs is
-  not counted as error).
-* float32: ``rel_err(op, truth) <= 1e-5``. Measured headroom: the reference itself computed in
-  float32 lands at 1e-7..3e-7 of float64 for every output and gradient at the sizes used here
-  (up to 129 features, ~500 tokens), so 1e-5 is ~30x above honest float32 rounding and far below
-  any indexing/gating bug (which gives errors of order 1).
-* bfloat16 (the flash-attention rule): the op's error may be at most ``2x`` the error of the
-  reference computed *in bfloat16* on the same inputs, plus a floor of one bf16 ulp (2**-8, the
-  op may round its fp32 accumulator once more than the reference does for tiny problems where
-  the bf16 reference happens to be exact), and never more than an absolute sanity cap of 1e-2
-  (forward) / 3e-2 (gradients, whose reductions over tokens round more often).
+Every backend gets the same inputs (drawn on the CPU from a seed, then moved to its device), the
+same tolerances (``fg_kernels.testing``) and the same asserts. The compiled ops are imported
+unconditionally: if ``fg_kernels`` (or its compiled ``_C``) is missing, every test must *fail*.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
+import os
+import sys
 from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
-import pytest
-import torch
 
-import fg_kernels  # noqa: F401  -- registers torch.ops.fg.*; must fail loudly when missing
-from fg_kernels.reference import gated_linear_ref
+def _start_triton_interpreter() -> Optional[str]:
+    """Imports triton in interpreter mode when this machine has no GPU (the ``triton`` backend).
+    Returns why that backend cannot run in this process, or None."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "this process runs the compiled Triton kernels (CUDA); CI runs the interpreter"
+    if "triton" in sys.modules:
+        return "triton was imported before the tests could select its interpreter"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton): the Triton kernels are not tested"
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
+    return None
+
+
+TRITON_SKIP_REASON = _start_triton_interpreter()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import fg_kernels  # noqa: E402,F401  -- registers torch.ops.fg.*; must fail loudly when missing
+from fg_kernels.reference import gated_linear_ref  # noqa: E402
+from fg_kernels.testing import LOW_PRECISION, abs_err, assert_matches, make_gate, rel_err  # noqa: E402,F401
+
+if TRITON_SKIP_REASON is None:
+    import fg_kernels.triton  # noqa: E402,F401  -- defines torch.ops.fg_triton.*
 
 # Errors a bad input may raise (the contract: a Python exception naming the argument).
 BAD_INPUT_ERRORS = (ValueError, TypeError, IndexError, RuntimeError)
-
-LOWP_DTYPES = (torch.bfloat16,)
-
-# (forward, gradient) tolerances.
-FP32_FWD_TOL = 1e-5
-FP32_GRAD_TOL = 1e-5
-FP32_CANCEL_FLOOR = 1e-6  # see assert_matches(scale=...)
-BF16_FLOOR = 2.0**-8  # one bf16 ulp at 1.0 (eps); see module docstring
-BF16_FWD_CAP = 1e-2
-BF16_GRAD_CAP = 3e-2
+GRAD_NAMES_ALL = ("x", "weight", "bias", "row_gate", "col_gate", "lora_a", "lora_b")
+DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
 def pytest_configure(config):
@@ -55,106 +75,80 @@ def pytest_configure(config):
 
 
 # --------------------------------------------------------------------------------------------
-# Error metric and assertion
+# Backends
 # --------------------------------------------------------------------------------------------
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``||a - b|| / max(||b||, tiny)`` computed in float64 (Frobenius norms)."""
-    a64 = a.detach().to(torch.float64)
-    b64 = b.detach().to(torch.float64)
-    assert a64.shape == b64.shape, f"shape mismatch {tuple(a64.shape)} vs {tuple(b64.shape)}"
-    denom = max(b64.norm().item(), torch.finfo(torch.float64).tiny)
-    return (a64 - b64).norm().item() / denom
+@dataclass(frozen=True)
+class Backend:
+    """One implementation of the ``fg`` schemas: its ops namespace, device, the dtypes whose
+    values it is held to, and why it cannot run here (None when it can)."""
+
+    name: str
+    namespace: str
+    device: str
+    value_dtypes: tuple
+    skip_reason: Optional[str]
+
+    @property
+    def ops(self):
+        return getattr(torch.ops, self.namespace)
+
+    def gated_linear(self, *args, **kwargs) -> torch.Tensor:
+        return self.ops.gated_linear(*args, **kwargs)
+
+    def gated_linear_backward(self, *args) -> tuple:
+        return self.ops.gated_linear_backward(*args)
+
+    def gathered_linear(self, *args) -> torch.Tensor:
+        return self.ops.gathered_linear(*args)
+
+    def __repr__(self) -> str:
+        return self.name
 
 
-def assert_matches(
-    out: torch.Tensor,
-    truth: torch.Tensor,
-    *,
-    lowp_ref: Optional[torch.Tensor] = None,
-    grad: bool = False,
-    what: str = "output",
-    compute_dtype: Optional[torch.dtype] = None,
-    scale: Optional[torch.Tensor] = None,
-) -> None:
-    """Assert ``out`` (the op's result) matches ``truth`` (float64 reference).
+ALL_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+BACKENDS = (
+    Backend("cpu", "fg", "cpu", ALL_DTYPES, None),
+    Backend("triton", "fg_triton", "cpu", (torch.float32, torch.float16, torch.float64), TRITON_SKIP_REASON),
+    Backend("cuda", "fg", "cuda", ALL_DTYPES, None if torch.cuda.is_available() else "needs a CUDA device"),
+)
+BACKEND_BY_NAME = {b.name: b for b in BACKENDS}
 
-    For low-precision ``out`` pass ``lowp_ref``: the reference computed in ``out``'s dtype on the
-    same inputs; the op may be at most twice as wrong as it (plus the bf16 floor, within a cap).
-    ``compute_dtype`` (default ``out.dtype``) picks the rule: a float32 gradient of a float32 gate
-    used in a bfloat16 computation is held to the bf16 rule.
 
-    ``scale`` (optional): the same quantity computed on absolute values (``|x|``, ``|W|``, ...;
-    see ``magnitude``). Where the true result nearly cancels (``||truth|| << ||scale||``), a
-    relative error says nothing about the kernel; the comparison then also passes when the
-    absolute error is within rounding of the magnitude: ``||out - truth|| <= c * ||scale||``,
-    ``c = 1e-6`` (fp32; ~sqrt(K) ulps for K <= 129) or ``2**-8`` (bf16). Indexing/gating bugs
-    give errors of the order of ``||scale||`` itself and are still caught.
-    """
-    assert out.shape == truth.shape, f"{what}: shape {tuple(out.shape)} != {tuple(truth.shape)}"
-    assert not torch.isnan(out).any(), f"{what}: op produced NaN"
-    assert not torch.isinf(out).any() or torch.isinf(truth).any(), f"{what}: op produced inf"
-    err = rel_err(out, truth)
-    compute_dtype = out.dtype if compute_dtype is None else compute_dtype
-    if scale is not None:
-        abs_err = (out.detach().double() - truth.detach().double()).norm().item()
-        c = FP32_CANCEL_FLOOR if compute_dtype == torch.float32 else BF16_FLOOR
-        if abs_err <= c * scale.detach().double().norm().item():
-            return
-    if compute_dtype == torch.float32:
-        tol = FP32_GRAD_TOL if grad else FP32_FWD_TOL
-        assert err <= tol, f"{what}: float32 rel err {err:.3e} > {tol:.1e}"
-    elif compute_dtype == torch.bfloat16:
-        assert lowp_ref is not None, "bf16 comparison needs the bf16 reference"
-        base = rel_err(lowp_ref, truth)
-        cap = BF16_GRAD_CAP if grad else BF16_FWD_CAP
-        tol = min(2.0 * base + BF16_FLOOR, cap)
-        assert err <= tol, (
-            f"{what}: bf16 rel err {err:.3e} > {tol:.3e} "
-            f"(bf16 reference err {base:.3e}, floor {BF16_FLOOR:.1e}, cap {cap:.1e})"
-        )
-    else:  # pragma: no cover - only fp32/bf16 are tested against the reference
-        raise AssertionError(f"unexpected dtype {compute_dtype}")
+def _param(values, backend: Backend, id_: str):
+    marks = [pytest.mark.gpu] if backend.device == "cuda" else []
+    if backend.skip_reason:
+        marks.append(pytest.mark.skip(reason=f"{backend.name} backend: {backend.skip_reason}"))
+    return pytest.param(*values, marks=marks, id=id_)
+
+
+def backend_params(names: Sequence[str] = ("cpu", "triton", "cuda")):
+    """``@pytest.mark.parametrize("backend", backend_params())``: every backend, or those named."""
+    return [_param((BACKEND_BY_NAME[n],), BACKEND_BY_NAME[n], n) for n in names]
+
+
+def backend_dtype_params(dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
+                         names: Sequence[str] = ("cpu", "triton", "cuda")):
+    """``@pytest.mark.parametrize("backend,dtype", backend_dtype_params(...))``: each backend with
+    each of ``dtypes`` whose values it is held to (``Backend.value_dtypes``)."""
+    out = []
+    for n in names:
+        b = BACKEND_BY_NAME[n]
+        for d in dtypes:
+            if d in b.value_dtypes:
+                out.append(_param((b, d), b, f"{n}-{DTYPE_IDS[d]}"))
+    return out
+
+
+# Backends that run compiled kernels: the large grids (the interpreter is ~100x slower; the shared
+# sample cases run on every backend).
+COMPILED = ("cpu", "cuda")
 
 
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------
-
-
-def make_gate(
-    n: int,
-    *,
-    gen: torch.Generator,
-    sparsity: float = 0.0,
-    kind: str = "fractional",
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """A gate vector of length ``n``.
-
-    ``sparsity``: probability of each entry being exactly zero (the pattern is random; 0 and 1
-    give no zeros / all zeros). ``kind``: ``"fractional"`` -> active values uniform in
-    (0.05, 1]; ``"binary"`` -> active values exactly 1; ``"ones"`` -> all ones (ignores sparsity).
-    """
-    if kind == "ones":
-        return torch.ones(n, dtype=dtype)
-    if kind == "binary":
-        vals = torch.ones(n)
-    elif kind == "fractional":
-        vals = 0.05 + 0.95 * torch.rand(n, generator=gen)
-    else:
-        raise ValueError(kind)
-    if sparsity >= 1.0:
-        keep = torch.zeros(n, dtype=torch.bool)
-    elif sparsity <= 0.0:
-        keep = torch.ones(n, dtype=torch.bool)
-    else:
-        keep = torch.rand(n, generator=gen) >= sparsity
-    g = (vals * keep).to(dtype)
-    # Rounding to a low-precision dtype must not create or remove zeros.
-    assert torch.equal(g != 0, keep)
-    return g
 
 
 @dataclass
@@ -186,6 +180,10 @@ class GatedInputs:
         return GatedInputs(**kw, lora_scale=self.lora_scale)
 
     @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
     def row_on(self) -> torch.Tensor:
         return self.row_gate != 0
 
@@ -210,11 +208,13 @@ def make_gated_inputs(
     gate_kind: str = "fractional",
     row_gate_kind: Optional[str] = None,
     col_gate_kind: Optional[str] = None,
+    device: str = "cpu",
 ) -> GatedInputs:
-    """Seeded random inputs for ``gated_linear``; x has shape ``(*lead, K)``.
+    """Seeded random inputs for ``gated_linear`` on ``device``; x has shape ``(*lead, K)``.
 
-    Values are O(1) outputs: weights are scaled by 1/sqrt(K); the bias is O(1) and non-zero on
-    every row (so exact zeros on inactive rows are a real check).
+    Drawn on the CPU, so a seed gives the same values on every backend. Values are O(1) outputs:
+    weights are scaled by 1/sqrt(K); the bias is O(1) and non-zero on every row (so exact zeros on
+    inactive rows are a real check).
     """
     gen = torch.Generator().manual_seed(seed)
     gate_dtype = dtype if gate_dtype is None else gate_dtype
@@ -237,7 +237,7 @@ def make_gated_inputs(
         lora_b=None if lora_b is None else lora_b.to(dtype),
         lora_scale=lora_scale,
     )
-    return inp
+    return inp.map(lambda n, t: t.to(device))
 
 
 def upcast(inp: GatedInputs, dtype: torch.dtype = torch.float64) -> GatedInputs:
@@ -260,8 +260,6 @@ def magnitude(inp: GatedInputs) -> GatedInputs:
     return m
 
 
-def op_forward(inp: GatedInputs) -> torch.Tensor:
-    return torch.ops.fg.gated_linear(*inp.args(), **inp.kwargs())
 
 
 def grads_of(fn, inp: GatedInputs, names: Sequence[str], grad_out: torch.Tensor):
@@ -273,7 +271,7 @@ def grads_of(fn, inp: GatedInputs, names: Sequence[str], grad_out: torch.Tensor)
     y = fn(leaves)
     ts = [getattr(leaves, n) for n in names]
     # materialize_grads: an input the backward leaves undefined (None) counts as a zero gradient.
-    gs = torch.autograd.grad(y, ts, grad_out.to(y.dtype), materialize_grads=True)
+    gs = torch.autograd.grad(y, ts, grad_out.to(device=y.device, dtype=y.dtype), materialize_grads=True)
     return y.detach(), dict(zip(names, gs))
 
 
@@ -281,17 +279,18 @@ def ref_fn(inp: GatedInputs) -> torch.Tensor:
     return gated_linear_ref(*inp.args(), **inp.kwargs())
 
 
-def op_fn(inp: GatedInputs) -> torch.Tensor:
-    return torch.ops.fg.gated_linear(*inp.args(), **inp.kwargs())
+def op_fn(backend: Backend):
+    """``inputs -> output`` through ``backend``'s gated_linear."""
+    return lambda inp: backend.gated_linear(*inp.args(), **inp.kwargs())
 
 
-def check_gated_forward(inp: GatedInputs, *, what: str = "gated_linear") -> torch.Tensor:
+def check_gated_forward(inp: GatedInputs, backend: Backend, *, what: str = "gated_linear") -> torch.Tensor:
     """Run the op on ``inp`` and compare with the reference; also the exact-zero contract."""
-    out = op_forward(inp)
+    out = op_fn(backend)(inp)
     assert out.dtype == inp.x.dtype, f"{what}: output dtype {out.dtype} != x dtype {inp.x.dtype}"
     assert out.shape == (*inp.x.shape[:-1], inp.weight.shape[0])
     truth = ref_forward(inp, torch.float64)
-    lowp = ref_forward(inp) if out.dtype != torch.float32 else None
+    lowp = ref_forward(inp) if out.dtype in LOW_PRECISION else None
     assert_matches(out, truth, lowp_ref=lowp, what=what, scale=ref_forward(magnitude(inp)))
     inactive = out[..., ~inp.row_on]
     assert (inactive == 0).all(), f"{what}: output on zero-gated rows is not exactly 0"
@@ -305,7 +304,7 @@ def check_gated_forward(inp: GatedInputs, *, what: str = "gated_linear") -> torc
 
 @contextlib.contextmanager
 def poisoned_memory(*nbytes_hint: int):
-    """Make freshly allocated CPU memory hold NaNs while the block runs.
+    """Make freshly allocated memory hold NaNs while the block runs.
 
     Two independent mechanisms, so a kernel that forgets to write part of its output (and relies on
     ``torch.empty`` happening to return zeros) is caught:
@@ -361,3 +360,112 @@ def fresh_accelerate(one_thread):
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+# --------------------------------------------------------------------------------------------
+# Gate patterns and the gradient check, shared by every backend
+# --------------------------------------------------------------------------------------------
+
+
+def pattern_gates(name: str, N: int, K: int, gen: torch.Generator, dtype=torch.float32, device="cpu"):
+    """(row_gate, col_gate) for a named gate pattern, on ``device``."""
+    def gate(n, sparsity, kind="fractional", dt=dtype):
+        return make_gate(n, gen=gen, sparsity=sparsity, kind=kind, dtype=dt)
+
+    if name == "all_zero":
+        r, c = torch.zeros(N, dtype=dtype), torch.zeros(K, dtype=dtype)
+    elif name == "rows_zero":
+        r, c = torch.zeros(N, dtype=dtype), gate(K, 0.3)
+    elif name == "cols_zero":
+        r, c = gate(N, 0.3), torch.zeros(K, dtype=dtype)
+    elif name == "all_one":
+        r, c = torch.ones(N, dtype=dtype), torch.ones(K, dtype=dtype)
+    elif name == "fractional_dense":  # every gate in (0, 1], none zero
+        r, c = gate(N, 0.0), gate(K, 0.0)
+    elif name == "binary_sparse":
+        r, c = gate(N, 0.5, "binary"), gate(K, 0.5, "binary")
+    elif name == "very_sparse":
+        r, c = gate(N, 0.9), gate(K, 0.9)
+    elif name == "rows_dense_cols_sparse":
+        r, c = gate(N, 0.0), gate(K, 0.5)
+    elif name == "rows_sparse_cols_dense":
+        r, c = gate(N, 0.5), gate(K, 0.0)
+    elif name == "one_active":
+        r, c = torch.zeros(N, dtype=dtype), torch.zeros(K, dtype=dtype)
+        r[N // 2] = 0.75
+        c[K - 1] = 0.5
+    elif name == "first_last_only":  # boundaries of the index range
+        r, c = torch.zeros(N, dtype=dtype), torch.zeros(K, dtype=dtype)
+        r[[0, N - 1]] = 1.0
+        c[[0, K - 1]] = 1.0
+    elif name == "negative_zero":  # -0.0 == 0: a removed row/column like +0.0
+        r, c = gate(N, 0.4), gate(K, 0.4)
+        r[r == 0] = -0.0
+        c[c == 0] = -0.0
+    elif name == "tiny":  # small but normal floats: still active rows/columns
+        r = gate(N, 0.3, dt=torch.float32) * 10.0 ** (-30 * torch.rand(N, generator=gen))
+        c = gate(K, 0.3, dt=torch.float32) * 10.0 ** (-6 * torch.rand(K, generator=gen))
+        r, c = r.to(dtype), c.to(dtype)
+    elif name == "signed":  # the formula holds for any gate value, not only [0, 1]
+        r = gate(N, 0.3, dt=torch.float32) * (4 * torch.rand(N, generator=gen) - 2)
+        c = gate(K, 0.3, dt=torch.float32) * (4 * torch.rand(K, generator=gen) - 2)
+        r, c = r.to(dtype), c.to(dtype)
+    else:
+        raise ValueError(name)
+    return r.to(device), c.to(device)
+
+
+GATE_PATTERNS = [
+    "all_zero", "rows_zero", "cols_zero", "all_one", "fractional_dense", "binary_sparse", "very_sparse",
+    "rows_dense_cols_sparse", "rows_sparse_cols_dense", "one_active", "first_last_only", "negative_zero",
+    "tiny", "signed",
+]
+
+
+def grad_names(inp: GatedInputs, weight_trainable: bool = True):
+    """The inputs of ``inp`` that can have a gradient (the weight only when it trains)."""
+    names = [n for n in GRAD_NAMES_ALL if getattr(inp, n) is not None]
+    if not weight_trainable:
+        names.remove("weight")
+    return names
+
+
+def assert_zero_gate_grads(inp: GatedInputs, g: Dict[str, torch.Tensor]) -> None:
+    """Exactly zero gradient for everything a zero gate removes."""
+    r_off, c_off = ~inp.row_on, ~inp.col_on
+    if "x" in g:
+        assert (g["x"][..., c_off] == 0).all(), "grad x: inactive columns not exactly 0"
+    if "row_gate" in g:
+        assert (g["row_gate"][r_off] == 0).all(), "grad row_gate: zero gates got gradient"
+    if "col_gate" in g:
+        assert (g["col_gate"][c_off] == 0).all(), "grad col_gate: zero gates got gradient"
+    if "bias" in g:
+        assert (g["bias"][r_off] == 0).all(), "grad bias: inactive rows not exactly 0"
+    if "weight" in g:
+        assert (g["weight"][r_off, :] == 0).all(), "grad weight: inactive rows not exactly 0"
+        assert (g["weight"][:, c_off] == 0).all(), "grad weight: inactive cols not exactly 0"
+    if "lora_a" in g:
+        assert (g["lora_a"][:, c_off] == 0).all(), "grad lora_a: inactive cols not exactly 0"
+    if "lora_b" in g:
+        assert (g["lora_b"][r_off, :] == 0).all(), "grad lora_b: inactive rows not exactly 0"
+
+
+def check_gated_grads(inp: GatedInputs, names, backend: Backend, *, seed: int, what: str = "gated_linear"):
+    """Gradients through ``backend``'s op vs through the reference (float64 truth; the
+    low-precision rule for bf16/fp16), plus the zero-gate contract. Returns (y, grads)."""
+    n_out = inp.weight.shape[0]
+    gen = torch.Generator().manual_seed(seed + 1)
+    go = torch.randn(*inp.x.shape[:-1], n_out, generator=gen).to(device=inp.device, dtype=inp.x.dtype)
+    y, g_op = grads_of(op_fn(backend), inp, names, go)
+    _, g_truth = grads_of(ref_fn, upcast(inp), names, go.double())
+    _, g_mag = grads_of(ref_fn, magnitude(inp), names, go.double().abs())
+    g_lowp = grads_of(ref_fn, inp, names, go)[1] if inp.x.dtype in LOW_PRECISION else None
+    for n in names:
+        assert g_op[n].dtype == getattr(inp, n).dtype, f"{what}: grad of {n} has dtype {g_op[n].dtype}"
+        assert g_op[n].device == inp.device, f"{what}: grad of {n} on {g_op[n].device}"
+        assert_matches(
+            g_op[n], g_truth[n], lowp_ref=None if g_lowp is None else g_lowp[n],
+            grad=True, what=f"{what}: grad {n}", compute_dtype=inp.x.dtype, scale=g_mag[n],
+        )
+    assert_zero_gate_grads(inp, g_op)
+    return y, g_op

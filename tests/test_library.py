@@ -15,12 +15,19 @@ def test_compiled_library_is_loaded():
         assert hasattr(torch.ops.fg, name), f"torch.ops.fg.{name} is not registered"
 
 
+def _assert_loud_without_library(code: str) -> None:
+    """Runs ``code`` in a fresh interpreter in which importing fg_kernels._C fails, as on a broken
+    install; the code prints LOUD once it has seen the rebuild hint."""
+    code = 'import sys\nsys.modules["fg_kernels._C"] = None  # `from . import _C` raises ImportError\n' + code
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "LOUD" in out.stdout
+
+
 def test_missing_library_warns_on_import_and_op_names_the_fix():
-    # A fresh interpreter in which importing fg_kernels._C fails, as on a broken install.
-    code = textwrap.dedent(
+    _assert_loud_without_library(textwrap.dedent(
         """
-        import sys, warnings
-        sys.modules["fg_kernels._C"] = None  # makes `from . import _C` raise ImportError
+        import warnings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             import fg_kernels
@@ -33,7 +40,42 @@ def test_missing_library_warns_on_import_and_op_names_the_fix():
             assert "pip install --no-build-isolation" in str(err), str(err)
             print("LOUD")
         """
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "LOUD" in out.stdout
+    ))
+
+
+def test_one_autograd_path():
+    """No hand-written torch.autograd.Function anywhere in fg_kernels: every backend's autograd is
+    the one registered by fg_kernels.registration."""
+    import importlib
+    import pkgutil
+
+    import fg_kernels
+
+    found = []
+    for info in pkgutil.walk_packages(fg_kernels.__path__, "fg_kernels."):
+        if info.name.endswith(("._C", "._compile_check")):
+            continue
+        try:
+            mod = importlib.import_module(info.name)
+        except ImportError:  # fg_kernels.triton without triton installed
+            continue
+        found += [f"{info.name}.{n}" for n, v in vars(mod).items()
+                  if isinstance(v, type) and issubclass(v, torch.autograd.Function) and v.__module__ == info.name]
+    assert not found, f"autograd.Function subclasses in fg_kernels: {found}"
+
+
+def test_missing_library_reaches_finegates_users_with_the_fix():
+    """The training layer calls the ops through fg_kernels, so a broken install says how to rebuild."""
+    _assert_loud_without_library(textwrap.dedent(
+        """
+        import warnings
+        warnings.simplefilter("ignore")
+        import torch, finegates
+        layer = finegates.GatedLinear(torch.nn.Linear(4, 3))
+        try:
+            layer(torch.ones(2, 4))
+        except RuntimeError as err:
+            assert "pip install --no-build-isolation" in str(err), str(err)
+            print("LOUD")
+        """
+    ))

@@ -2,7 +2,9 @@
 #include "compact_gemm.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <c10/util/accumulate.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -71,6 +73,20 @@ inline void write_row(scalar_t* dst, const Active& a, ZeroFill fill, F f) {
 
 }  // namespace
 
+at::Tensor as_rows(const at::Tensor& x, int64_t K) {
+  // Explicit token count: reshape(-1, 0) of an empty tensor is ambiguous.
+  const int64_t M = c10::multiply_integers(x.sizes().begin(), x.sizes().end() - 1);
+  at::Tensor x2 = x.dim() == 2 ? x : x.reshape({M, K});
+  if (K > 1 && x2.stride(1) != 1) x2 = x2.contiguous();
+  return x2;
+}
+
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t last) {
+  std::vector<int64_t> s(x.sizes().begin(), x.sizes().end());
+  s.back() = last;
+  return s;
+}
+
 void pad_for_gemm(Active& a) {
   static const int64_t multiple = [] {
     const char* s = std::getenv("FG_CPU_PAD");
@@ -81,8 +97,8 @@ void pad_for_gemm(Active& a) {
 }
 
 GateSet gate_set(const at::Tensor& gate) {
-  const at::Tensor g = gate.to(at::kFloat).contiguous();
-  const float* p = g.data_ptr<float>();
+  const at::Tensor g = gate.to(at::kDouble).contiguous();
+  const double* p = g.data_ptr<double>();
   const int64_t n = g.numel();
   GateSet s;
   s.active.full = n;
@@ -90,10 +106,10 @@ GateSet gate_set(const at::Tensor& gate) {
   s.values.reserve(n);
   bool all_one = true;
   for (int64_t i = 0; i < n; ++i) {
-    if (p[i] != 0.0f) {
+    if (p[i] != 0.0) {
       s.active.idx.push_back(i);
       s.values.push_back(p[i]);
-      all_one = all_one && p[i] == 1.0f;
+      all_one = all_one && p[i] == 1.0;
     }
   }
   s.active.all = static_cast<int64_t>(s.active.idx.size()) == n;
@@ -127,7 +143,7 @@ Active index_set(const c10::optional<at::Tensor>& idx, int64_t full, const char*
 bool Active::is_sorted() const { return all || strictly_increasing(idx); }
 
 at::Tensor gather_block(const at::Tensor& weight, const Active& rows, const Active& cols,
-                        const std::vector<float>& row_scale, const std::vector<float>& col_scale) {
+                        const Scale& row_scale, const Scale& col_scale) {
   if (rows.all && cols.all && row_scale.empty() && col_scale.empty()) return weight;
   const int64_t nr = rows.size(), nc = cols.size(), ldo = cols.padded();
   at::Tensor out = at::empty({rows.padded(), ldo}, weight.options());
@@ -137,9 +153,11 @@ at::Tensor gather_block(const at::Tensor& weight, const Active& rows, const Acti
     return out;
   }
   const int64_t s0 = weight.stride(0), s1 = weight.stride(1);
-  const float* rs = row_scale.empty() ? nullptr : row_scale.data();
-  const float* cs = col_scale.empty() ? nullptr : col_scale.data();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, weight.scalar_type(), "fg_gather_block", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "fg_gather_block", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<acc_t> row_s = scale_as<acc_t>(row_scale), col_s = scale_as<acc_t>(col_scale);
+    const acc_t* rs = row_s.empty() ? nullptr : row_s.data();
+    const acc_t* cs = col_s.empty() ? nullptr : col_s.data();
     const scalar_t* w = weight.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t* c = cols.all ? nullptr : cols.idx.data();
@@ -153,9 +171,9 @@ at::Tensor gather_block(const at::Tensor& weight, const Active& rows, const Acti
           std::memcpy(dst, src, sizeof(scalar_t) * nc);
           continue;
         }
-        const float ri = rs ? rs[i] : 1.0f;
+        const acc_t ri = rs ? rs[i] : acc_t(1);
         for (int64_t j = 0; j < nc; ++j) {
-          const float v = static_cast<float>(src[(c ? c[j] : j) * s1]);
+          const acc_t v = static_cast<acc_t>(src[(c ? c[j] : j) * s1]);
           dst[j] = static_cast<scalar_t>(cs ? v * ri * cs[j] : v * ri);
         }
       }
@@ -164,14 +182,16 @@ at::Tensor gather_block(const at::Tensor& weight, const Active& rows, const Acti
   return out;
 }
 
-at::Tensor gather_cols(const at::Tensor& x2, const Active& cols, const std::vector<float>& scale) {
+at::Tensor gather_cols(const at::Tensor& x2, const Active& cols, const Scale& scale) {
   TORCH_INTERNAL_ASSERT(x2.dim() == 2 && (x2.stride(1) == 1 || x2.size(1) <= 1));
   const int64_t M = x2.size(0), nc = cols.size(), ldo = cols.padded();
   at::Tensor out = at::empty({M, ldo}, x2.options());
   if (M == 0 || ldo == 0) return out;
   const int64_t ld = x2.stride(0);
-  const float* sc = scale.empty() ? nullptr : scale.data();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x2.scalar_type(), "fg_gather_cols", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2.scalar_type(), "fg_gather_cols", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<acc_t> scale_v = scale_as<acc_t>(scale);
+    const acc_t* sc = scale_v.empty() ? nullptr : scale_v.data();
     const scalar_t* x = x2.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t* c = cols.all ? nullptr : cols.idx.data();
@@ -183,12 +203,12 @@ at::Tensor gather_cols(const at::Tensor& x2, const Active& cols, const std::vect
         if (c == nullptr && sc == nullptr) {
           std::memcpy(dst, src, sizeof(scalar_t) * nc);
         } else if (c == nullptr) {
-          for (int64_t j = 0; j < nc; ++j) dst[j] = static_cast<scalar_t>(static_cast<float>(src[j]) * sc[j]);
+          for (int64_t j = 0; j < nc; ++j) dst[j] = static_cast<scalar_t>(static_cast<acc_t>(src[j]) * sc[j]);
         } else if (sc == nullptr) {
           for (int64_t j = 0; j < nc; ++j) dst[j] = src[c[j]];
         } else {
           for (int64_t j = 0; j < nc; ++j)
-            dst[j] = static_cast<scalar_t>(static_cast<float>(src[c[j]]) * sc[j]);
+            dst[j] = static_cast<scalar_t>(static_cast<acc_t>(src[c[j]]) * sc[j]);
         }
       }
     });
@@ -196,16 +216,18 @@ at::Tensor gather_cols(const at::Tensor& x2, const Active& cols, const std::vect
   return out;
 }
 
-void scatter_cols(const at::Tensor& src, const Active& cols, const std::vector<float>& scale,
+void scatter_cols(const at::Tensor& src, const Active& cols, const Scale& scale,
                   at::Tensor& dst) {
   const int64_t M = dst.size(0), nc = cols.size();
   TORCH_INTERNAL_ASSERT(dst.is_contiguous() && dst.size(1) == cols.full);
   TORCH_INTERNAL_ASSERT(src.size(0) == M && src.size(1) >= nc && (src.stride(1) == 1 || nc <= 1));
   if (M == 0) return;
   const ZeroFill fill = zero_fill(cols);
-  const float* sc = scale.empty() ? nullptr : scale.data();
   const int64_t lds = src.stride(0);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dst.scalar_type(), "fg_scatter_cols", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dst.scalar_type(), "fg_scatter_cols", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<acc_t> scale_v = scale_as<acc_t>(scale);
+    const acc_t* sc = scale_v.empty() ? nullptr : scale_v.data();
     const scalar_t* s = src.data_ptr<scalar_t>();
     scalar_t* d = dst.data_ptr<scalar_t>();
     at::parallel_for(0, M, kRowGrain, [&](int64_t begin, int64_t end) {
@@ -215,7 +237,7 @@ void scatter_cols(const at::Tensor& src, const Active& cols, const std::vector<f
           write_row(d + m * cols.full, cols, fill, [&](int64_t j) { return srow[j]; });
         } else {
           write_row(d + m * cols.full, cols, fill,
-                    [&](int64_t j) { return static_cast<float>(srow[j]) * sc[j]; });
+                    [&](int64_t j) { return static_cast<acc_t>(srow[j]) * sc[j]; });
         }
       }
     });
@@ -228,7 +250,7 @@ void scatter_rows_cols(const at::Tensor& src, const Active& rows, const Active& 
   TORCH_INTERNAL_ASSERT(src.size(0) >= nr && src.size(1) >= nc);
   if (nr == 0 || nc == 0) return;
   const at::Tensor s = src.narrow(0, 0, nr).narrow(1, 0, nc).contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, dst.scalar_type(), "fg_scatter_rows_cols", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dst.scalar_type(), "fg_scatter_rows_cols", [&] {
     const scalar_t* sp = s.data_ptr<scalar_t>();
     scalar_t* d = dst.data_ptr<scalar_t>();
     at::parallel_for(0, nr, kRowGrain, [&](int64_t begin, int64_t end) {
@@ -303,7 +325,8 @@ void compact_linear_forward(const at::Tensor& x2, const CompactLinear& p, at::Te
     if (!scatter) continue;
 
     // Epilogue: bias and scatter into the active output columns, zeros elsewhere.
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, out.scalar_type(), "fg_epilogue", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fg_epilogue", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* b = p.bias_c.defined() ? p.bias_c.data_ptr<scalar_t>() : nullptr;
       const scalar_t* h = hb.data_ptr<scalar_t>();
       scalar_t* o = out.data_ptr<scalar_t>() + m0 * rows.full;
@@ -312,7 +335,7 @@ void compact_linear_forward(const at::Tensor& x2, const CompactLinear& p, at::Te
           const scalar_t* hrow = h + m * ldh;
           if (b) {
             write_row(o + m * rows.full, rows, fill,
-                      [&](int64_t i) { return static_cast<float>(hrow[i]) + static_cast<float>(b[i]); });
+                      [&](int64_t i) { return static_cast<acc_t>(hrow[i]) + static_cast<acc_t>(b[i]); });
           } else {
             write_row(o + m * rows.full, rows, fill, [&](int64_t i) { return hrow[i]; });
           }

@@ -13,6 +13,21 @@
 namespace fg {
 namespace cpu {
 
+// Gate values (a scale per row or column), in double so that a float64 layer keeps its precision;
+// the kernels convert them once per call to their compute type (scale_as). Empty means all 1.
+using Scale = std::vector<double>;
+
+template <typename acc_t>
+std::vector<acc_t> scale_as(const Scale& s) {
+  return std::vector<acc_t>(s.begin(), s.end());
+}
+
+// x as (tokens, K) rows with unit stride in the last dimension (a copy only when a view cannot do).
+at::Tensor as_rows(const at::Tensor& x, int64_t K);
+
+// The shape of x with its last dimension replaced by `last`.
+std::vector<int64_t> out_shape(const at::Tensor& x, int64_t last);
+
 // An active set: indices into a full dimension, or "all of it" (identity, no gather needed).
 struct Active {
   std::vector<int64_t> idx;  // sorted, unique when built from a gate
@@ -29,11 +44,11 @@ struct Active {
 // input columns are zero and padded output columns are never written back.
 void pad_for_gemm(Active& a);
 
-// Non-zero entries of a gate, and the gate values there as float (empty when every value is 1,
-// so that callers can skip the scaling).
+// Non-zero entries of a gate, and the gate values there (empty when every value is 1, so that
+// callers can skip the scaling).
 struct GateSet {
   Active active;
-  std::vector<float> values;  // compact gate values, or empty when they are all exactly 1
+  Scale values;  // compact gate values, or empty when they are all exactly 1
 };
 GateSet gate_set(const at::Tensor& gate);
 
@@ -50,15 +65,15 @@ Active index_set(const c10::optional<at::Tensor>& idx, int64_t full, const char*
 // and the scatter; with every row and column active it costs one pass over the weight, where
 // scaling x and the output would cost passes over (M, K) and (M, N).
 at::Tensor gather_block(const at::Tensor& weight, const Active& rows, const Active& cols,
-                        const std::vector<float>& row_scale = {}, const std::vector<float>& col_scale = {});
+                        const Scale& row_scale = {}, const Scale& col_scale = {});
 
 // x2[:, cols] * scale (scale may be empty = 1) as a contiguous (M, cols.padded()) tensor, zero in
 // the padding, parallel over rows. x2 must have unit stride in its last dimension.
-at::Tensor gather_cols(const at::Tensor& x2, const Active& cols, const std::vector<float>& scale);
+at::Tensor gather_cols(const at::Tensor& x2, const Active& cols, const Scale& scale);
 
 // Writes the first |cols| columns of `src` (compact, (n, >= |cols|), unit inner stride) into the columns `cols` of `dst` rows (n, full), times
 // `scale` (may be empty = 1), zeroing every other column; parallel over rows.
-void scatter_cols(const at::Tensor& src, const Active& cols, const std::vector<float>& scale,
+void scatter_cols(const at::Tensor& src, const Active& cols, const Scale& scale,
                   at::Tensor& dst);
 
 // dst[rows[i], cols[j]] = src[i, j] for a zero-initialised, contiguous dst (weight gradients).

@@ -136,6 +136,11 @@ def needs_int64(*tensors: Optional[Tensor]) -> bool:
     return False
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' accumulation (and gate value) dtype for operands of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _bucket(m: int) -> int:
     return triton.next_power_of_2(max(int(m), 1))
 
@@ -148,8 +153,9 @@ def _bucket(m: int) -> int:
 @dataclass
 class GateMeta:
     """A gate (or keep-mask) compacted on the device: ``order`` (int32, active entries first,
-    ascending, then the inactive ones), ``vals`` (float32 gate values in that order, 0 for
-    inactive), ``cnt`` (int32 tensor of shape (1,), the number of active entries), ``n``."""
+    ascending, then the inactive ones), ``vals`` (gate values in that order, 0 for inactive;
+    float32, or float64 in a float64 computation), ``cnt`` (int32 tensor of shape (1,), the
+    number of active entries), ``n``."""
 
     order: Tensor
     vals: Tensor
@@ -163,7 +169,7 @@ def _meta_block(km: ModuleType, n: int) -> int:
     return min(4096, max(128, triton.next_power_of_2(max(n, 1))))
 
 
-def gate_meta(*gates: Tensor) -> tuple:
+def gate_meta(*gates: Tensor, vals_dtype: torch.dtype = torch.float32) -> tuple:
     """GateMeta of one or two 1-D gates, computed by one launch on the gates' device."""
     assert 1 <= len(gates) <= 2
     dev = gates[0].device
@@ -172,7 +178,7 @@ def gate_meta(*gates: Tensor) -> tuple:
         n = g.numel()
         metas.append(GateMeta(
             order=torch.empty(n, dtype=torch.int32, device=dev),
-            vals=torch.empty(n, dtype=torch.float32, device=dev),
+            vals=torch.empty(n, dtype=vals_dtype, device=dev),
             cnt=torch.empty(1, dtype=torch.int32, device=dev),
             n=n,
         ))
@@ -193,11 +199,11 @@ def gate_meta(*gates: Tensor) -> tuple:
     return tuple(metas)
 
 
-def identity_meta(n: int, device: torch.device) -> GateMeta:
+def identity_meta(n: int, device: torch.device, vals_dtype: torch.dtype = torch.float32) -> GateMeta:
     """All-active metadata of size n (values 1)."""
     return GateMeta(
         order=torch.arange(n, dtype=torch.int32, device=device),
-        vals=torch.ones(n, dtype=torch.float32, device=device),
+        vals=torch.ones(n, dtype=vals_dtype, device=device),
         cnt=torch.full((1,), n, dtype=torch.int32, device=device),
         n=n,
     )
@@ -208,9 +214,16 @@ def identity_meta(n: int, device: torch.device) -> GateMeta:
 # --------------------------------------------------------------------------------------------
 
 
+# float64 multiplies as broadcast products in registers (kernels._dot): small tiles, no autotuning
+# (the compile check shows no spill for these on sm_90).
+_F64_CONFIG = dict(num_warps=4, num_stages=1)
+
+
 def _gmm_fixed_config(km: ModuleType, M: int, N: int, dtype: torch.dtype) -> dict:
     if km.INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
+    if dtype == torch.float64:
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=8, GROUP_M=8, **_F64_CONFIG)
     if dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
     bm = 128 if M > 64 else 64
@@ -220,9 +233,20 @@ def _gmm_fixed_config(km: ModuleType, M: int, N: int, dtype: torch.dtype) -> dic
 def _mtm_fixed_config(km: ModuleType, dtype: torch.dtype) -> dict:
     if km.INTERPRET:
         return dict(BLOCK_P=16, BLOCK_Q=16, BLOCK_K=16, GROUP_P=2)
+    if dtype == torch.float64:
+        return dict(BLOCK_P=32, BLOCK_Q=32, BLOCK_K=4, GROUP_P=8, **_F64_CONFIG)
     if dtype == torch.float32:
         return dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_K=32, GROUP_P=8, num_warps=4, num_stages=3)
     return dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=64, GROUP_P=8, num_warps=8, num_stages=3)
+
+
+def _tuned(km: ModuleType, name: str, dtype: torch.dtype):
+    """(kernel, autotuned?): the autotuned kernel, or its plain JIT function when autotuning is
+    off or the dtype has a fixed configuration (float64)."""
+    kernel = getattr(km, name)
+    if km.AUTOTUNE and dtype != torch.float64:
+        return kernel, True
+    return getattr(kernel, "fn", kernel) if km.AUTOTUNE else kernel, False
 
 
 _SCRATCH: Dict[torch.device, Tensor] = {}
@@ -278,21 +302,22 @@ def gmm(
     lb = lora_b if has_lora else dummy
     x_ = aux if has_aux else dummy
     with launch_context(dev) as km:
-        if km.AUTOTUNE:
+        kernel, autotuned = _tuned(km, "gmm_kernel", a.dtype)
+        if autotuned:
             cfg = {}
             min_bm = km.GMM_MIN_BLOCK_M
         else:
             cfg = _gmm_fixed_config(km, M, n_full, a.dtype)
             min_bm = cfg["BLOCK_M"]
         if has_aux:
-            part = torch.zeros((triton.cdiv(M, min_bm), max(n_full, 1)), dtype=torch.float32, device=dev)
+            part = torch.zeros((triton.cdiv(M, min_bm), max(n_full, 1)), dtype=acc_dtype(a.dtype), device=dev)
         else:
             part = _scratch(dev)  # never written; autotuning may zero it (reset_to_zero)
 
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_full, meta["BLOCK_N"]),)
 
-        km.gmm_kernel[grid](
+        kernel[grid](
             a, a.stride(0), a.stride(1),
             b, b.stride(0), b.stride(1),
             o, o.stride(0) if store_out else 0, o.stride(1) if store_out else 0,
@@ -340,12 +365,13 @@ def mtm(
     M = a.shape[0]
     P_FULL, Q_FULL = out.shape
     with launch_context(a.device) as km:
-        cfg = {} if km.AUTOTUNE else _mtm_fixed_config(km, a.dtype)
+        kernel, autotuned = _tuned(km, "mtm_kernel", a.dtype)
+        cfg = {} if autotuned else _mtm_fixed_config(km, a.dtype)
 
         def grid(meta):
             return (triton.cdiv(P_FULL, meta["BLOCK_P"]) * triton.cdiv(Q_FULL, meta["BLOCK_Q"]),)
 
-        km.mtm_kernel[grid](
+        kernel[grid](
             a, a.stride(0), a.stride(1),
             b, b.stride(0), b.stride(1),
             out, out.stride(0), out.stride(1),
@@ -361,8 +387,8 @@ def mtm(
 
 
 def colsums(dy: Tensor, y: Optional[Tensor], rows: GateMeta, need_b: bool, need_g: bool):
-    """Per-column float32 sums over tokens on the active columns of dy (M, N): ``sum dy`` and
-    ``sum dy * y``; zeros on inactive columns. Returns (sum_b or None, sum_g or None)."""
+    """Per-column sums over tokens on the active columns of dy (M, N), in the accumulation dtype:
+    ``sum dy`` and ``sum dy * y``; zeros on inactive columns. Returns (sum_b or None, sum_g or None)."""
     M, N = dy.shape
     dev = dy.device
     with launch_context(dev) as km:
@@ -377,8 +403,9 @@ def colsums(dy: Tensor, y: Optional[Tensor], rows: GateMeta, need_b: bool, need_
         splits = max(1, min(triton.cdiv(M, bm), triton.cdiv(target_programs, n_tiles)))
         rows_per_split = triton.cdiv(triton.cdiv(M, splits), bm) * bm
         splits = triton.cdiv(M, rows_per_split)
-        part_b = torch.empty((splits, N), dtype=torch.float32, device=dev) if need_b else None
-        part_g = torch.empty((splits, N), dtype=torch.float32, device=dev) if need_g else None
+        acc = acc_dtype(dy.dtype)
+        part_b = torch.empty((splits, N), dtype=acc, device=dev) if need_b else None
+        part_g = torch.empty((splits, N), dtype=acc, device=dev) if need_g else None
         pb = part_b if need_b else part_g
         pg = part_g if need_g else part_b
         yy = y if need_g else dy

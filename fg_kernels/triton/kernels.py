@@ -24,7 +24,9 @@ Conventions shared by every kernel:
   data one step ahead, in half-depth steps to stay within the register file.
 * Only the reduction dimension is masked inside the main loops: rows past M are clamped and
   inactive gathered positions read index 0 (valid memory); both are discarded in the epilogue.
-* Accumulation is float32; ``tl.dot`` takes ``DOT_PREC`` ("ieee" or "tf32") for float32 inputs.
+* Accumulation is float32 (float64 for float64 operands, whose products run on the FMA units:
+  ``tl.dot`` has no float64 tensor-core path); ``tl.dot`` takes ``DOT_PREC`` ("ieee" or "tf32")
+  for float32 inputs. Gate values are float32 (float64 in a float64 computation).
 """
 
 import os
@@ -49,7 +51,7 @@ def _compact_one(g_ptr, n, order_ptr, vals_ptr, cnt_ptr, BLOCK: tl.constexpr):
     for start in range(0, n, BLOCK):
         offs = start + offs0
         inb = offs < n
-        g = tl.load(g_ptr + offs, mask=inb, other=0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=inb, other=0).to(vals_ptr.dtype.element_ty)
         act = (g != 0.0) & inb
         a = act.to(tl.int32)
         pos = n_act + tl.cumsum(a, axis=0) - 1
@@ -61,12 +63,12 @@ def _compact_one(g_ptr, n, order_ptr, vals_ptr, cnt_ptr, BLOCK: tl.constexpr):
     for start in range(0, n, BLOCK):
         offs = start + offs0
         inb = offs < n
-        g = tl.load(g_ptr + offs, mask=inb, other=0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=inb, other=0).to(vals_ptr.dtype.element_ty)
         off = (g == 0.0) & inb
         a = off.to(tl.int32)
         pos = n_pos + tl.cumsum(a, axis=0) - 1
         tl.store(order_ptr + pos, offs, mask=off)
-        tl.store(vals_ptr + pos, tl.zeros([BLOCK], dtype=tl.float32), mask=off)
+        tl.store(vals_ptr + pos, tl.zeros([BLOCK], dtype=vals_ptr.dtype.element_ty), mask=off)
         n_pos += tl.sum(a, axis=0)
 
 
@@ -105,6 +107,27 @@ def _off(i, IDX64: tl.constexpr):
     else:
         o = i
     return o
+
+
+@triton.jit
+def _acc_zeros(ROWS: tl.constexpr, COLS: tl.constexpr, operand_ptr):
+    """A zero accumulator: float64 for float64 operands, float32 otherwise."""
+    if operand_ptr.dtype.element_ty == tl.float64:
+        z = tl.zeros((ROWS, COLS), dtype=tl.float64)
+    else:
+        z = tl.zeros((ROWS, COLS), dtype=tl.float32)
+    return z
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr):
+    """acc + a @ b. float64 runs as broadcast products and a sum (FMA units): tl.dot has no
+    float64 path on sm_90; the launcher gives float64 small tiles so this stays in registers."""
+    if a.dtype == tl.float64:
+        acc = acc + tl.sum(a[:, :, None] * b[None, :, :], axis=1)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    return acc
 
 
 @triton.jit
@@ -149,9 +172,9 @@ def _gmm_load(a_ptr, a_row, stride_ak, b_ptr, b_row, b_row_ok, stride_bk, kidx, 
 
 @triton.jit
 def _scale_cols(a, kv, HAS_KVAL: tl.constexpr):
-    """The column gate on the A tile (float32 product rounded once to A's dtype)."""
+    """The column gate on the A tile (product in the gate values' precision, rounded once to A's dtype)."""
     if HAS_KVAL:
-        a = (a.to(tl.float32) * kv[None, :]).to(a.dtype)
+        a = (a.to(kv.dtype) * kv[None, :]).to(a.dtype)
     return a
 
 
@@ -188,7 +211,7 @@ def _gmm_tile(
     rows = _off(tl.minimum(offs_m, M - 1), IDX64)
     a_row = rows * stride_am
     b_row = _off(brow, IDX64) * stride_bn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_M, BLOCK_N, a_ptr)
     if A_GATHER or B_GATHER:
         # Loads through an index list are scalar (no cp.async / TMA), so the compiler's pipeliner
         # does not stage them; software-pipeline by hand instead: the indices of tile i+2 and the
@@ -204,7 +227,7 @@ def _gmm_tile(
                                              k_val_ptr, k_cnt, k0 + BK_G, A_GATHER, B_GATHER, not N_GATHER,
                                              HAS_KVAL, IDX64, BK_G)
             kidx = _gmm_kidx(k_idx_ptr, k_cnt, k0 + 2 * BK_G, True, BK_G)
-            acc = tl.dot(_scale_cols(a, kv, HAS_KVAL), b, acc, input_precision=DOT_PREC)
+            acc = _dot(_scale_cols(a, kv, HAS_KVAL), b, acc, DOT_PREC)
             a = a_nxt
             kv = kv_nxt
             b = b_nxt
@@ -216,16 +239,16 @@ def _gmm_tile(
             kidx = _gmm_kidx(k_idx_ptr, k_cnt, k0, False, BLOCK_K)
             a, kv, b = _gmm_load(a_ptr, a_row, stride_ak, b_ptr, b_row, act_p, stride_bk, kidx, k_val_ptr, k_cnt,
                                  k0, False, False, not N_GATHER, HAS_KVAL, IDX64, BLOCK_K)
-            acc = tl.dot(_scale_cols(a, kv, HAS_KVAL), b, acc, input_precision=DOT_PREC)
+            acc = _dot(_scale_cols(a, kv, HAS_KVAL), b, acc, DOT_PREC)
     if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)
         mr = offs_r < r_lora
         t = tl.load(t_ptr + (rows[:, None] * stride_tm + offs_r[None, :] * stride_tr), mask=mr[None, :], other=0.0)
         lb = tl.load(lb_ptr + (_off(brow, IDX64)[None, :] * stride_lbn + offs_r[:, None] * stride_lbr),
                      mask=mr[:, None] & act_p[None, :], other=0.0)
-        acc = tl.dot(t, lb, acc, input_precision=DOT_PREC)
+        acc = _dot(t, lb, acc, DOT_PREC)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + brow, mask=act_p, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + brow, mask=act_p, other=0.0).to(acc.dtype)
         acc = acc + bias[None, :]
     if N_GATHER:
         ocol = _off(tl.load(n_out_ptr + offs_p, mask=valid_p, other=0), IDX64)
@@ -234,7 +257,7 @@ def _gmm_tile(
     orow = _off(offs_m, IDX64)
     if HAS_AUX:
         xa = tl.load(aux_ptr + (orow[:, None] * stride_xm + ocol[None, :] * stride_xk),
-                     mask=mask_m[:, None] & act_p[None, :], other=0.0).to(tl.float32)
+                     mask=mask_m[:, None] & act_p[None, :], other=0.0).to(acc.dtype)
         part = tl.sum(tl.where(mask_m[:, None] & act_p[None, :], acc * xa, 0.0), axis=0)
         tl.store(part_ptr + (pid_m * stride_pm + ocol), part, mask=valid_p)
     if STORE_OUT:
@@ -261,7 +284,8 @@ def _gmm_zero_tile(
     else:
         ocol = _off(offs_p, IDX64)
     if HAS_AUX:
-        tl.store(part_ptr + (pid_m * stride_pm + ocol), tl.zeros([BLOCK_N], dtype=tl.float32), mask=valid_p)
+        tl.store(part_ptr + (pid_m * stride_pm + ocol), tl.zeros([BLOCK_N], dtype=part_ptr.dtype.element_ty),
+                 mask=valid_p)
     if STORE_OUT:
         zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=out_ptr.dtype.element_ty)
         tl.store(out_ptr + (_off(offs_m, IDX64)[:, None] * stride_om + ocol[None, :] * stride_on), zero,
@@ -417,7 +441,7 @@ def _mtm_tile(
         qidx = _off(offs_q, IDX64)
     a_col = pidx * stride_ap
     b_col = qidx * stride_bq
-    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_P, BLOCK_Q, a_ptr)
     if P_GATHER or Q_GATHER:
         # Gathered (scalar) loads: prefetch the next tile into registers by hand, half-depth steps
         # (see _gmm_tile).
@@ -427,14 +451,14 @@ def _mtm_tile(
         for m0 in range(0, M, BK_G):
             a_nxt, b_nxt = _mtm_load(a_ptr, a_col, act_p, stride_am, b_ptr, b_col, act_q, stride_bm, m0 + BK_G,
                                      M, not P_GATHER, not Q_GATHER, IDX64, BK_G)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+            acc = _dot(a, b, acc, DOT_PREC)
             a = a_nxt
             b = b_nxt
     else:
         for m0 in range(0, M, BLOCK_K):
             a, b = _mtm_load(a_ptr, a_col, act_p, stride_am, b_ptr, b_col, act_q, stride_bm, m0, M,
                              True, True, IDX64, BLOCK_K)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+            acc = _dot(a, b, acc, DOT_PREC)
     acc = acc * alpha
     if HAS_PVAL:
         pv = tl.load(p_val_ptr + offs_p, mask=act_p, other=0.0)
@@ -550,8 +574,8 @@ def colsum_kernel(
     valid_p = offs_p < N_FULL
     act_p = offs_p < n_cnt
     col = _off(tl.load(idx_ptr + offs_p, mask=valid_p, other=0), IDX64)
-    acc_b = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_b = tl.sum(_acc_zeros(1, BLOCK_N, part_b_ptr), axis=0)
+    acc_g = tl.sum(_acc_zeros(1, BLOCK_N, part_g_ptr), axis=0)
     if pid_n * BLOCK_N < n_cnt:
         m_start = pid_s * rows_per_split
         m_end = tl.minimum(m_start + rows_per_split, M)
@@ -560,12 +584,12 @@ def colsum_kernel(
             msk = (offs_m < m_end)[:, None] & act_p[None, :]
             om = _off(offs_m, IDX64)
             d = tl.load(dy_ptr + (om[:, None] * stride_dm + col[None, :] * stride_dn), mask=msk, other=0.0)
-            d = d.to(tl.float32)
+            d = d.to(acc_b.dtype)
             if NEED_B:
                 acc_b += tl.sum(d, axis=0)
             if NEED_G:
                 yv = tl.load(y_ptr + (om[:, None] * stride_ym + col[None, :] * stride_yn), mask=msk, other=0.0)
-                acc_g += tl.sum(d * yv.to(tl.float32), axis=0)
+                acc_g += tl.sum(d * yv.to(acc_g.dtype), axis=0)
     if NEED_B:
         tl.store(part_b_ptr + (pid_s * stride_ps + col), acc_b, mask=valid_p)
     if NEED_G:

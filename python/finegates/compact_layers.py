@@ -2,7 +2,7 @@
 
 It holds only the active block of a gated Linear (gates and LoRA already folded in) and the index
 lists that place it: ``y[..., row_idx] = x[..., col_idx] @ weight.T + bias``, other outputs 0,
-computed by ``torch.ops.fg.gathered_linear``. No training code: a compact model needs only this
+computed by ``fg_kernels.gathered_linear``. No training code: a compact model needs only this
 module, ``fg_kernels`` and the stock model classes.
 """
 
@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-import fg_kernels  # noqa: F401  -- registers torch.ops.fg.*
+import fg_kernels
 
 __all__ = ["GatheredLinear"]
 
@@ -92,7 +92,7 @@ class GatheredLinear(nn.Module):
         return m
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.ops.fg.gathered_linear(x, self.weight, self.bias, self.row_idx, self.col_idx, self.out_features)
+        return fg_kernels.gathered_linear(x, self.weight, self.bias, self.row_idx, self.col_idx, self.out_features)
 
     def extra_repr(self) -> str:
         n, k = self.weight.shape

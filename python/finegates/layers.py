@@ -8,15 +8,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-import fg_kernels  # noqa: F401  -- registers torch.ops.fg.*
+import fg_kernels
 
 from .gates import Gates
 
 __all__ = ["GatedLinear", "is_conv1d", "is_linear_like", "set_backend", "BACKENDS"]
 
-# "ops": torch.ops.fg.gated_linear, dispatched by device (C++ on CPU, Triton on CUDA).
-# "triton": fg_kernels.triton.gated_linear on any device (CPU tensors under TRITON_INTERPRET=1),
-# to check a whole model through the Triton kernels without a GPU.
+# "ops": fg::gated_linear, dispatched by device (C++ on CPU, Triton on CUDA).
+# "triton": fg_triton::gated_linear, the Triton kernels on any device (CPU tensors under
+# TRITON_INTERPRET=1), to check a whole model through them without a GPU. Same autograd.
 BACKENDS = ("ops", "triton")
 
 
@@ -30,7 +30,7 @@ def is_linear_like(module: nn.Module) -> bool:
 
 
 class GatedLinear(nn.Module):
-    """``y = g_r * ((x * g_c) @ (W + s * B @ A).T + b)`` computed by ``torch.ops.fg.gated_linear``.
+    """``y = g_r * ((x * g_c) @ (W + s * B @ A).T + b)`` computed by ``fg_kernels.gated_linear``.
 
     ``weight`` (and ``bias``) are the base module's own Parameters (no copy). For a ``Conv1D`` the
     stored weight has shape (in, out) and the op gets ``weight.t()``. A bias is never added when the
@@ -98,13 +98,12 @@ class GatedLinear(nn.Module):
         w = self.dense_weight()
         if self.kurtosis_tau is not None and self.training:
             self._record_kurtosis(x, w)
+        op = fg_kernels.gated_linear
         if self.backend == "triton":
             from fg_kernels import triton as fg_triton  # imported lazily: triton is optional
 
-            return fg_triton.gated_linear(x, w, self.bias, row, col, self.lora_a, self.lora_b, float(self.lora_scale))
-        return torch.ops.fg.gated_linear(
-            x, w, self.bias, row, col, self.lora_a, self.lora_b, float(self.lora_scale)
-        )
+            op = fg_triton.gated_linear
+        return op(x, w, self.bias, row, col, self.lora_a, self.lora_b, float(self.lora_scale))
 
     @torch.no_grad()
     def _record_kurtosis(self, x: Tensor, w: Tensor) -> None:

@@ -1,0 +1,232 @@
+// CPU kernel of fg::gated_linear_backward. With dh = dy[:, R] * g_r[R]:
+//   db[R] = sum_m dh,  dgr[R] = sum_m dy[:, R] * y[:, R] / g_r[R]               (one pass over dy)
+//   dxc = dh @ (W[R][:, C] + s B[R] A[:, C]),  dx[:, C] = dxc * g_c[C],  dgc[C] = sum_m dxc * x[:, C]
+//   dW[R][:, C] = dh^T (x[:, C] g_c[C]),  dB[R] = s dh^T (x_c A_c^T),  dA[:, C] = s (dh B_r)^T x_c
+// Removed rows and columns are never read, multiplied or written except as zeros of the result.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "../checks.h"
+#include "compact_gemm.h"
+#include "ops_cpu.h"
+
+namespace fg {
+namespace cpu {
+namespace {
+
+// Per-thread accumulators for column sums over tokens, reduced in double at the end.
+class ColumnSums {
+ public:
+  explicit ColumnSums(int64_t n) : n_(n), acc_(static_cast<size_t>(at::get_num_threads() * n), 0.0) {}
+  double* local() { return acc_.data() + at::get_thread_num() * n_; }
+  // The sums (each divided by divide_by[i] when given and non-empty), written into out[idx[i]] of
+  // a zero (full,) tensor of dtype `opt`.
+  at::Tensor finish(const Active& idx, const Scale* divide_by, const at::TensorOptions& opt) const {
+    std::vector<double> total(n_, 0.0);
+    const int64_t nt = static_cast<int64_t>(acc_.size()) / std::max<int64_t>(n_, 1);
+    for (int64_t t = 0; t < nt; ++t)
+      for (int64_t i = 0; i < n_; ++i) total[i] += acc_[t * n_ + i];
+    at::Tensor full = at::zeros({idx.full}, opt.dtype(at::kDouble));
+    double* f = full.data_ptr<double>();
+    for (int64_t i = 0; i < n_; ++i) {
+      double v = total[i];
+      if (divide_by && !divide_by->empty()) v /= (*divide_by)[i];
+      f[idx.all ? i : idx.idx[i]] = v;
+    }
+    return full.to(opt.dtype());
+  }
+
+ private:
+  int64_t n_;
+  std::vector<double> acc_;
+};
+
+// What every gradient reads, prepared once per call.
+struct Inputs {
+  at::Tensor dy;  // (M, N), contiguous
+  at::Tensor x2;  // (M, K) with unit inner stride, or undefined when no gradient reads x
+  GateSet rows, cols;
+  at::Tensor a_c, b_r;  // LoRA factors on the active block (undefined without LoRA or active block)
+  int64_t M = 0, r = 0;
+  double lora_scale = 1.0;
+  at::TensorOptions opt;
+  int64_t n_rows() const { return rows.active.size(); }
+  int64_t n_cols() const { return cols.active.size(); }
+  bool empty_block() const { return n_rows() == 0 || n_cols() == 0 || M == 0; }
+};
+
+// One pass over dy: dh = dy[:, R] * g_r[R] in a compact (M, |R| padded) buffer (dy itself when
+// every row is open with gate 1), and the column sums of the bias and row-gate gradients.
+struct RowPass {
+  at::Tensor dh, db, dgr;
+};
+
+RowPass row_pass(const Inputs& in, const c10::optional<at::Tensor>& output, const at::Tensor& row_gate,
+                 bool need_dh, bool need_db, bool need_dgr) {
+  const Active& rows = in.rows.active;
+  const int64_t N = rows.full, nR = in.n_rows(), ldh = rows.padded(), M = in.M;
+  const bool dh_is_dy = rows.all && in.rows.values.empty();
+  RowPass out;
+  if (need_dh) out.dh = dh_is_dy ? in.dy : at::empty({M, ldh}, in.opt);
+  ColumnSums bias_sums(need_db ? nR : 0), gate_sums(need_dgr ? nR : 0);
+  const at::Tensor y2 = need_dgr ? as_rows(*output, N).contiguous() : at::Tensor();
+  if (nR > 0 && M > 0 && ((need_dh && !dh_is_dy) || need_db || need_dgr)) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.dy.scalar_type(), "fg_backward_rows", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const std::vector<acc_t> gr_v = scale_as<acc_t>(in.rows.values);
+      const acc_t* gr = gr_v.empty() ? nullptr : gr_v.data();
+      const scalar_t* g = in.dy.data_ptr<scalar_t>();
+      const scalar_t* yv = need_dgr ? y2.data_ptr<scalar_t>() : nullptr;
+      scalar_t* h = (need_dh && !dh_is_dy) ? out.dh.data_ptr<scalar_t>() : nullptr;
+      const int64_t* ri = rows.all ? nullptr : rows.idx.data();
+      at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+        double* sb = need_db ? bias_sums.local() : nullptr;
+        double* sg = need_dgr ? gate_sums.local() : nullptr;
+        for (int64_t m = begin; m < end; ++m) {
+          const scalar_t* grow = g + m * N;
+          const scalar_t* yrow = yv ? yv + m * N : nullptr;
+          scalar_t* hrow = h ? h + m * ldh : nullptr;
+          if (hrow) for (int64_t i = nR; i < ldh; ++i) hrow[i] = scalar_t(0);
+          for (int64_t i = 0; i < nR; ++i) {
+            const int64_t c = ri ? ri[i] : i;
+            const acc_t gv = static_cast<acc_t>(grow[c]);
+            const scalar_t hv = static_cast<scalar_t>(gr ? gv * gr[i] : gv);
+            if (hrow) hrow[i] = hv;
+            if (sb) sb[i] += static_cast<double>(hv);
+            if (sg) sg[i] += static_cast<double>(gv) * static_cast<double>(yrow[c]);
+          }
+        }
+      });
+    });
+  }
+  // d(row_gate)[i] = sum_m dy * z with z = y / g_r (the pre-gate output), divided once at the end.
+  if (need_db) out.db = bias_sums.finish(rows, nullptr, in.opt);
+  if (need_dgr) out.dgr = gate_sums.finish(rows, &in.rows.values, row_gate.options());
+  return out;
+}
+
+// sum_m dxc[m, j] * x[m, C[j]] of one block of tokens starting at m0 into `sums`.
+void add_col_gate_sums(const at::Tensor& dxc, const Inputs& in, int64_t m0, ColumnSums& sums) {
+  const Active& cols = in.cols.active;
+  const int64_t nC = in.n_cols(), ldc = dxc.stride(0), mb = dxc.size(0);
+  const int64_t* ci = cols.all ? nullptr : cols.idx.data();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.dy.scalar_type(), "fg_backward_colgate", [&] {
+    const scalar_t* d = dxc.data_ptr<scalar_t>();
+    const scalar_t* xv = in.x2.data_ptr<scalar_t>();
+    const int64_t ldx = in.x2.stride(0);
+    at::parallel_for(0, mb, 16, [&](int64_t begin, int64_t end) {
+      double* s = sums.local();
+      for (int64_t m = begin; m < end; ++m) {
+        const scalar_t* drow = d + m * ldc;
+        const scalar_t* xrow = xv + (m0 + m) * ldx;
+        for (int64_t j = 0; j < nC; ++j) s[j] += static_cast<double>(drow[j]) * static_cast<double>(xrow[ci ? ci[j] : j]);
+      }
+    });
+  });
+}
+
+// dx[:, C] = (dh @ W[R][:, C] + s (dh B_r) A_c) * g_c[C], zeros elsewhere, per block of tokens so
+// that the compact block is still in cache for the scatter; fused with the column-gate sums.
+void input_and_col_gate_grads(const Inputs& in, const at::Tensor& weight, const at::Tensor& dh, at::Tensor* dx,
+                              at::Tensor* dgc, const at::Tensor& col_gate) {
+  const Active& cols = in.cols.active;
+  ColumnSums col_sums(dgc ? in.n_cols() : 0);
+  if (in.empty_block()) {
+    if (dx) dx->zero_();
+  } else {
+    const at::Tensor wc = gather_block(weight, in.rows.active, cols);
+    const int64_t M = in.M, bm = token_block(M);
+    at::Tensor dxc_buf = at::empty({std::min(bm, M), cols.padded()}, in.opt);
+    at::Tensor dx2 = dx ? dx->view({M, cols.full}) : at::Tensor();
+    for (int64_t m0 = 0; m0 < M; m0 += bm) {
+      const int64_t mb = std::min(bm, M - m0);
+      const at::Tensor dhb = dh.narrow(0, m0, mb);
+      at::Tensor dxc = dxc_buf.narrow(0, 0, mb);
+      at::mm_out(dxc, dhb, wc);
+      if (in.a_c.defined()) dxc.addmm_(at::mm(dhb, in.b_r), in.a_c, 1.0, in.lora_scale);
+      if (dx) {
+        at::Tensor dxb = dx2.narrow(0, m0, mb);
+        scatter_cols(dxc, cols, in.cols.values, dxb);
+      }
+      if (dgc) add_col_gate_sums(dxc, in, m0, col_sums);
+    }
+  }
+  if (dgc) *dgc = col_sums.finish(cols, nullptr, col_gate.options());
+}
+
+// dW, dA and dB on the active block only (zeros elsewhere), from x_c = x[:, C] * g_c[C].
+void weight_and_lora_grads(const Inputs& in, const at::Tensor& dh, int64_t N, int64_t K, at::Tensor* dw,
+                           at::Tensor* da, at::Tensor* dlb) {
+  const Active& rows = in.rows.active;
+  const Active& cols = in.cols.active;
+  const Active all_r{{}, in.r, true};
+  const bool empty = in.empty_block();
+  const at::Tensor xc = empty ? at::Tensor() : gather_cols(in.x2, cols, in.cols.values);
+  if (dw) {
+    if (!empty && rows.all && cols.all) {
+      *dw = at::mm(dh.t(), xc);
+    } else {
+      *dw = at::zeros({N, K}, in.opt);
+      if (!empty) scatter_rows_cols(at::mm(dh.t(), xc), rows, cols, *dw);
+    }
+  }
+  if (dlb) {
+    *dlb = at::zeros({N, in.r}, in.opt);
+    if (!empty) scatter_rows_cols(at::mm(dh.t(), at::mm(xc, in.a_c.t())).mul_(in.lora_scale), rows, all_r, *dlb);
+  }
+  if (da) {
+    *da = at::zeros({in.r, K}, in.opt);
+    if (!empty) scatter_rows_cols(at::mm(at::mm(dh, in.b_r).t(), xc).mul_(in.lora_scale), all_r, cols, *da);
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gated_linear_backward_cpu(const at::Tensor& grad_out, const c10::optional<at::Tensor>& x_opt,
+                          const at::Tensor& weight, const at::Tensor& row_gate, const at::Tensor& col_gate,
+                          const c10::optional<at::Tensor>& lora_a, const c10::optional<at::Tensor>& lora_b,
+                          double lora_scale, const c10::optional<at::Tensor>& output, std::array<bool, 7> mask) {
+  check_gated_linear_backward_args(grad_out, x_opt, weight, row_gate, col_gate, lora_a, lora_b, output, mask);
+  const int64_t N = weight.size(0), K = weight.size(1);
+  const bool lora = lora_a.has_value();
+  const bool need_dx = mask[0], need_dw = mask[1], need_db = mask[2], need_dgr = mask[3], need_dgc = mask[4],
+             need_da = mask[5] && lora, need_dlb = mask[6] && lora;
+
+  Inputs in;
+  in.opt = weight.options();
+  in.dy = as_rows(grad_out, N).contiguous();
+  in.M = in.dy.size(0);
+  if (need_dgc || need_dw || need_da || need_dlb) in.x2 = as_rows(*x_opt, K);
+  in.rows = gate_set(row_gate);
+  in.cols = gate_set(col_gate);
+  pad_for_gemm(in.rows.active);
+  pad_for_gemm(in.cols.active);
+  in.r = lora ? lora_a->size(0) : 0;
+  in.lora_scale = lora_scale;
+  if (lora && in.n_rows() > 0 && in.n_cols() > 0) {
+    in.a_c = gather_block(*lora_a, Active{{}, in.r, true}, in.cols.active);
+    in.b_r = gather_block(*lora_b, in.rows.active, Active{{}, in.r, true});
+  }
+
+  // An unselected gradient is an empty (0,) tensor of its slot's dtype (as the fake kernel says).
+  at::Tensor dx = at::empty({0}, in.opt), dw = dx, db = dx, da = dx, dlb = dx;
+  at::Tensor dgr = at::empty({0}, row_gate.options()), dgc = at::empty({0}, col_gate.options());
+  const bool need_dh = need_dx || need_dgc || need_dw || need_da || need_dlb;
+  RowPass rp = row_pass(in, output, row_gate, need_dh, need_db, need_dgr);
+  if (need_db) db = rp.db;
+  if (need_dgr) dgr = rp.dgr;
+  if (need_dx) dx = at::empty(out_shape(grad_out, K), in.opt);
+  if (need_dx || need_dgc)
+    input_and_col_gate_grads(in, weight, rp.dh, need_dx ? &dx : nullptr, need_dgc ? &dgc : nullptr, col_gate);
+  if (need_dw || need_da || need_dlb)
+    weight_and_lora_grads(in, rp.dh, N, K, need_dw ? &dw : nullptr, need_da ? &da : nullptr,
+                          need_dlb ? &dlb : nullptr);
+  return {dx, dw, db, dgr, dgc, da, dlb};
+}
+
+}  // namespace cpu
+}  // namespace fg
