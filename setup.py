@@ -23,8 +23,6 @@ except ImportError as err:  # pragma: no cover - a clear message instead of a tr
         "`pip install --no-build-isolation .`"
     ) from err
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 
 def extension_sources():
     """Every C++ source of the library (schemas + CPU kernels); tests in csrc/test are not."""

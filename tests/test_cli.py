@@ -187,7 +187,7 @@ def test_pretrain_end_to_end(corpus, tmp_path):
 
 
 def test_shipped_configs():
-    from finegates.recipes import CONFIG_DIR, resolve_config
+    from finegates.loading import CONFIG_DIR, resolve_config
 
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
     assert len(names) == 13 and "llama_60m" in names and "llama_7b" in names

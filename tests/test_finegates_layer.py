@@ -204,7 +204,7 @@ def test_kurtosis_weighting_needs_a_training_forward():
         finegates.sparsity_loss(model, kurtosis=True)
     model.train()
     model(torch.randn(4, 6, 16))
-    rw, cw, rows, cols = model[0]._kurtosis_state
+    rw, cw, rows, cols = model[0].kurtosis_state
     torch.testing.assert_close(rw.sum(), torch.tensor(1.0))
     assert rw.numel() == rows.numel() == 64 and cw.numel() == 16
     loss = finegates.sparsity_loss(model, kurtosis=True)

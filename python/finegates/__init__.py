@@ -7,6 +7,8 @@
     model = finegates.load_compact("out/compact")                           # stock classes, no gates
 """
 
+from fg_kernels import __version__  # one version for the package fg-kernels
+
 from .compact import compact
 from .compact_layers import GatheredLinear
 from .gates import Gates
@@ -34,4 +36,3 @@ __all__ = [
     "save_compact",
     "load_compact",
 ]
-__version__ = "0.1.0"

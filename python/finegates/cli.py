@@ -317,14 +317,14 @@ def run(args, argv) -> dict:
             if not Path(f).is_file():
                 raise UsageError(f"data file {f!r} does not exist")
         if args.command == "pretrain":
-            from .recipes import resolve_config
+            from .loading import resolve_config
 
             resolve_config(args.config)
     model = getattr(args, "model", None)
     if model:
-        from .recipes import _looks_like_path
+        from .loading import looks_like_path
 
-        if _looks_like_path(model) and not Path(model).expanduser().exists():
+        if looks_like_path(model) and not Path(model).expanduser().exists():
             raise UsageError(f"model path {model!r} does not exist; pass an existing directory or a Hub model name")
     out = _OutputDir(args)
     _quiet_libraries()

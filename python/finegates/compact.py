@@ -27,7 +27,6 @@ only where the MLP still holds no more than its promised ``sum |R| x |C|``.
 
 from __future__ import annotations
 
-import logging
 import warnings
 from dataclasses import dataclass
 from typing import Callable, List, Optional
@@ -37,11 +36,10 @@ from torch import Tensor, nn
 
 from .compact_layers import GatheredLinear
 from .layers import GatedLinear, is_linear_like
-from .sparsify import _set_submodule
+from .sparsify import set_submodule
 
 __all__ = ["compact", "COMPACT_ATTRS", "KNOWN_FAMILIES"]
 
-logger = logging.getLogger("finegates")
 
 KNOWN_FAMILIES = ("BERT", "RoBERTa", "LLaMA", "Mistral", "Qwen2")
 _BERT_LAYERS = ("BertLayer", "RobertaLayer")
@@ -214,8 +212,8 @@ def _compact_mlp(model: nn.Module, ups: List[str], down: str, act: Optional[Call
         keep &= f.rows
     kidx = _pad_intermediate(keep, up_f, down_f)
     for n, f in zip(ups, up_f):
-        _set_submodule(model, n, _build(f, kidx, _idx(f.cols), in_width=f.in_features))
-    _set_submodule(model, down, _build(down_f, _idx(down_f.rows), kidx, out_width=down_f.out_features))
+        set_submodule(model, n, _build(f, kidx, _idx(f.cols), in_width=f.in_features))
+    set_submodule(model, down, _build(down_f, _idx(down_f.rows), kidx, out_width=down_f.out_features))
 
 
 # --------------------------------------------------------------------------- BERT attention
@@ -252,8 +250,8 @@ def _compact_bert_attention(model: nn.Module, prefix: str) -> None:
     v_src, v_slots = layout(vo)
     for name, f, src, slots in ((names["query"], q, qk_src, qk_slots), (names["key"], k, qk_src, qk_slots),
                                 (names["value"], v, v_src, v_slots)):
-        _set_submodule(model, name, _heads_in(f, src, slots, width))
-    _set_submodule(model, o_name, _heads_out(o, v_src, v_slots, width))
+        set_submodule(model, name, _heads_in(f, src, slots, width))
+    set_submodule(model, o_name, _heads_out(o, v_src, v_slots, width))
     attrs = dict(num_attention_heads=int(heads.numel()), attention_head_size=D, all_head_size=width)
     for a, val in attrs.items():
         setattr(sa, a, val)
@@ -328,10 +326,10 @@ def _compact_llama_attention(model: nn.Module, prefix: str, attn: nn.Module) -> 
 
     for t, f, need, hs in (("q", q, q_need, qheads), ("k", k, k_need, groups), ("v", v, v_need, groups)):
         src, slots, width = rows_of(need, hs)
-        _set_submodule(model, names[t], _heads_in(f, src, slots, width))
+        set_submodule(model, names[t], _heads_in(f, src, slots, width))
     # o reads the kept query heads' layout at the dims that carry a value
     src_cols, slots, width = rows_of(head_val, qheads)
-    _set_submodule(model, names["o"], _heads_out(o, src_cols, slots, width))
+    set_submodule(model, names["o"], _heads_out(o, src_cols, slots, width))
     setattr(attn, COMPACT_ATTRS, dict(num_kv_heads_kept=int(groups.numel())))
 
 
@@ -404,7 +402,7 @@ def _compact(model: nn.Module) -> None:
                 stacklevel=3,
             )
     for n, m in left:
-        _set_submodule(model, n, _residual_layer(_fold(m)))
+        set_submodule(model, n, _residual_layer(_fold(m)))
     for p in model.parameters():
         p.requires_grad_(False)
 

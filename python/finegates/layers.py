@@ -80,7 +80,7 @@ class GatedLinear(nn.Module):
         self.backend = "ops"
         # Kurtosis weighting (reference --kurt), enabled by sparsify(kurtosis=True).
         self.kurtosis_tau: Optional[float] = None
-        self._kurtosis_state = None
+        self.kurtosis_state = None  # (row weights, col weights, rows, cols) of the last training forward
 
     def dense_weight(self) -> Tensor:
         """The weight as (out, in), a view for Conv1D."""
@@ -122,7 +122,7 @@ class GatedLinear(nn.Module):
         tau = float(self.kurtosis_tau)
         col_w = torch.softmax(-kurt(act) / tau, dim=0)
         row_w = torch.softmax(-kurt(act.t()) / tau, dim=0)
-        self._kurtosis_state = (row_w, col_w, rows, cols)
+        self.kurtosis_state = (row_w, col_w, rows, cols)
 
     def extra_repr(self) -> str:
         s = f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

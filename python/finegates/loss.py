@@ -7,14 +7,16 @@ from torch import Tensor, nn
 
 from .layers import GatedLinear
 
-__all__ = ["sparsity_loss", "SparsitySchedule"]
+__all__ = ["sparsity_loss", "layer_loss", "SparsitySchedule"]
 
 
-def _layer_loss(layer: GatedLinear, kurtosis: bool) -> Tensor:
+def layer_loss(layer: GatedLinear, kurtosis: bool) -> Tensor:
+    """One layer's term of :func:`sparsity_loss` (the training loop sums them per layer as the
+    layers run, which FSDP needs)."""
     keep_r = layer.row_gates.keep_probability()
     keep_c = layer.col_gates.keep_probability()
     if kurtosis:
-        state = layer._kurtosis_state
+        state = layer.kurtosis_state
         if state is None:
             raise RuntimeError(
                 "sparsity_loss(kurtosis=True) needs kurtosis weights: sparsify(..., kurtosis=True) and a "
@@ -47,7 +49,7 @@ def sparsity_loss(model: nn.Module, *, kurtosis: bool = False) -> Tensor:
     layers = [m for m in model.modules() if isinstance(m, GatedLinear) and m.target_sparsity is not None]
     if not layers:
         raise ValueError("sparsity_loss: the model has no gated layer with a target_sparsity (call sparsify first)")
-    return torch.stack([_layer_loss(m, kurtosis).float() for m in layers]).mean()
+    return torch.stack([layer_loss(m, kurtosis).float() for m in layers]).mean()
 
 
 class SparsitySchedule:

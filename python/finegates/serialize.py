@@ -30,7 +30,7 @@ from torch import nn
 from .compact import COMPACT_ATTRS
 from .compact_layers import GatheredLinear
 from .layers import GatedLinear
-from .sparsify import _set_submodule
+from .sparsify import set_submodule
 
 __all__ = ["save_compact", "load_compact", "MANIFEST_NAME", "WEIGHTS_NAME"]
 
@@ -243,7 +243,7 @@ def load_compact(path: PathLike, *, model: Optional[nn.Module] = None, device=No
             raise ValueError(f"load_compact: unknown layer kind {spec['kind']!r} for {name!r} in {MANIFEST_NAME}")
         if type(old).__name__ not in ("Linear", "Conv1D", "GatheredLinear", "GatedLinear"):
             raise ValueError(f"load_compact: module {name!r} is a {type(old).__name__}, not a Linear (mismatched model?)")
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
     for name, attrs in manifest["attributes"].items():
         mod = model.get_submodule(name)
         for a, v in attrs.items():

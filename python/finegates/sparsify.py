@@ -11,7 +11,7 @@ from torch import nn
 
 from .layers import GatedLinear, is_linear_like
 
-__all__ = ["sparsify", "trainable_parameters", "gated_layers", "HEAD_NAMES"]
+__all__ = ["sparsify", "trainable_parameters", "gated_layers", "default_match", "set_submodule", "HEAD_NAMES"]
 
 logger = logging.getLogger("finegates")
 
@@ -51,7 +51,9 @@ def _inside_block(model: nn.Module, name: str) -> bool:
     return isinstance(mod, nn.ModuleList)
 
 
-def _default_match(model: nn.Module, name: str) -> bool:
+def default_match(model: nn.Module, name: str) -> bool:
+    """Whether ``sparsify`` gates the Linear ``name`` by default: inside a transformer block (an
+    element of an ``nn.ModuleList``), not an embedding or a head."""
     parts = name.split(".")
     if any(p in _EXCLUDE_PARTS or p.startswith("embed") for p in parts):
         return False
@@ -60,7 +62,7 @@ def _default_match(model: nn.Module, name: str) -> bool:
 
 def _matcher(model: nn.Module, target_modules):
     if target_modules is None:
-        return lambda name: _default_match(model, name)
+        return lambda name: default_match(model, name)
     if isinstance(target_modules, str):
         pattern = re.compile(target_modules)
         return lambda name: pattern.fullmatch(name) is not None
@@ -70,7 +72,8 @@ def _matcher(model: nn.Module, target_modules):
     return lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replaces the submodule at the dotted path ``name`` by ``new``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
@@ -135,7 +138,7 @@ def sparsify(
         layer.train(base.training)
         if kurtosis:
             layer.kurtosis_tau = float(kurtosis_tau)
-        _set_submodule(model, n, layer)
+        set_submodule(model, n, layer)
         if layer.bias is not None:
             layer.bias.requires_grad_(bool(train_bias))
     # Task head.

@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
@@ -31,7 +32,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from .layers import GatedLinear
-from .loss import SparsitySchedule, _layer_loss, sparsity_loss
+from .loss import SparsitySchedule, layer_loss, sparsity_loss
 from .outputs import StepLog
 from .report import compression_report
 
@@ -64,7 +65,7 @@ class Objective(nn.Module):
 
     def _collect(self, module, inputs, output) -> None:
         if self._terms is not None:
-            self._terms[id(module)] = _layer_loss(module, self.kurtosis).float()
+            self._terms[id(module)] = layer_loss(module, self.kurtosis).float()
 
     def forward(self, batch: Dict[str, torch.Tensor], with_sparsity: bool = True):
         want = self.gated and with_sparsity
@@ -169,6 +170,100 @@ def _rank_divergence(accelerator, params) -> Optional[float]:
     return float((every - every[0]).abs().max())
 
 
+@dataclass
+class _Loop:
+    """What one training run iterates with, after ``accelerator.prepare``."""
+
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_dl: DataLoader
+    eval_dl: DataLoader
+    sampler: EpochSampler
+    trainable: List[torch.Tensor]
+    max_steps: int
+
+
+def _prepare(args, accelerator, model, gated, train_dataset, eval_dataset, collate_fn, param_groups) -> _Loop:
+    """Data loaders (shuffled by EpochSampler's own generator), AdamW, the LR schedule, all prepared."""
+    from transformers import get_scheduler
+
+    sampler = EpochSampler(len(train_dataset), args.seed)
+    train_dl = DataLoader(
+        train_dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    eval_dl = DataLoader(eval_dataset, batch_size=args.eval_batch_size, shuffle=False, collate_fn=collate_fn)
+    objective = Objective(model, gated=gated, kurtosis=bool(getattr(args, "kurtosis", False)))
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=args.weight_decay)
+    n_proc = accelerator.num_processes
+    batches_per_epoch = math.ceil(len(train_dataset) / (args.batch_size * n_proc))
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
+    max_steps = args.max_steps if args.max_steps else args.epochs * steps_per_epoch
+    # The prepared scheduler steps once per process per optimizer step (accelerate's convention).
+    scheduler = get_scheduler(
+        args.lr_scheduler, optimizer,
+        num_warmup_steps=args.warmup_steps * n_proc, num_training_steps=max_steps * n_proc,
+    )
+    objective, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
+        objective, optimizer, train_dl, eval_dl, scheduler
+    )
+    trainable = [p for g in param_groups for p in g["params"]]
+    return _Loop(objective, optimizer, scheduler, train_dl, eval_dl, sampler, trainable, max_steps)
+
+
+class _Means:
+    """Running means of the losses over the micro-batches since the last optimizer step."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = self.task = self.sparsity = 0.0
+        self.n = 0
+
+    def add(self, loss, task_loss, sp) -> None:
+        self.loss += float(loss.detach())
+        self.task += float(task_loss.detach())
+        self.sparsity += float(sp.detach()) if sp is not None else 0.0
+        self.n += 1
+
+
+def _step_record(step, epoch, means: _Means, lam, loop: _Loop, raw_model, gated) -> Dict[str, Any]:
+    """One row of train_log.csv."""
+    n = max(means.n, 1)
+    return dict(
+        step=step, epoch=epoch, loss=means.loss / n, task_loss=means.task / n,
+        sparsity_loss=means.sparsity / n if gated else "", **{"lambda": lam},
+        keep_fraction=_keep_fraction(raw_model) if gated else "", lr=loop.scheduler.get_last_lr()[0],
+    )
+
+
+def _report(record, bar, log: StepLog, accelerator, gated) -> None:
+    """A logged step: the CSV row, the progress bar and any Accelerate tracker."""
+    log.append(record)
+    post = {"loss": f"{record['loss']:.4f}"}
+    if gated:
+        post.update(sp=f"{record['sparsity_loss']:.4f}", keep=f"{record['keep_fraction']:.3f}")
+    bar.set_postfix(post)
+    if accelerator.trackers:
+        accelerator.log({k: v for k, v in record.items() if v != "" and k != "step"}, step=record["step"])
+
+
+def _train_step(loop: _Loop, batch, lam: float, args, accelerator):
+    """Forward (task + lambda * sparsity), backward and, at an accumulation boundary, the update."""
+    with accelerator.accumulate(loop.objective):
+        out, sp = loop.objective(batch)
+        loss = out.loss + lam * sp if sp is not None else out.loss
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm:
+            accelerator.clip_grad_norm_(loop.trainable, args.max_grad_norm)
+        loop.optimizer.step()
+        loop.scheduler.step()
+        loop.optimizer.zero_grad()
+    return loss, out.loss, sp
+
+
 def train(
     args,
     accelerator,
@@ -188,115 +283,73 @@ def train(
     ``args`` holds the shared options (batch_size, eval_batch_size, gradient_accumulation_steps,
     epochs, max_steps, sparsity_lambda, sparsity_start, sparsity_warmup, kurtosis, lr_scheduler,
     warmup_steps, max_grad_norm, seed, logging_steps, checkpointing_steps, keep_checkpoints).
-    ``evaluate(forward, eval_dataloader, accelerator) -> dict`` computes the metrics (gathered over
-    processes). Returns the metrics plus ``steps``, ``train_time_s`` and the last logged values."""
+    ``evaluate(forward, eval_dataloader, gather=...) -> dict`` computes the metrics, gathering
+    every process's predictions with ``gather``. Returns the metrics plus ``steps``,
+    ``train_time_s`` and the last logged values."""
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
-    sampler = EpochSampler(len(train_dataset), args.seed)
-    train_dl = DataLoader(
-        train_dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_fn,
-        generator=torch.Generator().manual_seed(args.seed),
-    )
-    eval_dl = DataLoader(eval_dataset, batch_size=args.eval_batch_size, shuffle=False, collate_fn=collate_fn)
-    objective = Objective(model, gated=gated, kurtosis=bool(getattr(args, "kurtosis", False)))
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=args.weight_decay)
-
-    n_proc = accelerator.num_processes
-    ga = args.gradient_accumulation_steps
-    batches_per_epoch = math.ceil(len(train_dataset) / (args.batch_size * n_proc))
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / ga))
-    max_steps = args.max_steps if args.max_steps else args.epochs * steps_per_epoch
-    # The prepared scheduler steps once per process per optimizer step (accelerate's convention).
-    scheduler = get_scheduler(
-        args.lr_scheduler, optimizer,
-        num_warmup_steps=args.warmup_steps * n_proc, num_training_steps=max_steps * n_proc,
-    )
-    objective, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
-        objective, optimizer, train_dl, eval_dl, scheduler
-    )
+    loop = _prepare(args, accelerator, model, gated, train_dataset, eval_dataset, collate_fn, param_groups)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         accelerator.print(f"finegates: resumed from {resume_from} (step {state.step})")
-    steps_per_epoch = max(1, math.ceil(len(train_dl) / ga))
-    raw_model = accelerator.unwrap_model(objective).model
-    trainable = [p for g in param_groups for p in g["params"]]
-
+    ga = args.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(len(loop.train_dl) / ga))
+    raw_model = accelerator.unwrap_model(loop.objective).model
     lam_of = SparsitySchedule(args.sparsity_lambda, start_step=args.sparsity_start, warmup_steps=args.sparsity_warmup)
     main = accelerator.is_main_process
     log = StepLog(Path(output_dir) / "train_log.csv", resume_step=state.step if resume_from else None) if main else None
-    bar = tqdm(total=max_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=loop.max_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
     step = state.step
     epoch = step // steps_per_epoch
     skip = (step % steps_per_epoch) * ga
     last: Dict[str, Any] = {}
-    loss_sum = task_sum = sp_sum = 0.0
-    n_micro = 0
+    means = _Means()
     t0 = time.perf_counter()
-    while step < max_steps:
-        train_dl.set_epoch(epoch)
-        sampler.set_epoch(epoch)
-        dl = accelerator.skip_first_batches(train_dl, skip) if skip else train_dl
+    while step < loop.max_steps:
+        loop.train_dl.set_epoch(epoch)
+        loop.sampler.set_epoch(epoch)
+        dl = accelerator.skip_first_batches(loop.train_dl, skip) if skip else loop.train_dl
         skip = 0
-        objective.train()
+        loop.objective.train()
         for batch in dl:
-            with accelerator.accumulate(objective):
-                lam = lam_of(step)
-                out, sp = objective(batch)
-                task_loss = out.loss
-                loss = task_loss + lam * sp if sp is not None else task_loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            loss_sum += float(loss.detach())
-            task_sum += float(task_loss.detach())
-            sp_sum += float(sp.detach()) if sp is not None else 0.0
-            n_micro += 1
+            lam = lam_of(step)
+            means.add(*_train_step(loop, batch, lam, args, accelerator))
             if not accelerator.sync_gradients:
                 continue
             step += 1
             state.step = step
             bar.update(1)
-            if main and (step % args.logging_steps == 0 or step == max_steps or step == 1):
-                last = dict(
-                    step=step, epoch=epoch, loss=loss_sum / n_micro, task_loss=task_sum / n_micro,
-                    sparsity_loss=sp_sum / n_micro if gated else "", **{"lambda": lam},
-                    keep_fraction=_keep_fraction(raw_model) if gated else "",
-                    lr=scheduler.get_last_lr()[0],
-                )
-                log.append(last)
-                post = {"loss": f"{last['loss']:.4f}"}
-                if gated:
-                    post.update(sp=f"{last['sparsity_loss']:.4f}", keep=f"{last['keep_fraction']:.3f}")
-                bar.set_postfix(post)
-                if accelerator.trackers:
-                    accelerator.log({k: v for k, v in last.items() if v != "" and k != "step"}, step=step)
-            loss_sum = task_sum = sp_sum = 0.0
-            n_micro = 0
+            if main and (step % args.logging_steps == 0 or step == loop.max_steps or step == 1):
+                last = _step_record(step, epoch, means, lam, loop, raw_model, gated)
+                _report(last, bar, log, accelerator, gated)
+            means.reset()
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 state.train_time += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 _save_checkpoint(accelerator, output_dir, step, args.keep_checkpoints, log)
-            if step >= max_steps:
+            if step >= loop.max_steps:
                 break
         epoch += 1
     state.train_time += time.perf_counter() - t0
     bar.close()
     if main:
         log.flush()
-    objective.eval()
+    metrics = _evaluate(loop, evaluate, accelerator)
+    divergence = _rank_divergence(accelerator, loop.trainable)
+    accelerator.wait_for_everyone()
+    return dict(model=raw_model, metrics=metrics, steps=step, rank_divergence=divergence,
+                train_time_s=state.train_time, last_log=last, max_steps=loop.max_steps)
+
+
+def _evaluate(loop: _Loop, evaluate: Callable, accelerator) -> Dict[str, Any]:
+    """The metrics of the trained model on the evaluation set, without the sparsity loss."""
+    loop.objective.eval()
 
     def forward(batch):
         with torch.no_grad():
-            out, _ = objective(batch, with_sparsity=False)
+            out, _ = loop.objective(batch, with_sparsity=False)
         return out
 
-    metrics = evaluate(forward, eval_dl, accelerator)
-    divergence = _rank_divergence(accelerator, trainable)
-    accelerator.wait_for_everyone()
-    return dict(model=raw_model, metrics=metrics, steps=step, rank_divergence=divergence, train_time_s=state.train_time, last_log=last, max_steps=max_steps)
+    return evaluate(forward, loop.eval_dl, gather=accelerator.gather_for_metrics)

@@ -1,0 +1,56 @@
+"""The evaluation loops of the recipes: one per kind of task, used both during training (through
+Accelerate, whose ``gather_for_metrics`` collects every process's share) and on the compact model
+after it (a plain loop in one process)."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict
+
+import torch
+
+from .glue import compute_metrics
+
+__all__ = ["classification_metrics", "lm_metrics", "plain_evaluator"]
+
+# (model outputs of one batch) from a batch with labels.
+Forward = Callable[[Dict[str, torch.Tensor]], object]
+
+
+def _identity(t):
+    return t
+
+
+def classification_metrics(forward: Forward, batches, task: str, num_labels: int, gather=_identity) -> Dict[str, float]:
+    """GLUE metrics of the predictions over ``batches`` (regression when ``num_labels == 1``)."""
+    preds, golds = [], []
+    for batch in batches:
+        logits = forward(batch).logits
+        pred = logits.squeeze(-1).float() if num_labels == 1 else logits.argmax(-1)
+        pred, gold = gather((pred, batch["labels"]))
+        preds.append(pred.cpu())
+        golds.append(gold.cpu())
+    return compute_metrics(task, torch.cat(preds).numpy(), torch.cat(golds).numpy(), num_labels)
+
+
+def lm_metrics(forward: Forward, batches, gather=_identity) -> Dict[str, float]:
+    """Token-weighted causal-LM loss over ``batches`` and its perplexity."""
+    total, count = 0.0, 0
+    for batch in batches:
+        out = forward(batch)
+        n = batch["labels"][:, 1:].numel()
+        loss, n = gather((out.loss.detach().float().reshape(1) * n, torch.tensor([n], device=out.loss.device)))
+        total += float(loss.sum())
+        count += int(n.sum())
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def plain_evaluator(metrics_fn, dataset, batch_size: int, collate_fn, **kw):
+    """``model -> metrics`` on ``dataset`` in this process, no gradients (the compact model)."""
+    def run(model) -> Dict[str, float]:
+        dl = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
+        with torch.no_grad():
+            return metrics_fn(lambda batch: model(**batch), dl, **kw)
+
+    return run

@@ -1,0 +1,80 @@
+"""The end of every run, on the main process: what ``metrics.json`` holds (training results,
+compression report, the compact model's metrics and latency), the per-layer plot and the
+compact model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+from torch import nn
+
+from .latency import measure_latency
+from .report import compression_report
+
+__all__ = ["finish_run"]
+
+
+def _training_metrics(result: Dict[str, Any], accelerator) -> Dict[str, Any]:
+    m: Dict[str, Any] = dict(result["metrics"])
+    m["steps"] = result["steps"]
+    m["train_time_s"] = round(result["train_time_s"], 3)
+    m["trainable_params"] = result["trainable_params"]
+    m["num_processes"] = accelerator.num_processes
+    if result.get("rank_divergence") is not None:
+        m["rank_divergence"] = result["rank_divergence"]
+    last = result.get("last_log") or {}
+    if last:
+        m["final_lambda"] = last.get("lambda")
+        if last.get("keep_fraction", "") != "":
+            m["final_keep_fraction"] = last.get("keep_fraction")
+    return m
+
+
+def _compression_metrics(model: nn.Module, out_dir: Path) -> Dict[str, Any]:
+    """The compression report's totals; its per-layer list goes to layers.json and the plot."""
+    from .outputs import plot_layers, write_json
+
+    rep = compression_report(model)
+    gated_removed = rep["params_removable"] / rep["params_gated"] if rep["params_gated"] else 0.0
+    plot_layers(out_dir / "sparsity_per_layer.png", rep["layers"],
+                title=f"kept rows/columns per layer ({100 * gated_removed:.1f}% of gated params removable)")
+    write_json(out_dir / "layers.json", rep["layers"])
+    return dict(removed_fraction=rep["removed_fraction"], removed_fraction_of_gated=gated_removed,
+                params_total=rep["params_total"], params_gated=rep["params_gated"],
+                params_removable=rep["params_removable"])
+
+
+def _compact_metrics(model: nn.Module, dense_model: nn.Module, lat_batch, eval_compact: Optional[Callable],
+                     tokenizer, out_dir: Path) -> Dict[str, Any]:
+    """Compacts ``model`` in place, evaluates and times it against ``dense_model``, saves it."""
+    from .compact import compact
+    from .serialize import save_compact
+
+    model_c = compact(model.eval()).eval()
+    m: Dict[str, Any] = {}
+    if eval_compact is not None:
+        m.update({f"compact_{k}": v for k, v in eval_compact(model_c).items()})
+    dense_latency, compact_latency = measure_latency([dense_model, model_c], lat_batch)
+    m.update(latency_batch=list(lat_batch["input_ids"].shape), latency_dense_ms=round(1e3 * dense_latency, 3),
+             latency_compact_ms=round(1e3 * compact_latency, 3), latency_ratio=compact_latency / dense_latency,
+             speedup=dense_latency / compact_latency)
+    save_compact(model_c, out_dir / "compact", tokenizer=tokenizer)
+    return m
+
+
+def finish_run(args, accelerator, raw_model, result, *, gated, tokenizer, dense_model, lat_batch,
+               eval_compact, extra: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
+    """Main process: compression report, plot, compaction, latency, compact model, metrics.json."""
+    from .outputs import write_json
+
+    metrics: Dict[str, Any] = dict(extra)
+    metrics.update(_training_metrics(result, accelerator))
+    if gated:
+        metrics.update(_compression_metrics(raw_model, out_dir))
+    if gated and not args.no_compact:
+        metrics.update(_compact_metrics(raw_model, dense_model, lat_batch, eval_compact, tokenizer, out_dir))
+    else:
+        metrics["latency_ratio"] = None
+    write_json(out_dir / "metrics.json", metrics)
+    return metrics
