@@ -97,21 +97,25 @@ void pad_for_gemm(Active& a) {
 }
 
 GateSet gate_set(const at::Tensor& gate) {
-  const at::Tensor g = gate.to(at::kDouble).contiguous();
-  const double* p = g.data_ptr<double>();
+  // Read in the gate's own dtype (a conversion would cost an allocation and a dispatch per call).
+  const at::Tensor g = gate.contiguous();
   const int64_t n = g.numel();
   GateSet s;
   s.active.full = n;
   s.active.idx.reserve(n);
   s.values.reserve(n);
   bool all_one = true;
-  for (int64_t i = 0; i < n; ++i) {
-    if (p[i] != 0.0) {
-      s.active.idx.push_back(i);
-      s.values.push_back(p[i]);
-      all_one = all_one && p[i] == 1.0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, g.scalar_type(), "fg_gate_set", [&] {
+    const scalar_t* p = g.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      const double v = static_cast<double>(p[i]);
+      if (v != 0.0) {
+        s.active.idx.push_back(i);
+        s.values.push_back(v);
+        all_one = all_one && v == 1.0;
+      }
     }
-  }
+  });
   s.active.all = static_cast<int64_t>(s.active.idx.size()) == n;
   if (s.active.all) s.active.idx.clear();
   if (all_one) s.values.clear();
@@ -155,9 +159,8 @@ at::Tensor gather_block(const at::Tensor& weight, const Active& rows, const Acti
   const int64_t s0 = weight.stride(0), s1 = weight.stride(1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, weight.scalar_type(), "fg_gather_block", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<acc_t> row_s = scale_as<acc_t>(row_scale), col_s = scale_as<acc_t>(col_scale);
-    const acc_t* rs = row_s.empty() ? nullptr : row_s.data();
-    const acc_t* cs = col_s.empty() ? nullptr : col_s.data();
+    const acc_t* rs = row_scale.as<acc_t>();
+    const acc_t* cs = col_scale.as<acc_t>();
     const scalar_t* w = weight.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t* c = cols.all ? nullptr : cols.idx.data();
@@ -190,8 +193,7 @@ at::Tensor gather_cols(const at::Tensor& x2, const Active& cols, const Scale& sc
   const int64_t ld = x2.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2.scalar_type(), "fg_gather_cols", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<acc_t> scale_v = scale_as<acc_t>(scale);
-    const acc_t* sc = scale_v.empty() ? nullptr : scale_v.data();
+    const acc_t* sc = scale.as<acc_t>();
     const scalar_t* x = x2.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t* c = cols.all ? nullptr : cols.idx.data();
@@ -226,8 +228,7 @@ void scatter_cols(const at::Tensor& src, const Active& cols, const Scale& scale,
   const int64_t lds = src.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dst.scalar_type(), "fg_scatter_cols", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<acc_t> scale_v = scale_as<acc_t>(scale);
-    const acc_t* sc = scale_v.empty() ? nullptr : scale_v.data();
+    const acc_t* sc = scale.as<acc_t>();
     const scalar_t* s = src.data_ptr<scalar_t>();
     scalar_t* d = dst.data_ptr<scalar_t>();
     at::parallel_for(0, M, kRowGrain, [&](int64_t begin, int64_t end) {

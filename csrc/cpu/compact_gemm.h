@@ -13,13 +13,42 @@
 namespace fg {
 namespace cpu {
 
-// Gate values (a scale per row or column), in double so that a float64 layer keeps its precision;
-// the kernels convert them once per call to their compute type (scale_as). Empty means all 1.
-using Scale = std::vector<double>;
+// Gate values (a scale per row or column), kept in double so that a float64 layer keeps their
+// precision, and in float for the other layers' float math: each kernel reads the copy of its
+// compute type (`as<acc_t>()`) without converting per call. Empty means all 1.
+class Scale {
+ public:
+  bool empty() const { return d_.empty(); }
+  int64_t size() const { return static_cast<int64_t>(d_.size()); }
+  double operator[](int64_t i) const { return d_[i]; }
+  void reserve(int64_t n) {
+    d_.reserve(n);
+    f_.reserve(n);
+  }
+  void push_back(double v) {
+    d_.push_back(v);
+    f_.push_back(static_cast<float>(v));
+  }
+  void clear() {
+    d_.clear();
+    f_.clear();
+  }
+  // The values as float (float, half and bfloat16 layers) or double (float64), nullptr when empty.
+  template <typename acc_t>
+  const acc_t* as() const;
 
-template <typename acc_t>
-std::vector<acc_t> scale_as(const Scale& s) {
-  return std::vector<acc_t>(s.begin(), s.end());
+ private:
+  std::vector<double> d_;
+  std::vector<float> f_;
+};
+
+template <>
+inline const float* Scale::as<float>() const {
+  return f_.empty() ? nullptr : f_.data();
+}
+template <>
+inline const double* Scale::as<double>() const {
+  return d_.empty() ? nullptr : d_.data();
 }
 
 // x as (tokens, K) rows with unit stride in the last dimension (a copy only when a view cannot do).

@@ -76,8 +76,7 @@ RowPass row_pass(const Inputs& in, const c10::optional<at::Tensor>& output, cons
   if (nR > 0 && M > 0 && ((need_dh && !dh_is_dy) || need_db || need_dgr)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.dy.scalar_type(), "fg_backward_rows", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      const std::vector<acc_t> gr_v = scale_as<acc_t>(in.rows.values);
-      const acc_t* gr = gr_v.empty() ? nullptr : gr_v.data();
+      const acc_t* gr = in.rows.values.as<acc_t>();
       const scalar_t* g = in.dy.data_ptr<scalar_t>();
       const scalar_t* yv = need_dgr ? y2.data_ptr<scalar_t>() : nullptr;
       scalar_t* h = (need_dh && !dh_is_dy) ? out.dh.data_ptr<scalar_t>() : nullptr;
