@@ -259,6 +259,26 @@ def _scratch(device: torch.device) -> Tensor:
     return t
 
 
+@dataclass(frozen=True)
+class Gather:
+    """One gathered dimension of a gmm launch: the positions ``order`` lists (device int32), each
+    scaled by ``vals`` (None: no scale), the first ``cnt`` of them active (a device count; None:
+    all of them). ``ident_check``: the order is a gate order, so a full count means identity and
+    the tile indexes directly. ``rows`` (output dimension only): the row of ``b`` that each
+    position reads, when it differs from ``order``."""
+
+    order: Tensor
+    vals: Optional[Tensor] = None
+    cnt: Optional[Tensor] = None
+    ident_check: bool = False
+    rows: Optional[Tensor] = None
+
+    @classmethod
+    def of_gate(cls, meta: GateMeta) -> "Gather":
+        """The active entries of a gate, scaled by the gate values."""
+        return cls(meta.order, meta.vals, meta.cnt, ident_check=True)
+
+
 def gmm(
     *,
     a: Tensor,
@@ -266,27 +286,26 @@ def gmm(
     out: Optional[Tensor],
     n_full: int,
     k_full: int,
-    k_idx: Optional[Tensor] = None,
-    k_vals: Optional[Tensor] = None,
-    k_cnt: Optional[Tensor] = None,
-    k_gather_a: bool = False,
-    k_gather_b: bool = False,
-    k_ident_check: bool = False,
-    n_out: Optional[Tensor] = None,
-    n_brow: Optional[Tensor] = None,
-    n_vals: Optional[Tensor] = None,
-    n_cnt: Optional[Tensor] = None,
-    n_ident_check: bool = False,
+    k: Optional[Gather] = None,
+    gather_a: bool = False,
+    gather_b: bool = False,
+    n: Optional[Gather] = None,
     bias: Optional[Tensor] = None,
     lora_t: Optional[Tensor] = None,
     lora_b: Optional[Tensor] = None,
     aux: Optional[Tensor] = None,
     alpha: float = 1.0,
 ) -> Optional[Tensor]:
-    """Launches gmm_kernel (see kernels.py). ``a`` (M, *), ``b`` (rows, cols) are 2-D strided;
+    """Launches gmm_kernel (see kernels.py): ``out[:, n] = alpha * (a[:, k] @ b[n][:, k].T + ...)``.
+
+    ``a`` (M, *), ``b`` (rows, cols) are 2-D strided. ``k``: the reduction dimension's gather, read
+    through it by ``a`` (``gather_a``) and/or ``b`` (``gather_b``); ``n``: the output dimension's.
     ``lora_b`` is (rows of b, r) indexed like b's rows; ``aux`` (M, n_full) turns on the partial
-    sums ``sum_m pre * aux`` and then the return value is their float32 total, shape (n_full,).
-    ``n_gather`` is on when ``n_out`` is given; ``k_cnt`` makes the reduction length dynamic."""
+    sums ``sum_m pre * aux`` and then the return value is their total, shape (n_full,)."""
+    k_idx, k_vals, k_cnt = (k.order, k.vals, k.cnt) if k is not None else (None, None, None)
+    n_out = n.order if n is not None else None
+    n_brow = (n.rows if n.rows is not None else n.order) if n is not None else None
+    n_vals, n_cnt = (n.vals, n.cnt) if n is not None else (None, None)
     M = a.shape[0]
     dev = a.device
     n_gather = n_out is not None
@@ -334,8 +353,8 @@ def gmm(
             x_, x_.stride(0) if has_aux else 0, x_.stride(1) if has_aux else 0,
             part, part.stride(0),
             M, n_full, k_full, float(alpha), _bucket(M),
-            K_GATHER_A=k_gather_a, K_GATHER_B=k_gather_b, K_DYN=k_dyn, K_IDENT_CHECK=k_ident_check,
-            N_GATHER=n_gather, N_IDENT_CHECK=n_ident_check and n_gather,
+            K_GATHER_A=gather_a, K_GATHER_B=gather_b, K_DYN=k_dyn, K_IDENT_CHECK=k is not None and k.ident_check,
+            N_GATHER=n_gather, N_IDENT_CHECK=n is not None and n.ident_check,
             HAS_KVAL=k_vals is not None, HAS_NVAL=n_vals is not None, HAS_BIAS=bias is not None,
             HAS_LORA=has_lora, HAS_AUX=has_aux, STORE_OUT=store_out,
             IDX64=needs_int64(a, b, out, lora_t, lora_b, aux, part),

@@ -50,11 +50,8 @@ def _lora_t(x2: Tensor, lora_a: Tensor, cmeta: L.GateMeta, lora_scale: float) ->
     """t = lora_scale * (x * g_c)[:, C] @ lora_a[:, C].T, shape (M, r), x's dtype."""
     M, K = x2.shape
     t = torch.empty((M, lora_a.shape[0]), dtype=x2.dtype, device=x2.device)
-    L.gmm(
-        a=x2, b=lora_a, out=t, n_full=lora_a.shape[0], k_full=K,
-        k_idx=cmeta.order, k_vals=cmeta.vals, k_cnt=cmeta.cnt,
-        k_gather_a=True, k_gather_b=True, k_ident_check=True, alpha=lora_scale,
-    )
+    L.gmm(a=x2, b=lora_a, out=t, n_full=lora_a.shape[0], k_full=K, k=L.Gather.of_gate(cmeta), gather_a=True,
+          gather_b=True, alpha=lora_scale)
     return t
 
 
@@ -83,11 +80,8 @@ def gated_linear_forward(
     has_lora = lora_a is not None and lora_a.shape[0] > 0
     t = _lora_t(x2, lora_a, cmeta, lora_scale) if has_lora else None
     L.gmm(
-        a=x2, b=weight, out=y.view(M, N), n_full=N, k_full=K,
-        k_idx=cmeta.order, k_vals=cmeta.vals, k_cnt=cmeta.cnt,
-        k_gather_a=True, k_gather_b=True, k_ident_check=True,
-        n_out=rmeta.order, n_brow=rmeta.order, n_vals=rmeta.vals, n_cnt=rmeta.cnt, n_ident_check=True,
-        bias=None if bias is None else bias.contiguous(),
+        a=x2, b=weight, out=y.view(M, N), n_full=N, k_full=K, k=L.Gather.of_gate(cmeta), gather_a=True,
+        gather_b=True, n=L.Gather.of_gate(rmeta), bias=None if bias is None else bias.contiguous(),
         lora_t=t, lora_b=lora_b if has_lora else None,
     )
     return y
@@ -129,11 +123,8 @@ def _lora_u(b: _Backward) -> Tensor:
     """u = s * dh[:, R] @ lora_b[R], (M, r): LoRA's share of dx and the input of lora_a's gradient."""
     M, N = b.dy.shape
     u = torch.empty((M, b.rank), dtype=b.dy.dtype, device=b.dy.device)
-    L.gmm(
-        a=b.dy, b=b.lora_b.t(), out=u, n_full=b.rank, k_full=N,
-        k_idx=b.rmeta.order, k_vals=b.rmeta.vals, k_cnt=b.rmeta.cnt,
-        k_gather_a=True, k_gather_b=True, k_ident_check=True, alpha=b.lora_scale,
-    )
+    L.gmm(a=b.dy, b=b.lora_b.t(), out=u, n_full=b.rank, k_full=N, k=L.Gather.of_gate(b.rmeta), gather_a=True,
+          gather_b=True, alpha=b.lora_scale)
     return u
 
 
@@ -143,12 +134,9 @@ def _input_and_col_gate_grads(b: _Backward, u: Optional[Tensor], need_dx: bool, 
     K = b.weight.shape[1]
     dx2 = torch.empty((M, K), dtype=b.dy.dtype, device=b.dy.device) if need_dx else None
     sum_dgc = L.gmm(
-        a=b.dy, b=b.weight.t(), out=dx2, n_full=K, k_full=b.weight.shape[0],
-        k_idx=b.rmeta.order, k_vals=b.rmeta.vals, k_cnt=b.rmeta.cnt,
-        k_gather_a=True, k_gather_b=True, k_ident_check=True,
-        n_out=b.cmeta.order, n_brow=b.cmeta.order, n_vals=b.cmeta.vals, n_cnt=b.cmeta.cnt, n_ident_check=True,
-        lora_t=u, lora_b=b.lora_a.t() if u is not None else None,
-        aux=b.x2 if need_dgc else None,
+        a=b.dy, b=b.weight.t(), out=dx2, n_full=K, k_full=b.weight.shape[0], k=L.Gather.of_gate(b.rmeta),
+        gather_a=True, gather_b=True, n=L.Gather.of_gate(b.cmeta),
+        lora_t=u, lora_b=b.lora_a.t() if u is not None else None, aux=b.x2 if need_dgc else None,
     )
     return dx2, sum_dgc
 

@@ -22,7 +22,7 @@ from . import _launch as L
 __all__ = ["gathered_linear_forward"]
 
 
-def _output_order(row_idx: Tensor, n_rows: int, out_features: int, device: torch.device) -> dict:
+def _output_order(row_idx: Tensor, n_rows: int, out_features: int, device: torch.device) -> L.Gather:
     """Launch arguments that scatter compact row i to output column row_idx[i]: an order of the
     output columns (produced ones first, ascending, then the others) and, per position, the row of
     weight_c that produces it; all on the device."""
@@ -30,7 +30,7 @@ def _output_order(row_idx: Tensor, n_rows: int, out_features: int, device: torch
     inv.index_put_((row_idx.to(torch.int64),), torch.arange(n_rows, dtype=torch.int32, device=device))
     (meta,) = L.gate_meta(inv + 1)
     brow = inv.gather(0, meta.order.to(torch.int64)).contiguous()
-    return dict(n_out=meta.order, n_brow=brow, n_cnt=meta.cnt)
+    return L.Gather(meta.order, cnt=meta.cnt, rows=brow)
 
 
 def gathered_linear_forward(
@@ -54,13 +54,11 @@ def gathered_linear_forward(
         return y
     if weight_c.shape[0] == 0:
         return y.zero_()  # no row is produced
-    scatter = {} if row_idx is None else _output_order(row_idx, weight_c.shape[0], out_features, x.device)
     L.gmm(
         a=x.reshape(M, x.shape[-1]), b=weight_c, out=y.view(M, out_features), n_full=out_features,
-        k_full=weight_c.shape[1],
-        k_idx=None if col_idx is None else col_idx.contiguous(),
-        k_gather_a=col_idx is not None, k_gather_b=False,
+        k_full=weight_c.shape[1], k=None if col_idx is None else L.Gather(col_idx.contiguous()),
+        gather_a=col_idx is not None,
+        n=None if row_idx is None else _output_order(row_idx, weight_c.shape[0], out_features, x.device),
         bias=None if bias_c is None else bias_c.contiguous(),
-        **scatter,
     )
     return y
