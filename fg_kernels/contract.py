@@ -129,11 +129,14 @@ def _check_gates_and_lora(
     torch._check_value(lora_b.shape[1] == r, msg_b)
 
 
-def _check_index_meta(idx: Tensor, x: Tensor, name: str) -> None:
-    """Device, dtype and rank of an index list; its values are checked by the kernels."""
+def _check_index_list(idx: Tensor, x: Tensor, name: str, length, dim: int) -> None:
+    """Device, dtype, rank and length (``weight_c.shape[dim]``) of an index list; its values are
+    data, checked by the kernels."""
     _check_same_device(idx, x, name, "x")
     torch._check_type(idx.dtype in INDEX_DTYPES, lambda: f"{name} must be an int64 or int32 index tensor, got {idx.dtype}")
     torch._check_value(idx.dim() == 1, lambda: f"{name} must be 1-D, got shape {_shape(idx)}")
+    torch._check_value(idx.shape[0] == length,
+                       lambda: f"{name} must have length weight_c.shape[{dim}] = {length}, got {idx.shape[0]}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,9 +216,7 @@ def check_gathered_linear(
         _check_vector(bias_c, n_rows, "bias_c", "active rows = weight_c.shape[0]")
     torch._check_value(out_features >= 0, lambda: f"out_features must be >= 0, got {out_features}")
     if row_idx is not None:
-        _check_index_meta(row_idx, x, "row_idx")
-        torch._check_value(row_idx.shape[0] == n_rows,
-                           lambda: f"row_idx must have length weight_c.shape[0] = {n_rows}, got {row_idx.shape[0]}")
+        _check_index_list(row_idx, x, "row_idx", n_rows, 0)
     else:
         torch._check_value(
             out_features == n_rows,
@@ -223,9 +224,7 @@ def check_gathered_linear(
             f"got {out_features}",
         )
     if col_idx is not None:
-        _check_index_meta(col_idx, x, "col_idx")
-        torch._check_value(col_idx.shape[0] == n_cols,
-                           lambda: f"col_idx must have length weight_c.shape[1] = {n_cols}, got {col_idx.shape[0]}")
+        _check_index_list(col_idx, x, "col_idx", n_cols, 1)
     else:
         torch._check_value(
             x.shape[-1] == n_cols,

@@ -137,19 +137,29 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
     evaluate = functools.partial(classification_metrics, **task_metrics)
     eval_compact = plain_evaluator(classification_metrics, val_ds, args.eval_batch_size, collate, **task_metrics)
 
+    extra = dict(command="finetune", method=args.method, task=args.task, model=model_desc,
+                 data=data_desc, metric=metric_name, target_sparsity=args.target_sparsity if gated else None)
+    return _train_and_finish(
+        args, accelerator, model, gated=gated, data=(train_ds, val_ds), collate_fn=collate, param_groups=groups,
+        evaluate=evaluate, eval_compact=eval_compact, extra=extra, n_trainable=n_trainable, tokenizer=tokenizer,
+        dense_model=dense_model, lat_batch=lat_batch, out_dir=out_dir, resume_from=resume_from)
+
+
+def _train_and_finish(args, accelerator, model, *, gated, data, collate_fn, param_groups, evaluate, eval_compact,
+                      extra, n_trainable, tokenizer, dense_model, lat_batch, out_dir, resume_from) -> Dict[str, Any]:
+    """Train, then on the main process compact, time and write the outputs (others return {})."""
     from .trainer import train
 
+    train_ds, val_ds = data
     result = train(args, accelerator, model, gated=gated, train_dataset=train_ds, eval_dataset=val_ds,
-                   collate_fn=collate, param_groups=groups, evaluate=evaluate, output_dir=out_dir,
+                   collate_fn=collate_fn, param_groups=param_groups, evaluate=evaluate, output_dir=out_dir,
                    resume_from=resume_from)
     result["trainable_params"] = n_trainable
     if not accelerator.is_main_process:
         return {}
-    raw = result["model"]
-    extra = dict(command="finetune", method=args.method, task=args.task, model=model_desc,
-                 data=data_desc, metric=metric_name, target_sparsity=args.target_sparsity if gated else None)
-    return finish_run(args, accelerator, raw, result, gated=gated, tokenizer=tokenizer, dense_model=dense_model,
-                      lat_batch=lat_batch, eval_compact=eval_compact, extra=extra, out_dir=out_dir)
+    return finish_run(args, accelerator, result["model"], result, gated=gated, tokenizer=tokenizer,
+                      dense_model=dense_model, lat_batch=lat_batch, eval_compact=eval_compact, extra=extra,
+                      out_dir=out_dir)
 
 
 def _head_names(model: nn.Module) -> List[str]:
@@ -194,19 +204,12 @@ def _lm_run(args, accelerator, out_dir, resume_from, on_created, model, tokenize
         f"{args.block_size} tokens, trainable parameters {n_trainable:,}"
     )
     on_created()
-    from .trainer import train
-
-    result = train(args, accelerator, model, gated=True, train_dataset=train_ds, eval_dataset=val_ds,
-                   collate_fn=_lm_collate, param_groups=groups, evaluate=lm_metrics, output_dir=out_dir,
-                   resume_from=resume_from)
-    result["trainable_params"] = n_trainable
-    if not accelerator.is_main_process:
-        return {}
-    raw = result["model"]
     extra = dict(command=command, model=model_desc, metric="perplexity", target_sparsity=args.target_sparsity)
-    eval_compact = plain_evaluator(lm_metrics, val_ds, args.eval_batch_size, _lm_collate)
-    return finish_run(args, accelerator, raw, result, gated=True, tokenizer=tokenizer, dense_model=dense_model,
-                      lat_batch=lat_batch, eval_compact=eval_compact, extra=extra, out_dir=out_dir)
+    return _train_and_finish(
+        args, accelerator, model, gated=True, data=data, collate_fn=_lm_collate, param_groups=groups,
+        evaluate=lm_metrics, eval_compact=plain_evaluator(lm_metrics, val_ds, args.eval_batch_size, _lm_collate),
+        extra=extra, n_trainable=n_trainable, tokenizer=tokenizer, dense_model=dense_model, lat_batch=lat_batch,
+        out_dir=out_dir, resume_from=resume_from)
 
 
 def posttrain(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[str, Any]:
