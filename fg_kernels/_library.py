@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import warnings
 
-import torch
-
 REBUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` from the fg_kernels source tree "
     "(after `pip install torch`)"

@@ -15,7 +15,7 @@ Every backend accepts float32, float16, bfloat16 and float64 (float64 exists for
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -23,7 +23,7 @@ from torch import Tensor
 __all__ = [
     "FLOAT_DTYPES", "INDEX_DTYPES", "GRAD_SLOTS", "BackwardPlan", "backward_plan",
     "check_gated_linear", "check_gated_linear_backward", "check_gathered_linear", "check_index_values",
-    "backward_grad_shapes", "token_count",
+    "backward_outputs", "token_count",
 ]
 
 # Dtypes of x / weight / bias / LoRA (and of grad_out): the same on every device.
@@ -185,7 +185,7 @@ def check_gated_linear_backward(
     plan = backward_plan(output_mask, True, lora_a is not None)
     torch._check_value(not plan.needs_x or x is not None,
                        lambda: "x is required for the gradients of col_gate, weight or LoRA")
-    torch._check_value(not plan.mask[3] or output is not None,
+    torch._check_value(not plan.needs_output or output is not None,
                        lambda: "output is required for the gradient of row_gate")
     if x is not None:
         _check_like(x, grad_out, "x", "grad_out")
@@ -267,16 +267,28 @@ def backward_plan(needs_input_grad: Sequence[bool], has_bias: bool, has_lora: bo
     return BackwardPlan([g[0], g[1], has_bias and g[2], g[3], g[4], has_lora and g[5], has_lora and g[6]])
 
 
-def backward_grad_shapes(grad_out: Tensor, weight: Tensor, lora_a: Optional[Tensor]) -> Tuple[tuple, ...]:
-    """Shapes of the 7 gradients of ``fg::gated_linear_backward`` when selected (an unselected or
-    LoRA-less slot is returned as an empty ``(0,)`` tensor)."""
+def backward_outputs(
+    grad_out: Tensor, weight: Tensor, row_gate: Tensor, col_gate: Tensor, lora_a: Optional[Tensor],
+    output_mask: Sequence[bool], computed: Optional[Dict[int, Tensor]] = None, missing: Callable = Tensor.new_empty,
+) -> Tuple[Tensor, ...]:
+    """The 7 outputs of ``fg::gated_linear_backward`` (over ``GRAD_SLOTS``): a selected gradient is
+    ``computed[slot]`` when given, else a new tensor of its input's shape and dtype made by
+    ``missing(weight, shape, dtype=...)`` (the fake kernel: uninitialised; a kernel: zeros, a sum
+    over nothing); an unselected one (or a LoRA slot without LoRA) is an empty ``(0,)`` tensor of
+    its slot's dtype. A float32 gate under a bf16 layer keeps a float32 gradient."""
+    plan = backward_plan(output_mask, True, lora_a is not None)
     N, K = weight.shape
     r = lora_a.shape[0] if lora_a is not None else 0
-    return ((*grad_out.shape[:-1], K), (N, K), (N,), (N,), (K,), (r, K), (N, r))
-
-
-def backward_grad_dtypes(weight: Tensor, row_gate: Tensor, col_gate: Tensor) -> Tuple[torch.dtype, ...]:
-    """Dtypes of the 7 gradients: each that of its input (a float32 gate under a bf16 layer keeps
-    a float32 gradient)."""
+    shapes = ((*grad_out.shape[:-1], K), (N, K), (N,), (N,), (K,), (r, K), (N, r))
     w = weight.dtype
-    return (w, w, w, row_gate.dtype, col_gate.dtype, w, w)
+    dtypes = (w, w, w, row_gate.dtype, col_gate.dtype, w, w)
+    computed = computed or {}
+    out = []
+    for slot, (shape, dtype, selected) in enumerate(zip(shapes, dtypes, plan.mask)):
+        if not selected:
+            out.append(weight.new_empty((0,), dtype=dtype))
+        elif slot in computed:
+            out.append(computed[slot])
+        else:
+            out.append(missing(weight, shape, dtype=dtype))
+    return tuple(out)

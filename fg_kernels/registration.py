@@ -34,10 +34,7 @@ def gated_linear_backward_fake(grad_out, x, weight, row_gate, col_gate, lora_a, 
                                output_mask):
     contract.check_gated_linear_backward(grad_out, x, weight, row_gate, col_gate, lora_a, lora_b, output,
                                          output_mask)
-    plan = contract.backward_plan(output_mask, True, lora_a is not None)
-    shapes = contract.backward_grad_shapes(grad_out, weight, lora_a)
-    dtypes = contract.backward_grad_dtypes(weight, row_gate, col_gate)
-    return tuple(weight.new_empty(s if m else (0,), dtype=d) for s, d, m in zip(shapes, dtypes, plan.mask))
+    return contract.backward_outputs(grad_out, weight, row_gate, col_gate, lora_a, output_mask)
 
 
 def gathered_linear_fake(x, weight_c, bias_c, row_idx, col_idx, out_features):

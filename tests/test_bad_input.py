@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 import pytest
 import torch
@@ -76,10 +76,6 @@ class Case:
     error: type
     words: str  # regex the message must match
     data: bool = False  # the failure depends on index values (fake kernels cannot see them)
-
-
-def _ones(*s):
-    return lambda args: torch.ones(*s, dtype=args.get("x", args.get("grad_out")).dtype)
 
 
 CASES = {

@@ -22,7 +22,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from ._launch import kernels
+from ._launch import F64_GMM_CONFIG, F64_MTM_CONFIG, kernels
 
 UNIT_STRIDES = {
     "gmm_kernel": ("stride_ak", "stride_bk", "stride_on", "stride_tr", "stride_lbr", "stride_xk"),
@@ -53,10 +53,11 @@ def _types(dt: str, name: str) -> str:
 
 
 def compile_variant(kernel, dt: str, consts: dict, target: GPUTarget, num_warps: int, num_stages: int = 3):
-    if dt == "fp64":
-        num_stages = 1  # as launched (_launch._F64_CONFIG)
+    """``consts`` may carry launch options (``num_warps``, ``num_stages``) as a launch config does."""
     fn = _jit(kernel)
     consts = dict(consts)
+    num_warps = consts.pop("num_warps", num_warps)
+    num_stages = consts.pop("num_stages", num_stages)
     for name in UNIT_STRIDES.get(fn.__name__, ()):
         consts.setdefault(name, 1)
     sig, attrs = {}, {}
@@ -93,13 +94,13 @@ def variants(quick: bool):
                          BLOCK_P=128, BLOCK_Q=128, BLOCK_K=bk, GROUP_P=8), 8))
         out.append((f"bias/row-gate sums {dt}", "colsum_kernel", dt,
                     dict(NEED_B=True, NEED_G=True, IDX64=False, BLOCK_M=32, BLOCK_N=128), 4))
-    # float64 (gradcheck): products on the FMA units in small tiles (see _launch._F64_CONFIG).
-    f64 = dict(gated, DOT_PREC="ieee", BLOCK_M=16, BLOCK_N=16, BLOCK_K=8)
+    # float64 (gradcheck): products on the FMA units, in the tiles the launcher uses.
+    f64 = dict(gated, DOT_PREC="ieee", **F64_GMM_CONFIG)
     out.append(("gated forward fp64", "gmm_kernel", "fp64", f64, 4))
     out.append(("gated dx+dgc fp64", "gmm_kernel", "fp64", dict(f64, HAS_BIAS=False, HAS_AUX=True), 4))
     out.append(("weight grad fp64", "mtm_kernel", "fp64",
                 dict(P_GATHER=True, Q_GATHER=True, HAS_PVAL=True, HAS_QVAL=True, IDX64=False, DOT_PREC="ieee",
-                     BLOCK_P=32, BLOCK_Q=32, BLOCK_K=4, GROUP_P=8), 4))
+                     **F64_MTM_CONFIG), 4))
     out.append(("bias/row-gate sums fp64", "colsum_kernel", "fp64",
                 dict(NEED_B=True, NEED_G=True, IDX64=False, BLOCK_M=32, BLOCK_N=128), 4))
     out.append(("gate metadata", "gate_meta_kernel", "fp32", dict(BLOCK=1024), 4))

@@ -214,16 +214,17 @@ def identity_meta(n: int, device: torch.device, vals_dtype: torch.dtype = torch.
 # --------------------------------------------------------------------------------------------
 
 
-# float64 multiplies as broadcast products in registers (kernels._dot): small tiles, no autotuning
-# (the compile check shows no spill for these on sm_90).
-_F64_CONFIG = dict(num_warps=4, num_stages=1)
+# float64 multiplies as broadcast products in registers (kernels._dot): small tiles, no autotuning.
+# The compile check builds exactly these (no spill on sm_90).
+F64_GMM_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=8, GROUP_M=8, num_warps=4, num_stages=1)
+F64_MTM_CONFIG = dict(BLOCK_P=32, BLOCK_Q=32, BLOCK_K=4, GROUP_P=8, num_warps=4, num_stages=1)
 
 
 def _gmm_fixed_config(km: ModuleType, M: int, N: int, dtype: torch.dtype) -> dict:
     if km.INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
     if dtype == torch.float64:
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=8, GROUP_M=8, **_F64_CONFIG)
+        return dict(F64_GMM_CONFIG)
     if dtype == torch.float32:
         return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
     bm = 128 if M > 64 else 64
@@ -234,7 +235,7 @@ def _mtm_fixed_config(km: ModuleType, dtype: torch.dtype) -> dict:
     if km.INTERPRET:
         return dict(BLOCK_P=16, BLOCK_Q=16, BLOCK_K=16, GROUP_P=2)
     if dtype == torch.float64:
-        return dict(BLOCK_P=32, BLOCK_Q=32, BLOCK_K=4, GROUP_P=8, **_F64_CONFIG)
+        return dict(F64_MTM_CONFIG)
     if dtype == torch.float32:
         return dict(BLOCK_P=64, BLOCK_Q=64, BLOCK_K=32, GROUP_P=8, num_warps=4, num_stages=3)
     return dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=64, GROUP_P=8, num_warps=8, num_stages=3)
@@ -244,9 +245,11 @@ def _tuned(km: ModuleType, name: str, dtype: torch.dtype):
     """(kernel, autotuned?): the autotuned kernel, or its plain JIT function when autotuning is
     off or the dtype has a fixed configuration (float64)."""
     kernel = getattr(km, name)
-    if km.AUTOTUNE and dtype != torch.float64:
-        return kernel, True
-    return getattr(kernel, "fn", kernel) if km.AUTOTUNE else kernel, False
+    if not km.AUTOTUNE:
+        return kernel, False
+    if dtype == torch.float64:
+        return kernel.fn, False  # the Autotuner's JIT function
+    return kernel, True
 
 
 _SCRATCH: Dict[torch.device, Tensor] = {}

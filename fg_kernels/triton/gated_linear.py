@@ -30,7 +30,7 @@ keys; both namespaces get the one autograd of ``fg_kernels.registration``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -151,7 +151,7 @@ def _weight_grad(b: _Backward) -> Tensor:
 def _lora_b_grad(b: _Backward) -> Tensor:
     """dlora_b[R] = dh[:, R].T @ t, zeros elsewhere."""
     dlb = torch.zeros((b.weight.shape[0], b.rank), dtype=b.dy.dtype, device=b.dy.device)
-    if b.rank > 0 and b.weight.shape[1] > 0:
+    if b.rank > 0:
         t = _lora_t(b.x2, b.lora_a, b.cmeta, b.lora_scale)
         L.mtm(a=b.dy, b=t, out=dlb, p=b.rmeta, q=L.identity_meta(b.rank, t.device, b.rmeta.vals.dtype),
               p_gather=True, q_gather=False, p_vals=True, q_vals=False)
@@ -161,7 +161,7 @@ def _lora_b_grad(b: _Backward) -> Tensor:
 def _lora_a_grad(b: _Backward, u: Optional[Tensor]) -> Tensor:
     """dlora_a[:, C] = u.T @ (x[:, C] * g_c[C]), zeros elsewhere."""
     da = torch.zeros((b.rank, b.weight.shape[1]), dtype=b.dy.dtype, device=b.dy.device)
-    if b.rank > 0 and b.weight.shape[1] > 0:
+    if b.rank > 0:
         L.mtm(a=u, b=b.x2, out=da, p=L.identity_meta(b.rank, u.device, b.cmeta.vals.dtype), q=b.cmeta,
               p_gather=False, q_gather=True, p_vals=False, q_vals=True)
     return da
@@ -184,31 +184,39 @@ def gated_linear_backward(
     contract.check_gated_linear_backward(grad_out, x, weight, row_gate, col_gate, lora_a, lora_b, output,
                                          output_mask)
     plan = contract.backward_plan(output_mask, True, lora_a is not None)
-    need_dx, need_dw, need_db, need_dgr, need_dgc, need_da, need_dlb = plan.mask
-    shapes = contract.backward_grad_shapes(grad_out, weight, lora_a)
-    dtypes = contract.backward_grad_dtypes(weight, row_gate, col_gate)
-    res: List[Tensor] = [weight.new_empty(s if m else (0,), dtype=d) for s, d, m in zip(shapes, dtypes, plan.mask)]
-    N, K = weight.shape
-    if contract.token_count(grad_out) == 0 or N == 0:
-        # No token or no output: every selected gradient is a sum over nothing.
-        return tuple(r.zero_() for r in res)
+    computed: Dict[int, Tensor] = {}  # slot -> gradient; a selected slot left out is a sum over nothing
+    if contract.token_count(grad_out) > 0 and weight.shape[0] > 0:
+        _compute_grads(computed, plan, grad_out, x, weight, row_gate, col_gate, lora_a, lora_b, lora_scale, output)
+    return contract.backward_outputs(grad_out, weight, row_gate, col_gate, lora_a, output_mask, computed,
+                                     missing=Tensor.new_zeros)
 
+
+def _compute_grads(computed: Dict[int, Tensor], plan: contract.BackwardPlan, grad_out, x, weight, row_gate, col_gate,
+                   lora_a, lora_b, lora_scale, output) -> None:
+    """The selected gradients that are not sums over nothing, into ``computed`` by slot."""
+    need_dx, need_dw, need_db, need_dgr, need_dgc, need_da, need_dlb = plan.mask
+    N, K = weight.shape
     rmeta, cmeta = L.gate_meta(row_gate, col_gate, vals_dtype=L.acc_dtype(grad_out.dtype))
     b = _Backward(dy=_rows(grad_out, N), x2=_rows(x, K) if plan.needs_x else None, weight=weight,
                   rmeta=rmeta, cmeta=cmeta, lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale)
     if need_db or need_dgr:
         db, dgr = _bias_and_row_gate_grads(b, output, row_gate, need_db, need_dgr)
-        res[2] = db if need_db else res[2]
-        res[3] = dgr if need_dgr else res[3]
+        if need_db:
+            computed[2] = db
+        if need_dgr:
+            computed[3] = dgr
+    if K == 0:
+        return  # no input column: the other gradients are empty or sums over nothing
     u = _lora_u(b) if b.rank > 0 and (need_dx or need_dgc or need_da) else None
-    if (need_dx or need_dgc) and K > 0:
+    if need_dx or need_dgc:
         dx2, sum_dgc = _input_and_col_gate_grads(b, u, need_dx, need_dgc)
-        res[0] = dx2.view(shapes[0]) if need_dx else res[0]
-        res[4] = sum_dgc.to(col_gate.dtype) if need_dgc else res[4]
+        if need_dx:
+            computed[0] = dx2.view(*grad_out.shape[:-1], K)
+        if need_dgc:
+            computed[4] = sum_dgc.to(col_gate.dtype)
     if need_dw:
-        res[1] = _weight_grad(b) if K > 0 else res[1]
+        computed[1] = _weight_grad(b)
     if need_dlb:
-        res[6] = _lora_b_grad(b)
+        computed[6] = _lora_b_grad(b)
     if need_da:
-        res[5] = _lora_a_grad(b, u)
-    return tuple(res)
+        computed[5] = _lora_a_grad(b, u)
