@@ -31,13 +31,14 @@ import fg_kernels.triton as ft  # noqa: E402
 from fg_kernels.triton import _launch  # noqa: E402
 
 THIS_FILE = Path(__file__).resolve()
-KERNEL_NAMES = ("gate_meta_kernel", "gmm_kernel", "mtm_kernel", "colsum_kernel")
-# Everything a kernel is specialised on (tl.constexpr): block sizes and structural flags only.
+KERNEL_NAMES = ("gate_meta_kernel", "pack_kernel", "gmm_full_kernel", "gmm_compact_kernel", "mtm_kernel",
+                "colsum_kernel")
+# Everything a kernel is specialised on (tl.constexpr): block sizes, the route and structural flags only.
 ALLOWED_CONSTEXPR = {
-    "BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK_P", "BLOCK_Q", "GROUP_M", "GROUP_P",
-    "K_GATHER_A", "K_GATHER_B", "K_DYN", "K_IDENT_CHECK", "N_GATHER", "N_IDENT_CHECK",
-    "HAS_KVAL", "HAS_NVAL", "HAS_BIAS", "HAS_LORA", "HAS_AUX", "STORE_OUT", "IDX64", "DOT_PREC",
-    "P_GATHER", "Q_GATHER", "HAS_PVAL", "HAS_QVAL", "NEED_B", "NEED_G",
+    "BLOCK", "BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "BLOCK_C", "BLOCK_P", "BLOCK_Q", "GROUP_M", "GROUP_P",
+    "ROUTE", "K_DYN", "N_SCATTER", "B_ROW_GATHER", "HAS_KVAL", "HAS_NVAL", "HAS_BIAS", "HAS_LORA", "HAS_AUX",
+    "STORE_OUT", "IDX64", "DOT_PREC", "P_SCATTER", "Q_SCATTER", "HAS_PVAL", "HAS_QVAL", "NEED_B", "NEED_G",
+    "ROW_GATHER", "ROW_DYN", "HAS_RVAL", "COL_GATHER", "COL_DYN", "HAS_CVAL",
 }
 
 
@@ -72,10 +73,14 @@ def test_active_counts_are_runtime_arguments(interpret):
 
         gm = km.gate_meta_kernel
         assert isinstance(gm, JITFunction) and {"n0", "n1"} <= set(gm.do_not_specialize)
-        for name in ("gmm_kernel", "mtm_kernel"):
+        compact = km.gmm_compact_kernel
+        while not isinstance(compact, JITFunction):
+            compact = compact.fn
+        assert "k_len" in compact.do_not_specialize  # a compact layer's width, not a compile key
+        for name in ("gmm_full_kernel", "gmm_compact_kernel", "mtm_kernel"):
             k = getattr(km, name)
             if isinstance(k, Autotuner):
-                assert not any("cnt" in key or "idx" in key for key in k.keys), k.keys
+                assert not any("cnt" in key or "idx" in key or key == "k_len" for key in k.keys), k.keys
                 assert "M_BUCKET" in k.keys and "M" not in k.keys, k.keys
 
 
@@ -83,17 +88,18 @@ def test_active_counts_are_runtime_arguments(interpret):
 def test_compiled_kernels_build_for_gpu_targets(arch):
     """The compiled (non-interpreted) kernels lower to PTX and SASS for Hopper and Ampere with
     triton's bundled compiler, no GPU needed: catches what the interpreter cannot (e.g. types that
-    differ between the branches of an `if`). Runs in a subprocess without TRITON_INTERPRET."""
+    differ between the branches of an `if`), and ptxas reports no register spill and no serialized
+    wgmma (C7515) for the bfloat16 launches. Runs in a subprocess without TRITON_INTERPRET."""
     nvidia_bin = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not nvidia_bin.exists():
         pytest.skip("triton's NVIDIA backend (bundled ptxas) is not installed")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["FG_TRITON_AUTOTUNE"] = "0"
-    cmd = [sys.executable, "-m", "fg_kernels.triton._compile_check", "--quick", "--arch", str(arch)]
+    cmd = [sys.executable, "-m", "fg_kernels.triton._compile_check", "--quick", "--strict", "--arch", str(arch)]
     res = subprocess.run(cmd, env=env, cwd=str(THIS_FILE.parent.parent), capture_output=True, text=True,
                          timeout=900)
     assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert res.stdout.count("ok ") >= 9, res.stdout
+    assert res.stdout.count("ok ") >= 11, res.stdout
 
 
 def test_launch_arguments_do_not_depend_on_the_pattern(monkeypatch, seed):
@@ -106,9 +112,13 @@ def test_launch_arguments_do_not_depend_on_the_pattern(monkeypatch, seed):
     def spy(name, kernel):
         orig_run = kernel.run
 
+        def described(a):
+            return ("T", str(a.dtype), tuple(a.shape)) if isinstance(a, torch.Tensor) else a
+
         def run(*args, grid, warmup, **kwargs):
-            sig = tuple(("T", str(a.dtype), tuple(a.shape)) if isinstance(a, torch.Tensor) else a for a in args)
-            log.append((name, sig, tuple(sorted(kwargs.items())), grid if not callable(grid) else "fn"))
+            sig = tuple(described(a) for a in args)
+            kw = tuple(sorted((k, described(v)) for k, v in kwargs.items()))
+            log.append((name, sig, kw, grid if not callable(grid) else "fn"))
             return orig_run(*args, grid=grid, warmup=warmup, **kwargs)
 
         monkeypatch.setattr(kernel, "run", run)

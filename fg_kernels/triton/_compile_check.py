@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,16 +23,23 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from ._launch import F64_GMM_CONFIG, F64_MTM_CONFIG, kernels
+import torch
+
+from ._launch import PACK_CONFIG, _gmm_fixed_config, _mtm_fixed_config, kernels
 
 UNIT_STRIDES = {
-    "gmm_kernel": ("stride_ak", "stride_bk", "stride_on", "stride_tr", "stride_lbr", "stride_xk"),
+    "gmm_full_kernel": ("stride_ak", "stride_bk", "stride_on", "stride_tr", "stride_lbr", "stride_xk"),
+    "gmm_compact_kernel": ("stride_ak", "stride_bk", "stride_on", "stride_tr", "stride_lbr", "stride_xk"),
     "mtm_kernel": ("stride_ap", "stride_bq", "stride_oq"),
     "colsum_kernel": ("stride_dn", "stride_yn"),
+    "pack_kernel": ("stride_sc", "stride_dc"),
 }
-NOT_DIVISIBLE = {"r_lora", "rows_per_split", "n0", "n1"}
-INT_PTRS = ("idx", "cnt", "order", "n_out", "n_brow")
+NOT_DIVISIBLE = {"r_lora", "rows_per_split", "n0", "n1", "k_len"}
+INT_PTRS = ("idx", "cnt", "order", "n_brow")
 F32_PTRS = ("val", "part", "vals")
+# ptxas findings that count as failures with --strict: register spills and serialized wgmma.
+SPILL = re.compile(r"([1-9][0-9]*) bytes spill (stores|loads)")
+SERIALIZED_WGMMA = "C7515"
 
 
 def _jit(k) -> JITFunction:
@@ -52,7 +60,7 @@ def _types(dt: str, name: str) -> str:
     return "i32"
 
 
-def compile_variant(kernel, dt: str, consts: dict, target: GPUTarget, num_warps: int, num_stages: int = 3):
+def compile_variant(kernel, dt: str, consts: dict, target: GPUTarget, num_warps: int = 4, num_stages: int = 3):
     """``consts`` may carry launch options (``num_warps``, ``num_stages``) as a launch config does."""
     fn = _jit(kernel)
     consts = dict(consts)
@@ -69,45 +77,91 @@ def compile_variant(kernel, dt: str, consts: dict, target: GPUTarget, num_warps:
     return triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
-def variants(quick: bool):
-    """(label, kernel name, dtype, constexprs, num_warps)."""
+def _gmm_variants(tiles: dict):
+    """(label, kernel, constexprs, num_warps) of every gmm launch the ops make, in ``tiles``."""
+    epi = dict(HAS_NVAL=True, HAS_BIAS=True, HAS_LORA=True, HAS_AUX=False, STORE_OUT=True, IDX64=False,
+               BLOCK_R=16, **tiles)
+    full = dict(epi, ROUTE=1, HAS_KVAL=True)
+    compact = dict(epi, ROUTE=2, K_DYN=True, N_SCATTER=True, B_ROW_GATHER=False)
+    dx = dict(HAS_BIAS=False, HAS_AUX=True)
+    lora = dict(HAS_NVAL=False, HAS_BIAS=False, HAS_LORA=False, BLOCK_N=16)
+    return [
+        ("forward, all open", "gmm_full_kernel", full),
+        ("dx+dgc, all open", "gmm_full_kernel", dict(full, **dx)),
+        ("forward, compact", "gmm_compact_kernel", compact),
+        ("dx+dgc, compact", "gmm_compact_kernel", dict(compact, **dx)),
+        ("forward int64, compact", "gmm_compact_kernel", dict(compact, IDX64=True)),
+        ("lora pre-pass, all open", "gmm_full_kernel", dict(full, **lora)),
+        ("lora pre-pass, compact", "gmm_compact_kernel", dict(compact, N_SCATTER=False, **lora)),
+        ("gathered", "gmm_compact_kernel", dict(compact, ROUTE=0, K_DYN=False, B_ROW_GATHER=True, HAS_NVAL=False,
+                                                HAS_LORA=False)),
+    ]
+
+
+def _mtm_variants(tiles: dict):
+    return [
+        ("weight grad, all open", "mtm_kernel",
+         dict(tiles, IDX64=False, ROUTE=1, P_SCATTER=False, Q_SCATTER=False, HAS_PVAL=True, HAS_QVAL=True)),
+        ("weight grad, compact", "mtm_kernel",
+         dict(tiles, IDX64=False, ROUTE=2, P_SCATTER=True, Q_SCATTER=True, HAS_PVAL=False, HAS_QVAL=False)),
+    ]
+
+
+def _pack_variants():
+    tiles = dict(IDX64=False, **PACK_CONFIG)
+    cols = dict(ROW_GATHER=False, ROW_DYN=False, HAS_RVAL=False, COL_GATHER=True, COL_DYN=True, HAS_CVAL=True)
+    both = dict(ROW_GATHER=True, ROW_DYN=True, HAS_RVAL=False, COL_GATHER=True, COL_DYN=True, HAS_CVAL=False)
+    return [
+        ("pack x * g_c", "pack_kernel", dict(tiles, ROUTE=2, **cols)),
+        ("pack W[R][:, C]", "pack_kernel", dict(tiles, ROUTE=2, **both)),
+    ]
+
+
+def _autotune_configs(kernel_name: str, dt: str):
+    """(BLOCK_*, num_warps, num_stages) dicts of every autotuning config the kernel keeps for dt."""
+    from .kernels import GMM_CONFIGS, MTM_CONFIGS, SHARED_BUDGET, staged_bytes
+
+    table, names = ((MTM_CONFIGS, ("BLOCK_P", "BLOCK_Q", "BLOCK_K")) if kernel_name == "mtm_kernel"
+                    else (GMM_CONFIGS, ("BLOCK_M", "BLOCK_N", "BLOCK_K")))
+    elem = 4 if dt == "fp32" else 2
+    for b0, b1, bk, w, st in table:
+        if staged_bytes(b0, b1, bk, st, elem) <= SHARED_BUDGET:
+            yield {names[0]: b0, names[1]: b1, names[2]: bk, "num_warps": w, "num_stages": st}
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+
+
+def variants(quick: bool, all_configs: bool = False):
+    """(label, kernel name, dtype, constexprs with launch options). By default the tiles of the
+    launcher's fixed configurations (FG_TRITON_AUTOTUNE=0, float64); ``all_configs``: the GEMMs
+    once per autotuning config too."""
+    km = kernels(False)
     out = []
-    for dt in (("bf16",) if quick else ("bf16", "fp16", "fp32")):
-        bk = 32 if dt == "fp32" else 64
+    for dt in (("bf16",) if quick else ("bf16", "fp16", "fp32", "fp64")):
+        dtype = DTYPES[dt]
         prec = "tf32" if dt == "fp32" else "ieee"
-        gated = dict(K_GATHER_A=True, K_GATHER_B=True, K_DYN=True, K_IDENT_CHECK=True, N_GATHER=True,
-                     N_IDENT_CHECK=True, HAS_KVAL=True, HAS_NVAL=True, HAS_BIAS=True, HAS_LORA=True, HAS_AUX=False,
-                     STORE_OUT=True, IDX64=False, DOT_PREC=prec, BLOCK_M=128, BLOCK_N=128, BLOCK_K=bk, BLOCK_R=16,
-                     GROUP_M=8)
-        out.append((f"gated forward {dt}", "gmm_kernel", dt, gated, 8))
-        out.append((f"gated dx+dgc {dt}", "gmm_kernel", dt, dict(gated, HAS_BIAS=False, HAS_AUX=True), 8))
-        if not quick:
-            out.append((f"lora pre-pass {dt}", "gmm_kernel", dt,
-                        dict(gated, N_GATHER=False, N_IDENT_CHECK=False, HAS_NVAL=False, HAS_BIAS=False,
-                             HAS_LORA=False, BLOCK_N=16), 4))
-            out.append((f"gathered {dt}", "gmm_kernel", dt,
-                        dict(gated, K_GATHER_B=False, K_DYN=False, K_IDENT_CHECK=False, N_IDENT_CHECK=False,
-                             HAS_KVAL=False, HAS_NVAL=False, HAS_LORA=False), 8))
-            out.append((f"gated forward int64 {dt}", "gmm_kernel", dt, dict(gated, IDX64=True), 8))
-        out.append((f"weight grad {dt}", "mtm_kernel", dt,
-                    dict(P_GATHER=True, Q_GATHER=True, HAS_PVAL=True, HAS_QVAL=True, IDX64=False, DOT_PREC=prec,
-                         BLOCK_P=128, BLOCK_Q=128, BLOCK_K=bk, GROUP_P=8), 8))
+        gmm = _gmm_variants(dict(_gmm_fixed_config(km, 4096, dtype), DOT_PREC=prec))
+        mtm = _mtm_variants(dict(_mtm_fixed_config(km, dtype), DOT_PREC=prec))
+        if quick:
+            gmm = [v for v in gmm if "lora" not in v[0] and "int64" not in v[0]]
+        for label, name, consts in gmm + mtm:
+            out.append((f"{label} {dt}", name, dt, consts))
+            if all_configs and dt != "fp64" and "lora" not in label and "int64" not in label:
+                for cfg in _autotune_configs(name, dt):
+                    tag = "x".join(str(v) for v in cfg.values())
+                    out.append((f"{label} {dt} [{tag}]", name, dt, dict(consts, **cfg)))
         out.append((f"bias/row-gate sums {dt}", "colsum_kernel", dt,
-                    dict(NEED_B=True, NEED_G=True, IDX64=False, BLOCK_M=32, BLOCK_N=128), 4))
-    # float64 (gradcheck): products on the FMA units, in the tiles the launcher uses.
-    f64 = dict(gated, DOT_PREC="ieee", **F64_GMM_CONFIG)
-    out.append(("gated forward fp64", "gmm_kernel", "fp64", f64, 4))
-    out.append(("gated dx+dgc fp64", "gmm_kernel", "fp64", dict(f64, HAS_BIAS=False, HAS_AUX=True), 4))
-    out.append(("weight grad fp64", "mtm_kernel", "fp64",
-                dict(P_GATHER=True, Q_GATHER=True, HAS_PVAL=True, HAS_QVAL=True, IDX64=False, DOT_PREC="ieee",
-                     **F64_MTM_CONFIG), 4))
-    out.append(("bias/row-gate sums fp64", "colsum_kernel", "fp64",
-                dict(NEED_B=True, NEED_G=True, IDX64=False, BLOCK_M=32, BLOCK_N=128), 4))
-    out.append(("gate metadata", "gate_meta_kernel", "fp32", dict(BLOCK=1024), 4))
+                    dict(NEED_B=True, NEED_G=True, IDX64=False, BLOCK_M=32, BLOCK_N=128, num_warps=4)))
+        if dt != "fp64":
+            for label, name, consts in _pack_variants():
+                out.append((f"{label} {dt}", name, dt, consts))
+    out.append(("gate metadata", "gate_meta_kernel", "fp32", dict(BLOCK=1024, num_warps=4)))
     return out
 
 
-def _ptxas_report(ptx: str, arch: int) -> str:
+def _ptxas_report(ptx: str, arch: int):
+    """(summary, problems) from ptxas -v on the PTX: registers, spill bytes, C7515 warnings."""
     bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     for exe in ("ptxas-blackwell", "ptxas"):
         path = os.path.join(bindir, exe)
@@ -120,36 +174,47 @@ def _ptxas_report(ptx: str, arch: int) -> str:
                            capture_output=True, text=True)
         os.unlink(tmp)
         if r.returncode == 0:
-            lines = [ln.strip() for ln in r.stderr.splitlines() if "registers" in ln or "spill" in ln]
-            return "; ".join(lines)
-    return "(no ptxas report)"
+            regs = re.search(r"Used (\d+) registers", r.stderr)
+            spills = sorted({int(m.group(1)) for m in SPILL.finditer(r.stderr)})
+            problems = [f"spills {max(spills)} B"] if spills else []
+            if SERIALIZED_WGMMA in r.stderr:
+                problems.append("C7515 serialized wgmma")
+            summary = f"{regs.group(1) if regs else '?'} registers, " + (", ".join(problems) or "no spill")
+            return summary, problems
+    return "(no ptxas report)", []
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90)
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--ptxas-report", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="bfloat16 and the main launches only")
+    ap.add_argument("--ptxas-report", action="store_true", help="registers, spills and C7515 per variant")
+    ap.add_argument("--all-configs", action="store_true", help="also every autotuning config of the GEMMs")
+    ap.add_argument("--strict", action="store_true", help="exit 1 on a spill or a C7515 (implies --ptxas-report)")
     args = ap.parse_args(argv)
     if triton.knobs.runtime.interpret:
         print("unset TRITON_INTERPRET to compile kernels", file=sys.stderr)
         return 2
     km = kernels(False)
     target = GPUTarget("cuda", args.arch, 32)
-    failures = 0
-    for label, name, dt, consts, warps in variants(args.quick):
+    failures, flagged = 0, 0
+    for label, name, dt, consts in variants(args.quick, args.all_configs):
         t = time.time()
         try:
-            c = compile_variant(getattr(km, name), dt, consts, target, warps)
+            c = compile_variant(getattr(km, name), dt, consts, target)
         except Exception as err:  # report every failure, not only the first
             failures += 1
             print(f"FAIL {label}: {type(err).__name__}: {str(err)[-2000:]}", flush=True)
             continue
         extra = ""
-        if args.ptxas_report:
-            extra = " | " + _ptxas_report(c.asm["ptx"], args.arch)
+        if args.ptxas_report or args.strict:
+            summary, problems = _ptxas_report(c.asm["ptx"], args.arch)
+            flagged += bool(problems)
+            extra = " | " + summary
         print(f"ok   {label}: sm_{args.arch}, shared {c.metadata.shared} B, {time.time() - t:.1f}s{extra}", flush=True)
-    return 1 if failures else 0
+    if flagged:
+        print(f"{flagged} variant(s) with a spill or a serialized wgmma (C7515)", flush=True)
+    return 1 if failures or (args.strict and flagged) else 0
 
 
 if __name__ == "__main__":

@@ -13,11 +13,12 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Dict, Optional
+from typing import Dict, Optional, Set, Tuple
 
 import torch
 import triton
 from torch import Tensor
+from triton.runtime.autotuner import Autotuner
 
 _KERNEL_FILE = Path(__file__).with_name("kernels.py")
 _MODULES: Dict[bool, ModuleType] = {}
@@ -199,18 +200,36 @@ def gate_meta(*gates: Tensor, vals_dtype: torch.dtype = torch.float32) -> tuple:
     return tuple(metas)
 
 
-def identity_meta(n: int, device: torch.device, vals_dtype: torch.dtype = torch.float32) -> GateMeta:
-    """All-active metadata of size n (values 1)."""
-    return GateMeta(
-        order=torch.arange(n, dtype=torch.int32, device=device),
-        vals=torch.ones(n, dtype=vals_dtype, device=device),
-        cnt=torch.full((1,), n, dtype=torch.int32, device=device),
-        n=n,
-    )
+# --------------------------------------------------------------------------------------------
+# Routes: which gate pattern a launch serves, decided on the device
+# --------------------------------------------------------------------------------------------
+
+ALWAYS, FULL, COMPACT = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Route:
+    """The device-side condition of a launch (kernels.py, ``_route_taken``): ``ALWAYS``; ``FULL``,
+    only when both gates of the op call are all-open; ``COMPACT``, only when one is not. An op
+    call launches each step once per route; exactly one of the pair does the work."""
+
+    kind: int
+    gates: tuple = ()  # (GateMeta, GateMeta) for FULL / COMPACT
+
+    def args(self, dummy: Tensor) -> dict:
+        if self.kind == ALWAYS:
+            return dict(route0_cnt_ptr=dummy, route0_n=0, route1_cnt_ptr=dummy, route1_n=0, ROUTE=ALWAYS)
+        g0, g1 = self.gates
+        return dict(route0_cnt_ptr=g0.cnt, route0_n=g0.n, route1_cnt_ptr=g1.cnt, route1_n=g1.n, ROUTE=self.kind)
+
+
+def routes(rmeta: GateMeta, cmeta: GateMeta) -> Tuple[Route, Route]:
+    """(full route, compact route) of an op call with these row and column gates."""
+    return Route(FULL, (rmeta, cmeta)), Route(COMPACT, (rmeta, cmeta))
 
 
 # --------------------------------------------------------------------------------------------
-# Launch wrappers
+# Block configurations and one-off tuning
 # --------------------------------------------------------------------------------------------
 
 
@@ -218,9 +237,13 @@ def identity_meta(n: int, device: torch.device, vals_dtype: torch.dtype = torch.
 # The compile check builds exactly these (no spill on sm_90).
 F64_GMM_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=8, GROUP_M=8, num_warps=4, num_stages=1)
 F64_MTM_CONFIG = dict(BLOCK_P=32, BLOCK_Q=32, BLOCK_K=4, GROUP_P=8, num_warps=4, num_stages=1)
+# Bandwidth-bound packing: one fixed tile (rows x columns).
+PACK_CONFIG = dict(BLOCK_R=32, BLOCK_C=128, num_warps=8)
+# The pattern every autotuned key is tuned on: 60% of each dimension active (sparsity 0.4).
+TUNE_ACTIVE_FRACTION = 0.6
 
 
-def _gmm_fixed_config(km: ModuleType, M: int, N: int, dtype: torch.dtype) -> dict:
+def _gmm_fixed_config(km: ModuleType, M: int, dtype: torch.dtype) -> dict:
     if km.INTERPRET:
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=2)
     if dtype == torch.float64:
@@ -241,15 +264,47 @@ def _mtm_fixed_config(km: ModuleType, dtype: torch.dtype) -> dict:
     return dict(BLOCK_P=128, BLOCK_Q=128, BLOCK_K=64, GROUP_P=8, num_warps=8, num_stages=3)
 
 
-def _tuned(km: ModuleType, name: str, dtype: torch.dtype):
-    """(kernel, autotuned?): the autotuned kernel, or its plain JIT function when autotuning is
-    off or the dtype has a fixed configuration (float64)."""
-    kernel = getattr(km, name)
-    if not km.AUTOTUNE:
-        return kernel, False
-    if dtype == torch.float64:
-        return kernel.fn, False  # the Autotuner's JIT function
-    return kernel, True
+def _autotuned(km: ModuleType, dtype: torch.dtype) -> bool:
+    """Whether launches of this dtype autotune (float64 has a fixed configuration)."""
+    return km.AUTOTUNE and dtype != torch.float64
+
+
+_TUNED: Set[tuple] = set()
+
+
+def _launch(kernel, grid, args: dict, fixed_config: Optional[dict], tuning: Dict[str, object]) -> None:
+    """Launches ``kernel`` with keyword ``args``: with ``fixed_config``, or autotuned. The first
+    launch of an autotuning key first runs the kernel once on ``tuning``'s replacements (counts of a
+    representative sparse pattern, scratch outputs), so the configuration fits the route's work
+    rather than whatever pattern the first real call has (an all-open call would leave the compact
+    kernels nothing to time)."""
+    if fixed_config is not None:
+        if isinstance(kernel, Autotuner):
+            kernel = kernel.fn  # the JIT function under the autotuner (float64, FG_TRITON_AUTOTUNE=0)
+        kernel[grid](**args, **fixed_config)
+        return
+    key = (id(kernel),) + tuple(args[k] for k in kernel.keys)
+    key += tuple(str(v.dtype) for v in args.values() if isinstance(v, Tensor))
+    if key not in _TUNED:
+        dev = next(v.device for v in args.values() if isinstance(v, Tensor))
+        synthetic = {}
+        for name, value in tuning.items():
+            if isinstance(value, Tensor):
+                synthetic[name] = torch.zeros_like(value) if name == "part_ptr" else torch.empty_like(value)
+            else:
+                synthetic[name] = torch.full((1,), int(value), dtype=torch.int32, device=dev)
+        kernel[grid](**{**args, **synthetic})
+        _TUNED.add(key)
+    kernel[grid](**args)
+
+
+def _route_tuning(route: Route) -> Dict[str, object]:
+    """Route counts that take ``route`` during tuning: full counts (FULL) or 60% of each (COMPACT)."""
+    if route.kind == ALWAYS:
+        return {}
+    g0, g1 = route.gates
+    frac = 1.0 if route.kind == FULL else TUNE_ACTIVE_FRACTION
+    return {"route0_cnt_ptr": round(frac * g0.n), "route1_cnt_ptr": round(frac * g1.n)}
 
 
 _SCRATCH: Dict[torch.device, Tensor] = {}
@@ -262,149 +317,196 @@ def _scratch(device: torch.device) -> Tensor:
     return t
 
 
+# --------------------------------------------------------------------------------------------
+# Launch wrappers
+# --------------------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class Gather:
-    """One gathered dimension of a gmm launch: the positions ``order`` lists (device int32), each
+    """One gathered dimension of a launch: the positions ``order`` lists (device int32), each
     scaled by ``vals`` (None: no scale), the first ``cnt`` of them active (a device count; None:
-    all of them). ``ident_check``: the order is a gate order, so a full count means identity and
-    the tile indexes directly. ``rows`` (output dimension only): the row of ``b`` that each
-    position reads, when it differs from ``order``."""
+    all of them). ``rows`` (gmm output dimension only): the row of ``b`` that each position
+    reads (None: position p reads row p)."""
 
     order: Tensor
     vals: Optional[Tensor] = None
     cnt: Optional[Tensor] = None
-    ident_check: bool = False
     rows: Optional[Tensor] = None
 
     @classmethod
-    def of_gate(cls, meta: GateMeta) -> "Gather":
-        """The active entries of a gate, scaled by the gate values."""
-        return cls(meta.order, meta.vals, meta.cnt, ident_check=True)
+    def of_gate(cls, meta: GateMeta, scaled: bool = True) -> "Gather":
+        """The active entries of a gate, scaled by the gate values (``scaled``) or not."""
+        return cls(meta.order, meta.vals if scaled else None, meta.cnt)
 
 
-def gmm(
-    *,
-    a: Tensor,
-    b: Tensor,
-    out: Optional[Tensor],
-    n_full: int,
-    k_full: int,
-    k: Optional[Gather] = None,
-    gather_a: bool = False,
-    gather_b: bool = False,
-    n: Optional[Gather] = None,
-    bias: Optional[Tensor] = None,
-    lora_t: Optional[Tensor] = None,
-    lora_b: Optional[Tensor] = None,
-    aux: Optional[Tensor] = None,
-    alpha: float = 1.0,
-) -> Optional[Tensor]:
-    """Launches gmm_kernel (see kernels.py): ``out[:, n] = alpha * (a[:, k] @ b[n][:, k].T + ...)``.
+def pack(*, src: Tensor, dst: Tensor, route: Route, rows: Optional[Gather] = None,
+         cols: Optional[Gather] = None) -> Tensor:
+    """Launches pack_kernel: ``dst[i, j] = src[rows[i], cols[j]] * row vals * col vals`` for the
+    active ``i``, ``j`` (direct where a dimension has no Gather). ``dst`` has the full shape."""
+    n_rows, n_cols = dst.shape
+    if n_rows == 0 or n_cols == 0:
+        return dst
+    dummy = src
+    with launch_context(src.device) as km:
+        cfg = dict(BLOCK_R=16, BLOCK_C=16) if km.INTERPRET else dict(PACK_CONFIG)
+        grid = (triton.cdiv(n_rows, cfg["BLOCK_R"]), triton.cdiv(n_cols, cfg["BLOCK_C"]))
+        km.pack_kernel[grid](
+            src_ptr=src, stride_sr=src.stride(0), stride_sc=src.stride(1),
+            dst_ptr=dst, stride_dr=dst.stride(0), stride_dc=dst.stride(1),
+            **_pack_side("row", rows, n_rows, dummy), **_pack_side("col", cols, n_cols, dummy),
+            **route.args(dummy), IDX64=needs_int64(src, dst), **cfg,
+        )
+    return dst
 
-    ``a`` (M, *), ``b`` (rows, cols) are 2-D strided. ``k``: the reduction dimension's gather, read
-    through it by ``a`` (``gather_a``) and/or ``b`` (``gather_b``); ``n``: the output dimension's.
-    ``lora_b`` is (rows of b, r) indexed like b's rows; ``aux`` (M, n_full) turns on the partial
-    sums ``sum_m pre * aux`` and then the return value is their total, shape (n_full,)."""
-    k_idx, k_vals, k_cnt = (k.order, k.vals, k.cnt) if k is not None else (None, None, None)
-    n_out = n.order if n is not None else None
-    n_brow = (n.rows if n.rows is not None else n.order) if n is not None else None
-    n_vals, n_cnt = (n.vals, n.cnt) if n is not None else (None, None)
-    M = a.shape[0]
-    dev = a.device
-    n_gather = n_out is not None
-    k_dyn = k_cnt is not None
-    has_lora = lora_t is not None
-    has_aux = aux is not None
-    store_out = out is not None
+
+def _pack_side(side: str, g: Optional[Gather], n: int, dummy: Tensor) -> dict:
+    name = "ROW" if side == "row" else "COL"
+    return {
+        f"{side}_order_ptr": g.order if g is not None else dummy,
+        f"{side}_val_ptr": g.vals if g is not None and g.vals is not None else dummy,
+        f"{side}_cnt_ptr": g.cnt if g is not None and g.cnt is not None else dummy,
+        f"n_{side}s": n,
+        f"{name}_GATHER": g is not None,
+        f"{name}_DYN": g is not None and g.cnt is not None,
+        f"HAS_{name[0]}VAL": g is not None and g.vals is not None,
+    }
+
+
+def partial_sums(M: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The zeroed buffer of the column-gate partial sums (``aux``) of a gmm pair: one row per
+    possible row tile; the sum over rows is the result."""
+    with launch_context(device) as km:
+        min_bm = km.GMM_MIN_BLOCK_M if _autotuned(km, dtype) else _gmm_fixed_config(km, M, dtype)["BLOCK_M"]
+    return torch.zeros((triton.cdiv(M, min_bm), max(n, 1)), dtype=acc_dtype(dtype), device=device)
+
+
+def _epilogue_args(a: Tensor, out: Optional[Tensor], bias, lora_t, lora_b, aux, part, alpha) -> dict:
+    """Arguments of the gmm epilogue (kernels._epilogue); absent tensors are replaced by ``a``."""
+    has_lora, has_aux, store = lora_t is not None, aux is not None, out is not None
     r = lora_t.shape[1] if has_lora else 0
-    block_r = max(16, triton.next_power_of_2(max(r, 1)))
-    dummy = a  # for pointer arguments this launch's variant never reads
-    o = out if store_out else dummy
-    t_ = lora_t if has_lora else dummy
-    lb = lora_b if has_lora else dummy
-    x_ = aux if has_aux else dummy
-    with launch_context(dev) as km:
-        kernel, autotuned = _tuned(km, "gmm_kernel", a.dtype)
-        if autotuned:
-            cfg = {}
-            min_bm = km.GMM_MIN_BLOCK_M
-        else:
-            cfg = _gmm_fixed_config(km, M, n_full, a.dtype)
-            min_bm = cfg["BLOCK_M"]
-        if has_aux:
-            part = torch.zeros((triton.cdiv(M, min_bm), max(n_full, 1)), dtype=acc_dtype(a.dtype), device=dev)
-        else:
-            part = _scratch(dev)  # never written; autotuning may zero it (reset_to_zero)
+    t_, lb, x_ = (lora_t if has_lora else a), (lora_b if has_lora else a), (aux if has_aux else a)
+    o = out if store else a
+    part = part if has_aux else _scratch(a.device)  # never written without HAS_AUX
+    return dict(
+        out_ptr=o, stride_om=o.stride(0) if store else 0, stride_on=o.stride(1) if store else 0,
+        bias_ptr=bias if bias is not None else a,
+        t_ptr=t_, stride_tm=t_.stride(0) if has_lora else 0, stride_tr=t_.stride(1) if has_lora else 0,
+        lb_ptr=lb, stride_lbn=lb.stride(0) if has_lora else 0, stride_lbr=lb.stride(1) if has_lora else 0,
+        r_lora=r, aux_ptr=x_, stride_xm=x_.stride(0) if has_aux else 0, stride_xk=x_.stride(1) if has_aux else 0,
+        part_ptr=part, stride_pm=part.stride(0), alpha=float(alpha),
+        HAS_BIAS=bias is not None, HAS_LORA=has_lora, HAS_AUX=has_aux, STORE_OUT=store,
+        BLOCK_R=max(16, triton.next_power_of_2(max(r, 1))),
+    )
+
+
+def _outputs_for_tuning(args: dict) -> Dict[str, object]:
+    tuning = {}
+    if args["STORE_OUT"]:
+        tuning["out_ptr"] = args["out_ptr"]
+    if args["HAS_AUX"]:
+        tuning["part_ptr"] = args["part_ptr"]
+    return tuning
+
+
+def gmm_full(*, route: Route, a: Tensor, b: Tensor, out: Optional[Tensor], n_full: int,
+             k_vals: Optional[Tensor] = None, n_vals: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+             lora_t: Optional[Tensor] = None, lora_b: Optional[Tensor] = None, aux: Optional[Tensor] = None,
+             part: Optional[Tensor] = None, alpha: float = 1.0) -> None:
+    """Launches gmm_full_kernel: ``out = alpha * n_vals * ((a * k_vals) @ b.T + t @ lora_b.T + bias)``
+    with direct indexing; ``a`` (M, K), ``b`` (n_full, K) 2-D strided, ``lora_b`` (n_full, r).
+    ``aux`` (M, n_full): adds ``sum_m pre * aux`` into ``part`` (see ``partial_sums``)."""
+    M, K = a.shape
+    args = dict(
+        a_ptr=a, stride_am=a.stride(0), stride_ak=a.stride(1),
+        b_ptr=b, stride_bn=b.stride(0), stride_bk=b.stride(1),
+        k_val_ptr=k_vals if k_vals is not None else a, n_val_ptr=n_vals if n_vals is not None else a,
+        **_epilogue_args(a, out, bias, lora_t, lora_b, aux, part, alpha), **route.args(a),
+        M=M, N_FULL=n_full, K_FULL=K, M_BUCKET=_bucket(M),
+        HAS_KVAL=k_vals is not None, HAS_NVAL=n_vals is not None,
+        IDX64=needs_int64(a, b, out, lora_t, lora_b, aux, part), DOT_PREC=dot_precision(a.dtype),
+    )
+    with launch_context(a.device) as km:
+        fixed = None if _autotuned(km, a.dtype) else _gmm_fixed_config(km, M, a.dtype)
 
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_full, meta["BLOCK_N"]),)
 
-        kernel[grid](
-            a, a.stride(0), a.stride(1),
-            b, b.stride(0), b.stride(1),
-            o, o.stride(0) if store_out else 0, o.stride(1) if store_out else 0,
-            k_idx if k_idx is not None else dummy,
-            k_vals if k_vals is not None else dummy,
-            k_cnt if k_cnt is not None else dummy,
-            n_out if n_gather else dummy,
-            n_brow if n_gather else dummy,
-            n_vals if n_vals is not None else dummy,
-            n_cnt if n_gather else dummy,
-            bias if bias is not None else dummy,
-            t_, t_.stride(0) if has_lora else 0, t_.stride(1) if has_lora else 0,
-            lb, lb.stride(0) if has_lora else 0, lb.stride(1) if has_lora else 0, r,
-            x_, x_.stride(0) if has_aux else 0, x_.stride(1) if has_aux else 0,
-            part, part.stride(0),
-            M, n_full, k_full, float(alpha), _bucket(M),
-            K_GATHER_A=gather_a, K_GATHER_B=gather_b, K_DYN=k_dyn, K_IDENT_CHECK=k is not None and k.ident_check,
-            N_GATHER=n_gather, N_IDENT_CHECK=n is not None and n.ident_check,
-            HAS_KVAL=k_vals is not None, HAS_NVAL=n_vals is not None, HAS_BIAS=bias is not None,
-            HAS_LORA=has_lora, HAS_AUX=has_aux, STORE_OUT=store_out,
-            IDX64=needs_int64(a, b, out, lora_t, lora_b, aux, part),
-            DOT_PREC=dot_precision(a.dtype), BLOCK_R=block_r,
-            **cfg,
-        )
-    if has_aux:
-        return part.sum(0)[:n_full]
-    return None
+        _launch(km.gmm_full_kernel, grid, args, fixed, {**_route_tuning(route), **_outputs_for_tuning(args)})
 
 
-def mtm(
-    *,
-    a: Tensor,
-    b: Tensor,
-    out: Tensor,
-    p: GateMeta,
-    q: GateMeta,
-    p_gather: bool,
-    q_gather: bool,
-    p_vals: bool,
-    q_vals: bool,
-    alpha: float = 1.0,
-) -> Tensor:
-    """Launches mtm_kernel: out[P, Q] = alpha * pv * qv * a[:, P].T @ b[:, Q] on the active block,
-    zeros elsewhere. ``a`` (M, P_FULL), ``b`` (M, Q_FULL), ``out`` (P_FULL, Q_FULL)."""
+def gmm_compact(*, route: Route, a: Tensor, b: Tensor, out: Optional[Tensor], n_full: int, k_key: int,
+                k_len: int, k_cnt: Optional[Tensor] = None, n: Optional[Gather] = None,
+                bias: Optional[Tensor] = None, lora_t: Optional[Tensor] = None, lora_b: Optional[Tensor] = None,
+                aux: Optional[Tensor] = None, part: Optional[Tensor] = None, alpha: float = 1.0) -> None:
+    """Launches gmm_compact_kernel on compact operands: ``pre = a[:, :k] @ b[rows][:, :k].T + ...``
+    with ``k = *k_cnt`` (a device count; else ``k_len``), scattered to the output columns
+    ``n.order`` (the first ``n.cnt`` positions active, scaled by ``n.vals``; else all n_full,
+    directly). ``bias`` and ``lora_b`` are indexed by the layer row that produces a position:
+    ``n.rows[p]`` when given (a compact layer), else the output column. ``k_key``: the layer's
+    full reduction size (autotuning key)."""
+    M = a.shape[0]
+    scatter = n is not None
+    args = dict(
+        a_ptr=a, stride_am=a.stride(0), stride_ak=a.stride(1),
+        b_ptr=b, stride_bn=b.stride(0), stride_bk=b.stride(1),
+        k_cnt_ptr=k_cnt if k_cnt is not None else a, k_len=int(k_len),
+        n_order_ptr=n.order if scatter else a, n_brow_ptr=n.rows if scatter and n.rows is not None else a,
+        n_val_ptr=n.vals if scatter and n.vals is not None else a, n_cnt_ptr=n.cnt if scatter else a,
+        **_epilogue_args(a, out, bias, lora_t, lora_b, aux, part, alpha), **route.args(a),
+        M=M, N_FULL=n_full, M_BUCKET=_bucket(M), K_KEY=int(k_key),
+        K_DYN=k_cnt is not None, N_SCATTER=scatter, B_ROW_GATHER=scatter and n.rows is not None,
+        HAS_NVAL=scatter and n.vals is not None,
+        IDX64=needs_int64(a, b, out, lora_t, lora_b, aux, part), DOT_PREC=dot_precision(a.dtype),
+    )
+    tuning = {**_route_tuning(route), **_outputs_for_tuning(args)}
+    if k_cnt is not None:
+        tuning["k_cnt_ptr"] = round(TUNE_ACTIVE_FRACTION * k_len)
+    if scatter and route.kind != ALWAYS:
+        tuning["n_cnt_ptr"] = round(TUNE_ACTIVE_FRACTION * n_full)
+    with launch_context(a.device) as km:
+        fixed = None if _autotuned(km, a.dtype) else _gmm_fixed_config(km, M, a.dtype)
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_full, meta["BLOCK_N"]),)
+
+        _launch(km.gmm_compact_kernel, grid, args, fixed, tuning)
+
+
+def mtm(*, route: Route, a: Tensor, b: Tensor, out: Tensor, p: Optional[Gather] = None,
+        q: Optional[Gather] = None, p_vals: Optional[Tensor] = None, q_vals: Optional[Tensor] = None,
+        alpha: float = 1.0) -> Tensor:
+    """Launches mtm_kernel: ``out[P, Q] = alpha * p_vals * q_vals * a[:, :p].T @ b[:, :q]`` on the
+    active block, scattered through the orders of ``p`` / ``q`` (direct where None; the counts
+    bound the active block), zeros elsewhere. ``a`` (M, P_FULL), ``b`` (M, Q_FULL), ``out``
+    (P_FULL, Q_FULL)."""
     M = a.shape[0]
     P_FULL, Q_FULL = out.shape
+    if P_FULL == 0 or Q_FULL == 0:
+        return out
+    args = dict(
+        a_ptr=a, stride_am=a.stride(0), stride_ap=a.stride(1),
+        b_ptr=b, stride_bm=b.stride(0), stride_bq=b.stride(1),
+        out_ptr=out, stride_op=out.stride(0), stride_oq=out.stride(1),
+        p_order_ptr=p.order if p is not None else a, p_val_ptr=p_vals if p_vals is not None else a,
+        p_cnt_ptr=p.cnt if p is not None else a,
+        q_order_ptr=q.order if q is not None else a, q_val_ptr=q_vals if q_vals is not None else a,
+        q_cnt_ptr=q.cnt if q is not None else a,
+        **route.args(a), M=M, P_FULL=P_FULL, Q_FULL=Q_FULL, alpha=float(alpha), M_BUCKET=_bucket(M),
+        P_SCATTER=p is not None, Q_SCATTER=q is not None, HAS_PVAL=p_vals is not None, HAS_QVAL=q_vals is not None,
+        IDX64=needs_int64(a, b, out), DOT_PREC=dot_precision(a.dtype),
+    )
+    tuning = {**_route_tuning(route), "out_ptr": out}
+    for name, g, full in (("p_cnt_ptr", p, P_FULL), ("q_cnt_ptr", q, Q_FULL)):
+        if g is not None:
+            tuning[name] = round(TUNE_ACTIVE_FRACTION * full)
     with launch_context(a.device) as km:
-        kernel, autotuned = _tuned(km, "mtm_kernel", a.dtype)
-        cfg = {} if autotuned else _mtm_fixed_config(km, a.dtype)
+        fixed = None if _autotuned(km, a.dtype) else _mtm_fixed_config(km, a.dtype)
 
         def grid(meta):
             return (triton.cdiv(P_FULL, meta["BLOCK_P"]) * triton.cdiv(Q_FULL, meta["BLOCK_Q"]),)
 
-        kernel[grid](
-            a, a.stride(0), a.stride(1),
-            b, b.stride(0), b.stride(1),
-            out, out.stride(0), out.stride(1),
-            p.order, p.vals, p.cnt,
-            q.order, q.vals, q.cnt,
-            M, P_FULL, Q_FULL, float(alpha), _bucket(M),
-            P_GATHER=p_gather, Q_GATHER=q_gather, HAS_PVAL=p_vals, HAS_QVAL=q_vals,
-            IDX64=needs_int64(a, b, out),
-            DOT_PREC=dot_precision(a.dtype),
-            **cfg,
-        )
+        _launch(km.mtm_kernel, grid, args, fixed, tuning)
     return out
 
 

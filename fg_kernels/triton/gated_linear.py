@@ -1,26 +1,26 @@
-"""Triton implementation of ``fg::gated_linear`` and ``fg::gated_linear_backward``.
+"""Triton implementation of ``fg::gated_linear`` and ``fg::gated_linear_backward``: compact
+first, then dense loops (see ``kernels.py``). R, C: the active rows / columns, as device-side gate
+orders and counts (never a host sync). Every GEMM step is launched twice, once per route: the
+*full* route (all gates open: direct kernels on the original tensors, gates scaling the tiles) and
+the *compact* route (some gate closed: packed operands, scatter in the epilogue); on the device,
+exactly one of the two does the work.
 
-Forward (one launch of the gathered GEMM, plus the gate metadata and, with LoRA, a thin pre-pass):
+Forward:
 
-    R, C = active rows / columns as device-side gate orders (never a host sync)
-    t    = lora_scale * (x * g_c)[:, C] @ lora_a[:, C].T                   (M, r)   LoRA pre-pass
-    y[:, R] = g_r[R] * ((x[:, C] * g_c[C]) @ W[R][:, C].T + t @ lora_b[R].T + b[R])
-    y[:, other] = 0                                                       (same launch: full grid)
-
-The column gate multiplies the x tile right after it is loaded through the index list; bias, LoRA
-term and row gate are the epilogue. Inactive outputs are written as zeros by the tiles whose
-positions are all inactive (the grid covers every output column, active ones first), so there is
-no separate memset pass and no host-known count.
+    xc = x[:, C] * g_c[C],  Wc = W[R][:, C]                              (pack, compact route)
+    t  = lora_scale * xc @ lora_a[:, C].T                       (M, r)   LoRA pre-pass
+    y[:, R] = g_r[R] * (xc @ Wc.T + t @ lora_b[R].T + b[R]),  y[:, other] = 0   (one GEMM, full grid)
 
 Backward, with dh = dy * g_r on the active rows:
 
+    dhc = dy[:, R] * g_r[R]                                              (pack, compact route)
     db[R]   = sum_m dh[:, R]                 dgr[R] = sum_m dy * y / g_r   (column-sum kernel)
-    u       = lora_scale * dh[:, R] @ lora_b[R]                          (M, r)   LoRA pre-pass
-    dxc     = dh[:, R] @ W[R][:, C] + u @ lora_a[:, C]                   (gathered GEMM)
+    u       = lora_scale * dhc @ lora_b[R]                      (M, r)   LoRA pre-pass
+    dxc     = dhc @ Wc + u @ lora_a[:, C]                                (GEMM)
     dx[:, C] = dxc * g_c[C], dx[:, other] = 0;  dgc[C] = sum_m dxc * x[:, C]   (its epilogue)
-    dW[R][:, C]   = dh[:, R].T @ (x[:, C] * g_c[C])      zeros elsewhere  (token-reduction GEMM)
-    dlora_b[R]    = dh[:, R].T @ t                       zeros elsewhere
-    dlora_a[:, C] = u.T @ (x[:, C] * g_c[C])             zeros elsewhere
+    dW[R][:, C]   = dhc.T @ xc       zeros elsewhere                      (token-reduction GEMM)
+    dlora_b[R]    = dhc.T @ t        zeros elsewhere
+    dlora_a[:, C] = u.T @ xc         zeros elsewhere
 
 These functions are the kernels of the ops (no autograd here): ``fg_kernels.cuda_registration``
 registers them for ``fg``'s CUDA key and ``fg_kernels.triton`` for ``fg_triton``'s CPU and CUDA
@@ -46,12 +46,40 @@ def _rows(t: Tensor, k: int) -> Tensor:
     return t.reshape(contract.token_count(t), k)
 
 
-def _lora_t(x2: Tensor, lora_a: Tensor, cmeta: L.GateMeta, lora_scale: float) -> Tensor:
+@dataclass
+class _Gates:
+    """The gate metadata of one op call and its two routes."""
+
+    rows: L.GateMeta
+    cols: L.GateMeta
+    full: L.Route
+    compact: L.Route
+
+    @classmethod
+    def of(cls, row_gate: Tensor, col_gate: Tensor, dtype: torch.dtype) -> "_Gates":
+        rmeta, cmeta = L.gate_meta(row_gate, col_gate, vals_dtype=L.acc_dtype(dtype))
+        return cls(rmeta, cmeta, *L.routes(rmeta, cmeta))
+
+
+def _packed(src: Tensor, g: _Gates, rows: Optional[L.GateMeta] = None, cols: Optional[L.GateMeta] = None,
+            scaled: bool = True) -> Tensor:
+    """The active block of ``src`` (rows / columns through the given gates, scaled by their values
+    when ``scaled``) in a buffer of src's shape; written on the compact route only."""
+    dst = torch.empty(src.shape, dtype=src.dtype, device=src.device)
+    L.pack(src=src, dst=dst, route=g.compact, rows=None if rows is None else L.Gather.of_gate(rows, scaled),
+           cols=None if cols is None else L.Gather.of_gate(cols, scaled))
+    return dst
+
+
+def _lora_t(g: _Gates, x2: Tensor, xc: Tensor, lora_a: Tensor, lora_scale: float) -> Tensor:
     """t = lora_scale * (x * g_c)[:, C] @ lora_a[:, C].T, shape (M, r), x's dtype."""
     M, K = x2.shape
-    t = torch.empty((M, lora_a.shape[0]), dtype=x2.dtype, device=x2.device)
-    L.gmm(a=x2, b=lora_a, out=t, n_full=lora_a.shape[0], k_full=K, k=L.Gather.of_gate(cmeta), gather_a=True,
-          gather_b=True, alpha=lora_scale)
+    r = lora_a.shape[0]
+    t = torch.empty((M, r), dtype=x2.dtype, device=x2.device)
+    L.gmm_full(route=g.full, a=x2, b=lora_a, out=t, n_full=r, k_vals=g.cols.vals, alpha=lora_scale)
+    lora_a_c = _packed(lora_a, g, cols=g.cols, scaled=False)
+    L.gmm_compact(route=g.compact, a=xc, b=lora_a_c, out=t, n_full=r, k_key=K, k_len=K, k_cnt=g.cols.cnt,
+                  alpha=lora_scale)
     return t
 
 
@@ -76,27 +104,30 @@ def gated_linear_forward(
     if M == 0 or N == 0:
         return y
     x2 = _rows(x, K)
-    rmeta, cmeta = L.gate_meta(row_gate, col_gate, vals_dtype=L.acc_dtype(x.dtype))
+    g = _Gates.of(row_gate, col_gate, x.dtype)
+    xc = _packed(x2, g, cols=g.cols)
     has_lora = lora_a is not None and lora_a.shape[0] > 0
-    t = _lora_t(x2, lora_a, cmeta, lora_scale) if has_lora else None
-    L.gmm(
-        a=x2, b=weight, out=y.view(M, N), n_full=N, k_full=K, k=L.Gather.of_gate(cmeta), gather_a=True,
-        gather_b=True, n=L.Gather.of_gate(rmeta), bias=None if bias is None else bias.contiguous(),
-        lora_t=t, lora_b=lora_b if has_lora else None,
-    )
+    t = _lora_t(g, x2, xc, lora_a, lora_scale) if has_lora else None
+    epilogue = dict(out=y.view(M, N), n_full=N, bias=None if bias is None else bias.contiguous(), lora_t=t,
+                    lora_b=lora_b if has_lora else None)
+    L.gmm_full(route=g.full, a=x2, b=weight, k_vals=g.cols.vals, n_vals=g.rows.vals, **epilogue)
+    wc = _packed(weight, g, rows=g.rows, cols=g.cols, scaled=False)
+    L.gmm_compact(route=g.compact, a=xc, b=wc, k_key=K, k_len=K, k_cnt=g.cols.cnt, n=L.Gather.of_gate(g.rows),
+                  **epilogue)
     return y
 
 
 @dataclass
 class _Backward:
-    """What every gradient of one backward call reads: the 2-D views, the gate metadata and the
-    LoRA factors (None without LoRA or with rank 0)."""
+    """What every gradient of one backward call reads: the 2-D views, their packed forms (compact
+    route), the gates and the LoRA factors (None without LoRA or with rank 0)."""
 
     dy: Tensor
+    dyc: Tensor
     x2: Optional[Tensor]
+    xc: Optional[Tensor]
     weight: Tensor
-    rmeta: L.GateMeta
-    cmeta: L.GateMeta
+    g: _Gates
     lora_a: Optional[Tensor]
     lora_b: Optional[Tensor]
     lora_scale: float
@@ -112,7 +143,7 @@ def _bias_and_row_gate_grads(b: _Backward, output: Optional[Tensor], row_gate: T
     dgr = sum(dy * y) / g_r."""
     N = b.weight.shape[0]
     y2 = _rows(output, N) if need_dgr else None
-    sum_dy, sum_dy_y = L.colsums(b.dy, y2, b.rmeta, need_db, need_dgr)
+    sum_dy, sum_dy_y = L.colsums(b.dy, y2, b.g.rows, need_db, need_dgr)
     gr = row_gate.to(sum_dy.dtype if need_db else sum_dy_y.dtype)
     db = (sum_dy * gr).to(b.weight.dtype) if need_db else None
     dgr = torch.where(gr != 0, sum_dy_y / gr, torch.zeros_like(sum_dy_y)).to(row_gate.dtype) if need_dgr else None
@@ -123,48 +154,58 @@ def _lora_u(b: _Backward) -> Tensor:
     """u = s * dh[:, R] @ lora_b[R], (M, r): LoRA's share of dx and the input of lora_a's gradient."""
     M, N = b.dy.shape
     u = torch.empty((M, b.rank), dtype=b.dy.dtype, device=b.dy.device)
-    L.gmm(a=b.dy, b=b.lora_b.t(), out=u, n_full=b.rank, k_full=N, k=L.Gather.of_gate(b.rmeta), gather_a=True,
-          gather_b=True, alpha=b.lora_scale)
+    L.gmm_full(route=b.g.full, a=b.dy, b=b.lora_b.t(), out=u, n_full=b.rank, k_vals=b.g.rows.vals,
+               alpha=b.lora_scale)
+    lora_b_c = _packed(b.lora_b, b.g, rows=b.g.rows, scaled=False)
+    L.gmm_compact(route=b.g.compact, a=b.dyc, b=lora_b_c.t(), out=u, n_full=b.rank, k_key=N, k_len=N,
+                  k_cnt=b.g.rows.cnt, alpha=b.lora_scale)
     return u
 
 
 def _input_and_col_gate_grads(b: _Backward, u: Optional[Tensor], need_dx: bool, need_dgc: bool):
     """dx[:, C] = g_c * (dh[:, R] @ W[R][:, C] + u @ A[:, C]), fused with dgc = sum_m (...) * x[:, C]."""
     M = b.dy.shape[0]
-    K = b.weight.shape[1]
+    N, K = b.weight.shape
     dx2 = torch.empty((M, K), dtype=b.dy.dtype, device=b.dy.device) if need_dx else None
-    sum_dgc = L.gmm(
-        a=b.dy, b=b.weight.t(), out=dx2, n_full=K, k_full=b.weight.shape[0], k=L.Gather.of_gate(b.rmeta),
-        gather_a=True, gather_b=True, n=L.Gather.of_gate(b.cmeta),
-        lora_t=u, lora_b=b.lora_a.t() if u is not None else None, aux=b.x2 if need_dgc else None,
-    )
-    return dx2, sum_dgc
+    part = L.partial_sums(M, K, b.dy.dtype, b.dy.device) if need_dgc else None
+    epilogue = dict(out=dx2, n_full=K, lora_t=u, lora_b=b.lora_a.t() if u is not None else None,
+                    aux=b.x2 if need_dgc else None, part=part)
+    L.gmm_full(route=b.g.full, a=b.dy, b=b.weight.t(), k_vals=b.g.rows.vals, n_vals=b.g.cols.vals, **epilogue)
+    wc = _packed(b.weight, b.g, rows=b.g.rows, cols=b.g.cols, scaled=False)
+    L.gmm_compact(route=b.g.compact, a=b.dyc, b=wc.t(), k_key=N, k_len=N, k_cnt=b.g.rows.cnt,
+                  n=L.Gather.of_gate(b.g.cols), **epilogue)
+    return dx2, part.sum(0)[:K] if need_dgc else None
+
+
+def _token_reduction(b: _Backward, out: Tensor, a_full: Tensor, a_compact: Tensor, rows: Optional[L.GateMeta],
+                     b_full: Tensor, b_compact: Tensor, cols: Optional[L.GateMeta]) -> Tensor:
+    """out[rows][:, cols] = a[:, rows].T @ b[:, cols] with the gates applied, zeros elsewhere: on
+    the full route the gate values scale the result, on the compact route they are in the packed
+    operands. A side without a gate (the LoRA rank) is direct."""
+    L.mtm(route=b.g.full, a=a_full, b=b_full, out=out, p_vals=None if rows is None else rows.vals,
+          q_vals=None if cols is None else cols.vals)
+    L.mtm(route=b.g.compact, a=a_compact, b=b_compact, out=out,
+          p=None if rows is None else L.Gather.of_gate(rows), q=None if cols is None else L.Gather.of_gate(cols))
+    return out
 
 
 def _weight_grad(b: _Backward) -> Tensor:
     """dW[R][:, C] = dh[:, R].T @ (x[:, C] * g_c[C]), zeros elsewhere."""
     dw = torch.empty(b.weight.shape, dtype=b.dy.dtype, device=b.dy.device)
-    L.mtm(a=b.dy, b=b.x2, out=dw, p=b.rmeta, q=b.cmeta, p_gather=True, q_gather=True, p_vals=True, q_vals=True)
-    return dw
+    return _token_reduction(b, dw, b.dy, b.dyc, b.g.rows, b.x2, b.xc, b.g.cols)
 
 
 def _lora_b_grad(b: _Backward) -> Tensor:
     """dlora_b[R] = dh[:, R].T @ t, zeros elsewhere."""
-    dlb = torch.zeros((b.weight.shape[0], b.rank), dtype=b.dy.dtype, device=b.dy.device)
-    if b.rank > 0:
-        t = _lora_t(b.x2, b.lora_a, b.cmeta, b.lora_scale)
-        L.mtm(a=b.dy, b=t, out=dlb, p=b.rmeta, q=L.identity_meta(b.rank, t.device, b.rmeta.vals.dtype),
-              p_gather=True, q_gather=False, p_vals=True, q_vals=False)
-    return dlb
+    dlb = torch.empty((b.weight.shape[0], b.rank), dtype=b.dy.dtype, device=b.dy.device)
+    t = _lora_t(b.g, b.x2, b.xc, b.lora_a, b.lora_scale)
+    return _token_reduction(b, dlb, b.dy, b.dyc, b.g.rows, t, t, None)
 
 
-def _lora_a_grad(b: _Backward, u: Optional[Tensor]) -> Tensor:
+def _lora_a_grad(b: _Backward, u: Tensor) -> Tensor:
     """dlora_a[:, C] = u.T @ (x[:, C] * g_c[C]), zeros elsewhere."""
-    da = torch.zeros((b.rank, b.weight.shape[1]), dtype=b.dy.dtype, device=b.dy.device)
-    if b.rank > 0:
-        L.mtm(a=u, b=b.x2, out=da, p=L.identity_meta(b.rank, u.device, b.cmeta.vals.dtype), q=b.cmeta,
-              p_gather=False, q_gather=True, p_vals=False, q_vals=True)
-    return da
+    da = torch.empty((b.rank, b.weight.shape[1]), dtype=b.dy.dtype, device=b.dy.device)
+    return _token_reduction(b, da, u, u, None, b.x2, b.xc, b.g.cols)
 
 
 def gated_linear_backward(
@@ -196,17 +237,22 @@ def _compute_grads(computed: Dict[int, Tensor], plan: contract.BackwardPlan, gra
     """The selected gradients that are not sums over nothing, into ``computed`` by slot."""
     need_dx, need_dw, need_db, need_dgr, need_dgc, need_da, need_dlb = plan.mask
     N, K = weight.shape
-    rmeta, cmeta = L.gate_meta(row_gate, col_gate, vals_dtype=L.acc_dtype(grad_out.dtype))
-    b = _Backward(dy=_rows(grad_out, N), x2=_rows(x, K) if plan.needs_x else None, weight=weight,
-                  rmeta=rmeta, cmeta=cmeta, lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale)
+    g = _Gates.of(row_gate, col_gate, grad_out.dtype)
+    dy = _rows(grad_out, N)
+    b = _Backward(dy=dy, dyc=dy, x2=None, xc=None, weight=weight, g=g, lora_a=lora_a, lora_b=lora_b,
+                  lora_scale=lora_scale)
     if need_db or need_dgr:
         db, dgr = _bias_and_row_gate_grads(b, output, row_gate, need_db, need_dgr)
         if need_db:
             computed[2] = db
         if need_dgr:
             computed[3] = dgr
-    if K == 0:
+    if K == 0 or not (need_dx or need_dgc or need_dw or need_da or need_dlb):
         return  # no input column: the other gradients are empty or sums over nothing
+    b.dyc = _packed(dy, g, cols=g.rows)
+    if plan.needs_x:
+        b.x2 = _rows(x, K)
+        b.xc = _packed(b.x2, g, cols=g.cols)
     u = _lora_u(b) if b.rank > 0 and (need_dx or need_dgc or need_da) else None
     if need_dx or need_dgc:
         dx2, sum_dgc = _input_and_col_gate_grads(b, u, need_dx, need_dgc)
@@ -217,6 +263,6 @@ def _compute_grads(computed: Dict[int, Tensor], plan: contract.BackwardPlan, gra
     if need_dw:
         computed[1] = _weight_grad(b)
     if need_dlb:
-        computed[6] = _lora_b_grad(b)
+        computed[6] = _lora_b_grad(b) if b.rank > 0 else dy.new_zeros((N, 0))
     if need_da:
-        computed[5] = _lora_a_grad(b, u)
+        computed[5] = _lora_a_grad(b, u) if b.rank > 0 else dy.new_zeros((0, K))

@@ -2,11 +2,12 @@
 
     y[..., row_idx] = x[..., col_idx] @ weight_c.T + bias_c,   other outputs 0.
 
-One launch of the gathered GEMM: x is read through ``col_idx`` inside the tile loads (no gathered
-copy of x), the weight is already compact, the bias is the epilogue, and the output is either
-compact (``row_idx=None``) or scattered through ``row_idx`` with the remaining columns written as
-zeros by the same grid (the output positions are ordered "columns in row_idx first, then the
-others", built on the device). The kernel of the op, no autograd here (see ``gated_linear``).
+Compact first (see ``kernels.py``): ``x[:, col_idx]`` is packed once by a bandwidth-bound kernel,
+then one dense-tile GEMM runs on it and the compact weight, with the bias in the epilogue, and
+the output is either compact (``row_idx=None``) or scattered through ``row_idx``, the remaining
+columns written as zeros by the same grid (the output positions are ordered "columns in row_idx
+first, then the others", built on the device). The kernel of the op, no autograd here (see
+``gated_linear``).
 """
 
 from __future__ import annotations
@@ -54,10 +55,14 @@ def gathered_linear_forward(
         return y
     if weight_c.shape[0] == 0:
         return y.zero_()  # no row is produced
-    L.gmm(
-        a=x.reshape(M, x.shape[-1]), b=weight_c, out=y.view(M, out_features), n_full=out_features,
-        k_full=weight_c.shape[1], k=None if col_idx is None else L.Gather(col_idx.contiguous()),
-        gather_a=col_idx is not None,
+    x2 = x.reshape(M, x.shape[-1])
+    k_len = weight_c.shape[1]
+    if col_idx is not None:
+        xc = torch.empty((M, k_len), dtype=x.dtype, device=x.device)
+        x2 = L.pack(src=x2, dst=xc, route=L.Route(L.ALWAYS), cols=L.Gather(col_idx.contiguous()))
+    L.gmm_compact(
+        route=L.Route(L.ALWAYS), a=x2, b=weight_c, out=y.view(M, out_features), n_full=out_features,
+        k_key=x.shape[-1], k_len=k_len,
         n=None if row_idx is None else _output_order(row_idx, weight_c.shape[0], out_features, x.device),
         bias=None if bias_c is None else bias_c.contiguous(),
     )
