@@ -204,3 +204,38 @@ def test_direct_functions_are_the_registered_ops(seed):
     idx = torch.tensor([0, 5, 2, 8])
     assert torch.equal(ft.gathered_linear(x, w, None, idx, None, 9),
                        torch.ops.fg_triton.gathered_linear(x, w, None, idx, None, 9))
+
+
+def test_autotuning_runs_once_per_key_on_a_representative_pattern(monkeypatch):
+    """The first launch of an autotuning key first runs the kernel on a 60%-active pattern with
+    scratch outputs (so an all-open first call does not leave the compact kernels nothing to time);
+    later launches of the same key run once, on the real arguments only."""
+    calls = []
+
+    class FakeAutotuned:
+        keys = ["N_FULL", "ROUTE"]
+
+        def __getitem__(self, grid):
+            return lambda **kw: calls.append(kw)
+
+    kernel = FakeAutotuned()
+    monkeypatch.setattr(_launch, "_TUNED", set())
+    n_cnt = torch.full((1,), 40, dtype=torch.int32)
+    out = torch.zeros(3, 40)
+    rmeta = _launch.GateMeta(order=torch.arange(40, dtype=torch.int32), vals=torch.ones(40), cnt=n_cnt, n=40)
+    cmeta = _launch.GateMeta(order=torch.arange(10, dtype=torch.int32), vals=torch.ones(10),
+                             cnt=torch.full((1,), 10, dtype=torch.int32), n=10)
+    _, compact = _launch.routes(rmeta, cmeta)
+    args = dict(out_ptr=out, n_cnt_ptr=n_cnt, N_FULL=40, **compact.args(out))
+    tuning = {**_launch._route_tuning(compact), "out_ptr": out, "n_cnt_ptr": 24}
+    for _ in range(3):
+        _launch._launch(kernel, (1,), args, None, tuning)
+    assert len(calls) == 4  # one tuning launch, then the three real ones
+    tune, real = calls[0], calls[1]
+    assert tune["out_ptr"] is not out and tune["out_ptr"].shape == out.shape
+    assert tune["n_cnt_ptr"].tolist() == [24]
+    assert tune["route0_cnt_ptr"].tolist() == [24] and tune["route1_cnt_ptr"].tolist() == [6]  # not all open
+    assert all(c["out_ptr"] is out and c["n_cnt_ptr"] is n_cnt for c in calls[1:])
+    assert real["ROUTE"] == _launch.COMPACT
+    full, _ = _launch.routes(rmeta, cmeta)
+    assert list(_launch._route_tuning(full).values()) == [40, 10]  # the full route tunes all open

@@ -110,6 +110,16 @@ def _scatter_positions(order_ptr, offs, valid, SCATTER: tl.constexpr, IDX64: tl.
 
 
 @triton.jit
+def _count(cnt_ptr, full, DYN: tl.constexpr):
+    """The active count: *cnt_ptr (a gate order's device count) when DYN, else the full size."""
+    if DYN:
+        c = tl.load(cnt_ptr)
+    else:
+        c = full
+    return c
+
+
+@triton.jit
 def _grouped_tile(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of this program, GROUP_M row tiles side by side (L2 reuse of B)."""
     pid = tl.program_id(0)
@@ -189,14 +199,8 @@ def pack_kernel(
 ):
     """Grid: (cdiv(n_rows, BLOCK_R), cdiv(n_cols, BLOCK_C)); dst is (n_rows, n_cols)."""
     if _route_taken(route0_cnt_ptr, route0_n, route1_cnt_ptr, route1_n, ROUTE):
-        if ROW_DYN:
-            r_cnt = tl.load(row_cnt_ptr)
-        else:
-            r_cnt = n_rows
-        if COL_DYN:
-            c_cnt = tl.load(col_cnt_ptr)
-        else:
-            c_cnt = n_cols
+        r_cnt = _count(row_cnt_ptr, n_rows, ROW_DYN)
+        c_cnt = _count(col_cnt_ptr, n_cols, COL_DYN)
         offs_i = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         offs_j = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         if (tl.program_id(0) * BLOCK_R < r_cnt) & (tl.program_id(1) * BLOCK_C < c_cnt):
@@ -393,15 +397,9 @@ def gmm_compact_kernel(
     else:
         n_valid = tl.where(_route_taken(route0_cnt_ptr, route0_n, route1_cnt_ptr, route1_n, ROUTE), N_FULL, 0)
     valid_p = offs_p < n_valid
-    if N_SCATTER:
-        n_cnt = tl.minimum(tl.load(n_cnt_ptr), n_valid)
-    else:
-        n_cnt = n_valid
+    n_cnt = tl.minimum(_count(n_cnt_ptr, N_FULL, N_SCATTER), n_valid)
     act_p = offs_p < n_cnt
-    if K_DYN:
-        k_cnt = tl.load(k_cnt_ptr)
-    else:
-        k_cnt = k_len
+    k_cnt = _count(k_cnt_ptr, k_len, K_DYN)
     # A tile of inactive positions runs no reduction step and is written as zeros below.
     k_cnt = tl.where(pid_n * BLOCK_N < n_cnt, k_cnt, 0)
     if B_ROW_GATHER:
@@ -473,14 +471,8 @@ def mtm_kernel(
         offs_q = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
         valid_p = offs_p < P_FULL
         valid_q = offs_q < Q_FULL
-        if P_SCATTER:
-            p_cnt = tl.load(p_cnt_ptr)
-        else:
-            p_cnt = P_FULL
-        if Q_SCATTER:
-            q_cnt = tl.load(q_cnt_ptr)
-        else:
-            q_cnt = Q_FULL
+        p_cnt = _count(p_cnt_ptr, P_FULL, P_SCATTER)
+        q_cnt = _count(q_cnt_ptr, Q_FULL, Q_SCATTER)
         out_mask = valid_p[:, None] & valid_q[None, :]
         if (pid_p * BLOCK_P < p_cnt) & (pid_q * BLOCK_Q < q_cnt):
             acc = _mtm_acc(a_ptr, stride_am, stride_ap, b_ptr, stride_bm, stride_bq, offs_p, valid_p, offs_q,
