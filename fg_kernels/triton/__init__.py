@@ -13,8 +13,10 @@ and vice versa (a clear RuntimeError says so).
   autograd as ``torch.ops.fg.*`` (``fg_kernels.registration``): differentiable, ``opcheck``-able.
 
 Sparsity patterns are runtime data (device-side index lists and counts): a new gate pattern never
-compiles or autotunes anything. Set ``FG_TRITON_AUTOTUNE=0`` to use fixed block configurations
-instead of autotuning (keys: full sizes, a power-of-two bucket of the token count, flags).
+compiles or autotunes anything. Autotuning keys are full sizes, a power-of-two bucket of the token
+count, the route and flags; each key is tuned once, on a 60%-active pattern. Set
+``FG_TRITON_AUTOTUNE=0`` to use fixed block configurations instead. Kernel design and register /
+spill report: ``kernels.py`` and ``python -m fg_kernels.triton._compile_check --help``.
 """
 
 try:
