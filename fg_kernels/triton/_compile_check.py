@@ -117,15 +117,13 @@ def _pack_variants():
     ]
 
 
-def _autotune_configs(kernel_name: str, dt: str):
+def _autotune_configs(km, kernel_name: str, dt: str):
     """(BLOCK_*, num_warps, num_stages) dicts of every autotuning config the kernel keeps for dt."""
-    from .kernels import GMM_CONFIGS, MTM_CONFIGS, SHARED_BUDGET, staged_bytes
-
-    table, names = ((MTM_CONFIGS, ("BLOCK_P", "BLOCK_Q", "BLOCK_K")) if kernel_name == "mtm_kernel"
-                    else (GMM_CONFIGS, ("BLOCK_M", "BLOCK_N", "BLOCK_K")))
+    table, names = ((km.MTM_CONFIGS, ("BLOCK_P", "BLOCK_Q", "BLOCK_K")) if kernel_name == "mtm_kernel"
+                    else (km.GMM_CONFIGS, ("BLOCK_M", "BLOCK_N", "BLOCK_K")))
     elem = 4 if dt == "fp32" else 2
     for b0, b1, bk, w, st in table:
-        if staged_bytes(b0, b1, bk, st, elem) <= SHARED_BUDGET:
+        if km.fits_shared(b0, b1, bk, st, elem):
             yield {names[0]: b0, names[1]: b1, names[2]: bk, "num_warps": w, "num_stages": st}
 
 
@@ -148,7 +146,7 @@ def variants(quick: bool, all_configs: bool = False):
         for label, name, consts in gmm + mtm:
             out.append((f"{label} {dt}", name, dt, consts))
             if all_configs and dt != "fp64" and "lora" not in label and "int64" not in label:
-                for cfg in _autotune_configs(name, dt):
+                for cfg in _autotune_configs(km, name, dt):
                     tag = "x".join(str(v) for v in cfg.values())
                     out.append((f"{label} {dt} [{tag}]", name, dt, dict(consts, **cfg)))
         out.append((f"bias/row-gate sums {dt}", "colsum_kernel", dt,

@@ -400,6 +400,19 @@ def _epilogue_args(a: Tensor, out: Optional[Tensor], bias, lora_t, lora_b, aux, 
     )
 
 
+def _launch_gmm(name: str, args: dict, tuning: Dict[str, object]) -> None:
+    """Launches the gmm kernel ``name`` over cdiv(M, BLOCK_M) * cdiv(N_FULL, BLOCK_N) programs, with
+    the fixed configuration or autotuned (see ``_launch``)."""
+    a, M, n_full = args["a_ptr"], args["M"], args["N_FULL"]
+    with launch_context(a.device) as km:
+        fixed = None if _autotuned(km, a.dtype) else _gmm_fixed_config(km, M, a.dtype)
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_full, meta["BLOCK_N"]),)
+
+        _launch(getattr(km, name), grid, args, fixed, tuning)
+
+
 def _outputs_for_tuning(args: dict) -> Dict[str, object]:
     tuning = {}
     if args["STORE_OUT"]:
@@ -426,13 +439,7 @@ def gmm_full(*, route: Route, a: Tensor, b: Tensor, out: Optional[Tensor], n_ful
         HAS_KVAL=k_vals is not None, HAS_NVAL=n_vals is not None,
         IDX64=needs_int64(a, b, out, lora_t, lora_b, aux, part), DOT_PREC=dot_precision(a.dtype),
     )
-    with launch_context(a.device) as km:
-        fixed = None if _autotuned(km, a.dtype) else _gmm_fixed_config(km, M, a.dtype)
-
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_full, meta["BLOCK_N"]),)
-
-        _launch(km.gmm_full_kernel, grid, args, fixed, {**_route_tuning(route), **_outputs_for_tuning(args)})
+    _launch_gmm("gmm_full_kernel", args, {**_route_tuning(route), **_outputs_for_tuning(args)})
 
 
 def gmm_compact(*, route: Route, a: Tensor, b: Tensor, out: Optional[Tensor], n_full: int, k_key: int,
@@ -464,13 +471,7 @@ def gmm_compact(*, route: Route, a: Tensor, b: Tensor, out: Optional[Tensor], n_
         tuning["k_cnt_ptr"] = round(TUNE_ACTIVE_FRACTION * k_len)
     if scatter and route.kind != ALWAYS:
         tuning["n_cnt_ptr"] = round(TUNE_ACTIVE_FRACTION * n_full)
-    with launch_context(a.device) as km:
-        fixed = None if _autotuned(km, a.dtype) else _gmm_fixed_config(km, M, a.dtype)
-
-        def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(n_full, meta["BLOCK_N"]),)
-
-        _launch(km.gmm_compact_kernel, grid, args, fixed, tuning)
+    _launch_gmm("gmm_compact_kernel", args, tuning)
 
 
 def mtm(*, route: Route, a: Tensor, b: Tensor, out: Tensor, p: Optional[Gather] = None,

@@ -137,15 +137,14 @@ class _Backward:
         return 0 if self.lora_a is None else self.lora_a.shape[0]
 
 
-def _bias_and_row_gate_grads(b: _Backward, output: Optional[Tensor], row_gate: Tensor, need_db: bool,
-                             need_dgr: bool):
-    """Column sums of dy (and dy * y) over tokens, on the active rows: db = g_r * sum dy,
+def _bias_and_row_gate_grads(dy: Tensor, rows: L.GateMeta, output: Optional[Tensor], row_gate: Tensor,
+                             bias_dtype: torch.dtype, need_db: bool, need_dgr: bool):
+    """Column sums of dy (M, N) (and dy * y) over tokens, on the active rows: db = g_r * sum dy,
     dgr = sum(dy * y) / g_r."""
-    N = b.weight.shape[0]
-    y2 = _rows(output, N) if need_dgr else None
-    sum_dy, sum_dy_y = L.colsums(b.dy, y2, b.g.rows, need_db, need_dgr)
+    y2 = _rows(output, dy.shape[1]) if need_dgr else None
+    sum_dy, sum_dy_y = L.colsums(dy, y2, rows, need_db, need_dgr)
     gr = row_gate.to(sum_dy.dtype if need_db else sum_dy_y.dtype)
-    db = (sum_dy * gr).to(b.weight.dtype) if need_db else None
+    db = (sum_dy * gr).to(bias_dtype) if need_db else None
     dgr = torch.where(gr != 0, sum_dy_y / gr, torch.zeros_like(sum_dy_y)).to(row_gate.dtype) if need_dgr else None
     return db, dgr
 
@@ -239,20 +238,17 @@ def _compute_grads(computed: Dict[int, Tensor], plan: contract.BackwardPlan, gra
     N, K = weight.shape
     g = _Gates.of(row_gate, col_gate, grad_out.dtype)
     dy = _rows(grad_out, N)
-    b = _Backward(dy=dy, dyc=dy, x2=None, xc=None, weight=weight, g=g, lora_a=lora_a, lora_b=lora_b,
-                  lora_scale=lora_scale)
     if need_db or need_dgr:
-        db, dgr = _bias_and_row_gate_grads(b, output, row_gate, need_db, need_dgr)
+        db, dgr = _bias_and_row_gate_grads(dy, g.rows, output, row_gate, weight.dtype, need_db, need_dgr)
         if need_db:
             computed[2] = db
         if need_dgr:
             computed[3] = dgr
     if K == 0 or not (need_dx or need_dgc or need_dw or need_da or need_dlb):
-        return  # no input column: the other gradients are empty or sums over nothing
-    b.dyc = _packed(dy, g, cols=g.rows)
-    if plan.needs_x:
-        b.x2 = _rows(x, K)
-        b.xc = _packed(b.x2, g, cols=g.cols)
+        return  # no input column (the other gradients are empty or sums over nothing), or nothing else asked
+    x2 = _rows(x, K) if plan.needs_x else None
+    b = _Backward(dy=dy, dyc=_packed(dy, g, cols=g.rows), x2=x2, xc=None if x2 is None else _packed(x2, g, cols=g.cols),
+                  weight=weight, g=g, lora_a=lora_a, lora_b=lora_b, lora_scale=lora_scale)
     u = _lora_u(b) if b.rank > 0 and (need_dx or need_dgc or need_da) else None
     if need_dx or need_dgc:
         dx2, sum_dgc = _input_and_col_gate_grads(b, u, need_dx, need_dgc)

@@ -583,19 +583,20 @@ def _configs(block_names, table, group_name):
                           num_warps=w, num_stages=s) for b0, b1, bk, w, s in table]
 
 
-def staged_bytes(b0: int, b1: int, bk: int, stages: int, elem_bytes: int) -> int:
-    return stages * (b0 + b1) * bk * elem_bytes
+def fits_shared(b0: int, b1: int, bk: int, stages: int, elem_bytes: int) -> bool:
+    """Whether a config's operand staging (stages x both tiles) stays within SHARED_BUDGET."""
+    return stages * (b0 + b1) * bk * elem_bytes <= SHARED_BUDGET
 
 
 def _fitting(block_names):
-    """early_config_prune: drops the configs whose operand staging exceeds SHARED_BUDGET for the
-    launch's element size (float32 tiles are twice the bytes of bfloat16 ones)."""
+    """early_config_prune: drops the configs that do not fit ``fits_shared`` for the launch's
+    element size (float32 tiles are twice the bytes of bfloat16 ones)."""
 
     def prune(configs, nargs, **kwargs):
         a = kwargs.get("a_ptr", nargs.get("a_ptr"))
         elem = a.element_size() if hasattr(a, "element_size") else 2
-        fit = [c for c in configs if staged_bytes(c.kwargs[block_names[0]], c.kwargs[block_names[1]],
-                                                   c.kwargs[block_names[2]], c.num_stages, elem) <= SHARED_BUDGET]
+        fit = [c for c in configs if fits_shared(c.kwargs[block_names[0]], c.kwargs[block_names[1]],
+                                                 c.kwargs[block_names[2]], c.num_stages, elem)]
         return fit or configs[-1:]
 
     return prune
