@@ -20,262 +20,84 @@ from finegates import GatedLinear, GatheredLinear
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency of finegates")
 
-OPEN, CLOSED = 3.0, -3.0  # gate logits whose eval gate is exactly 1 / exactly 0
-
+from families import FAMILIES, build, gated, inputs, logits, params, random_gates, rel, set_gates  # noqa: E402
+from families import _decoder  # noqa: E402
+from finegates.layouts import layout_for  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-COMMON = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=4, intermediate_size=80)
-
-
-def _model(kind: str) -> nn.Module:
-    torch.manual_seed(0)
-    if kind == "bert":
-        return transformers.BertForSequenceClassification(
-            transformers.BertConfig(vocab_size=100, max_position_embeddings=64, num_labels=3, **COMMON)
-        )
-    if kind == "roberta":
-        return transformers.RobertaForSequenceClassification(
-            transformers.RobertaConfig(vocab_size=100, max_position_embeddings=70, num_labels=2, **COMMON)
-        )
-    if kind == "llama":  # GQA: 4 query heads, 2 kv heads
-        return transformers.LlamaForCausalLM(
-            transformers.LlamaConfig(vocab_size=100, max_position_embeddings=64, num_key_value_heads=2, **COMMON)
-        )
-    if kind == "llama_mha":
-        return transformers.LlamaForCausalLM(
-            transformers.LlamaConfig(vocab_size=100, max_position_embeddings=64, num_key_value_heads=4, **COMMON)
-        )
-    if kind == "mistral":
-        return transformers.MistralForCausalLM(
-            transformers.MistralConfig(vocab_size=100, max_position_embeddings=64, num_key_value_heads=2, **COMMON)
-        )
-    if kind == "qwen2":  # q/k/v with bias
-        return transformers.Qwen2ForCausalLM(
-            transformers.Qwen2Config(vocab_size=100, max_position_embeddings=64, num_key_value_heads=2, **COMMON)
-        )
-    if kind == "gpt2":  # unknown family: Conv1D layers through the gathered fallback
-        return transformers.GPT2LMHeadModel(
-            transformers.GPT2Config(vocab_size=100, n_positions=64, n_embd=48, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
-        )
-    raise ValueError(kind)
-
-
-KINDS = ["bert", "roberta", "llama", "llama_mha", "mistral", "qwen2"]
-CAUSAL = {"llama", "llama_mha", "mistral", "qwen2", "gpt2"}
-
-
-def _set(gates, mask: torch.Tensor) -> None:
-    with torch.no_grad():
-        gates.theta.copy_(torch.where(mask, torch.full_like(gates.theta, OPEN), torch.full_like(gates.theta, CLOSED)))
-
-
-def _random_gates(model: nn.Module, p_closed: float, seed: int, *, fractional: bool = True) -> None:
-    """Random patterns: each gate closed with probability p_closed; open gates get values in
-    (0, 1] (fractional=True) so folding the gate values is tested, not only 0/1 masks."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in finegates.gated_layers(model):
-            for gates in (layer.row_gates, layer.col_gates):
-                closed = torch.rand(gates.size, generator=g) < p_closed
-                theta = torch.rand(gates.size, generator=g) * 1.2 - 0.4 if fractional else torch.full((gates.size,), OPEN)
-                gates.theta.copy_(torch.where(closed, torch.full_like(theta, CLOSED), theta))
-            if layer.lora_b is not None:
-                layer.lora_b.normal_(0, 0.05, generator=g)
-
-
-def _inputs(seed: int = 1, batch: int = 2, seq: int = 11):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 100, (batch, seq), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, -3:] = 0  # padding in the second sequence
-    return ids, mask
-
-
-def _logits(model, ids, mask):
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask).logits
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-
-
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def _gated(kind: str, p_closed: float, seed: int, *, lora_rank: int = 0, fractional: bool = True):
-    model = _model(kind)
-    finegates.sparsify(model, target_sparsity=0.4, lora_rank=lora_rank, verbose=False)
-    _random_gates(model, p_closed, seed, fractional=fractional)
-    return model.eval()
-
-
 def _check_exact_and_smaller(model, ids, mask):
-    ref = _logits(model, ids, mask)
+    ref = logits(model, ids, mask)
     report = finegates.compression_report(model)
     finegates.compact(model)
     assert not any(isinstance(m, GatedLinear) for m in model.modules())
-    out = _logits(model, ids, mask)
-    assert _rel(out, ref) <= 1e-5, _rel(out, ref)
-    assert _params(model) <= report["params_total"] - report["params_removable"]
+    out = logits(model, ids, mask)
+    assert rel(out, ref) <= 1e-5, rel(out, ref)
+    assert params(model) <= report["params_total"] - report["params_removable"]
     return ref, out, report
 
 
-# ------------------------------------------------------------------------------- exactness
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("p_closed", [0.0, 0.3, 0.6])
-def test_compact_equals_gated_eval(kind, p_closed):
-    model = _gated(kind, p_closed, seed=int(p_closed * 10) + 7, lora_rank=2 if p_closed == 0.3 else 0)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("error", message="compact:")  # known families: no fallback warning
-        _check_exact_and_smaller(model, *_inputs())
-    if p_closed > 0:  # paired MLP dims shrank: no gather or scatter between up and down projections
-        for m in model.modules():
-            mlp = getattr(m, "mlp", None)
-            if mlp is not None and hasattr(mlp, "down_proj"):
-                assert mlp.down_proj.weight.shape[1] == mlp.up_proj.weight.shape[0] < COMMON["intermediate_size"]
-                assert getattr(mlp.down_proj, "col_idx", None) is None
-            inter = getattr(m, "intermediate", None)
-            if inter is not None:
-                assert m.output.dense.weight.shape[1] == inter.dense.weight.shape[0] < COMMON["intermediate_size"]
-
-
-def test_compact_all_one_gates_is_the_base_model():
-    base = _model("bert").eval()
-    ids, mask = _inputs()
-    ref = _logits(base, ids, mask)
-    model = _model("bert")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compact_all_one_gates_is_the_base_model(family):
+    base = build(family).eval()
+    ids, mask = inputs()
+    ref = logits(base, ids, mask)
+    model = build(family)
     finegates.sparsify(model, target_sparsity=0.4, verbose=False)
     for _, layer in finegates.gated_layers(model):
-        _set(layer.row_gates, torch.ones(layer.out_features, dtype=torch.bool))
-        _set(layer.col_gates, torch.ones(layer.in_features, dtype=torch.bool))
+        set_gates(layer.row_gates, torch.ones(layer.out_features, dtype=torch.bool))
+        set_gates(layer.col_gates, torch.ones(layer.in_features, dtype=torch.bool))
     finegates.compact(model.eval())
     # nothing closed: plain nn.Linear everywhere, no gathers left
     assert not any(isinstance(m, GatheredLinear) for m in model.modules())
-    assert _rel(_logits(model, ids, mask), ref) <= 1e-6
+    assert rel(logits(model, ids, mask), ref) <= 1e-6
 
 
 @pytest.mark.parametrize("kind", ["bert", "llama", "qwen2"])
 def test_layer_with_every_gate_closed(kind):
-    model = _gated(kind, 0.3, seed=3)
+    model = gated(kind, 0.3, seed=3)
     name_prefix = "bert.encoder.layer.1." if kind == "bert" else "model.layers.1."
     for name, layer in finegates.gated_layers(model):
         if name.startswith(name_prefix):
-            _set(layer.row_gates, torch.zeros(layer.out_features, dtype=torch.bool))
-            _set(layer.col_gates, torch.zeros(layer.in_features, dtype=torch.bool))
-    _check_exact_and_smaller(model, *_inputs())
-
-
-def test_bert_heads_value_closed_are_removed_query_closed_are_kept():
-    """A head with a closed value path outputs 0 and is removed; a head with a closed query
-    outputs the mean of its values (uniform attention), so it must stay."""
-    model = _gated("bert", 0.2, seed=5)
-    sa = model.bert.encoder.layer[0].attention.self
-    hd = sa.attention_head_size
-    v_rows = torch.ones(48, dtype=torch.bool)
-    v_rows[1 * hd : 2 * hd] = False  # head 1: value closed
-    q_rows = torch.ones(48, dtype=torch.bool)
-    q_rows[2 * hd : 3 * hd] = False  # head 2: query closed
-    _set(sa.value.row_gates, v_rows)
-    _set(sa.query.row_gates, q_rows)
-    _check_exact_and_smaller(model, *_inputs())
-    assert sa.num_attention_heads == 3
-    assert sa.all_head_size == 3 * sa.attention_head_size <= 3 * hd
-    # MLP intermediate of every layer: intermediate rows ∩ output columns, no gather or scatter left
-    for layer in model.bert.encoder.layer:
-        assert isinstance(layer.intermediate.dense, (nn.Linear, GatheredLinear))
-        assert layer.output.dense.weight.shape[1] == layer.intermediate.dense.weight.shape[0]
-
-
-def test_bert_head_size_shrinks_to_the_largest_open_set():
-    model = _gated("bert", 0.0, seed=6, fractional=False)
-    sa = model.bert.encoder.layer[2].attention.self
-    hd = sa.attention_head_size
-    keep = torch.zeros(48, dtype=torch.bool)
-    for h in range(4):
-        keep[h * hd : h * hd + 5 + h] = True  # head h keeps 5 + h dims
-    for lin in (sa.query, sa.key, sa.value):
-        _set(lin.row_gates, keep)
-    _check_exact_and_smaller(model, *_inputs())
-    assert sa.attention_head_size == 8 and sa.num_attention_heads == 4
-
-
-def test_llama_gqa_group_removed_only_when_all_its_query_heads_are_closed():
-    model = _gated("llama", 0.1, seed=8)
-    attn = model.model.layers[0].self_attn
-    hd = attn.head_dim  # 12; query heads 0,1 use kv head 0; 2,3 use kv head 1
-    o_cols = torch.ones(48, dtype=torch.bool)
-    o_cols[0 : 2 * hd] = False  # group 0's query heads write nothing
-    o_cols[3 * hd : 4 * hd] = False  # query head 3 alone: group 1 must stay (group size is uniform)
-    _set(attn.o_proj.col_gates, o_cols)
-    _check_exact_and_smaller(model, *_inputs())
-    k = attn.k_proj
-    assert k.out_features == hd, "kv group 0 should be removed, group 1 kept"
-    assert attn.q_proj.out_features == 2 * hd
-    mlp = model.model.layers[0].mlp
-    assert mlp.gate_proj.weight.shape[0] == mlp.up_proj.weight.shape[0] == mlp.down_proj.weight.shape[1]
+            set_gates(layer.row_gates, torch.zeros(layer.out_features, dtype=torch.bool))
+            set_gates(layer.col_gates, torch.zeros(layer.in_features, dtype=torch.bool))
+    _check_exact_and_smaller(model, *inputs())
 
 
 def test_llama_rotary_pairs_keep_q_rows_whose_partner_key_is_open():
     """q_d is needed if k is open at d or at its rotary partner d ± head_dim/2."""
-    model = _gated("llama_mha", 0.0, seed=9, fractional=False)
+    torch.manual_seed(0)
+    model = _decoder("LlamaForCausalLM", "LlamaConfig", num_key_value_heads=4).eval()
+    finegates.sparsify(model, target_sparsity=0.4, verbose=False)
     attn = model.model.layers[1].self_attn
     hd = attn.head_dim
     k_rows = torch.ones(48, dtype=torch.bool)
     k_rows[0:2] = False  # head 0: dims 0, 1 closed, partners 6, 7 open -> q 0, 1 still needed
     k_rows[hd + 3] = k_rows[hd + 3 + hd // 2] = False  # head 1: pair (3, 9) closed -> q 3, 9 not needed
-    _set(attn.k_proj.row_gates, k_rows)
-    _check_exact_and_smaller(model, *_inputs())
+    set_gates(attn.k_proj.row_gates, k_rows)
+    _check_exact_and_smaller(model, *inputs())
     q = attn.q_proj
     assert isinstance(q, GatheredLinear) and q.weight.shape[0] == 48 - 2
 
 
-def test_unknown_family_falls_back_with_a_warning():
-    model = _gated("gpt2", 0.3, seed=10)
-    with pytest.warns(UserWarning, match="GPT2Block is not a known block"):
-        _check_exact_and_smaller(model, *_inputs())
-    assert sum(isinstance(m, GatheredLinear) for m in model.modules()) == 8
-
-
 def test_compact_bf16_close_to_gated():
-    model = _gated("llama", 0.3, seed=11)
+    model = gated("llama", 0.3, seed=11)
     model.to(torch.bfloat16)
-    ids, mask = _inputs()
-    ref = _logits(model, ids, mask).float()
+    ids, mask = inputs()
+    ref = logits(model, ids, mask).float()
     finegates.compact(model)
-    out = _logits(model, ids, mask).float()
-    assert out.dtype == torch.float32 and _rel(out, ref) < 0.05
+    out = logits(model, ids, mask).float()
+    assert out.dtype == torch.float32 and rel(out, ref) < 0.05
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
 
 
 def test_compact_needs_gates():
     with pytest.raises(ValueError, match="no GatedLinear"):
-        finegates.compact(_model("bert"))
+        finegates.compact(build("bert"))
 
 
 # ------------------------------------------------------------------------ save / load
-
-
-@pytest.mark.parametrize("kind", ["bert", "roberta", "llama", "qwen2"])
-def test_save_load_round_trip(tmp_path, kind):
-    model = _gated(kind, 0.4, seed=12)
-    ids, mask = _inputs()
-    ref, out, _ = _check_exact_and_smaller(model, ids, mask)
-    path = finegates.save_compact(model, tmp_path / "compact")
-    assert sorted(os.listdir(tmp_path)) == ["compact"]  # no temporary leftovers
-    loaded = finegates.load_compact(path)
-    assert type(loaded) is type(model)
-    assert not any(isinstance(m, GatedLinear) for m in loaded.modules())
-    assert _params(loaded) == _params(model)
-    torch.testing.assert_close(_logits(loaded, ids, mask), out, rtol=0, atol=0)
-    if kind in CAUSAL:
-        gen = loaded.generate(ids[:1, :5], max_new_tokens=6, do_sample=False)
-        assert torch.equal(gen, model.generate(ids[:1, :5], max_new_tokens=6, do_sample=False))
 
 
 def test_pretrained_minilm_gate_compact_save_load_predict(tmp_path):
@@ -285,7 +107,7 @@ def test_pretrained_minilm_gate_compact_save_load_predict(tmp_path):
     model = transformers.AutoModelForSequenceClassification.from_pretrained(src, num_labels=2, local_files_only=True)
     tok = transformers.AutoTokenizer.from_pretrained(src, local_files_only=True)
     finegates.sparsify(model, target_sparsity=0.4, verbose=False)
-    _random_gates(model, 0.35, seed=13)
+    random_gates(model, 0.35, seed=13)
     model.eval()
     batch = tok(["a gripping, beautifully made film", "dull and far too long"], return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -299,13 +121,13 @@ def test_pretrained_minilm_gate_compact_save_load_predict(tmp_path):
     assert torch.equal(batch2["input_ids"], batch["input_ids"])
     with torch.no_grad():
         out = loaded(**batch2).logits
-    assert _rel(out, ref) <= 1e-5
+    assert rel(out, ref) <= 1e-5
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
 
 
 @pytest.fixture
 def saved(tmp_path):
-    model = _gated("bert", 0.4, seed=14)
+    model = gated("bert", 0.4, seed=14)
     finegates.compact(model)
     return finegates.save_compact(model, tmp_path / "m"), model
 
@@ -337,7 +159,7 @@ def test_load_refuses_missing_and_mismatched(saved, tmp_path):
     with pytest.raises(FileNotFoundError, match="finegates_compact.json"):
         finegates.load_compact(tmp_path)
     with pytest.raises(ValueError, match="no module"):
-        finegates.load_compact(path, model=_model("llama"))
+        finegates.load_compact(path, model=build("llama"))
 
 
 def test_load_refuses_a_different_config(saved):
@@ -370,7 +192,7 @@ def test_save_is_atomic_when_interrupted(saved, monkeypatch):
 def test_save_refuses_uncompacted_and_foreign_dirs(saved, tmp_path):
     path, model = saved
     with pytest.raises(ValueError, match="compact"):
-        finegates.save_compact(_gated("bert", 0.1, seed=1), tmp_path / "x")
+        finegates.save_compact(gated("bert", 0.1, seed=1), tmp_path / "x")
     other = tmp_path / "my_stuff"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
@@ -384,12 +206,250 @@ def test_save_refuses_uncompacted_and_foreign_dirs(saved, tmp_path):
 def test_compact_model_under_torch_compile():
     """GatheredLinear calls a registered custom op with a fake kernel: the compact model traces
     without graph breaks in it and gives the same logits."""
-    model = _gated("llama", 0.4, seed=15)
-    ids, mask = _inputs()
+    model = gated("llama", 0.4, seed=15)
+    ids, mask = inputs()
     finegates.compact(model)
-    ref = _logits(model, ids, mask)
+    ref = logits(model, ids, mask)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="aot_eager")
     with torch.no_grad():
         out = compiled(input_ids=ids, attention_mask=mask).logits
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------- attention kinds, every family
+
+
+def _first_attention(model):
+    block = next(m for m in model.modules() if layout_for(m) is not None)
+    att = layout_for(block).attention
+    attn = block.get_submodule(att.module)
+    return block, att, attn, int(getattr(attn, att.head_size))
+
+
+def _close_rows(block, att, hd, part: str, closed_dims) -> None:
+    """Closes rows ``closed_dims`` (indices into the logical q, k or v output) of the first layer."""
+    if not att.qkv:
+        lin = block.get_submodule(getattr(att, part))
+        rows = torch.ones(lin.out_features, dtype=torch.bool)
+        rows[list(closed_dims)] = False
+        set_gates(lin.row_gates, rows)
+        return
+    lin = block.get_submodule(att.qkv)
+    width = lin.out_features
+    kv = int(getattr(block.get_submodule(att.module), att.kv_heads)) * hd if att.kv_heads else width // 3
+    sizes = {"q": width - 2 * kv, "k": kv, "v": kv}
+    p = "qkv".index(part)
+    rows = lin.row_gates.theta > 0  # keep what earlier calls closed
+    for d in closed_dims:
+        if att.qkv_split == "concat":
+            rows[sum(sizes[x] for x in "qkv"[:p]) + d] = False
+        else:
+            rows[(d // hd) * 3 * hd + p * hd + d % hd] = False
+    set_gates(lin.row_gates, rows)
+
+
+def _out_width(block, path) -> int:
+    m = block.get_submodule(path)
+    return m.out_features
+
+
+SHRINKING = [f for f in FAMILIES if layout_for(build(f).get_submodule(
+    next(n for n, m in build(f).named_modules() if layout_for(m) is not None))).attention.head_size_shrinks]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_value_closed_head_goes_query_closed_head_stays(family):
+    """A head whose value path is closed outputs 0 and goes (with its whole GQA group); a head
+    whose query is closed outputs the mean of its values (uniform attention) and stays."""
+    model = gated(family, 0.0, seed=5, fractional=False)
+    block, att, attn, hd = _first_attention(model)
+    q_heads = (block.get_submodule(att.o).in_features) // hd
+    kv_width = _out_width(block, att.k) if att.k else None
+    kv_heads = kv_width // hd if kv_width else (int(getattr(attn, att.kv_heads)) if att.kv_heads else q_heads)
+    group = q_heads // kv_heads
+    _close_rows(block, att, hd, "v", range(hd))  # kv head 0: every query head of group 0 reads zeros
+    _close_rows(block, att, hd, "q", range((q_heads - 1) * hd, q_heads * hd))  # last query head
+    _check_exact_and_smaller(model, *inputs())
+    o_in = block.get_submodule(att.o).in_features
+    if not att.heads_removable:
+        assert o_in == q_heads * hd
+    else:
+        head_size = int(getattr(attn, att.head_size))
+        assert o_in == (q_heads - group) * head_size, "group 0 goes, the query-closed head stays"
+
+
+@pytest.mark.parametrize("family", SHRINKING)
+def test_head_size_shrinks_to_the_largest_open_set(family):
+    model = gated(family, 0.0, seed=6, fractional=False)
+    block, att, attn, hd = _first_attention(model)
+    H = block.get_submodule(att.o).in_features // hd
+    for part in "qkv":
+        _close_rows(block, att, hd, part, [h * hd + d for h in range(H) for d in range(5 + h, hd)])  # head h keeps 5 + h
+    _check_exact_and_smaller(model, *inputs())
+    assert getattr(attn, att.head_size) == 8 and block.get_submodule(att.o).in_features == H * 8
+
+
+def test_llama_gqa_group_removed_only_when_all_its_query_heads_are_closed():
+    model = gated("llama", 0.1, seed=8)
+    attn = model.model.layers[0].self_attn
+    hd = attn.head_dim  # 12; query heads 0,1 use kv head 0; 2,3 use kv head 1
+    o_cols = torch.ones(48, dtype=torch.bool)
+    o_cols[0 : 2 * hd] = False  # group 0's query heads write nothing
+    o_cols[3 * hd : 4 * hd] = False  # query head 3 alone: group 1 must stay (group size is uniform)
+    set_gates(attn.o_proj.col_gates, o_cols)
+    _check_exact_and_smaller(model, *inputs())
+    assert attn.k_proj.out_features == hd, "kv group 0 should be removed, group 1 kept"
+    assert attn.q_proj.out_features == 2 * hd
+
+
+def test_partial_rotary_pairs_only_inside_the_rotary_dims():
+    """GPT-NeoX rotates the first 4 of 16 dims (pairs (0, 2), (1, 3)); the others meet only
+    themselves, so a closed k dim there makes its q dim unnecessary."""
+    model = gated("gpt_neox", 0.0, seed=9, fractional=False)
+    block, att, attn, hd = _first_attention(model)
+    assert attn.rotary_ndims == 4
+    _close_rows(block, att, hd, "k", [0, 7, 9])  # 0: partner 2 open -> q 0 needed; 7, 9: unpaired
+    _check_exact_and_smaller(model, *inputs())
+    qkv = block.get_submodule(att.qkv)
+    assert isinstance(qkv, GatheredLinear) and qkv.weight.shape[0] == 3 * 64 - 3 - 2
+
+
+def test_qk_norm_keeps_every_open_query_dim():
+    """Qwen3 normalises q per head: a q dim whose rotary pair meets only closed k dims still feeds
+    the norm, so it is computed (a plain rotary model would drop it)."""
+    model = gated("qwen3", 0.0, seed=9, fractional=False)
+    block, att, attn, hd = _first_attention(model)
+    _close_rows(block, att, hd, "k", [1, 1 + hd // 2])  # the pair (1, 7) of kv head 0
+    _check_exact_and_smaller(model, *inputs())
+    assert block.get_submodule(att.q).weight.shape[0] == 4 * hd
+
+
+# ------------------------------------------------------------ unknown and registered blocks
+
+
+class _MLP(nn.Module):
+    def __init__(self, d, i, act):
+        super().__init__()
+        self.fc_in, self.act, self.fc_out = nn.Linear(d, i), act, nn.Linear(i, d)
+
+    def forward(self, x):
+        return self.fc_out(self.act(self.fc_in(x)))
+
+
+class _Attention(nn.Module):
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads, self.head_dim = heads, d // heads
+        self.scale = self.head_dim ** -0.5
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (f(x).view(b, t, -1, self.head_dim).transpose(1, 2) for f in (self.wq, self.wk, self.wv))
+        a = torch.softmax(q @ k.transpose(-1, -2) * self.scale, -1) @ v
+        return self.wo(a.transpose(1, 2).reshape(b, t, -1))
+
+
+class _Block(nn.Module):
+    def __init__(self, d=64, i=96, heads=2, act=None):
+        super().__init__()
+        self.attn, self.mlp = _Attention(d, heads), _MLP(d, i, act or nn.GELU())
+        self.n1, self.n2 = nn.LayerNorm(d), nn.LayerNorm(d)
+
+    def forward(self, x):
+        x = x + self.attn(self.n1(x))
+        return x + self.mlp(self.n2(x))
+
+
+class _Net(nn.Module):
+    def __init__(self, act=None):
+        super().__init__()
+        self.layers = nn.ModuleList(_Block(act=act) for _ in range(2))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def _custom(seed=0, act=None, p=0.3):
+    torch.manual_seed(seed)
+    net = _Net(act)
+    finegates.sparsify(net, target_sparsity=0.4, verbose=False)
+    g = torch.Generator().manual_seed(seed)
+    for _, layer in finegates.gated_layers(net):
+        for gates in (layer.row_gates, layer.col_gates):
+            set_gates(gates, torch.rand(gates.size, generator=g) >= p)
+    return net.eval(), torch.randn(2, 5, 64, generator=g)
+
+
+def _run_compact(net, x):
+    with torch.no_grad():
+        ref = net(x)
+    report = finegates.compression_report(net)
+    finegates.compact(net)
+    with torch.no_grad():
+        out = net(x)
+    assert rel(out, ref) <= 1e-5
+    assert params(net) <= report["params_total"] - report["params_removable"]
+
+
+def test_unknown_block_mlp_recognised_attention_gathered_with_a_warning():
+    net, x = _custom()
+    with pytest.warns(UserWarning, match=r"_Block has no registered layout: its MLP was recognised.*register_layout"):
+        _run_compact(net, x)
+    mlp = net.layers[0].mlp
+    assert mlp.fc_in.weight.shape[0] == mlp.fc_out.weight.shape[1] < 96  # narrower, no gather/scatter between
+    assert getattr(mlp.fc_in, "row_idx", None) is None and getattr(mlp.fc_out, "col_idx", None) is None
+    assert all(isinstance(getattr(net.layers[0].attn, w), GatheredLinear) for w in ("wq", "wk", "wv", "wo"))
+
+
+def test_unknown_block_mlp_with_nonzero_act_at_zero_keeps_closed_up_rows():
+    net, x = _custom(act=nn.Sigmoid())  # sigmoid(0) = 0.5: a closed fc_in row still feeds fc_out
+    with pytest.warns(UserWarning, match="its MLP was recognised"):
+        _run_compact(net, x)
+
+
+def test_registered_layout_shrinks_heads_without_a_warning(monkeypatch):
+    from finegates import layouts
+
+    monkeypatch.setattr(layouts, "_REGISTRY", dict(layouts._REGISTRY))
+    finegates.register_layout(finegates.BlockLayout(
+        family="toy", blocks=("_Block",),
+        attention=finegates.AttentionLayout(module="attn", q="attn.wq", k="attn.wk", v="attn.wv", o="attn.wo",
+                                            head_size="head_dim", head_size_shrinks=True, set_attrs={"heads": "heads", "head_dim": "head_size"}),
+        mlp=finegates.MLPLayout(up=("mlp.fc_in",), down="mlp.fc_out", act="mlp.act"),
+    ))
+    net, x = _custom(p=0.45)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="compact:")
+        _run_compact(net, x)
+    attn = net.layers[0].attn
+    assert attn.head_dim < 32 and attn.wo.in_features == attn.heads * attn.head_dim
+    with pytest.raises(ValueError, match="already have a layout"):
+        finegates.register_layout(finegates.BlockLayout(family="again", blocks=("_Block",)))
+
+
+def test_mismatched_layout_falls_back_and_says_why(monkeypatch):
+    from finegates import layouts
+
+    monkeypatch.setattr(layouts, "_REGISTRY", dict(layouts._REGISTRY))
+    finegates.register_layout(finegates.BlockLayout(
+        family="toy", blocks=("_Block",),
+        mlp=finegates.MLPLayout(up=("mlp.fc_up",), down="mlp.fc_out", act="mlp.act"),
+    ))
+    net, x = _custom()
+    with pytest.warns(UserWarning, match=r"does not match the toy layout \(it has no module layers.0.mlp.fc_up\)"):
+        _run_compact(net, x)
+
+
+def test_layout_definitions_are_checked():
+    with pytest.raises(ValueError, match="either q, k and v, or one fused qkv"):
+        finegates.AttentionLayout(module="a", q="a.q", o="a.o")
+    with pytest.raises(ValueError, match="qkv_split"):
+        finegates.AttentionLayout(module="a", qkv="a.qkv", o="a.o", qkv_split="zigzag")
+    with pytest.raises(ValueError, match="set_attrs"):
+        finegates.AttentionLayout(module="a", qkv="a.qkv", o="a.o", set_attrs={"n": "heads_count"})
+    with pytest.raises(TypeError, match="BlockLayout"):
+        finegates.register_layout({"family": "x"})

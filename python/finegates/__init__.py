@@ -13,6 +13,7 @@ from .compact import compact
 from .compact_layers import GatheredLinear
 from .gates import Gates
 from .layers import GatedLinear, set_backend
+from .layouts import AttentionLayout, BlockLayout, MLPLayout, register_layout, registered_layouts
 from .loss import SparsitySchedule, sparsity_loss
 from .report import compression_report
 from .serialize import load_compact, save_compact
@@ -35,4 +36,9 @@ __all__ = [
     "GatheredLinear",
     "save_compact",
     "load_compact",
+    "BlockLayout",
+    "AttentionLayout",
+    "MLPLayout",
+    "register_layout",
+    "registered_layouts",
 ]

@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
-from .compact import COMPACT_ATTRS
+from .compact_attention import COMPACT_ATTRS
 from .compact_layers import GatheredLinear
 from .layers import GatedLinear
 from .sparsify import set_submodule
@@ -204,6 +204,51 @@ def _skeleton(path: Path, manifest: Dict[str, Any]) -> nn.Module:
     return cls(config)
 
 
+def _swap_layer(model: nn.Module, name: str, spec: Dict[str, Any], dtype) -> None:
+    """Puts a layer of the recorded shape at ``name``. A stock Linear that already has that shape
+    stays: it may share its weight with another module (tied embeddings), and a fresh one would not."""
+    try:
+        old = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"load_compact: the model has no module {name!r} recorded in {MANIFEST_NAME} (mismatched model?)") from None
+    if type(old).__name__ not in ("Linear", "Conv1D", "GatheredLinear", "GatedLinear"):
+        raise ValueError(f"load_compact: module {name!r} is a {type(old).__name__}, not a Linear (mismatched model?)")
+    if spec["kind"] == "linear":
+        if type(old) is nn.Linear and (old.in_features, old.out_features, old.bias is not None) == (
+            spec["in_features"], spec["out_features"], spec["bias"]
+        ):
+            return
+        new = nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=dtype)
+    elif spec["kind"] == "gathered":
+        new = GatheredLinear(
+            spec["in_features"], spec["out_features"], spec["active_out"], spec["active_in"],
+            bias=spec["bias"], scatter_rows=spec["scatter_rows"], gather_cols=spec["gather_cols"], dtype=dtype,
+        )
+    else:
+        raise ValueError(f"load_compact: unknown layer kind {spec['kind']!r} for {name!r} in {MANIFEST_NAME}")
+    set_submodule(model, name, new)
+
+
+def _first(names, n: int = 5) -> str:
+    names = sorted(names)
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _load_weights(model: nn.Module, wpath: Path, path: Path) -> None:
+    """Loads the safetensors file strictly; a mismatch names the keys (first few), not a cut-off line."""
+    from safetensors.torch import load_model
+
+    where = f"load_compact: weights in {str(path)!r} do not fit the model"
+    try:
+        missing, unexpected = load_model(model, str(wpath), strict=False)
+    except RuntimeError as e:  # shape mismatches
+        lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+        raise ValueError(f"{where}: {'; '.join(lines[:3])}" + (f" (and {len(lines) - 3} more)" if len(lines) > 3 else "")) from None
+    if missing or unexpected:
+        parts = ([f"missing {_first(missing)}"] if missing else []) + ([f"unexpected {_first(unexpected)}"] if unexpected else [])
+        raise ValueError(f"{where}: {'; '.join(parts)} (mismatched config.json or a different model?)")
+
+
 @torch.no_grad()
 def load_compact(path: PathLike, *, model: Optional[nn.Module] = None, device=None) -> nn.Module:
     """Loads a :func:`save_compact` directory into the stock model class (eval mode).
@@ -212,8 +257,6 @@ def load_compact(path: PathLike, *, model: Optional[nn.Module] = None, device=No
     models that are not Hugging Face ``PreTrainedModel``s). Raises ``FileNotFoundError`` /
     ``ValueError`` naming the problem for a missing, corrupt or mismatched directory.
     """
-    from safetensors.torch import load_model
-
     path = Path(path)
     manifest = _read_manifest(path)
     wpath = path / WEIGHTS_NAME
@@ -228,22 +271,7 @@ def load_compact(path: PathLike, *, model: Optional[nn.Module] = None, device=No
         model = _skeleton(path, manifest)
     dtype = getattr(torch, manifest["dtype"]) if manifest.get("dtype") else None
     for name, spec in manifest["layers"].items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"load_compact: the model has no module {name!r} recorded in {MANIFEST_NAME} (mismatched model?)") from None
-        if spec["kind"] == "linear":
-            new = nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=dtype)
-        elif spec["kind"] == "gathered":
-            new = GatheredLinear(
-                spec["in_features"], spec["out_features"], spec["active_out"], spec["active_in"],
-                bias=spec["bias"], scatter_rows=spec["scatter_rows"], gather_cols=spec["gather_cols"], dtype=dtype,
-            )
-        else:
-            raise ValueError(f"load_compact: unknown layer kind {spec['kind']!r} for {name!r} in {MANIFEST_NAME}")
-        if type(old).__name__ not in ("Linear", "Conv1D", "GatheredLinear", "GatedLinear"):
-            raise ValueError(f"load_compact: module {name!r} is a {type(old).__name__}, not a Linear (mismatched model?)")
-        set_submodule(model, name, new)
+        _swap_layer(model, name, spec, dtype)
     for name, attrs in manifest["attributes"].items():
         mod = model.get_submodule(name)
         for a, v in attrs.items():
@@ -251,10 +279,7 @@ def load_compact(path: PathLike, *, model: Optional[nn.Module] = None, device=No
         setattr(mod, COMPACT_ATTRS, dict(attrs))
     if dtype is not None:
         model.to(dtype)
-    try:
-        missing, unexpected = load_model(model, str(wpath), strict=True)
-    except RuntimeError as e:
-        raise ValueError(f"load_compact: weights in {str(path)!r} do not fit the model: {str(e).splitlines()[0]}") from None
+    _load_weights(model, wpath, path)
     model.requires_grad_(False)
     model.eval()
     if device is not None:

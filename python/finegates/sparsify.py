@@ -79,6 +79,22 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _refuse_tied(model: nn.Module, targets: List[str]) -> None:
+    """A gated layer is compacted into a new, smaller weight: one whose weight another module shares
+    (an ``lm_head`` tied to the input embeddings) would come apart from it, so it is refused."""
+    owners = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for n in targets:
+        names = owners.get(id(model.get_submodule(n).weight), [])
+        others = [o for o in names if o != f"{n}.weight"]
+        if others:
+            raise ValueError(
+                f"sparsify: {n}.weight is tied to {others[0]}; gating it would untie them at compaction. "
+                "Leave it out of target_modules (or untie the weights first)"
+            )
+
+
 def sparsify(
     model: nn.Module,
     *,
@@ -122,6 +138,7 @@ def sparsify(
             f"sparsify: no nn.Linear/Conv1D module matched target_modules={target_modules!r}"
             + (" (default: Linears inside the transformer blocks, i.e. below an nn.ModuleList)" if target_modules is None else "")
         )
+    _refuse_tied(model, targets)
     for p in model.parameters():
         p.requires_grad_(False)
     for n in targets:

@@ -1,0 +1,181 @@
+"""The primitives of compaction: fold a gated layer into one weight, build its active block as a
+layer, and address the logical parts of a fused projection.
+
+A folded layer is ``g_r ⊙ (W + s·BA) ⊙ g_c`` (and ``g_r ⊙ b``) with masks of its open rows and
+columns; :func:`build` cuts a block of it out as an ``nn.Linear`` or, where a gather or scatter is
+left, a :class:`GatheredLinear`. A :class:`Projection` maps the parts of a fused projection (q, k, v
+of ``qkv_proj``; gate, up of ``gate_up_proj``) to its rows, before and after compaction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .compact_layers import GatheredLinear
+from .layers import GatedLinear, is_linear_like
+
+__all__ = ["Folded", "fold", "build", "residual_layer", "idx", "Projection", "PartPlan", "is_linear"]
+
+
+def idx(mask: Tensor) -> Tensor:
+    """Indices of the True entries of a 1-D mask (int64)."""
+    return torch.nonzero(mask, as_tuple=True)[0]
+
+
+def is_linear(m: nn.Module) -> bool:
+    return isinstance(m, GatedLinear) or is_linear_like(m)
+
+
+@dataclass
+class Folded:
+    """A Linear as (out, in) with eval gates and LoRA folded in, and its open rows/columns."""
+
+    weight: Tensor
+    bias: Optional[Tensor]
+    rows: Tensor  # bool (N,)
+    cols: Tensor  # bool (K,)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+
+@torch.no_grad()
+def fold(module: nn.Module) -> Folded:
+    """Folds ``g_r ⊙ (W + s·BA) ⊙ g_c`` and ``g_r ⊙ b`` in fp32, cast back to the weight's dtype.
+    An ungated Linear/Conv1D folds with all gates 1."""
+    if isinstance(module, GatedLinear):
+        w = module.dense_weight().float()
+        if module.lora_a is not None:
+            w = w + float(module.lora_scale) * (module.lora_b.float() @ module.lora_a.float())
+        gr = module.row_gates.eval_values().float()
+        gc = module.col_gates.eval_values().float()
+    elif is_linear_like(module):
+        w = module.weight.float()
+        if not isinstance(module, nn.Linear):  # GPT-2 Conv1D stores (in, out)
+            w = w.t()
+        gr = torch.ones(w.shape[0], device=w.device)
+        gc = torch.ones(w.shape[1], device=w.device)
+    else:
+        raise TypeError(f"compact: cannot fold a {type(module).__name__}")
+    dtype = module.weight.dtype
+    weight = (gr[:, None] * w * gc[None, :]).to(dtype)
+    b = getattr(module, "bias", None)
+    bias = None if b is None else (gr * b.float()).to(b.dtype)
+    return Folded(weight, bias, gr != 0, gc != 0)
+
+
+def _placement(pos: Tensor, width: Optional[int]) -> Optional[Tensor]:
+    """``pos`` as an index list into a ``width`` wide tensor, or None where no gather/scatter is
+    needed (no width given, or ``pos`` is exactly 0..width-1)."""
+    if width is None or (pos.numel() == width and torch.equal(pos, torch.arange(width, device=pos.device))):
+        return None
+    return pos
+
+
+def build(
+    f: Folded,
+    rows: Tensor,
+    cols: Tensor,
+    *,
+    out_width: Optional[int] = None,
+    out_slots: Optional[Tensor] = None,
+    in_width: Optional[int] = None,
+    in_slots: Optional[Tensor] = None,
+) -> nn.Module:
+    """The block ``f.weight[rows][:, cols]`` (and ``f.bias[rows]``) as a layer.
+
+    With ``out_width`` its outputs land at positions ``out_slots`` (default: ``rows``) of an
+    ``out_width`` wide output, exact zeros elsewhere; with ``in_width`` it reads its inputs from
+    positions ``in_slots`` (default: ``cols``) of an ``in_width`` wide input. An ``nn.Linear`` when
+    neither placement is needed, else a :class:`GatheredLinear`. ``rows``/``cols`` are int64."""
+    w = f.weight.index_select(0, rows).index_select(1, cols).contiguous()
+    b = None if f.bias is None else f.bias.index_select(0, rows).contiguous()
+    row_idx = _placement(rows if out_slots is None else out_slots, out_width)
+    col_idx = _placement(cols if in_slots is None else in_slots, in_width)
+    if row_idx is None and col_idx is None:
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if b is not None:
+                lin.bias.copy_(b)
+        lin.requires_grad_(False)
+        return lin
+    return GatheredLinear.from_block(
+        w,
+        b,
+        row_idx,
+        col_idx,
+        in_features=in_width if col_idx is not None else w.shape[1],
+        out_features=out_width if row_idx is not None else w.shape[0],
+    )
+
+
+def residual_layer(f: Folded) -> nn.Module:
+    """A layer reading and writing full-width tensors: gather open columns, scatter open rows."""
+    return build(f, idx(f.rows), idx(f.cols), out_width=f.out_features, in_width=f.in_features)
+
+
+@dataclass
+class PartPlan:
+    """What one logical part of a projection keeps: its rows ``src`` (part-local) written to
+    ``slots`` of its new ``width`` wide output."""
+
+    src: Tensor
+    slots: Tensor
+    width: int
+
+    @classmethod
+    def compact(cls, keep: Tensor) -> "PartPlan":
+        """Rows ``keep`` packed densely (no scatter)."""
+        return cls(keep, torch.arange(keep.numel(), device=keep.device), int(keep.numel()))
+
+
+class Projection:
+    """A Linear whose outputs stack logical parts: ``"concat"`` (``[p0 | p1 | ...]``) or
+    ``"per_head"`` (per head ``[p0_h | p1_h | ...]``, all parts ``head_size`` wide per head).
+    An unfused Linear is a projection with one part."""
+
+    def __init__(self, name: str, folded: Folded, sizes: Sequence[int], split: str = "concat", head_size: int = 0):
+        if sum(sizes) != folded.out_features:
+            raise ValueError(f"{name}: parts {tuple(sizes)} do not add up to its {folded.out_features} outputs")
+        self.name, self.folded, self.sizes, self.split, self.head_size = name, folded, tuple(sizes), split, head_size
+
+    def source(self, part: int, local: Tensor) -> Tensor:
+        """Rows of the fused layer that hold rows ``local`` of ``part``."""
+        if self.split == "concat":
+            return sum(self.sizes[:part]) + local
+        hd, n = self.head_size, len(self.sizes)
+        return (local // hd) * (n * hd) + part * hd + local % hd
+
+    def part_rows(self, part: int) -> Tensor:
+        """Open-row mask of one part."""
+        local = torch.arange(self.sizes[part], device=self.folded.rows.device)
+        return self.folded.rows[self.source(part, local)]
+
+    def layer(self, plans: List[PartPlan], new_head_size: int = 0) -> nn.Module:
+        """The compacted layer: every part's kept rows, placed at their slots in the new layout."""
+        src = torch.cat([self.source(p, plan.src) for p, plan in enumerate(plans)])
+        if self.split == "concat":
+            offsets = torch.cumsum(torch.tensor([0] + [p.width for p in plans[:-1]]), 0).tolist()
+            slots = torch.cat([off + plan.slots for off, plan in zip(offsets, plans)])
+        else:
+            d, n = new_head_size, len(plans)
+            slots = torch.cat([(plan.slots // d) * (n * d) + p * d + plan.slots % d for p, plan in enumerate(plans)])
+        order = torch.argsort(slots)  # rows in output order: an all-kept fused layer stays a plain Linear
+        src, slots = src[order], slots[order]
+        width = sum(p.width for p in plans)
+        f = self.folded
+        return build(f, src, idx(f.cols), out_width=width, out_slots=slots, in_width=f.in_features)
+
+    def params_kept(self) -> Tuple[int, int]:
+        """(open columns, 1 if biased): a kept row costs ``cols + bias`` parameters."""
+        return int(self.folded.cols.sum()), int(self.folded.bias is not None)
