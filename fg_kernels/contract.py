@@ -233,13 +233,20 @@ def check_gathered_linear(
         )
 
 
-def check_index_values(idx: Tensor, bound: int, name: str, what: str) -> None:
-    """Every value of an index list in ``[0, bound)`` (reads the values: one host sync on a GPU)."""
+def check_index_values(idx: Tensor, bound: int, name: str, what: str, distinct: bool = False) -> None:
+    """Every value of an index list in ``[0, bound)`` and, with ``distinct`` (``row_idx``: each
+    output written once, so the gradient of every output goes to one row), no value twice. Reads
+    the values: one host sync on a GPU."""
     if idx.numel() == 0:
         return
     lo, hi = (int(v) for v in torch.stack([idx.min(), idx.max()]).tolist())
     torch._check_index(lo >= 0 and hi < bound,
                        lambda: f"{name} values must lie in [0, {bound}) ({what}), got range [{lo}, {hi}]")
+    if distinct:
+        values, counts = torch.unique(idx, return_counts=True)
+        twice = values[counts > 1]
+        torch._check_value(twice.numel() == 0, lambda: f"{name} values must be distinct (each output is written "
+                           f"once), got {int(twice[0])} more than once")
 
 
 # --------------------------------------------------------------------------------------------

@@ -65,7 +65,9 @@ def gathered_linear(
     Other outputs are 0. ``col_idx=None`` means x is already compact (``x.shape[-1] ==
     weight_c.shape[1]``); ``row_idx=None`` keeps the output compact, ``weight_c.shape[0]`` wide
     (then ``out_features`` must equal that width), for a next layer that consumes it compact.
-    Indices are int64 (or int32) and must lie in range; they need not be sorted.
+    Indices are int64 (or int32) and must lie in range; they need not be sorted. ``row_idx`` must
+    not repeat a value (two rows written to one output would leave one write and a gradient that
+    reaches both); ``col_idx`` may (a column read twice is well defined).
     """
     require_library()
     return torch.ops.fg.gathered_linear(x, weight_c, bias_c, row_idx, col_idx, out_features)

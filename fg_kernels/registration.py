@@ -1,4 +1,4 @@
-"""One registration of the ``fg`` contract for a namespace: fake (meta) kernels and autograd.
+"""One registration of the ``fg`` contract for a namespace: fake (meta) kernels, autograd, autocast.
 
 Every namespace that implements the ``fg`` schemas gets exactly these: ``fg`` itself (schemas and
 CPU kernels from C++, the Triton kernels for CUDA) and ``fg_triton`` (the Triton kernels for the
@@ -98,13 +98,48 @@ def _gathered_backward(ctx, grad):
 
 
 # --------------------------------------------------------------------------------------------
+# Autocast: x, the weights, bias and LoRA run in the autocast dtype; gates stay as they are (the
+# contract lets a float32 gate serve a lower-precision layer, and keeps its gradient float32).
+# --------------------------------------------------------------------------------------------
+
+_CAST_ARGS = {"gated_linear": (0, 1, 2, 5, 6), "gathered_linear": (0, 1, 2)}
+_AUTOCAST_DEVICES = ("cpu", "cuda")
+_AUTOCAST_LIBS = []  # keeps the IMPL libraries (and so the registrations) alive
+
+
+def _autocast_kernel(op, device_type: str, cast: Iterable[int]) -> Callable:
+    key = getattr(torch._C.DispatchKey, "Autocast" + torch._C._dispatch_key_for_device(device_type))
+    cast = frozenset(cast)
+
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype(device_type)
+        args = [
+            a.to(dtype) if i in cast and isinstance(a, torch.Tensor) and a.is_floating_point()
+            and a.device.type == device_type else a
+            for i, a in enumerate(args)
+        ]
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(key)):
+            return op(*args)
+
+    return kernel
+
+
+def _register_autocast(ns: str, lib: torch.library.Library) -> None:
+    ops = getattr(torch.ops, ns)
+    for name, cast in _CAST_ARGS.items():
+        for device_type in _AUTOCAST_DEVICES:
+            key = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+            lib.impl(name, _autocast_kernel(getattr(ops, name).default, device_type, cast), key, with_keyset=True)
+
+
+# --------------------------------------------------------------------------------------------
 # Registration
 # --------------------------------------------------------------------------------------------
 
 
 def register_fake_and_autograd(ns: str, lib: Optional[torch.library.Library] = None) -> None:
     """Fake kernels and autograd for ``<ns>::gated_linear``, ``gated_linear_backward`` and
-    ``gathered_linear`` (whose schemas must already be defined)."""
+    ``gathered_linear`` (whose schemas must already be defined), and their autocast rule."""
     ops = getattr(torch.ops, ns)
     torch.library.register_fake(f"{ns}::gated_linear", gated_linear_fake, lib=lib)
     torch.library.register_fake(f"{ns}::gated_linear_backward", gated_linear_backward_fake, lib=lib)
@@ -116,6 +151,10 @@ def register_fake_and_autograd(ns: str, lib: Optional[torch.library.Library] = N
     torch.library.register_autograd(
         f"{ns}::gathered_linear", _gathered_backward, setup_context=_gathered_setup_context, lib=lib
     )
+    if lib is None:
+        lib = torch.library.Library(ns, "IMPL")
+        _AUTOCAST_LIBS.append(lib)
+    _register_autocast(ns, lib)
 
 
 def fg_schema(op: str) -> str:

@@ -140,6 +140,7 @@ CASES = {
     "gath-row_idx-negative": Case("gathered_linear", _with(row_idx=torch.tensor([-1, 3, 7, 11, 19])), IndexError, r"row_idx values must lie in \[0, 20\)", data=True),
     "gath-col_idx-high": Case("gathered_linear", _with(col_idx=torch.tensor([1, 2, 5, 8, 13, 16])), IndexError, r"col_idx values must lie in \[0, 16\) \(x.shape\[-1\]\)", data=True),
     "gath-col_idx-negative": Case("gathered_linear", _with(col_idx=torch.tensor([-3, 2, 5, 8, 13, 15])), IndexError, r"col_idx values must lie in \[0, 16\)", data=True),
+    "gath-row_idx-repeated": Case("gathered_linear", _with(row_idx=torch.tensor([0, 3, 7, 3, 19])), ValueError, r"row_idx values must be distinct \(each output is written once\), got 3 more than once", data=True),
     "gath-out_features-below-row_idx": Case("gathered_linear", _with(out_features=19), IndexError, r"row_idx values must lie in \[0, 19\)", data=True),
     **{f"gath-{n}-{str(dt).split('.')[-1]}": Case("gathered_linear", _with(**{n: (lambda n_, dt_: lambda a: a[n_].to(dt_))(n, dt)}),
                                                   TypeError, rf"{n} must be an int64 or int32 index tensor")

@@ -94,6 +94,22 @@ def test_wrong_columns(files, capsys):
                        "--text-columns", "text"), out, "no column 'label'", "--label-column")
 
 
+def test_blank_and_single_class_labels(files, capsys):
+    out = files["tmp"] / "o"
+    blank = files["tmp"] / "blank.tsv"
+    lines = files["good"].read_text().splitlines()
+    lines[5] = lines[5].rsplit("\t", 1)[0] + "\t"  # data row 5 has no label
+    blank.write_text("\n".join(lines) + "\n")
+    _check(capsys, _ft(files, out, "--train-file", str(blank), "--validation-file", str(files["good"])),
+           out, "--train-file", "blank.tsv", "blank in data row 5")
+    _check(capsys, _ft(files, out, "--train-file", str(files["good"]), "--validation-file", str(blank)),
+           out, "--validation-file", "blank.tsv", "blank in data row 5")
+    one = files["tmp"] / "one.tsv"
+    one.write_text("sentence\tlabel\n" + "".join(f"text {i}\t1\n" for i in range(8)))
+    _check(capsys, _ft(files, out, "--train-file", str(one), "--validation-file", str(files["good"])),
+           out, "single label value", "need >= 2 classes")
+
+
 def test_model_path_missing(files, capsys):
     out = files["tmp"] / "o"
     _check(capsys, _ft(files, out, "--model", str(files["tmp"] / "no_model")), out, "does not exist")

@@ -164,10 +164,15 @@ def test_load_refuses_missing_and_mismatched(saved, tmp_path):
 
 def test_load_refuses_a_different_config(saved):
     path, _ = saved
+    other = transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=80,
+        max_position_embeddings=70, num_labels=3))
+    with pytest.raises(ValueError, match="do not fit the model: size mismatch for bert.embeddings"):
+        finegates.load_compact(path, model=other)
     cfg = json.loads((path / "config.json").read_text())
     cfg["hidden_size"] = 64
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="do not fit"):
+    with pytest.raises(ValueError, match="config.json .* does not match the checksum"):
         finegates.load_compact(path)
 
 
@@ -453,3 +458,47 @@ def test_layout_definitions_are_checked():
         finegates.AttentionLayout(module="a", qkv="a.qkv", o="a.o", set_attrs={"n": "heads_count"})
     with pytest.raises(TypeError, match="BlockLayout"):
         finegates.register_layout({"family": "x"})
+
+
+# ------------------------------------------------------------ nothing lost, nothing half done
+
+
+def test_nan_gate_names_the_layer_and_changes_nothing():
+    model = gated("llama", 0.3, seed=16)
+    layer = model.model.layers[1].mlp.up_proj
+    with torch.no_grad():
+        layer.col_gates.theta[3] = float("nan")
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj.col_gates has NaN"):
+        finegates.compact(model)
+    assert len(finegates.gated_layers(model)) == 14  # not half compacted
+
+
+def test_resave_keeps_the_users_own_files(saved):
+    path, model = saved
+    (path / "NOTES.md").write_text("mine")
+    (path / "eval").mkdir()
+    (path / "eval" / "scores.csv").write_text("1,2")
+    finegates.save_compact(model, path)
+    assert (path / "NOTES.md").read_text() == "mine" and (path / "eval" / "scores.csv").read_text() == "1,2"
+    finegates.load_compact(path)
+
+
+def test_files_follow_the_umask(saved, tmp_path):
+    _, model = saved
+    old = os.umask(0o022)
+    try:
+        path = finegates.save_compact(model, tmp_path / "shared")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o755
+    assert all((f.stat().st_mode & 0o777) == 0o644 for f in path.iterdir())
+
+
+def test_manifest_attributes_are_covered_by_the_checksum(saved):
+    path, _ = saved
+    m = json.loads((path / "finegates_compact.json").read_text())
+    name = next(iter(m["attributes"]))
+    m["attributes"][name]["num_attention_heads"] += 1
+    (path / "finegates_compact.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="modified after saving"):
+        finegates.load_compact(path)

@@ -14,7 +14,7 @@ import finegates
 from finegates import GatedLinear, GatheredLinear
 from finegates.layouts import layout_for
 
-pytest.importorskip("transformers", reason="transformers is a test dependency of finegates")
+transformers = pytest.importorskip("transformers", reason="transformers is a test dependency of finegates")
 
 from families import FAMILIES, INTERMEDIATE, build, gated, inputs, is_causal, logits, params, rel, set_gates, tied  # noqa: E402
 
@@ -104,10 +104,9 @@ def test_tied_model_refuses_corrupt_foreign_and_mismatched(tmp_path):
     model = gated("gpt2", 0.4, seed=14)
     finegates.compact(model)
     path = finegates.save_compact(model, tmp_path / "m")
-    (path / "config.json").write_text((path / "config.json").read_text().replace('"vocab_size": 100', '"vocab_size": 120'))
-    with pytest.raises(ValueError, match="do not fit") as e:
-        finegates.load_compact(path)
-    assert "size mismatch" in str(e.value) or "missing" in str(e.value)
+    other = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=120, n_positions=64, n_embd=48, n_layer=2, n_head=4))
+    with pytest.raises(ValueError, match="do not fit the model: size mismatch for lm_head.weight"):
+        finegates.load_compact(path, model=other)
     with pytest.raises(ValueError, match="no module"):
         finegates.load_compact(path, model=build("bert"))
     other = finegates.save_compact(model, tmp_path / "n")
@@ -121,6 +120,8 @@ def test_tied_model_refuses_corrupt_foreign_and_mismatched(tmp_path):
 def test_weights_mismatch_names_missing_and_unexpected_keys(tmp_path):
     from safetensors.torch import load_file, save_file
 
+    from finegates.serialize import _manifest_digest
+
     model = gated("llama", 0.4, seed=15)
     finegates.compact(model)
     path = finegates.save_compact(model, tmp_path / "m")
@@ -133,6 +134,7 @@ def test_weights_mismatch_names_missing_and_unexpected_keys(tmp_path):
 
     m = json.loads(manifest)
     m["weights_sha256"] = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+    m["manifest_sha256"] = _manifest_digest(m)
     (path / "finegates_compact.json").write_text(json.dumps(m))
     with pytest.raises(ValueError) as e:
         finegates.load_compact(path)

@@ -323,6 +323,20 @@ def test_no_matching_module():
         finegates.sparsify(mlp(), target_sparsity=0.2, verbose=False)  # no transformer blocks
 
 
+def test_second_sparsify_keeps_the_first_layers_trainable():
+    """Attention and MLP with different targets: two calls; the first call's gates, LoRA and biases
+    keep training, and each layer keeps its own target."""
+    model = mlp()
+    finegates.sparsify(model, target_sparsity=0.2, target_modules=["0"], lora_rank=2, verbose=False)
+    first = {n for n, p in model.named_parameters() if p.requires_grad}
+    finegates.sparsify(model, target_sparsity=0.5, target_modules=["2"], verbose=False)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert first <= trainable and {"2.row_gates.theta", "2.col_gates.theta", "2.bias"} <= trainable
+    assert (model[0].target_sparsity, model[2].target_sparsity) == (0.2, 0.5)
+    with pytest.raises(ValueError, match=r"modules target_modules=\['0'\] selects are already gated \(e.g. 0\)"):
+        finegates.sparsify(model, target_sparsity=0.3, target_modules=["0"], verbose=False)
+
+
 def test_set_backend_rejects_unknown_backend():
     import finegates
 
@@ -344,3 +358,32 @@ def test_gated_layer_compiles_without_graph_break():
     layer.train()  # sampled gates + backward through the op's autograd, still one graph
     compiled(x).square().sum().backward()
     assert layer.row_gates.theta.grad is not None and torch.isfinite(layer.row_gates.theta.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gated_layer_with_lora_under_autocast(dtype):
+    """The fg ops have an autocast rule: x, weight, bias and LoRA run in the autocast dtype (no
+    'mat1 and mat2 must have the same dtype'), gates stay float32 and get float32 gradients."""
+    torch.manual_seed(0)
+    model = mlp()
+    finegates.sparsify(model, target_sparsity=0.3, target_modules=["0", "2"], lora_rank=2, verbose=False)
+    with torch.no_grad():
+        model[0].lora_b.normal_(0, 0.1)
+    x = torch.randn(6, 16)
+    model.eval()
+    ref = model(x)
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(x)
+    assert out.dtype == dtype
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
+    model.train()
+    with torch.autocast("cpu", dtype=dtype):
+        loss = model(x).float().square().mean()
+    loss.backward()
+    layer = model[0]
+    assert layer.row_gates.theta.grad.dtype == torch.float32 and layer.lora_a.grad.dtype == torch.float32
+    assert torch.isfinite(layer.lora_a.grad).all()
+    w_c, idx = torch.randn(5, 16), torch.tensor([0, 2, 4, 6, 8])
+    with torch.autocast("cpu", dtype=dtype):
+        y = finegates.GatheredLinear.from_block(w_c, None, idx, None, in_features=16, out_features=9)(x)
+    assert y.dtype == dtype

@@ -122,7 +122,8 @@ GateSet gate_set(const at::Tensor& gate) {
   return s;
 }
 
-Active index_set(const c10::optional<at::Tensor>& idx, int64_t full, const char* name, const char* what) {
+Active index_set(const c10::optional<at::Tensor>& idx, int64_t full, const char* name, const char* what,
+                 bool distinct) {
   Active a;
   a.full = full;
   if (!idx.has_value()) return a;
@@ -141,6 +142,14 @@ Active index_set(const c10::optional<at::Tensor>& idx, int64_t full, const char*
   }
   TORCH_CHECK_INDEX(n == 0 || (lo >= 0 && hi < full), name, " values must lie in [0, ", full, ") (", what,
                     "), got range [", lo, ", ", hi, "]");
+  if (distinct && !strictly_increasing(a.idx)) {
+    std::vector<bool> seen(static_cast<size_t>(full), false);
+    for (int64_t v : a.idx) {
+      TORCH_CHECK_VALUE(!seen[v], name, " values must be distinct (each output is written once), got ", v,
+                        " more than once");
+      seen[v] = true;
+    }
+  }
   return a;
 }
 

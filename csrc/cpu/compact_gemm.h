@@ -83,9 +83,10 @@ GateSet gate_set(const at::Tensor& gate);
 
 // Active set from a user-supplied index tensor; undefined -> all. Values must lie in [0, full):
 // checked while they are copied (one pass, no reductions dispatched), the error names `name`
-// and `what` (the bound's meaning).
+// and `what` (the bound's meaning). With `distinct`, no value may repeat (row_idx: each output is
+// written once); a strictly increasing list passes without the extra pass.
 Active index_set(const c10::optional<at::Tensor>& idx, int64_t full, const char* name = "index",
-                 const char* what = "size");
+                 const char* what = "size", bool distinct = false);
 
 // diag(row_scale) W[rows][:, cols] diag(col_scale) as a new contiguous (rows.padded(),
 // cols.padded()) tensor, zero in the padding (a scale may be empty = 1). Returns `weight` itself

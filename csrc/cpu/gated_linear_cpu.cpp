@@ -61,7 +61,7 @@ at::Tensor gathered_linear_cpu(const at::Tensor& x, const at::Tensor& weight_c,
   const at::Tensor x2 = as_rows(x, Kx);
   at::Tensor out = at::empty(out_shape(x, out_features), x.options());
   at::Tensor out2 = x.dim() == 2 ? out : out.view({x2.size(0), out_features});
-  const Active rows = index_set(row_idx, out_features, "row_idx", "out_features");
+  const Active rows = index_set(row_idx, out_features, "row_idx", "out_features", /*distinct=*/true);
   const Active cols = index_set(col_idx, Kx, "col_idx", "x.shape[-1]");
   CompactLinear p;
   p.cols = &cols;

@@ -46,7 +46,7 @@ def gathered_linear_forward(
     out_features = int(out_features)
     contract.check_gathered_linear(x, weight_c, bias_c, row_idx, col_idx, out_features)
     if row_idx is not None:
-        contract.check_index_values(row_idx, out_features, "row_idx", "out_features")
+        contract.check_index_values(row_idx, out_features, "row_idx", "out_features", distinct=True)
     if col_idx is not None:
         contract.check_index_values(col_idx, x.shape[-1], "col_idx", "x.shape[-1]")
     M = contract.token_count(x)

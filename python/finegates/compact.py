@@ -44,6 +44,7 @@ def compact(model: nn.Module) -> nn.Module:
     """
     if not any(isinstance(m, GatedLinear) for m in model.modules()):
         raise ValueError("compact: the model has no GatedLinear layer (call finegates.sparsify first)")
+    _check_gates(model)
     with torch.no_grad():
         model.eval()
         notes = _compact_blocks(model)
@@ -51,6 +52,16 @@ def compact(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def _check_gates(model: nn.Module) -> None:
+    """Every gate logit finite, before anything changes: a NaN half-way would leave the model half
+    compacted."""
+    for name, m in model.named_modules():
+        if isinstance(m, GatedLinear):
+            for side, gates in (("row_gates", m.row_gates), ("col_gates", m.col_gates)):
+                if not bool(torch.isfinite(gates.theta).all()):
+                    raise ValueError(f"compact: {name}.{side} has NaN or infinite logits; the model was not changed")
 
 
 def _gated(block: nn.Module, paths) -> bool:

@@ -98,6 +98,8 @@ def load_classification(
         for ds, path in ((train, train_file), (val, validation_file)):
             _check_columns(ds, cols, path, "--text-columns")
             _check_columns(ds, [label_column], path, "--label-column")
+        _check_no_blank_labels(train, label_column, train_file, "--train-file")
+        _check_no_blank_labels(val, label_column, validation_file, "--validation-file")
         regression = info.num_labels == 1 if info else _is_float_labels(train[label_column])
         if regression:
             train = _float_labels(train, label_column, train_file)
@@ -112,8 +114,9 @@ def load_classification(
             names = [str(v) for v in values]
             num_labels = len(values)
             mapping = {v: i for i, v in enumerate(values)}
-        if num_labels < 2:
-            raise UsageError(f"--train-file {train_file!r}: column {label_column!r} has a single label value; need >= 2 classes")
+        if len(values) < 2:
+            raise UsageError(f"--train-file {train_file!r}: column {label_column!r} has a single label value "
+                             f"({values[0]!r}); need >= 2 classes")
         unknown = sorted({str(v) for v in val[label_column] if v not in mapping})
         if unknown:
             raise UsageError(
@@ -138,6 +141,15 @@ def load_classification(
     val = val.rename_column("label", "labels")
     names = getattr(train.features["labels"], "names", None)
     return train, val, cols, info.num_labels, names
+
+
+def _check_no_blank_labels(ds, column: str, path, flag: str) -> None:
+    """A blank label cell is an error naming its file and row: it would otherwise become a class of
+    its own (or a NaN target)."""
+    for i, v in enumerate(ds[column]):
+        if v is None or (isinstance(v, float) and v != v) or (isinstance(v, str) and not v.strip()):
+            raise UsageError(f"{flag} {str(path)!r}: column {column!r} is blank in data row {i + 1}; "
+                             "every example needs a label")
 
 
 def _is_float_labels(values) -> bool:

@@ -18,7 +18,11 @@ from torch import Tensor, nn
 from .compact_layers import GatheredLinear
 from .layers import GatedLinear, is_linear_like
 
-__all__ = ["Folded", "fold", "build", "residual_layer", "idx", "Projection", "PartPlan", "is_linear"]
+# Marks an nn.Linear that compact() built: save_compact records its shape, other Linears (heads,
+# possibly tied to an embedding) load as the stock model defines them.
+COMPACTED = "_finegates_compacted"
+
+__all__ = ["COMPACTED", "Folded", "fold", "build", "residual_layer", "idx", "Projection", "PartPlan", "is_linear"]
 
 
 def idx(mask: Tensor) -> Tensor:
@@ -108,6 +112,7 @@ def build(
             if b is not None:
                 lin.bias.copy_(b)
         lin.requires_grad_(False)
+        setattr(lin, COMPACTED, True)
         return lin
     return GatheredLinear.from_block(
         w,

@@ -12,15 +12,24 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
-__all__ = ["atomic_write_bytes", "write_json", "StepLog", "plot_layers", "LOG_FIELDS"]
+__all__ = ["atomic_write_bytes", "write_json", "StepLog", "plot_layers", "LOG_FIELDS", "umask_mode"]
 
 LOG_FIELDS = ["step", "epoch", "loss", "task_loss", "sparsity_loss", "lambda", "keep_fraction", "lr"]
+
+
+def umask_mode(mode: int) -> int:
+    """``mode`` as the user's umask leaves it (0o666 -> 0o644 under umask 022): what a plain
+    ``open`` would give; mkstemp/mkdtemp create 0600/0700, unreadable to colleagues on a shared run."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mode & ~mask
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name + ".", suffix=".tmp")
     try:
+        os.chmod(tmp, umask_mode(0o666))
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -4,14 +4,16 @@ Layout of the directory::
 
     model.safetensors          the compact state dict (index lists of GatheredLinear included)
     finegates_compact.json     format, model class, dtype, every resized Linear / GatheredLinear
-                               with its shape, attention attributes changed by compact(), and the
-                               sha256 of model.safetensors
+                               with its shape, attention attributes changed by compact(), the files
+                               it wrote, and the sha256 of model.safetensors, config.json and of
+                               the manifest itself
     config.json, generation_config.json, tokenizer files   (Hugging Face models, when present)
 
 ``load_compact`` builds the stock transformers class from ``config.json``, swaps in Linears of the
 recorded shapes, sets the recorded attributes and loads the weights strictly, so no training code
 runs. Writes go to a temporary sibling directory that is renamed into place at the end: an
-interrupted save leaves the previous model (or nothing), never a half-written directory.
+interrupted save leaves the previous model (or nothing), never a half-written directory; files in
+the directory that save_compact did not write are kept.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from torch import nn
 
 from .compact_attention import COMPACT_ATTRS
 from .compact_layers import GatheredLinear
+from .folding import COMPACTED
 from .layers import GatedLinear
+from .outputs import umask_mode
 from .sparsify import set_submodule
 
 __all__ = ["save_compact", "load_compact", "MANIFEST_NAME", "WEIGHTS_NAME"]
@@ -76,7 +80,7 @@ def _layer_specs(model: nn.Module) -> Dict[str, Dict[str, Any]]:
                 scatter_rows=m.row_idx is not None,
                 gather_cols=m.col_idx is not None,
             )
-        elif isinstance(m, nn.Linear):
+        elif isinstance(m, nn.Linear) and getattr(m, COMPACTED, False):
             specs[name] = dict(kind="linear", in_features=m.in_features, out_features=m.out_features, bias=m.bias is not None)
     return specs
 
@@ -94,9 +98,22 @@ def _copy_tokenizer_files(src: str, dst: Path) -> None:
             shutil.copy2(f, dst / fname)
 
 
+def _ours(manifest_path: Path) -> set:
+    """Names of the files an earlier save_compact wrote into a directory (its manifest's list)."""
+    try:
+        listed = json.loads(manifest_path.read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        listed = None
+    if isinstance(listed, list):
+        return set(listed)
+    return {MANIFEST_NAME, WEIGHTS_NAME, "config.json", "generation_config.json", *_TOKENIZER_FILES}
+
+
 def _replace_dir(tmp: Path, path: Path) -> None:
     """Moves the finished ``tmp`` to ``path``; an existing ``path`` must be a finegates compact
-    model directory or empty (never silently delete a user's unrelated files)."""
+    model directory or empty (never silently delete a user's unrelated files). Files of an existing
+    compact directory that save_compact did not write are hard-linked into ``tmp`` first, so the swap
+    keeps them and stays one rename."""
     if path.exists():
         if not path.is_dir():
             raise FileExistsError(f"save_compact: path {str(path)!r} exists and is not a directory")
@@ -105,12 +122,27 @@ def _replace_dir(tmp: Path, path: Path) -> None:
                 f"save_compact: directory {str(path)!r} is not empty and holds no {MANIFEST_NAME}; "
                 "choose a new path or remove it"
             )
+        ours = _ours(path / MANIFEST_NAME)
+        for entry in path.iterdir():
+            if entry.name in ours or (tmp / entry.name).exists():
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.copytree(entry, tmp / entry.name, symlinks=True, copy_function=os.link)
+            else:
+                os.link(entry, tmp / entry.name, follow_symlinks=False)
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
         os.replace(path, old / path.name)
         os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+
+
+def _manifest_digest(manifest: Dict[str, Any]) -> str:
+    """sha256 of the manifest itself (every field but this digest): head counts and layer shapes
+    shape the model as much as the weights do."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def save_compact(model: nn.Module, path: PathLike, *, tokenizer=None) -> Path:
@@ -127,6 +159,7 @@ def save_compact(model: nn.Module, path: PathLike, *, tokenizer=None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    os.chmod(tmp, umask_mode(0o777))
     try:
         hf = _is_hf(model)
         if hf:
@@ -141,6 +174,7 @@ def save_compact(model: nn.Module, path: PathLike, *, tokenizer=None) -> Path:
         elif tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        os.chmod(tmp / WEIGHTS_NAME, umask_mode(0o666))  # safetensors creates it 0600
         floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
         manifest = dict(
             format=FORMAT,
@@ -152,7 +186,10 @@ def save_compact(model: nn.Module, path: PathLike, *, tokenizer=None) -> Path:
             layers=_layer_specs(model),
             attributes={n: dict(getattr(m, COMPACT_ATTRS)) for n, m in model.named_modules() if hasattr(m, COMPACT_ATTRS)},
             weights_sha256=_sha256(tmp / WEIGHTS_NAME),
+            config_sha256=_sha256(tmp / "config.json") if (tmp / "config.json").is_file() else None,
         )
+        manifest["files"] = sorted([p.name for p in tmp.iterdir()] + [MANIFEST_NAME])
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
         with open(tmp / MANIFEST_NAME, "w") as f:
             json.dump(manifest, f, indent=1)
             f.flush()
@@ -185,6 +222,13 @@ def _read_manifest(path: Path) -> Dict[str, Any]:
     for key in ("layers", "attributes", "weights_sha256"):
         if key not in manifest:
             raise ValueError(f"load_compact: {MANIFEST_NAME} in {str(path)!r} lacks {key!r}; re-save the model")
+    if "manifest_sha256" in manifest and manifest["manifest_sha256"] != _manifest_digest(manifest):
+        raise ValueError(f"load_compact: {MANIFEST_NAME} in {str(path)!r} was modified after saving (its checksum "
+                         "does not match); re-save the model")
+    config = path / "config.json"
+    if manifest.get("config_sha256") and (not config.is_file() or _sha256(config) != manifest["config_sha256"]):
+        raise ValueError(f"load_compact: config.json in {str(path)!r} is missing or does not match the checksum in "
+                         f"{MANIFEST_NAME} (modified after saving); re-save the model")
     return manifest
 
 
@@ -219,6 +263,7 @@ def _swap_layer(model: nn.Module, name: str, spec: Dict[str, Any], dtype) -> Non
         ):
             return
         new = nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=dtype)
+        setattr(new, COMPACTED, True)
     elif spec["kind"] == "gathered":
         new = GatheredLinear(
             spec["in_features"], spec["out_features"], spec["active_out"], spec["active_in"],

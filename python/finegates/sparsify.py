@@ -124,7 +124,8 @@ def sparsify(
     when ``train_weights``), and every module named in ``trainable_modules`` (suffixes).
     ``kurtosis=True`` makes the gated layers record the reference's kurtosis weights in training
     forwards, for ``sparsity_loss(model, kurtosis=True)``.
-    Returns the model.
+    It can be called again on other modules (e.g. attention and MLP with different targets): the
+    layers gated by an earlier call keep training. Returns the model.
     """
     ts = float(target_sparsity)
     if not (0.0 <= ts < 1.0) or ts != ts:
@@ -133,14 +134,24 @@ def sparsify(
     targets: List[str] = [
         n for n, m in model.named_modules() if n and is_linear_like(m) and not isinstance(m, GatedLinear) and match(n)
     ]
+    already = [n for n, m in model.named_modules() if n and isinstance(m, GatedLinear) and match(n)]
+    if not targets and already:
+        raise ValueError(
+            f"sparsify: the {len(already)} modules target_modules={target_modules!r} selects are already gated "
+            f"(e.g. {already[0]}); a second call gates other modules, e.g. target_modules=['mlp']"
+        )
     if not targets:
         raise ValueError(
             f"sparsify: no nn.Linear/Conv1D module matched target_modules={target_modules!r}"
             + (" (default: Linears inside the transformer blocks, i.e. below an nn.ModuleList)" if target_modules is None else "")
         )
     _refuse_tied(model, targets)
+    # what an earlier call made trainable (gates, LoRA, biases of its layers) stays trainable
+    earlier = [p for _, m in gated_layers(model) for p in m.parameters() if p.requires_grad]
     for p in model.parameters():
         p.requires_grad_(False)
+    for p in earlier:
+        p.requires_grad_(True)
     for n in targets:
         base = model.get_submodule(n)
         layer = GatedLinear(
