@@ -239,3 +239,74 @@ def test_default_output_dir_is_rerunnable(tiny_bert, sst_small, tmp_path, monkey
     assert main(argv) == 0
     assert (out / "metrics.json").exists() and not (out / "stale.txt").exists()
     assert (out / "finegates_run.json").read_text() != first
+
+
+# ------------------------------------------------------------------ output directory and resume
+
+
+def _steps(out: Path) -> int:
+    return json.loads((out / "metrics.json").read_text())["steps"]
+
+
+def test_resume_never_writes_a_foreign_directory(tiny_bert, sst_small, tmp_path, capsys):
+    a = tmp_path / "a"
+    assert main(_ft_args(tiny_bert, sst_small, a, "--max-steps", "2", "--checkpointing-steps", "1", "--no-compact")) == 0
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "metrics.json").write_text("mine")
+    argv = _ft_args(tiny_bert, sst_small, foreign, "--max-steps", "2", "--no-compact",
+                    "--resume-from-checkpoint", str(a / "checkpoints" / "step-1"))
+    assert main(argv) == 2
+    assert "belongs to the run in" in capsys.readouterr().err
+    assert (foreign / "metrics.json").read_text() == "mine" and sorted(os.listdir(foreign)) == ["metrics.json"]
+
+
+def test_replacing_a_run_keeps_it_until_the_new_one_finishes(tiny_bert, sst_small, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert main(_ft_args(tiny_bert, sst_small, out, "--max-steps", "2", "--no-compact")) == 0
+    import finegates.recipes as recipes
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("stopped by the user")
+
+    monkeypatch.setattr(recipes, "finish_run", crash)  # after training, before the results are written
+    with pytest.raises(KeyboardInterrupt):
+        main(_ft_args(tiny_bert, sst_small, out, "--max-steps", "3", "--no-compact", "--overwrite"))
+    assert "earlier run" in capsys.readouterr().err
+    assert _steps(out) == 2 and sorted(os.listdir(tmp_path)) == ["run"]  # old run intact, no staging left
+    monkeypatch.undo()
+    assert main(_ft_args(tiny_bert, sst_small, out, "--max-steps", "3", "--no-compact", "--overwrite")) == 0
+    assert _steps(out) == 3 and sorted(os.listdir(tmp_path)) == ["run"]
+
+
+def test_resume_is_checked_against_the_run_it_continues(tiny_bert, sst_small, tmp_path, capsys):
+    done = tmp_path / "done"
+    assert main(_ft_args(tiny_bert, sst_small, done, "--max-steps", "1", "--no-compact")) == 0
+    assert main(_ft_args(tiny_bert, sst_small, done, "--max-steps", "2", "--no-compact",
+                         "--resume-from-checkpoint", "latest")) == 2
+    assert "finished and has no checkpoint" in capsys.readouterr().err
+    assert _steps(done) == 1
+    run = tmp_path / "run"
+    common = ["--checkpointing-steps", "2", "--no-compact"]
+    assert main(_ft_args(tiny_bert, sst_small, run, "--max-steps", "2", *common)) == 0
+    capsys.readouterr()
+    for extra, needles in (
+        (["--max-steps", "4", "--batch-size", "4"], ["was started with --batch-size 8", "this command has --batch-size 4"]),
+        (["--max-steps", "4", "--target-sparsity", "0.3"], ["--target-sparsity 0.5", "--target-sparsity 0.3"]),
+        (["--max-steps", "4", "--lora-rank", "2"], ["--lora-rank 0", "--lora-rank 2"]),
+        (["--max-steps", "1"], ["--max-steps 1 is below the step of the checkpoint it resumes (2"]),
+    ):
+        argv = _ft_args(tiny_bert, sst_small, run, *common, "--resume-from-checkpoint", "latest") + extra
+        assert main(argv) == 2
+        err = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+        assert len(err) == 1 and all(n in err[0] for n in needles), err
+    assert _steps(run) == 2
+    assert main(_ft_args(tiny_bert, sst_small, run, *common, "--resume-from-checkpoint", "latest", "--max-steps", "4")) == 0
+    assert _steps(run) == 4
+
+
+def test_bf16_autocast_with_lora_on_cpu(tiny_bert, sst_small, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(_ft_args(tiny_bert, sst_small, out, "--max-steps", "2", "--mixed-precision", "bf16",
+                         "--lora-rank", "2")) == 0
+    assert _steps(out) == 2 and (out / "compact").is_dir()

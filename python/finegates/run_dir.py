@@ -1,0 +1,208 @@
+"""The output directory of a run: what may happen to it, decided before anything loads.
+
+- A directory finegates did not make (no ``finegates_run.json``) is never written, whatever the flags.
+- An earlier run is replaced (its default directory, or ``--overwrite``) only once the new run has
+  finished: the new run works in a sibling ``.<name>.finegates-new`` that is swapped in at the end, so
+  an interrupted or failed run leaves the earlier one as it was.
+- ``--resume-from-checkpoint`` continues a run in its own directory: the checkpoint must lie in
+  ``OUTPUT_DIR/checkpoints``, the arguments that shape the run must be those it was started with
+  (``--max-steps`` / ``--epochs`` may grow, not shrink below the checkpoint's step), and ``latest`` on a
+  finished run without checkpoints is refused rather than retrained over.
+- A path that cannot be written is refused up front, in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+from .errors import UsageError
+
+__all__ = ["RunDir", "MARKER"]
+
+MARKER = "finegates_run.json"  # written first into every output directory this tool creates
+
+# Arguments a resumed run may change: where and how often it writes, how long it runs, what it
+# measures at the end. Every other argument shapes the run and must match.
+MAY_DIFFER = frozenset({
+    "output_dir", "overwrite", "resume_from_checkpoint", "max_steps", "epochs", "logging_steps",
+    "checkpointing_steps", "keep_checkpoints", "no_compact", "latency_batch_size", "eval_batch_size", "cpu",
+    "dataset_cache",
+})
+
+
+def find_checkpoint(output_dir: Path) -> Optional[Path]:
+    from .trainer import find_checkpoint as find  # torch and accelerate load only when needed
+
+    return find(output_dir)
+
+
+def _checkpoint_step(checkpoint: Path) -> int:
+    from .trainer import CHECKPOINT_RE
+
+    m = CHECKPOINT_RE.match(checkpoint.name)
+    return int(m.group(1)) if m else 0
+
+
+def _first_existing(path: Path) -> Path:
+    p = path.absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_writable(path: Path) -> None:
+    """The directory can be made and written: every existing part of the path is a directory and the
+    deepest one is writable."""
+    base = _first_existing(path)
+    if base != path.absolute() and not base.is_dir():
+        raise UsageError(f"--output-dir {str(path)!r}: {str(base)!r} is a file, not a directory")
+    target = path if path.exists() else base
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise UsageError(f"--output-dir {str(path)!r}: {str(target)!r} is not writable (permission denied); "
+                         "choose another directory")
+
+
+def _started_with(run: Path, parser: argparse.ArgumentParser) -> Optional[Dict]:
+    """The arguments the run in ``run`` was started with (its marker's argv, parsed again)."""
+    try:
+        argv = json.loads((run / MARKER).read_text())["argv"]
+        return vars(parser.parse_args(argv))
+    except (OSError, ValueError, KeyError, TypeError, SystemExit):
+        return None
+
+
+def _flag(key: str, value) -> str:
+    name = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return name if value else f"no {name}"
+    if isinstance(value, (list, tuple)):
+        value = " ".join(map(str, value))
+    return f"{name} {value}"
+
+
+class RunDir:
+    """Where a run writes (``work``), where its results end up (``path``), and where it resumes from."""
+
+    def __init__(self, args, parser: argparse.ArgumentParser, default_path: Callable[[], Path]):
+        self.default = args.output_dir is None
+        self.path = Path(args.output_dir) if args.output_dir else default_path()
+        self.replace = False
+        self.created = False
+        self.resume_from: Optional[Path] = None
+        if self.path.exists() and not self.path.is_dir():
+            raise UsageError(f"--output-dir {str(self.path)!r} exists and is not a directory")
+        _check_writable(self.path)
+        r = args.resume_from_checkpoint
+        if r is not None:
+            self._resume(args, r, parser)
+        elif self.path.exists() and any(self.path.iterdir()):
+            self._check_ours()
+            if not (args.overwrite or self.default):
+                raise UsageError(
+                    f"--output-dir {str(self.path)!r} already holds a run; pass --overwrite to replace it "
+                    "or --resume-from-checkpoint latest to continue it"
+                )
+            self.replace = True
+
+    @property
+    def work(self) -> Path:
+        """The directory the run writes into: a sibling while it replaces an earlier run."""
+        return self.path.parent / f".{self.path.name}.finegates-new" if self.replace else self.path
+
+    def _check_ours(self) -> None:
+        if not (self.path / MARKER).exists():
+            raise UsageError(
+                f"--output-dir {str(self.path)!r} is not empty and was not written by finegates; choose another directory"
+            )
+
+    def _resume(self, args, r: str, parser) -> None:
+        if r == "latest":
+            if not self.path.exists() or not any(self.path.iterdir()):
+                return  # nothing yet: start from the beginning
+            self._check_ours()
+            self.resume_from = find_checkpoint(self.path)
+            if self.resume_from is None:
+                if (self.path / "metrics.json").exists():
+                    raise UsageError(
+                        f"--resume-from-checkpoint latest: the run in {str(self.path)!r} finished and has no checkpoint "
+                        "to continue from; pass --overwrite to replace it or choose another --output-dir"
+                    )
+                return  # a run that died before its first checkpoint: start it again in place
+        else:
+            rp = Path(r)
+            if not rp.is_dir():
+                raise UsageError(f"--resume-from-checkpoint {r!r} is not a directory; pass a checkpoints/step-N directory or 'latest'")
+            if not (rp / "custom_checkpoint_0.pkl").exists():
+                raise UsageError(f"--resume-from-checkpoint {r!r} is not a finegates checkpoint (no custom_checkpoint_0.pkl)")
+            owner = rp.absolute().parent.parent
+            if rp.absolute().parent.name != "checkpoints" or owner.resolve() != self.path.absolute().resolve():
+                raise UsageError(
+                    f"--resume-from-checkpoint {r!r} belongs to the run in {str(owner)!r}, not to --output-dir "
+                    f"{str(self.path)!r}; a run continues in its own directory (--output-dir {str(owner)!r})"
+                )
+            self._check_ours()
+            self.resume_from = rp
+        self._check_same_run(args, parser)
+
+    def _check_same_run(self, args, parser) -> None:
+        step = _checkpoint_step(self.resume_from)
+        if args.max_steps is not None and args.max_steps < step:
+            raise UsageError(f"--max-steps {args.max_steps} is below the step of the checkpoint it resumes "
+                             f"({step}, {str(self.resume_from)!r}); pass --max-steps {step} or more")
+        before = _started_with(self.path, parser)
+        if before is None:
+            return
+        now = vars(args)
+        differ = [k for k in sorted(now) if k not in MAY_DIFFER and k in before and before[k] != now[k]]
+        if differ:
+            was = ", ".join(_flag(k, before[k]) for k in differ)
+            is_ = ", ".join(_flag(k, now[k]) for k in differ)
+            raise UsageError(f"--resume-from-checkpoint: the run in {str(self.path)!r} was started with {was}, "
+                             f"this command has {is_}; resume with the same settings or start a new --output-dir")
+
+    def create(self, accelerator, args, argv) -> None:
+        """Makes the working directory (once everything has loaded) and marks it as a finegates run."""
+        if accelerator.is_main_process:
+            work = self.work
+            if self.replace:
+                shutil.rmtree(work, ignore_errors=True)  # left by an earlier interrupted replacement
+            existed = work.exists()
+            work.mkdir(parents=True, exist_ok=True)
+            self.created = not existed or self.replace
+            from .outputs import write_json
+
+            if not (work / MARKER).exists():
+                write_json(work / MARKER, dict(command=args.command, argv=list(argv), started=time.time()))
+        accelerator.wait_for_everyone()
+
+    def finish(self) -> None:
+        """Main process, after every process is done: swap the new run in place of the earlier one."""
+        if not self.replace or not self.work.exists():
+            return
+        old = self.path.parent / f".{self.path.name}.finegates-old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(self.path, old)
+        os.replace(self.work, self.path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        """After a failure: remove what this run created (the earlier run, if any, stays as it was),
+        unless it holds a checkpoint to resume from in place."""
+        if not self.created or not self.work.exists():
+            return
+        if self.replace:
+            shutil.rmtree(self.work, ignore_errors=True)
+            print(f"finegates: the earlier run in {self.path} is unchanged", file=sys.stderr)
+            return
+        if find_checkpoint(self.path) is not None:
+            print(f"finegates: partial run kept in {self.path} (resume with --resume-from-checkpoint latest)",
+                  file=sys.stderr)
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
