@@ -718,3 +718,19 @@ def test_property_forward_backward(backend, M, N, K, row_sparsity, col_sparsity,
                             row_sparsity=row_sparsity, col_sparsity=col_sparsity, device=backend.device)
     check_gated_forward(inp, backend)
     check_gated_grads(inp, grad_names(inp, weight_trainable), backend, seed=seed)
+
+
+@pytest.mark.parametrize("backend,dtype", backend_dtype_params((torch.bfloat16, torch.float16)))
+def test_autocast_runs_the_op_in_the_autocast_dtype(backend, dtype, seed):
+    """Under torch.autocast, float32 x, weight, bias and LoRA run in the autocast dtype (the
+    autocast rule of the fg ops); the float32 gates stay float32 and get float32 gradients."""
+    inp = make_gated_inputs(seed, (7,), 24, 20, lora_rank=2, device=backend.device)  # all float32
+    leaves = inp.map(lambda n, t: t.detach().clone().requires_grad_(n in ("row_gate", "lora_a")))
+    with torch.autocast(backend.device, dtype=dtype):
+        out = op_fn(backend)(leaves)
+    assert out.dtype == dtype
+    lowp = inp.map(lambda n, t: t if n in ("row_gate", "col_gate") else t.to(dtype))
+    check_gated_forward(lowp, backend)  # the same op on inputs cast by hand ...
+    torch.testing.assert_close(out, op_fn(backend)(lowp), rtol=0, atol=0)  # ... gives the same bits
+    out.float().sum().backward()
+    assert leaves.row_gate.grad.dtype == torch.float32 and leaves.lora_a.grad.dtype == torch.float32
