@@ -86,6 +86,7 @@ def _ft_args(model, data, out, *extra):
             "--output-dir", str(out), "--batch-size", "8", "--max-length", "32", "--latency-batch-size", "8",
             "--gate-lr", "0.3", "--sparsity-lambda", "10", "--target-sparsity", "0.5", "--logging-steps", "2",
             "--sparsity-start", "0", "--sparsity-warmup", "0", "--lora-rank", "0",
+            "--lr-scheduler", "constant", "--warmup-steps", "0",  # a few steps: no warm-up
             *extra]
 
 
@@ -310,3 +311,18 @@ def test_bf16_autocast_with_lora_on_cpu(tiny_bert, sst_small, tmp_path):
     assert main(_ft_args(tiny_bert, sst_small, out, "--max-steps", "2", "--mixed-precision", "bf16",
                          "--lora-rank", "2")) == 0
     assert _steps(out) == 2 and (out / "compact").is_dir()
+
+
+def test_headerless_tables_by_column_position(tiny_bert, sst_small, tmp_path, capsys):
+    files = []
+    for f in sst_small:  # the same data without its header row
+        g = tmp_path / f.name
+        g.write_text("\n".join(f.read_text().splitlines()[1:]) + "\n")
+        files.append(g)
+    out = tmp_path / "nh"
+    assert main(_ft_args(tiny_bert, files, out, "--max-steps", "1", "--no-compact")) == 2
+    assert "--no-header" in capsys.readouterr().err
+    assert main(_ft_args(tiny_bert, files, out, "--max-steps", "1", "--no-compact", "--no-header",
+                         "--text-columns", "0", "--label-column", "1")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 1 and 0.0 <= m["accuracy"] <= 1.0

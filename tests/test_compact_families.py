@@ -147,3 +147,22 @@ def test_sparsify_refuses_a_tied_output_layer():
     with pytest.raises(ValueError, match=r"lm_head.weight is tied to transformer.wte.weight"):
         finegates.sparsify(model, target_sparsity=0.4, target_modules=["lm_head", "c_fc"], verbose=False)
     assert not finegates.gated_layers(model)  # nothing changed
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_portable_compact_exports_without_fg_ops(family):
+    """compact(portable=True): stock nn.Linear layers only (zero-filled where a gather or scatter
+    would be), paired dims still shrink; torch.export gives a graph with no fg op that computes the
+    gated model's outputs."""
+    model = gated(family, 0.4, seed=21)
+    ids, mask = inputs()
+    ref = logits(model, ids, mask)
+    finegates.compact(model, portable=True)
+    assert not any(isinstance(m, GatheredLinear) for m in model.modules())
+    assert all(i < INTERMEDIATE for _, i, _ in _mlp_widths(model))
+    torch.testing.assert_close(logits(model, ids, mask), ref, rtol=1e-5, atol=1e-6)
+    kw = dict(input_ids=ids, attention_mask=mask) | (dict(use_cache=False) if family == "llama" else {})
+    ep = torch.export.export(model, (), kwargs=kw)
+    assert "fg." not in str(ep.graph) and "fg_" not in str(ep.graph)
+    out = ep.module()(**kw)
+    torch.testing.assert_close(out.logits if hasattr(out, "logits") else out[0], ref, rtol=1e-5, atol=1e-6)

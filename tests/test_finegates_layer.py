@@ -196,6 +196,10 @@ def test_loss_formula_and_schedule():
     s = finegates.SparsitySchedule(2.0, start_step=10, warmup_steps=4)
     assert [s(i) for i in (0, 9, 10, 11, 13, 100)] == [0.0, 0.0, 0.5, 1.0, 2.0, 2.0]
     assert finegates.SparsitySchedule(3.0)(0) == 3.0
+    c = finegates.SparsitySchedule(2.0, start_step=10, warmup_steps=4, shape="cubic")
+    assert [c(i) for i in (9, 10, 11, 13, 100)] == [0.0, 2.0 * (1 - 0.75 ** 3), 2.0 * (1 - 0.5 ** 3), 2.0, 2.0]
+    with pytest.raises(ValueError, match="shape"):
+        finegates.SparsitySchedule(1.0, shape="exponential")
 
 
 def test_kurtosis_weighting_needs_a_training_forward():

@@ -15,6 +15,7 @@ from .gates import Gates
 from .layers import GatedLinear, set_backend
 from .layouts import AttentionLayout, BlockLayout, MLPLayout, register_layout, registered_layouts
 from .loss import SparsitySchedule, sparsity_loss
+from .pooling import use_mean_pooling
 from .report import compression_report
 from .serialize import load_compact, save_compact
 from .sparsify import gated_layers, sparsify, trainable_parameters
@@ -41,4 +42,5 @@ __all__ = [
     "MLPLayout",
     "register_layout",
     "registered_layouts",
+    "use_mean_pooling",
 ]

@@ -61,7 +61,7 @@ _nonneg_float = _number(float, lo=0)
 
 def _common(p: argparse.ArgumentParser, *, batch: int, lr_default: float, gate_lr: float, lam: float,
             target: float, epochs: int, max_steps: Optional[int], sched: str, warmup: int,
-            sp_start: int = 0, sp_warmup: int = 0) -> None:
+            sp_start: int = 0, sp_warmup: int = 0, sp_ramp: str = "linear") -> None:
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default=None,
                    help="where metrics.json, train_log.csv, the plot, checkpoints and the compact model go "
@@ -79,7 +79,10 @@ def _common(p: argparse.ArgumentParser, *, batch: int, lr_default: float, gate_l
     g.add_argument("--sparsity-start", type=_nonneg_int, default=sp_start,
                    help=f"optimizer step at which the sparsity loss starts (default {sp_start})")
     g.add_argument("--sparsity-warmup", type=_nonneg_int, default=sp_warmup,
-                   help=f"steps of linear ramp of lambda after the start (default {sp_warmup})")
+                   help=f"steps of the ramp of lambda after the start (default {sp_warmup})")
+    g.add_argument("--sparsity-ramp", default=sp_ramp, choices=["linear", "cubic"],
+                   help="shape of the lambda ramp: linear, or cubic 1 - (1 - t)^3 (fast start, gentle end; the "
+                        f"schedule of movement pruning) (default {sp_ramp})")
     g.add_argument("--gate-lr", type=_nonneg_float, default=gate_lr, help=f"learning rate of the gate logits (default {gate_lr})")
     g.add_argument("--kurtosis", action="store_true", help="kurtosis-weighted sparsity loss (reference --kurt)")
     g = p.add_argument_group("training")
@@ -132,16 +135,28 @@ def build_parser() -> argparse.ArgumentParser:
     ft.add_argument("--train-file", default=None, help="local .tsv/.csv/.jsonl training table")
     ft.add_argument("--validation-file", default=None, help="local .tsv/.csv/.jsonl evaluation table")
     ft.add_argument("--text-columns", nargs="+", default=None, help="one or two text columns (default: the task's, or 'sentence')")
-    ft.add_argument("--label-column", default="label")
+    ft.add_argument("--label-column", default="label", help="label column (default label; a position with --no-header)")
+    ft.add_argument("--no-header", action="store_true",
+                    help="the .tsv/.csv files have no header row: name columns by position, e.g. "
+                         "--text-columns 0 --label-column 1")
     ft.add_argument("--max-length", type=_positive_int, default=128, help="max tokens per example (default 128)")
+    ft.add_argument("--pooling", default="auto", choices=["auto", "cls", "mean"],
+                    help="what the classifier reads: the first token (cls, through the pooler) or the masked mean of "
+                         "the token states; auto = what the model was trained with when its directory says so "
+                         "(sentence-transformers 1_Pooling: all-MiniLM-L6-v2 -> mean), else cls")
     ft.add_argument("--method", default="finegates", choices=["finegates", "dense", "lora"],
                     help="finegates (default); dense = full finetune and lora = PEFT LoRA, the baselines")
     ft.add_argument("--lora-rank", type=_nonneg_int, default=8,
                     help="rank of the LoRA inside the gates (finegates; 0 = gates only) or of PEFT LoRA (lora); default 8")
+    ft.add_argument("--lora-alpha", type=_nonneg_float, default=None,
+                    help="LoRA scale alpha / rank for both methods (default: alpha = 2 x --lora-rank, PEFT's usual choice)")
     ft.add_argument("--head-lr", type=_nonneg_float, default=2e-3, help="learning rate of the task head, biases and LoRA (default 2e-3)")
     ft.add_argument("--learning-rate", type=_nonneg_float, default=5e-5, help="learning rate of the pretrained weights for --method dense (default 5e-5; the head uses --head-lr)")
+    # warm-up + linear decay: with a constant 2e-3 the LoRA baseline collapsed to chance and FineGates
+    # lost ~6 points (bench/RESULTS_QUALITY_SWEEP.md); the cubic lambda ramp removed a little more at
+    # the same accuracy
     _common(ft, batch=16, lr_default=1e-3, gate_lr=0.05, lam=5.0, target=0.22, epochs=2, max_steps=None,
-            sched="constant", warmup=0, sp_start=50, sp_warmup=50)
+            sched="linear", warmup=50, sp_start=50, sp_warmup=50, sp_ramp="cubic")
 
     for name, helptext in (("posttrain", "task-agnostic sparsification of a causal LM (gates only, LM loss)"),
                            ("pretrain", "a LLaMA-style model from a config, trained from scratch with weights and gates")):
@@ -188,7 +203,9 @@ def _is_rank0() -> bool:
 
 
 def _summary(args, m, out: Path) -> str:
-    lines = [f"finegates {args.command}: done in {m.get('train_time_s', 0):.0f} s of training, {m.get('steps')} steps"]
+    phases = [(k, m.get(f"{k}_time_s")) for k in ("train", "eval", "compact", "compact_eval", "latency")]
+    took = ", ".join(f"{k.replace('_', ' ')} {v:.0f} s" for k, v in phases if v is not None)
+    lines = [f"finegates {args.command}: done, {m.get('steps')} steps ({took})"]
     metric = m.get("metric")
     if metric and metric in m:
         s = f"  {metric}: {m[metric]:.4f}"

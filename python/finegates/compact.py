@@ -24,7 +24,7 @@ from torch import nn
 
 from .compact_attention import COMPACT_ATTRS, LayoutMismatch, compact_attention
 from .compact_mlp import compact_mlp, recognise_mlp
-from .folding import fold, residual_layer
+from .folding import PORTABLE, fold, residual_layer
 from .layers import GatedLinear
 from .layouts import BlockLayout, layout_for
 from .sparsify import set_submodule
@@ -34,21 +34,30 @@ __all__ = ["compact", "COMPACT_ATTRS"]
 _HOW_TO_REGISTER = "register its layout with finegates.register_layout (README, 'Compaction')"
 
 
-def compact(model: nn.Module) -> nn.Module:
+def compact(model: nn.Module, *, portable: bool = False) -> nn.Module:
     """Compacts ``model`` in place (eval mode, no gates left) and returns it.
 
     Blocks with a registered layout shrink their paired dimensions; every other gated Linear becomes
     a :class:`GatheredLinear` on its active block, with a warning naming the blocks whose pairings
     were not used and how to register a layout. The compact model's outputs equal the gated model's
     eval outputs up to float rounding.
+
+    ``portable=True``: every layer is a stock ``nn.Linear`` (no ``fg`` op, so ``torch.export``,
+    ONNX and a plain PyTorch install can run it): paired dimensions still shrink, and where a gather
+    or scatter would be left the layer keeps its full residual width with zero rows/columns instead
+    (exact, but those layers keep their full size).
     """
     if not any(isinstance(m, GatedLinear) for m in model.modules()):
         raise ValueError("compact: the model has no GatedLinear layer (call finegates.sparsify first)")
     _check_gates(model)
-    with torch.no_grad():
-        model.eval()
-        notes = _compact_blocks(model)
-        _compact_rest(model, notes)
+    token = PORTABLE.set(bool(portable))
+    try:
+        with torch.no_grad():
+            model.eval()
+            notes = _compact_blocks(model)
+            _compact_rest(model, notes)
+    finally:
+        PORTABLE.reset(token)
     for p in model.parameters():
         p.requires_grad_(False)
     return model

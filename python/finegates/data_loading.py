@@ -38,9 +38,10 @@ def _check_file(path, what: str) -> Path:
     return p
 
 
-def read_table(path, what: str = "data file"):
+def read_table(path, what: str = "data file", header: bool = True):
     """A tsv/csv/jsonl file as a ``datasets.Dataset`` (through pandas, in memory, no cache files).
-    tsv files are read without quote handling, as GLUE writes them."""
+    tsv files are read without quote handling, as GLUE writes them. ``header=False``: a tsv/csv
+    without a header row, its columns named by position (``"0"``, ``"1"``, ...)."""
     import pandas as pd
     from datasets import Dataset
 
@@ -50,9 +51,10 @@ def read_table(path, what: str = "data file"):
         raise UsageError(f"{what} {str(path)!r}: unknown format {suffix!r}; use a .tsv, .csv or .jsonl file")
     try:
         if suffix == ".tsv":
-            df = pd.read_csv(p, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False, on_bad_lines="error")
+            df = pd.read_csv(p, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False, on_bad_lines="error",
+                             header=0 if header else None)
         elif suffix == ".csv":
-            df = pd.read_csv(p, keep_default_na=False, on_bad_lines="error")
+            df = pd.read_csv(p, keep_default_na=False, on_bad_lines="error", header=0 if header else None)
         else:
             df = pd.read_json(p, lines=(suffix == ".jsonl"))
     except Exception as e:  # pandas raises many types for a malformed file
@@ -64,11 +66,13 @@ def read_table(path, what: str = "data file"):
     return Dataset.from_pandas(df, preserve_index=False)
 
 
-def _check_columns(ds, columns: Sequence[str], path, flag: str) -> None:
+def _check_columns(ds, columns: Sequence[str], path, flag: str, header: bool = True) -> None:
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
+        hint = ("; a file without a header row needs --no-header and column positions "
+                "(e.g. --text-columns 0 --label-column 1)") if header else ""
         raise UsageError(
-            f"{str(path)!r} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); set {flag}"
+            f"{str(path)!r} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); set {flag}{hint}"
         )
 
 
@@ -79,12 +83,14 @@ def load_classification(
     text_columns: Optional[Sequence[str]],
     label_column: str,
     dataset_cache: Optional[str] = None,
+    header: bool = True,
 ):
     """Returns ``(train, validation, text_columns, num_labels, label_names)`` with the labels in a
     ``labels`` column (class ids, or floats for regression; ``num_labels == 1``).
 
     Local files (``train_file``) take precedence over the Hub; the ``task`` then only names the
-    metric and default columns. Labels of local files that are not integers are mapped to ids in
+    metric and default columns. ``header=False``: tsv/csv files without a header row, whose columns
+    are then named by position (``text_columns=("0",)``, ``label_column="1"``). Labels of local files that are not integers are mapped to ids in
     sorted order of the training file's values."""
     info = GLUE_TASKS.get(task) if task else None
     cols = tuple(text_columns) if text_columns else (info.text_columns if info else ("sentence",))
@@ -93,11 +99,11 @@ def load_classification(
     if train_file:
         if not validation_file:
             raise UsageError("--train-file needs --validation-file (the data the metric is computed on)")
-        train = read_table(train_file, "--train-file")
-        val = read_table(validation_file, "--validation-file")
+        train = read_table(train_file, "--train-file", header)
+        val = read_table(validation_file, "--validation-file", header)
         for ds, path in ((train, train_file), (val, validation_file)):
-            _check_columns(ds, cols, path, "--text-columns")
-            _check_columns(ds, [label_column], path, "--label-column")
+            _check_columns(ds, cols, path, "--text-columns", header)
+            _check_columns(ds, [label_column], path, "--label-column", header)
         _check_no_blank_labels(train, label_column, train_file, "--train-file")
         _check_no_blank_labels(val, label_column, validation_file, "--validation-file")
         regression = info.num_labels == 1 if info else _is_float_labels(train[label_column])

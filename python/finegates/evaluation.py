@@ -46,11 +46,14 @@ def lm_metrics(forward: Forward, batches, gather=_identity) -> Dict[str, float]:
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
 
 
-def plain_evaluator(metrics_fn, dataset, batch_size: int, collate_fn, **kw):
-    """``model -> metrics`` on ``dataset`` in this process, no gradients (the compact model)."""
+def plain_evaluator(metrics_fn, dataset, batch_size: int, collate_fn, desc: str = "evaluate (compact)", **kw):
+    """``model -> metrics`` on ``dataset`` in this process, no gradients (the compact model), with a
+    progress bar (a large validation set takes minutes on a CPU)."""
+    from tqdm.auto import tqdm
+
     def run(model) -> Dict[str, float]:
         dl = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate_fn)
         with torch.no_grad():
-            return metrics_fn(lambda batch: model(**batch), dl, **kw)
+            return metrics_fn(lambda batch: model(**batch), tqdm(dl, desc=desc, dynamic_ncols=True, leave=False), **kw)
 
     return run

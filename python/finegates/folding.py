@@ -9,6 +9,7 @@ of ``qkv_proj``; gate, up of ``gate_up_proj``) to its rows, before and after com
 
 from __future__ import annotations
 
+import contextvars
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -17,6 +18,9 @@ from torch import Tensor, nn
 
 from .compact_layers import GatheredLinear
 from .layers import GatedLinear, is_linear_like
+
+# compact(portable=True): every layer a stock nn.Linear, zero-filled where a gather or scatter would be.
+PORTABLE: contextvars.ContextVar = contextvars.ContextVar("finegates_portable_compact", default=False)
 
 # Marks an nn.Linear that compact() built: save_compact records its shape, other Linears (heads,
 # possibly tied to an embedding) load as the stock model defines them.
@@ -100,11 +104,15 @@ def build(
     With ``out_width`` its outputs land at positions ``out_slots`` (default: ``rows``) of an
     ``out_width`` wide output, exact zeros elsewhere; with ``in_width`` it reads its inputs from
     positions ``in_slots`` (default: ``cols``) of an ``in_width`` wide input. An ``nn.Linear`` when
-    neither placement is needed, else a :class:`GatheredLinear`. ``rows``/``cols`` are int64."""
+    neither placement is needed (or under ``PORTABLE``, zero-filled), else a :class:`GatheredLinear`.
+    ``rows``/``cols`` are int64."""
     w = f.weight.index_select(0, rows).index_select(1, cols).contiguous()
     b = None if f.bias is None else f.bias.index_select(0, rows).contiguous()
     row_idx = _placement(rows if out_slots is None else out_slots, out_width)
     col_idx = _placement(cols if in_slots is None else in_slots, in_width)
+    if PORTABLE.get() and (row_idx is not None or col_idx is not None):
+        w, b = _zero_filled(w, b, row_idx, col_idx, out_width, in_width)
+        row_idx = col_idx = None
     if row_idx is None and col_idx is None:
         lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
         with torch.no_grad():
@@ -122,6 +130,22 @@ def build(
         in_features=in_width if col_idx is not None else w.shape[1],
         out_features=out_width if row_idx is not None else w.shape[0],
     )
+
+
+def _zero_filled(w: Tensor, b: Optional[Tensor], row_idx, col_idx, out_width, in_width):
+    """The block placed in a full-width weight, zeros elsewhere: a plain Linear computes exactly what
+    the gather / scatter would (portable compaction)."""
+    n = out_width if row_idx is not None else w.shape[0]
+    k = in_width if col_idx is not None else w.shape[1]
+    full = w.new_zeros(n, k)
+    r = row_idx if row_idx is not None else torch.arange(w.shape[0], device=w.device)
+    c = col_idx if col_idx is not None else torch.arange(w.shape[1], device=w.device)
+    full[r[:, None], c[None, :]] = w
+    bias = None
+    if b is not None:
+        bias = b.new_zeros(n)
+        bias[r] = b
+    return full, bias
 
 
 def residual_layer(f: Folded) -> nn.Module:

@@ -16,10 +16,12 @@ __all__ = ["measure_latency", "latency_batch"]
 def measure_latency(models: List[nn.Module], batch: Dict[str, torch.Tensor], reps: int = 10, warmup: int = 2) -> List[float]:
     """Median wall time (seconds) of ``model(**batch)`` in eval mode for each model, the models
     run in turn within each repetition so that other load on the machine hits all of them alike."""
+    from tqdm.auto import tqdm
+
     for m in models:
         m.eval()
     times: List[List[float]] = [[] for _ in models]
-    for i in range(warmup + reps):
+    for i in tqdm(range(warmup + reps), desc="latency", dynamic_ncols=True, leave=False):
         for j, m in enumerate(models):
             t = time.perf_counter()
             m(**batch)

@@ -53,19 +53,27 @@ def sparsity_loss(model: nn.Module, *, kurtosis: bool = False) -> Tensor:
 
 
 class SparsitySchedule:
-    """``lambda(step)``: 0 before ``start_step``; then a linear ramp over ``warmup_steps`` steps,
-    ``lam * min(1, (step - start_step + 1) / warmup_steps)``; ``lam`` afterwards."""
+    """``lambda(step)``: 0 before ``start_step``; then a ramp over ``warmup_steps`` steps to ``lam``,
+    ``lam * r(t)`` with ``t = min(1, (step - start_step + 1) / warmup_steps)`` and ``r(t) = t``
+    (``shape="linear"``) or ``1 - (1 - t)^3`` (``"cubic"``: most of the ramp early, as the sparsity
+    schedule of movement pruning); ``lam`` afterwards."""
 
-    def __init__(self, lam: float, start_step: int = 0, warmup_steps: int = 0):
+    SHAPES = ("linear", "cubic")
+
+    def __init__(self, lam: float, start_step: int = 0, warmup_steps: int = 0, shape: str = "linear"):
         if lam < 0 or start_step < 0 or warmup_steps < 0:
             raise ValueError("SparsitySchedule: lam, start_step and warmup_steps must be >= 0")
+        if shape not in self.SHAPES:
+            raise ValueError(f"SparsitySchedule: shape must be one of {self.SHAPES}, got {shape!r}")
         self.lam = float(lam)
         self.start_step = int(start_step)
         self.warmup_steps = int(warmup_steps)
+        self.shape = shape
 
     def __call__(self, step: int) -> float:
         if step < self.start_step:
             return 0.0
         if self.warmup_steps > 0:
-            return self.lam * min(1.0, (step - self.start_step + 1) / self.warmup_steps)
+            t = min(1.0, (step - self.start_step + 1) / self.warmup_steps)
+            return self.lam * (t if self.shape == "linear" else 1.0 - (1.0 - t) ** 3)
         return self.lam

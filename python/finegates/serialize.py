@@ -34,6 +34,7 @@ from .compact_layers import GatheredLinear
 from .folding import COMPACTED
 from .layers import GatedLinear
 from .outputs import umask_mode
+from .pooling import CONFIG_KEY, use_mean_pooling
 from .sparsify import set_submodule
 
 __all__ = ["save_compact", "load_compact", "MANIFEST_NAME", "WEIGHTS_NAME"]
@@ -325,6 +326,8 @@ def load_compact(path: PathLike, *, model: Optional[nn.Module] = None, device=No
     if dtype is not None:
         model.to(dtype)
     _load_weights(model, wpath, path)
+    if getattr(getattr(model, "config", None), CONFIG_KEY, None) == "mean":
+        use_mean_pooling(model)  # the classifier was trained on mean-pooled token states
     model.requires_grad_(False)
     model.eval()
     if device is not None:

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .layers import GatedLinear, is_linear_like
 
-__all__ = ["sparsify", "trainable_parameters", "gated_layers", "default_match", "set_submodule", "HEAD_NAMES"]
+__all__ = ["sparsify", "trainable_parameters", "gated_layers", "default_match", "set_submodule", "param_groups",
+           "HEAD_NAMES"]
 
 logger = logging.getLogger("finegates")
 
@@ -187,3 +188,31 @@ def sparsify(
     if verbose:
         print(msg)
     return model
+
+
+def param_groups(model: nn.Module, gate_lr: float, other_lr: float, weight_lr: Optional[float] = None):
+    """AdamW groups: gate logits (no weight decay), the gated layers' weights (pretraining), and the
+    rest that trains (task head, pooler, biases, LoRA)."""
+    gated_weights = {id(m.weight) for _, m in gated_layers(model)}
+    gates, weights, rest = [], [], []
+    seen = set()
+    for n, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        if n.endswith(("row_gates.theta", "col_gates.theta")):
+            gates.append(p)
+        elif id(p) in gated_weights and weight_lr is not None:
+            weights.append(p)
+        else:
+            rest.append(p)
+    groups = []
+    if gates:
+        groups.append(dict(params=gates, lr=gate_lr, weight_decay=0.0))
+    if weights:
+        groups.append(dict(params=weights, lr=weight_lr))
+    if rest:
+        groups.append(dict(params=rest, lr=other_lr if weight_lr is None else weight_lr))
+    if not groups:
+        raise ValueError("nothing to train: no parameter requires grad")
+    return groups

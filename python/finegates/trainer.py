@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Sampler
 from .layers import GatedLinear
 from .loss import SparsitySchedule, layer_loss, sparsity_loss
 from .outputs import StepLog
-from .report import compression_report
+from .report import keep_fraction
 
 __all__ = ["Objective", "EpochSampler", "TrainState", "train", "find_checkpoint", "CHECKPOINT_RE"]
 
@@ -128,11 +128,6 @@ def find_checkpoint(output_dir: Path) -> Optional[Path]:
         return None
     steps = [(int(m.group(1)), p) for p in ck.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
     return max(steps)[1] if steps else None
-
-
-def _keep_fraction(model: nn.Module) -> float:
-    rep = compression_report(model)
-    return 1.0 - rep["params_removable"] / rep["params_gated"] if rep["params_gated"] else 1.0
 
 
 def _save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, log: Optional[StepLog]) -> Path:
@@ -235,7 +230,7 @@ def _step_record(step, epoch, means: _Means, lam, loop: _Loop, raw_model, gated)
     return dict(
         step=step, epoch=epoch, loss=means.loss / n, task_loss=means.task / n,
         sparsity_loss=means.sparsity / n if gated else "", **{"lambda": lam},
-        keep_fraction=_keep_fraction(raw_model) if gated else "", lr=loop.scheduler.get_last_lr()[0],
+        keep_fraction=keep_fraction(raw_model) if gated else "", lr=loop.scheduler.get_last_lr()[0],
     )
 
 
@@ -297,7 +292,8 @@ def train(
     ga = args.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(len(loop.train_dl) / ga))
     raw_model = accelerator.unwrap_model(loop.objective).model
-    lam_of = SparsitySchedule(args.sparsity_lambda, start_step=args.sparsity_start, warmup_steps=args.sparsity_warmup)
+    lam_of = SparsitySchedule(args.sparsity_lambda, start_step=args.sparsity_start, warmup_steps=args.sparsity_warmup,
+                              shape=getattr(args, "sparsity_ramp", "linear"))
     main = accelerator.is_main_process
     log = StepLog(Path(output_dir) / "train_log.csv", resume_step=state.step if resume_from else None) if main else None
     bar = tqdm(total=loop.max_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
@@ -336,11 +332,13 @@ def train(
     bar.close()
     if main:
         log.flush()
+    t_eval = time.perf_counter()
     metrics = _evaluate(loop, evaluate, accelerator)
+    eval_time = time.perf_counter() - t_eval
     divergence = _rank_divergence(accelerator, loop.trainable)
     accelerator.wait_for_everyone()
     return dict(model=raw_model, metrics=metrics, steps=step, rank_divergence=divergence,
-                train_time_s=state.train_time, last_log=last, max_steps=loop.max_steps)
+                train_time_s=state.train_time, eval_time_s=eval_time, last_log=last, max_steps=loop.max_steps)
 
 
 def _evaluate(loop: _Loop, evaluate: Callable, accelerator) -> Dict[str, Any]:
@@ -352,4 +350,8 @@ def _evaluate(loop: _Loop, evaluate: Callable, accelerator) -> Dict[str, Any]:
             out, _ = loop.objective(batch, with_sparsity=False)
         return out
 
-    return evaluate(forward, loop.eval_dl, gather=accelerator.gather_for_metrics)
+    from tqdm.auto import tqdm
+
+    batches = tqdm(loop.eval_dl, desc="evaluate", disable=not accelerator.is_main_process, dynamic_ncols=True,
+                   leave=False)
+    return evaluate(forward, batches, gather=accelerator.gather_for_metrics)

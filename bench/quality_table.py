@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""What limits accuracy: `finegates finetune` variants on the bundled SST-2 sample, several seeds each.
+
+    python bench/quality_table.py --configs lora-const,lora-linear --seeds 1,2,3
+    python bench/quality_table.py --write-results          # every run found -> bench/RESULTS_QUALITY_SWEEP.md
+
+Every configuration is a set of `finegates finetune` arguments on top of the same budget (the default
+run's: all-MiniLM-L6-v2, the bundled 4,000 training sentences, 500 optimizer steps of batch 16, the
+872 GLUE validation sentences). Each (configuration, seed) runs in its own process, one after another
+(the bench lock), and leaves its metrics.json under --out; a run already there is not repeated, so a
+sweep can be stopped and continued. The table shows per configuration the mean and the spread
+(min-max) over the seeds of accuracy, of the gated Linear parameters removed, and of training time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "RESULTS_QUALITY_SWEEP.md"
+LINEAR = ["--lr-scheduler", "linear", "--warmup-steps", "50"]
+CONST = ["--lr-scheduler", "constant", "--warmup-steps", "0"]
+
+# name -> (what it changes, arguments). Every run also gets --max-steps 500 --seed S --no-compact.
+A8, A16 = ["--lora-alpha", "8"], ["--lora-alpha", "16"]  # LoRA scale 1 (the old FineGates default) or 2 (PEFT's)
+CONFIGS: Dict[str, tuple] = {
+    "dense-const-cls": ("dense full finetune, constant lr, CLS pooling", ["--method", "dense", *CONST, "--pooling", "cls"]),
+    "dense-linear-mean": ("dense full finetune, warm-up + linear decay, mean pooling", ["--method", "dense", *LINEAR, "--pooling", "mean"]),
+    "lora-const-cls": ("PEFT LoRA r=8 (alpha 16), constant lr 2e-3, CLS pooling (the old default)", ["--method", "lora", *CONST, "--pooling", "cls"]),
+    "lora-linear-cls": ("PEFT LoRA r=8 (alpha 16), warm-up + linear decay, CLS pooling", ["--method", "lora", *LINEAR, "--pooling", "cls"]),
+    "lora-linear-mean": ("PEFT LoRA r=8 (alpha 16), warm-up + linear decay, mean pooling", ["--method", "lora", *LINEAR, "--pooling", "mean"]),
+    "fg-const-cls": ("FineGates, constant lr, CLS pooling, LoRA alpha 8 (the old default)", [*CONST, "--pooling", "cls", *A8]),
+    "fg-linear-cls": ("FineGates, warm-up + linear decay, CLS pooling, alpha 8", [*LINEAR, "--pooling", "cls", *A8]),
+    "fg-const-mean": ("FineGates, constant lr, mean pooling, alpha 8", [*CONST, "--pooling", "mean", *A8]),
+    "fg-linear-mean": ("FineGates, warm-up + linear decay, mean pooling, alpha 8", [*LINEAR, "--pooling", "mean", *A8]),
+    "fg-linear-mean-a16": ("... LoRA alpha 16 (scale 2, as the PEFT baseline)", [*LINEAR, "--pooling", "mean", *A16]),
+    "fg-linear-mean-a16-cubic": ("... alpha 16, cubic lambda ramp", [*LINEAR, "--pooling", "mean", *A16, "--sparsity-ramp", "cubic"]),
+    "fg-linear-mean-a16-late": ("... alpha 16, lambda from step 100, ramp 200", [*LINEAR, "--pooling", "mean", *A16, "--sparsity-start", "100", "--sparsity-warmup", "200"]),
+    "fg-linear-mean-a16-glr02": ("... alpha 16, gate lr 0.02", [*LINEAR, "--pooling", "mean", *A16, "--gate-lr", "0.02"]),
+    "fg-linear-mean-gates-only": ("... gates only (no LoRA inside)", [*LINEAR, "--pooling", "mean", "--lora-rank", "0"]),
+    "fg-linear-mean-a16-t017": ("... alpha 16, target sparsity 0.17", [*LINEAR, "--pooling", "mean", *A16, "--target-sparsity", "0.17"]),
+    "fg-linear-mean-a16-cubic-late-lam10": ("... alpha 16, cubic ramp, lambda 10 from step 100, ramp 150",
+                                            [*LINEAR, "--pooling", "mean", *A16, "--sparsity-ramp", "cubic",
+                                             "--sparsity-start", "100", "--sparsity-warmup", "150", "--sparsity-lambda", "10"]),
+    "fg-linear-mean-a16-cubic-head3e3": ("... alpha 16, cubic ramp, head lr 3e-3",
+                                         [*LINEAR, "--pooling", "mean", *A16, "--sparsity-ramp", "cubic", "--head-lr", "3e-3"]),
+    "fg-linear-mean-a16-cubic-lam0": ("... alpha 16, cubic ramp, sparsity loss off (lambda 0): no removal, the adapter alone",
+                                      [*LINEAR, "--pooling", "mean", *A16, "--sparsity-ramp", "cubic", "--sparsity-lambda", "0"]),
+    "fg-default": ("FineGates, `finegates finetune` defaults", []),
+}
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_one(name: str, seed: int, steps: int, out: Path) -> Dict:
+    d = out / f"{name}-s{seed}"
+    if (d / "metrics.json").is_file():
+        return json.loads((d / "metrics.json").read_text())
+    argv = [sys.executable, "-m", "finegates", "finetune", *CONFIGS[name][1], "--max-steps", str(steps),
+            "--seed", str(seed), "--no-compact", "--logging-steps", "50", "--output-dir", str(d), "--overwrite"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    t0 = time.time()
+    r = subprocess.run(argv, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"{name} seed {seed} failed ({r.returncode}):\n{r.stderr[-2000:]}")
+    m = json.loads((d / "metrics.json").read_text())
+    log(f"{name} seed {seed}: accuracy {m['accuracy']:.4f}, removed {100 * (m.get('removed_fraction_of_gated') or 0):.1f}% "
+        f"[{time.time() - t0:.0f} s]")
+    return m
+
+
+def _cell(values: List[float], scale: float = 100.0, digits: int = 1) -> str:
+    if not values:
+        return "—"
+    v = [x * scale for x in values]
+    mean = statistics.fmean(v)
+    return f"{mean:.{digits}f} ({min(v):.{digits}f}–{max(v):.{digits}f})" if len(v) > 1 else f"{mean:.{digits}f}"
+
+
+def render(out: Path) -> str:
+    rows = ["| configuration | what | seeds | accuracy % mean (min–max) | gated Linear params removed % | train time s |",
+            "|---|---|---:|---:|---:|---:|"]
+    for name, (what, _) in CONFIGS.items():
+        ms = [json.loads(p.read_text()) for p in sorted(out.glob(f"{name}-s*/metrics.json"))]
+        if not ms:
+            continue
+        acc = [m["accuracy"] for m in ms]
+        rem = [m["removed_fraction_of_gated"] for m in ms if m.get("removed_fraction_of_gated") is not None]
+        tt = [m["train_time_s"] for m in ms]
+        rows.append(f"| `{name}` | {what} | {len(ms)} | {_cell(acc)} | {_cell(rem) if rem else '0'} | {_cell(tt, 1.0, 0)} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="", help="comma-separated names of " + ", ".join(CONFIGS))
+    p.add_argument("--seeds", default="1,2,3")
+    p.add_argument("--steps", type=int, default=500)
+    p.add_argument("--out", type=Path, default=BENCH / "out" / "quality_sweep")
+    p.add_argument("--write-results", action="store_true", help=f"write {RESULTS.name} from every run under --out")
+    args = p.parse_args(argv)
+    names = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in names if c not in CONFIGS]
+    if unknown:
+        p.error(f"unknown configuration(s) {unknown}")
+    if names:
+        from bench.bench_train_step import acquire_lock
+
+        acquire_lock(log)
+    for name in names:
+        for seed in (int(s) for s in args.seeds.split(",")):
+            run_one(name, seed, args.steps, args.out)
+    table = render(args.out)
+    print(table)
+    if args.write_results:
+        RESULTS.write_text(RESULTS.read_text().split("<!-- table -->")[0] + "<!-- table -->\n\n" + table + "\n"
+                           if RESULTS.exists() else table + "\n")
+        log(f"wrote {RESULTS}")
+    return 0
+
+
+if __name__ == "__main__":
+    if __package__ in (None, ""):
+        sys.path.insert(0, str(BENCH.parent))
+    sys.exit(main())
