@@ -84,6 +84,7 @@ MODELS = ("minilm", "llama130m", "llama130m_prefill", "gpt2_124m_prefill", "qwen
 BATCHES = (1, 8)
 TARGETS = (0.2, 0.4)
 GOALS = {0.2: 0.80, 0.4: 0.60}  # compact/dense at most
+PORTABLE_TARGETS = (0.4,)  # also time compact(portable=True): stock nn.Linear only
 MODEL_GOALS = {"gpt2_124m_prefill": {0.4: 0.65}, "qwen25_05b_prefill": {0.4: 0.65}}  # issue 12
 
 
@@ -197,6 +198,7 @@ def build_case_models(name: str, seed: int = 0):
         rep = finegates.compression_report(gated)
         compact = finegates.compact(copy.deepcopy(gated))
         compact.eval()
+        portable = finegates.compact(copy.deepcopy(gated), portable=True).eval() if t in PORTABLE_TARGETS else None
         dense_lin = gated_param_count(dense, names)
         compact_lin = gated_param_count(compact, names)
         info = {
@@ -212,6 +214,9 @@ def build_case_models(name: str, seed: int = 0):
             "gathered_layers": sum(isinstance(m, finegates.GatheredLinear) for m in compact.modules()),
             "linear_layers": sum(isinstance(m, nn.Linear) for n, m in compact.named_modules() if n in names),
         }
+        if portable is not None:
+            info["portable"] = portable  # popped by run_case (not JSON)
+            info["portable_params"] = count_params(portable)
         out[t] = (gated, compact, info)
     return dense, out
 
@@ -283,10 +288,17 @@ def run_case(name: str, batch: int, dense, per_target, args) -> Dict[str, object
     fns = {"dense": forward_fn(dense, inputs)}
     for t, (gated, compact, info) in per_target.items():
         err = check_exact(gated, compact, inputs)
-        case["targets"][f"{t:.1f}"] = dict(info, exact_rel_err=err, exact_ok=err <= EXACT_RTOL)
+        portable = info.get("portable")
+        record = {k: v for k, v in info.items() if k != "portable"}
+        case["targets"][f"{t:.1f}"] = dict(record, exact_rel_err=err, exact_ok=err <= EXACT_RTOL)
         if not args.no_gated:
             fns[f"gated@{t:.1f}"] = forward_fn(gated, inputs)
         fns[f"compact@{t:.1f}"] = forward_fn(compact, inputs)
+        if portable is not None:
+            perr = check_exact(gated, portable, inputs)
+            case["targets"][f"{t:.1f}"].update(portable_rel_err=perr)
+            case["targets"][f"{t:.1f}"]["exact_ok"] &= perr <= EXACT_RTOL
+            fns[f"portable@{t:.1f}"] = forward_fn(portable, inputs)
     with OtherLoad() as load:
         times, rounds = time_interleaved(fns, args.warmup, args.budget, args.min_rounds, args.max_rounds)
     case["other_load"] = load.fraction
@@ -305,6 +317,8 @@ def run_case(name: str, batch: int, dense, per_target, args) -> Dict[str, object
     for key, tinfo in case["targets"].items():
         t = float(key)
         tinfo["compact/dense"] = med[f"compact@{key}"] / med["dense"]
+        if f"portable@{key}" in med:
+            tinfo["portable/dense"] = med[f"portable@{key}"] / med["dense"]
         if f"gated@{key}" in med:
             tinfo["gated/dense"] = med[f"gated@{key}"] / med["dense"]
         tinfo["goal"] = goal(name, t)
@@ -359,6 +373,25 @@ def render_table(cases) -> str:
                 f"| {'PASS' if ti['pass'] else ('WRONG' if not ti['exact_ok'] else 'MISS')} |"
             )
     return "\n".join(lines)
+
+
+def render_portable(cases) -> str:
+    """compact vs compact(portable=True) vs dense, where the portable variant was timed."""
+    lines = ["| model | batch×seq | removed (promised) | dense ms | compact ms | portable ms | compact/dense "
+             "| portable/dense | params: compact / portable / dense | portable exact (rel err) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in cases:
+        med = c["median_ms"]
+        for key, ti in c["targets"].items():
+            if "portable/dense" not in ti:
+                continue
+            lines.append(
+                f"| {LABELS[c['model']]} | {c['batch']}×{c['seq']} | {100 * ti['promised_removed_linear']:.1f}% "
+                f"| {_ms(med['dense'])} | {_ms(med[f'compact@{key}'])} | {_ms(med[f'portable@{key}'])} "
+                f"| {ti['compact/dense']:.3f} | {ti['portable/dense']:.3f} "
+                f"| {ti['compact_params'] / 1e6:.1f}M / {ti['portable_params'] / 1e6:.1f}M / {ti['dense_params'] / 1e6:.1f}M "
+                f"| {ti['portable_rel_err']:.1e} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def render_breakdown(cases) -> str:
@@ -477,6 +510,14 @@ def render_md(cases, env, command, table, args) -> str:
     ]
     if busy:
         out += [f"**Disturbed:** other processes used more than 5% of the CPUs during {len(busy)} case(s).", ""]
+    portable = render_portable(cases)
+    if portable:
+        out += ["## Portable compact models", "",
+                "`finegates.compact(model, portable=True)`: every layer a stock `nn.Linear` (no `fg` op: "
+                "`torch.export`, ONNX and plain PyTorch run it). Paired dimensions shrink as in the compact "
+                "model; where that one keeps a gather or scatter (`fg::gathered_linear`), the portable one keeps "
+                "the full residual width with zero rows/columns. Timed in the same interleaved rounds as the "
+                "other variants.", "", portable, ""]
     out += ["![compact/dense latency](results_inference.png)", ""]
     if any("breakdown" in c for c in cases):
         out += [

@@ -54,6 +54,8 @@ CONFIGS: Dict[str, tuple] = {
                                          [*LINEAR, "--pooling", "mean", *A16, "--sparsity-ramp", "cubic", "--head-lr", "3e-3"]),
     "fg-linear-mean-a16-cubic-lam0": ("... alpha 16, cubic ramp, sparsity loss off (lambda 0): no removal, the adapter alone",
                                       [*LINEAR, "--pooling", "mean", *A16, "--sparsity-ramp", "cubic", "--sparsity-lambda", "0"]),
+    "fg-default-recovery100": ("... the defaults, and the last 100 steps with the gates frozen (--recovery-steps 100)",
+                               ["--recovery-steps", "100"]),
     "fg-default": ("FineGates, `finegates finetune` defaults", []),
 }
 

@@ -326,3 +326,19 @@ def test_headerless_tables_by_column_position(tiny_bert, sst_small, tmp_path, ca
                          "--text-columns", "0", "--label-column", "1")) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert m["steps"] == 1 and 0.0 <= m["accuracy"] <= 1.0
+
+
+def test_recovery_steps_freeze_the_gates_at_the_end(tiny_bert, sst_small, tmp_path):
+    """--recovery-steps N: the gate logits stop moving for the last N steps; the rest still trains."""
+    out = tmp_path / "rec"
+    argv = _ft_args(tiny_bert, sst_small, out, "--max-steps", "6", "--recovery-steps", "3", "--checkpointing-steps", "3",
+                    "--keep-checkpoints", "0", "--no-compact", "--lora-rank", "2")
+    assert main(argv) == 0
+    from safetensors.torch import load_file
+
+    a, b = (load_file(out / "checkpoints" / f"step-{s}" / "model.safetensors") for s in (3, 6))
+    gates = [k for k in a if k.endswith("gates.theta")]
+    assert gates and all(torch.equal(a[k], b[k]) for k in gates)
+    assert any(not torch.equal(a[k], b[k]) for k in a if "lora_b" in k or "classifier" in k)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["final_lambda"] == 0.0

@@ -84,6 +84,9 @@ def _common(p: argparse.ArgumentParser, *, batch: int, lr_default: float, gate_l
                    help="shape of the lambda ramp: linear, or cubic 1 - (1 - t)^3 (fast start, gentle end; the "
                         f"schedule of movement pruning) (default {sp_ramp})")
     g.add_argument("--gate-lr", type=_nonneg_float, default=gate_lr, help=f"learning rate of the gate logits (default {gate_lr})")
+    g.add_argument("--recovery-steps", type=_nonneg_int, default=0,
+                   help="the last N steps train with the gates frozen at their deterministic values (no noise, "
+                        "no sparsity loss): the head and adapters adapt to the model compaction keeps (default 0)")
     g.add_argument("--kurtosis", action="store_true", help="kurtosis-weighted sparsity loss (reference --kurt)")
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=_positive_int, default=batch, help=f"per-device training batch size (default {batch})")

@@ -34,7 +34,7 @@ __all__ = ["compact", "COMPACT_ATTRS"]
 _HOW_TO_REGISTER = "register its layout with finegates.register_layout (README, 'Compaction')"
 
 
-def compact(model: nn.Module, *, portable: bool = False) -> nn.Module:
+def compact(model: nn.Module, *, portable: bool = False, progress: bool = False) -> nn.Module:
     """Compacts ``model`` in place (eval mode, no gates left) and returns it.
 
     Blocks with a registered layout shrink their paired dimensions; every other gated Linear becomes
@@ -45,7 +45,7 @@ def compact(model: nn.Module, *, portable: bool = False) -> nn.Module:
     ``portable=True``: every layer is a stock ``nn.Linear`` (no ``fg`` op, so ``torch.export``,
     ONNX and a plain PyTorch install can run it): paired dimensions still shrink, and where a gather
     or scatter would be left the layer keeps its full residual width with zero rows/columns instead
-    (exact, but those layers keep their full size).
+    (exact, but those layers keep their full size). ``progress=True``: a progress bar over the blocks.
     """
     if not any(isinstance(m, GatedLinear) for m in model.modules()):
         raise ValueError("compact: the model has no GatedLinear layer (call finegates.sparsify first)")
@@ -54,7 +54,7 @@ def compact(model: nn.Module, *, portable: bool = False) -> nn.Module:
     try:
         with torch.no_grad():
             model.eval()
-            notes = _compact_blocks(model)
+            notes = _compact_blocks(model, progress)
             _compact_rest(model, notes)
     finally:
         PORTABLE.reset(token)
@@ -100,11 +100,13 @@ def _blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return found
 
 
-def _compact_blocks(model: nn.Module) -> Dict[str, str]:
+def _compact_blocks(model: nn.Module, progress: bool = False) -> Dict[str, str]:
     """Compacts the paired dimensions of every block; returns, per block class whose pairings were
     (partly) not used, why."""
+    from tqdm.auto import tqdm
+
     notes: Dict[str, str] = {}
-    for name, block in _blocks(model):
+    for name, block in tqdm(_blocks(model), desc="compact", disable=not progress, leave=False, dynamic_ncols=True):
         prefix = name + "." if name else ""
         layout = layout_for(block)
         cls = type(block).__name__

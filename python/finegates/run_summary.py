@@ -55,7 +55,7 @@ def _compact_metrics(model: nn.Module, dense_model: nn.Module, lat_batch, eval_c
     from .serialize import save_compact
 
     t = time.perf_counter()
-    model_c = compact(model.eval()).eval()
+    model_c = compact(model.eval(), progress=True).eval()
     m: Dict[str, Any] = {"compact_time_s": round(time.perf_counter() - t, 3)}
     if eval_compact is not None:
         t = time.perf_counter()

@@ -35,6 +35,7 @@ from .layers import GatedLinear
 from .loss import SparsitySchedule, layer_loss, sparsity_loss
 from .outputs import StepLog
 from .report import keep_fraction
+from .sparsify import gated_layers
 
 __all__ = ["Objective", "EpochSampler", "TrainState", "train", "find_checkpoint", "CHECKPOINT_RE"]
 
@@ -259,6 +260,21 @@ def _train_step(loop: _Loop, batch, lam: float, args, accelerator):
     return loss, out.loss, sp
 
 
+def _freeze_gates(loop: _Loop, raw_model: nn.Module) -> None:
+    """The recovery phase (``--recovery-steps``): the gates keep their current deterministic values
+    (no noise, learning rate 0), so the head and adapters adapt to the model compaction will keep."""
+    thetas = set()
+    for _, layer in gated_layers(raw_model):
+        for gates in (layer.row_gates, layer.col_gates):
+            gates.sigma = 0.0
+            thetas.add(id(gates.theta))
+    sched = getattr(loop.scheduler, "scheduler", loop.scheduler)  # accelerate wraps the torch scheduler
+    for i, group in enumerate(loop.optimizer.param_groups):
+        if group["params"] and all(id(p) in thetas for p in group["params"]):
+            group["lr"] = 0.0
+            sched.base_lrs[i] = 0.0
+
+
 def train(
     args,
     accelerator,
@@ -302,6 +318,7 @@ def train(
     skip = (step % steps_per_epoch) * ga
     last: Dict[str, Any] = {}
     means = _Means()
+    frozen = False
     t0 = time.perf_counter()
     while step < loop.max_steps:
         loop.train_dl.set_epoch(epoch)
@@ -310,7 +327,11 @@ def train(
         skip = 0
         loop.objective.train()
         for batch in dl:
-            lam = lam_of(step)
+            recovering = gated and step >= loop.max_steps - getattr(args, "recovery_steps", 0)
+            if recovering and not frozen:
+                _freeze_gates(loop, raw_model)
+                frozen = True
+            lam = 0.0 if recovering else lam_of(step)
             means.add(*_train_step(loop, batch, lam, args, accelerator))
             if not accelerator.sync_gradients:
                 continue
