@@ -189,7 +189,8 @@ def _logits(out) -> Tensor:
 
 
 def build_case_models(name: str, seed: int = 0):
-    """``(dense, {target: (gated, compact, info)})`` for one model."""
+    """``(dense, {target: (gated, compact, portable, info)})`` for one model; ``portable`` (the
+    ``compact(portable=True)`` model) only for PORTABLE_TARGETS, else None."""
     dense = build_dense(name, seed)
     out = {}
     for t in TARGETS:
@@ -215,9 +216,8 @@ def build_case_models(name: str, seed: int = 0):
             "linear_layers": sum(isinstance(m, nn.Linear) for n, m in compact.named_modules() if n in names),
         }
         if portable is not None:
-            info["portable"] = portable  # popped by run_case (not JSON)
             info["portable_params"] = count_params(portable)
-        out[t] = (gated, compact, info)
+        out[t] = (gated, compact, portable, info)
     return dense, out
 
 
@@ -286,11 +286,9 @@ def run_case(name: str, batch: int, dense, per_target, args) -> Dict[str, object
     inputs = make_inputs(dense, batch, args.seed)
     case = {"model": name, "batch": batch, "seq": SEQ, "tokens": batch * SEQ, "targets": {}}
     fns = {"dense": forward_fn(dense, inputs)}
-    for t, (gated, compact, info) in per_target.items():
+    for t, (gated, compact, portable, info) in per_target.items():
         err = check_exact(gated, compact, inputs)
-        portable = info.get("portable")
-        record = {k: v for k, v in info.items() if k != "portable"}
-        case["targets"][f"{t:.1f}"] = dict(record, exact_rel_err=err, exact_ok=err <= EXACT_RTOL)
+        case["targets"][f"{t:.1f}"] = dict(info, exact_rel_err=err, exact_ok=err <= EXACT_RTOL)
         if not args.no_gated:
             fns[f"gated@{t:.1f}"] = forward_fn(gated, inputs)
         fns[f"compact@{t:.1f}"] = forward_fn(compact, inputs)
@@ -306,7 +304,7 @@ def run_case(name: str, batch: int, dense, per_target, args) -> Dict[str, object
     if not args.no_breakdown:
         names = case_gated_names(per_target)
         case["breakdown"] = {"dense": breakdown(dense, inputs, names)}
-        for t, (_, compact, _) in per_target.items():
+        for t, (_, compact, _, _) in per_target.items():
             case["breakdown"][f"compact@{t:.1f}"] = breakdown(compact, inputs, names)
     case["times_ms"] = {k: [v * 1e3 for v in ts] for k, ts in times.items()}
     st = {k: _stats(v) for k, v in case["times_ms"].items()}
@@ -593,7 +591,7 @@ def main(argv=None) -> int:
     for name in models:
         log(f"# building {name} ...")
         dense, per_target = build_case_models(name, args.seed)
-        for t, (_, _, info) in per_target.items():
+        for t, (_, _, _, info) in per_target.items():
             log(f"  target {t:.0%}: promised {100 * info['promised_removed_linear']:.1f}% of gated Linear params, "
                 f"real {100 * info['real_removed_linear']:.1f}% (all params {100 * info['real_removed_total']:.1f}%), "
                 f"{info['gathered_layers']} GatheredLinear / {info['linear_layers']} plain Linear")

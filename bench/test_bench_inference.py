@@ -72,7 +72,7 @@ def test_inference(benchmark, model_name, batch, variant):
         model = dense
     else:
         kind, t = variant.split("@")
-        gated, compact, info = per_target[float(t)]
+        gated, compact, _, info = per_target[float(t)]
         model = gated if kind == "gated" else compact
         if kind == "compact":
             err = check_exact(gated, compact, inputs)

@@ -382,11 +382,8 @@ def _custom(seed=0, act=None, p=0.3):
     torch.manual_seed(seed)
     net = _Net(act)
     finegates.sparsify(net, target_sparsity=0.4, verbose=False)
-    g = torch.Generator().manual_seed(seed)
-    for _, layer in finegates.gated_layers(net):
-        for gates in (layer.row_gates, layer.col_gates):
-            set_gates(gates, torch.rand(gates.size, generator=g) >= p)
-    return net.eval(), torch.randn(2, 5, 64, generator=g)
+    random_gates(net, p, seed, fractional=False)
+    return net.eval(), torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(seed + 1))
 
 
 def _run_compact(net, x):

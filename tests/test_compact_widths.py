@@ -11,11 +11,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 import torch
-from torch import nn
 
 import finegates
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency of finegates")
+
+from families import random_gates, set_gates  # noqa: E402
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,18 +34,10 @@ def _model(kind):
         transformers.LlamaConfig(vocab_size=50, max_position_embeddings=32, num_key_value_heads=2, **CFG))
 
 
-def _set(gates, open_mask):
-    with torch.no_grad():
-        gates.theta.copy_(torch.where(open_mask, 3.0, -3.0))
-
-
 def _gated(kind, p, seed):
     m = _model(kind)
     finegates.sparsify(m, target_sparsity=0.3, verbose=False)
-    g = torch.Generator().manual_seed(seed)
-    for _, layer in finegates.gated_layers(m):
-        for gates in (layer.row_gates, layer.col_gates):
-            _set(gates, torch.rand(gates.size, generator=g) >= p)
+    random_gates(m, p, seed, fractional=False)
     return m.eval()
 
 
@@ -89,7 +82,7 @@ def test_padding_is_skipped_when_it_would_exceed_the_promise():
     layer = m.bert.encoder.layer[0]
     cols = torch.ones(CFG["intermediate_size"], dtype=torch.bool)
     cols[:5] = False  # 123 kept: padding to 128 would re-add 5 rows the promise keeps removed
-    _set(layer.output.dense.col_gates, cols)
+    set_gates(layer.output.dense.col_gates, cols)
     rep = finegates.compression_report(m)
     ids = torch.randint(3, 50, (1, 7), generator=torch.Generator().manual_seed(0))
     ref = _run(m, ids)
@@ -107,7 +100,7 @@ def test_bert_head_size_rounds_up_to_a_multiple_of_8():
     keep[:19] = True  # head 0: 19 dims open
     keep[hd:hd + 9] = True  # head 1: 9 dims open
     for lin in (sa.query, sa.key, sa.value):
-        _set(lin.row_gates, keep)
+        set_gates(lin.row_gates, keep)
     ids = torch.randint(3, 50, (2, 9), generator=torch.Generator().manual_seed(1))
     ref = _run(m, ids)
     finegates.compact(m)

@@ -261,7 +261,7 @@ def _check_dtype(args) -> None:
         raise UsageError("--dtype float16 needs --mixed-precision fp16 (loss scaling), or use --dtype bfloat16")
 
 
-def run(args, argv) -> dict:
+def run(args, argv, parser: argparse.ArgumentParser) -> dict:
     # Everything that can be checked without loading anything is checked before Accelerate starts.
     if args.command == "finetune":
         if bool(args.train_file) != bool(args.validation_file):
@@ -288,7 +288,7 @@ def run(args, argv) -> dict:
 
         if looks_like_path(model) and not Path(model).expanduser().exists():
             raise UsageError(f"model path {model!r} does not exist; pass an existing directory or a Hub model name")
-    out = RunDir(args, build_parser(), lambda: _default_output_dir(args))
+    out = RunDir(args, parser, lambda: _default_output_dir(args))
     _quiet_libraries()
 
     from accelerate import Accelerator
@@ -355,7 +355,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         # A terminated run (e.g. a preempted job) cleans up like an interrupted one.
         old = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        run(args, argv)
+        run(args, argv, parser)
     except UsageError as e:
         if _is_rank0():
             print(f"finegates {args.command}: error: {e}", file=sys.stderr)

@@ -22,9 +22,9 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from .compact_attention import COMPACT_ATTRS, LayoutMismatch, compact_attention
+from .compact_attention import COMPACT_ATTRS, compact_attention
 from .compact_mlp import compact_mlp, recognise_mlp
-from .folding import PORTABLE, fold, residual_layer
+from .folding import PORTABLE, LayoutMismatch, fold, residual_layer
 from .layers import GatedLinear
 from .layouts import BlockLayout, layout_for
 from .sparsify import set_submodule
@@ -54,8 +54,9 @@ def compact(model: nn.Module, *, portable: bool = False, progress: bool = False)
     try:
         with torch.no_grad():
             model.eval()
-            notes = _compact_blocks(model, progress)
-            _compact_rest(model, notes)
+            _warn_unpaired(_compact_blocks(model, progress))
+            for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, GatedLinear)]:
+                set_submodule(model, name, residual_layer(fold(m)))
     finally:
         PORTABLE.reset(token)
     for p in model.parameters():
@@ -100,12 +101,13 @@ def _blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return found
 
 
-def _compact_blocks(model: nn.Module, progress: bool = False) -> Dict[str, str]:
+def _compact_blocks(model: nn.Module, progress: bool = False) -> Dict[str, Tuple[str, int]]:
     """Compacts the paired dimensions of every block; returns, per block class whose pairings were
-    (partly) not used, why."""
+    (partly) not used, why and how many of its gated layers are left (to be gathered one by one)."""
     from tqdm.auto import tqdm
 
     notes: Dict[str, str] = {}
+    left: Dict[str, int] = {}
     for name, block in tqdm(_blocks(model), desc="compact", disable=not progress, leave=False, dynamic_ncols=True):
         prefix = name + "." if name else ""
         layout = layout_for(block)
@@ -124,37 +126,16 @@ def _compact_blocks(model: nn.Module, progress: bool = False) -> Dict[str, str]:
         outside = [n for n, m in block.named_modules() if isinstance(m, GatedLinear)]
         if outside and cls not in notes:
             notes[cls] = f"has gated layers outside its {layout.family} layout ({', '.join(outside[:3])})"
-    return notes
+        left[cls] = left.get(cls, 0) + len(outside)
+    return {cls: (why, left[cls]) for cls, why in notes.items() if left.get(cls)}
 
 
-def _compact_rest(model: nn.Module, notes: Dict[str, str]) -> None:
-    """Every gated Linear left becomes a GatheredLinear; warns once per block class that had some."""
-    left = [(n, m) for n, m in model.named_modules() if isinstance(m, GatedLinear)]
-    owners: Dict[str, int] = {}
-    for n, _ in left:
-        owner = _block_class(model, n)
-        owners[owner] = owners.get(owner, 0) + 1
-    for owner, count in sorted(owners.items()):
-        why = notes.get(owner)
-        if why is None:
-            continue  # gated layers outside any block's pairings (e.g. a gated head): nothing to shrink
+def _warn_unpaired(unpaired: Dict[str, Tuple[str, int]]) -> None:
+    """One warning per block class whose gated layers are left to be gathered one by one."""
+    for cls, (why, count) in sorted(unpaired.items()):
         warnings.warn(
-            f"compact: block {owner} {why}; its other {count} gated layers were compacted one by one with "
+            f"compact: block {cls} {why}; its other {count} gated layers were compacted one by one with "
             f"fg::gathered_linear, so their paired dimensions (attention heads, MLP intermediate) were not "
             f"shrunk. To shrink them, {_HOW_TO_REGISTER}.",
             stacklevel=3,
         )
-    for n, m in left:
-        set_submodule(model, n, residual_layer(fold(m)))
-
-
-def _block_class(model: nn.Module, name: str) -> str:
-    """The class of the nearest ancestor that has a layout or is an element of an nn.ModuleList."""
-    mod, block = model, type(model).__name__
-    for p in name.split(".")[:-1]:
-        parent = mod
-        mod = getattr(mod, p)
-        if isinstance(parent, nn.ModuleList) or layout_for(mod) is not None:
-            block = type(mod).__name__
-    return block
-

@@ -22,19 +22,15 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from .folding import PartPlan, Projection, build, fold, idx, is_linear
+from .folding import LayoutMismatch, PartPlan, Projection, build, fold, idx, require_linears, submodule
 from .layouts import AttentionLayout
 from .sparsify import set_submodule
 
-__all__ = ["compact_attention", "LayoutMismatch", "COMPACT_ATTRS"]
+__all__ = ["compact_attention", "COMPACT_ATTRS"]
 
 # Name of the per-module dict of attributes that compact() changed (head counts, head sizes);
 # save_compact stores it and load_compact sets it again on a fresh stock model.
 COMPACT_ATTRS = "_finegates_compact_attrs"
-
-
-class LayoutMismatch(ValueError):
-    """A block does not have the structure its registered layout describes."""
 
 
 @dataclass
@@ -54,18 +50,9 @@ class _HeadPlan:
                     width=self.heads * self.head_size, kv_width=self.kv_heads * self.head_size)
 
 
-def _module(block: nn.Module, path: str, prefix: str) -> nn.Module:
-    try:
-        return block.get_submodule(path)
-    except AttributeError:
-        raise LayoutMismatch(f"it has no module {prefix}{path}") from None
-
-
 def _projections(model: nn.Module, prefix: str, block: nn.Module, layout: AttentionLayout, hd: int):
     """(q, k, v) as (Projection, part) pairs, the o projection, and the head counts (H, KV)."""
-    for path in layout.projections:
-        if not is_linear(_module(block, path, prefix)):
-            raise LayoutMismatch(f"{prefix}{path} is a {type(block.get_submodule(path)).__name__}, not a Linear")
+    require_linears(block, layout.projections, prefix)
     if layout.qkv:
         f = fold(block.get_submodule(layout.qkv))
         width = f.out_features
@@ -175,7 +162,7 @@ def _rotary_dim(model: nn.Module, attn: nn.Module, layout: AttentionLayout, hd: 
 def compact_attention(model: nn.Module, prefix: str, block: nn.Module, layout: AttentionLayout) -> None:
     """Shrinks the attention of ``block`` (named ``prefix``) in place; raises LayoutMismatch,
     before changing anything, when the block does not fit ``layout``."""
-    attn = _module(block, layout.module, prefix)
+    attn = submodule(block, layout.module, prefix)
     hd = getattr(attn, layout.head_size, None)
     if not isinstance(hd, int) or hd <= 0:
         raise LayoutMismatch(f"{prefix}{layout.module}.{layout.head_size} is {hd!r}, not a head size")

@@ -16,8 +16,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .compact_attention import LayoutMismatch
-from .folding import Folded, PartPlan, Projection, build, fold, idx, is_linear
+from .folding import Folded, LayoutMismatch, PartPlan, Projection, build, fold, idx, is_linear, require_linears
 from .layouts import MLPLayout
 from .sparsify import set_submodule
 
@@ -59,7 +58,7 @@ def _pad_intermediate(keep: Tensor, ups: List[_Part], down: Folded) -> Tensor:
     spare = idx(~keep)[:pad]
     if pad == 0 or spare.numel() < pad or kidx.numel() + pad >= keep.numel():
         return kidx
-    costs = [sum(proj.params_kept()) for proj, _ in ups]  # parameters per kept row of each part
+    costs = [proj.row_cost() for proj, _ in ups]  # parameters per kept row of each part
     down_rows, down_bias = int(down.rows.sum()), int(down.bias is not None)
     promised = sum(int(proj.part_rows(p).sum()) * c for (proj, p), c in zip(ups, costs))
     promised += down_rows * int(down.cols.sum()) + down_rows * down_bias
@@ -94,13 +93,7 @@ def _parts(model: nn.Module, prefix: str, block: nn.Module, layout: MLPLayout, w
 def compact_mlp(model: nn.Module, prefix: str, block: nn.Module, layout: MLPLayout) -> None:
     """Shrinks the MLP of ``block`` (named ``prefix``) in place; raises LayoutMismatch, before
     changing anything, when the block does not fit ``layout``."""
-    for path in layout.projections:
-        try:
-            m = block.get_submodule(path)
-        except AttributeError:
-            raise LayoutMismatch(f"it has no module {prefix}{path}") from None
-        if not is_linear(m):
-            raise LayoutMismatch(f"{prefix}{path} is a {type(m).__name__}, not a Linear")
+    require_linears(block, layout.projections, prefix)
     try:
         act = _resolve(block, layout.act)
     except AttributeError:

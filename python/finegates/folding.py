@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,7 @@ PORTABLE: contextvars.ContextVar = contextvars.ContextVar("finegates_portable_co
 # possibly tied to an embedding) load as the stock model defines them.
 COMPACTED = "_finegates_compacted"
 
-__all__ = ["COMPACTED", "Folded", "fold", "build", "residual_layer", "idx", "Projection", "PartPlan", "is_linear"]
+__all__ = ["COMPACTED", "LayoutMismatch", "submodule", "require_linears", "Folded", "fold", "build", "residual_layer", "idx", "Projection", "PartPlan", "is_linear"]
 
 
 def idx(mask: Tensor) -> Tensor:
@@ -36,6 +36,26 @@ def idx(mask: Tensor) -> Tensor:
 
 def is_linear(m: nn.Module) -> bool:
     return isinstance(m, GatedLinear) or is_linear_like(m)
+
+
+class LayoutMismatch(ValueError):
+    """A block does not have the structure its registered layout describes."""
+
+
+def submodule(block: nn.Module, path: str, prefix: str) -> nn.Module:
+    """``block``'s module at ``path``, or LayoutMismatch naming ``prefix + path``."""
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        raise LayoutMismatch(f"it has no module {prefix}{path}") from None
+
+
+def require_linears(block: nn.Module, paths, prefix: str) -> None:
+    """Every one of ``paths`` is a Linear (gated or not), else LayoutMismatch naming it."""
+    for path in paths:
+        m = submodule(block, path, prefix)
+        if not is_linear(m):
+            raise LayoutMismatch(f"{prefix}{path} is a {type(m).__name__}, not a Linear")
 
 
 @dataclass
@@ -205,6 +225,6 @@ class Projection:
         f = self.folded
         return build(f, src, idx(f.cols), out_width=width, out_slots=slots, in_width=f.in_features)
 
-    def params_kept(self) -> Tuple[int, int]:
-        """(open columns, 1 if biased): a kept row costs ``cols + bias`` parameters."""
-        return int(self.folded.cols.sum()), int(self.folded.bias is not None)
+    def row_cost(self) -> int:
+        """Parameters a kept row holds: its open columns, and its bias if any."""
+        return int(self.folded.cols.sum()) + int(self.folded.bias is not None)

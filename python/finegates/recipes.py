@@ -84,7 +84,8 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
         kw["label2id"] = {n: i for i, n in enumerate(label_names)}
     with quiet_transformers():
         model = from_pretrained(AutoModelForSequenceClassification.from_pretrained, model_name, "model", **kw)
-    if _pooling(args, model_name) == "mean":
+    pooling = _pooling(args, model_name)
+    if pooling == "mean":
         try:
             use_mean_pooling(model)
         except ValueError as e:
@@ -138,7 +139,7 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
     eval_compact = plain_evaluator(classification_metrics, val_ds, args.eval_batch_size, collate, **task_metrics)
 
     extra = dict(command="finetune", method=args.method, task=args.task, model=model_desc,
-                 pooling=_pooling(args, model_name),
+                 pooling=pooling,
                  data=data_desc, metric=metric_name, target_sparsity=args.target_sparsity if gated else None)
     return _train_and_finish(
         args, accelerator, model, gated=gated, data=(train_ds, val_ds), collate_fn=collate, param_groups=groups,
