@@ -20,6 +20,8 @@ PyObject* PyInit__C(void) {
 }
 #endif  // FG_NO_PYTHON_MODULE (the CMake/libtorch build has no Python module)
 
+#include "cpu/ops_cpu.h"
+
 TORCH_LIBRARY(fg, m) {
   // y = row_gate * ((x * col_gate) @ (weight + lora_scale * lora_b @ lora_a).T + bias),
   // computed for active rows/columns only; inactive outputs are exactly 0.
@@ -38,4 +40,7 @@ TORCH_LIBRARY(fg, m) {
   m.def(
       "gathered_linear(Tensor x, Tensor weight_c, Tensor? bias_c, Tensor? row_idx, "
       "Tensor? col_idx, int out_features) -> Tensor");
+  // Bytes held by the CPU kernels' cache of gate-folded weight blocks; `clear` empties it first.
+  // No tensor argument, so one implementation for every dispatch key.
+  m.def("cpu_weight_cache(bool clear=False) -> int", &fg::cpu::cpu_weight_cache);
 }

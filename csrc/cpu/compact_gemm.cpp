@@ -1,6 +1,8 @@
 // CPU building blocks: gathers, scatters and the blocked GEMM + fused epilogue.
 #include "compact_gemm.h"
 
+#include "lane_pack.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -9,14 +11,13 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 namespace fg {
 namespace cpu {
 
 namespace {
 
-// Rows per at::parallel_for task in the memory-bound passes.
-constexpr int64_t kRowGrain = 4;
 
 bool strictly_increasing(const std::vector<int64_t>& v) {
   for (size_t i = 1; i < v.size(); ++i) {
@@ -71,7 +72,76 @@ inline void write_row(scalar_t* dst, const Active& a, ZeroFill fill, F f) {
   }
 }
 
+// True when rows of scalar_t over this set can be packed / unpacked with lane_pack.
+template <typename scalar_t>
+inline bool use_lanes(const Active& a) {
+  return std::is_same<scalar_t, float>::value && !a.lanes.empty();
+}
+
+// dst[i] = src[cols.idx[i]] * mul * scale[i] with lane_pack where it applies (float32 rows of a
+// sorted set); false when the caller must take its generic path.
+template <typename scalar_t, typename acc_t>
+inline bool try_pack_row(const scalar_t* src, const Active& cols, acc_t mul, const acc_t* scale, scalar_t* dst) {
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (use_lanes<scalar_t>(cols)) {
+      pack_row(src, cols.lanes.data(), cols.full, mul, scale, dst);
+      return true;
+    }
+  }
+  return false;
+}
+
+// A compact per-index vector spread to the full width of `a` (zeros elsewhere), the form in which
+// unpack_row reads a bias or a scale.
+std::vector<float> spread(const float* compact, const Active& a) {
+  std::vector<float> full(static_cast<size_t>(a.full), 0.0f);
+  for (int64_t i = 0; i < a.size(); ++i) full[a.idx[i]] = compact[i];
+  return full;
+}
+
+// Rows [0, n) of a compact block (row stride lds, at least |a| columns) written into the full-width
+// rows of dst (row stride a.full): dst[m, a.idx[i]] = src[m, i] * mul[i] + add[i] (mul, add compact
+// and optional), zeros in every other column; parallel over rows.
+template <typename scalar_t>
+void scatter_block(const scalar_t* src, int64_t lds, int64_t n, const Active& a,
+                   const at::opmath_type<scalar_t>* mul, const scalar_t* add, scalar_t* dst) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (use_lanes<scalar_t>(a)) {
+      const std::vector<float> mul_full = mul ? spread(mul, a) : std::vector<float>();
+      const std::vector<float> add_full = add ? spread(add, a) : std::vector<float>();
+      const float* mf = mul ? mul_full.data() : nullptr;
+      const float* af = add ? add_full.data() : nullptr;
+      at::parallel_for(0, n, row_grain(a.full), [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m) unpack_row(src + m * lds, a.lanes.data(), a.full, mf, af, dst + m * a.full);
+      });
+      return;
+    }
+  }
+  const ZeroFill fill = zero_fill(a);
+  at::parallel_for(0, n, row_grain(a.full), [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const scalar_t* srow = src + m * lds;
+      scalar_t* drow = dst + m * a.full;
+      if (!mul && !add) {
+        write_row(drow, a, fill, [&](int64_t i) { return srow[i]; });
+      } else {
+        write_row(drow, a, fill, [&](int64_t i) {
+          const acc_t v = mul ? static_cast<acc_t>(srow[i]) * mul[i] : static_cast<acc_t>(srow[i]);
+          return add ? v + static_cast<acc_t>(add[i]) : v;
+        });
+      }
+    }
+  });
+}
+
 }  // namespace
+
+void build_lanes(Active& a) {
+  a.lanes.clear();
+  if (a.all || !lane_pack_available() || !strictly_increasing(a.idx)) return;
+  a.lanes = lane_masks(a.idx.data(), static_cast<int64_t>(a.idx.size()), a.full);
+}
 
 at::Tensor as_rows(const at::Tensor& x, int64_t K) {
   // Explicit token count: reshape(-1, 0) of an empty tensor is ambiguous.
@@ -119,6 +189,7 @@ GateSet gate_set(const at::Tensor& gate) {
   s.active.all = static_cast<int64_t>(s.active.idx.size()) == n;
   if (s.active.all) s.active.idx.clear();
   if (all_one) s.values.clear();
+  build_lanes(s.active);
   return s;
 }
 
@@ -150,6 +221,7 @@ Active index_set(const c10::optional<at::Tensor>& idx, int64_t full, const char*
       seen[v] = true;
     }
   }
+  build_lanes(a);
   return a;
 }
 
@@ -173,7 +245,7 @@ at::Tensor gather_block(const at::Tensor& weight, const Active& rows, const Acti
     const scalar_t* w = weight.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t* c = cols.all ? nullptr : cols.idx.data();
-    at::parallel_for(0, nr, kRowGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, nr, row_grain(s1 == 1 ? nc : 4 * nc), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t r = rows.all ? i : rows.idx[i];
         const scalar_t* src = w + r * s0;
@@ -184,6 +256,7 @@ at::Tensor gather_block(const at::Tensor& weight, const Active& rows, const Acti
           continue;
         }
         const acc_t ri = rs ? rs[i] : acc_t(1);
+        if (s1 == 1 && try_pack_row(src, cols, ri, cs, dst)) continue;
         for (int64_t j = 0; j < nc; ++j) {
           const acc_t v = static_cast<acc_t>(src[(c ? c[j] : j) * s1]);
           dst[j] = static_cast<scalar_t>(cs ? v * ri * cs[j] : v * ri);
@@ -206,11 +279,12 @@ at::Tensor gather_cols(const at::Tensor& x2, const Active& cols, const Scale& sc
     const scalar_t* x = x2.data_ptr<scalar_t>();
     scalar_t* o = out.data_ptr<scalar_t>();
     const int64_t* c = cols.all ? nullptr : cols.idx.data();
-    at::parallel_for(0, M, kRowGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, M, row_grain(nc), [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m) {
         const scalar_t* src = x + m * ld;
         scalar_t* dst = o + m * ldo;
         if (cols.pad > 0) std::memset(dst + nc, 0, sizeof(scalar_t) * cols.pad);
+        if (try_pack_row(src, cols, acc_t(1), sc, dst)) continue;
         if (c == nullptr && sc == nullptr) {
           std::memcpy(dst, src, sizeof(scalar_t) * nc);
         } else if (c == nullptr) {
@@ -233,24 +307,11 @@ void scatter_cols(const at::Tensor& src, const Active& cols, const Scale& scale,
   TORCH_INTERNAL_ASSERT(dst.is_contiguous() && dst.size(1) == cols.full);
   TORCH_INTERNAL_ASSERT(src.size(0) == M && src.size(1) >= nc && (src.stride(1) == 1 || nc <= 1));
   if (M == 0) return;
-  const ZeroFill fill = zero_fill(cols);
   const int64_t lds = src.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dst.scalar_type(), "fg_scatter_cols", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t* sc = scale.as<acc_t>();
-    const scalar_t* s = src.data_ptr<scalar_t>();
-    scalar_t* d = dst.data_ptr<scalar_t>();
-    at::parallel_for(0, M, kRowGrain, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m) {
-        const scalar_t* srow = s + m * lds;
-        if (sc == nullptr) {
-          write_row(d + m * cols.full, cols, fill, [&](int64_t j) { return srow[j]; });
-        } else {
-          write_row(d + m * cols.full, cols, fill,
-                    [&](int64_t j) { return static_cast<acc_t>(srow[j]) * sc[j]; });
-        }
-      }
-    });
+    scatter_block<scalar_t>(src.data_ptr<scalar_t>(), lds, M, cols, scale.as<acc_t>(), nullptr,
+                            dst.data_ptr<scalar_t>());
   });
 }
 
@@ -263,7 +324,7 @@ void scatter_rows_cols(const at::Tensor& src, const Active& rows, const Active& 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dst.scalar_type(), "fg_scatter_rows_cols", [&] {
     const scalar_t* sp = s.data_ptr<scalar_t>();
     scalar_t* d = dst.data_ptr<scalar_t>();
-    at::parallel_for(0, nr, kRowGrain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, nr, row_grain(nc), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         scalar_t* drow = d + (rows.all ? i : rows.idx[i]) * cols.full;
         const scalar_t* srow = sp + i * nc;
@@ -275,6 +336,14 @@ void scatter_rows_cols(const at::Tensor& src, const Active& rows, const Active& 
       }
     });
   });
+}
+
+int64_t row_grain(int64_t row_elems) {
+  static const int64_t task_elems = [] {
+    const char* s = std::getenv("FG_CPU_TASK_ELEMS");
+    return s ? std::max<long long>(std::atoll(s), 1) : int64_t{1} << 15;
+  }();
+  return std::max<int64_t>(1, task_elems / std::max<int64_t>(row_elems, 1));
 }
 
 int64_t token_block(int64_t M) {
@@ -311,7 +380,6 @@ void compact_linear_forward(const at::Tensor& x2, const CompactLinear& p, at::Te
   const int64_t bm = scatter ? token_block(M) : M;
   at::Tensor hbuf;
   if (scatter) hbuf = at::empty({std::min(bm, M), ldh}, out.options());
-  const ZeroFill fill = scatter ? zero_fill(rows) : ZeroFill::kNone;
 
   const bool one_block = bm >= M;  // then no narrow() views: each costs a dispatcher call
   for (int64_t m0 = 0; m0 < M; m0 += bm) {
@@ -336,21 +404,9 @@ void compact_linear_forward(const at::Tensor& x2, const CompactLinear& p, at::Te
 
     // Epilogue: bias and scatter into the active output columns, zeros elsewhere.
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fg_epilogue", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
       const scalar_t* b = p.bias_c.defined() ? p.bias_c.data_ptr<scalar_t>() : nullptr;
-      const scalar_t* h = hb.data_ptr<scalar_t>();
-      scalar_t* o = out.data_ptr<scalar_t>() + m0 * rows.full;
-      at::parallel_for(0, mb, kRowGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t m = begin; m < end; ++m) {
-          const scalar_t* hrow = h + m * ldh;
-          if (b) {
-            write_row(o + m * rows.full, rows, fill,
-                      [&](int64_t i) { return static_cast<acc_t>(hrow[i]) + static_cast<acc_t>(b[i]); });
-          } else {
-            write_row(o + m * rows.full, rows, fill, [&](int64_t i) { return hrow[i]; });
-          }
-        }
-      });
+      scatter_block<scalar_t>(hb.data_ptr<scalar_t>(), ldh, mb, rows, nullptr, b,
+                              out.data_ptr<scalar_t>() + m0 * rows.full);
     });
   }
 }

@@ -8,7 +8,11 @@
 
 #include <ATen/ATen.h>
 
+#include <cstring>
+#include <type_traits>
 #include <vector>
+
+#include "lane_pack.h"
 
 namespace fg {
 namespace cpu {
@@ -63,15 +67,38 @@ struct Active {
   int64_t full = 0;          // size of the full dimension
   bool all = true;           // idx == 0..full-1
   int64_t pad = 0;           // extra zero entries appended in compact buffers (friendly GEMM widths)
+  // lane_masks of a sorted partial set when float32 rows can use lane_pack (else empty).
+  std::vector<uint16_t> lanes;
   int64_t size() const { return all ? full : static_cast<int64_t>(idx.size()); }
   int64_t padded() const { return size() + pad; }
   bool is_sorted() const;  // strictly increasing: the epilogue may then zero only the gaps
 };
 
+// Fills a.lanes when the set is partial, strictly increasing and lane_pack is available.
+void build_lanes(Active& a);
+
 // Rounds a partial active set's compact width up to a multiple that the BLAS handles at full speed
 // (an odd width was measured to run slower than the whole dense size). The padding is exact: padded
 // input columns are zero and padded output columns are never written back.
 void pad_for_gemm(Active& a);
+
+// dst[i] = src[a.idx[i]] for the |a| active entries of a row of a.full elements (lane_pack for
+// float32 rows of a sorted set).
+template <typename scalar_t>
+inline void pack_cols(const scalar_t* src, const Active& a, scalar_t* dst) {
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    if (!a.lanes.empty()) {
+      pack_row(src, a.lanes.data(), a.full, 1.0f, nullptr, dst);
+      return;
+    }
+  }
+  const int64_t n = a.size();
+  if (a.all) {
+    std::memcpy(dst, src, sizeof(scalar_t) * n);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[a.idx[i]];
+}
 
 // Non-zero entries of a gate, and the gate values there (empty when every value is 1, so that
 // callers can skip the scaling).
@@ -124,6 +151,11 @@ struct CompactLinear {
   double lora_scale = 1.0;
 };
 void compact_linear_forward(const at::Tensor& x2, const CompactLinear& p, at::Tensor& out);
+
+// Rows per at::parallel_for task in a memory-bound pass over rows of `row_elems` elements: enough
+// that a pass too small to pay for a parallel region runs on the calling thread alone (env
+// FG_CPU_TASK_ELEMS overrides the elements per task).
+int64_t row_grain(int64_t row_elems);
 
 // Token-block size for the blocked GEMM + scatter epilogue (env FG_CPU_BLOCK_M overrides).
 int64_t token_block(int64_t M);

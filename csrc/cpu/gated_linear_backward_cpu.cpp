@@ -1,8 +1,11 @@
-// CPU kernel of fg::gated_linear_backward. With dh = dy[:, R] * g_r[R]:
-//   db[R] = sum_m dh,  dgr[R] = sum_m dy[:, R] * y[:, R] / g_r[R]               (one pass over dy)
-//   dxc = dh @ (W[R][:, C] + s B[R] A[:, C]),  dx[:, C] = dxc * g_c[C],  dgc[C] = sum_m dxc * x[:, C]
-//   dW[R][:, C] = dh^T (x[:, C] g_c[C]),  dB[R] = s dh^T (x_c A_c^T),  dA[:, C] = s (dh B_r)^T x_c
-// Removed rows and columns are never read, multiplied or written except as zeros of the result.
+// CPU kernel of fg::gated_linear_backward. With dyr = dy[:, R], the gate-folded block
+// Wf = g_r W[R][:, C] g_c that the forward used (weight_cache.h: usually still cached), and the
+// LoRA factors folded the same way, Af = A[:, C] g_c and Bf = g_r B[R]:
+//   db[R] = g_r sum_m dyr,  dgr[R] = sum_m dyr y[:, R] / g_r                     (one pass over dy)
+//   dx[:, C] = dyr @ Wf + s (dyr Bf) Af,  dgc[C] = sum_m dx[:, C] x[:, C] / g_c
+//   dW[R][:, C] = g_r dyr^T (x[:, C] g_c),  dB[R] = s g_r dyr^T (x[:, C] Af^T),  dA[:, C] = s (dyr Bf)^T x[:, C] g_c
+// (dh = dy[:, R] g_r in the usual notation: the gates move onto the small operands). Removed rows
+// and columns are never read, multiplied or written except as zeros of the result.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -12,6 +15,7 @@
 #include "../checks.h"
 #include "compact_gemm.h"
 #include "ops_cpu.h"
+#include "weight_cache.h"
 
 namespace fg {
 namespace cpu {
@@ -22,9 +26,9 @@ class ColumnSums {
  public:
   explicit ColumnSums(int64_t n) : n_(n), acc_(static_cast<size_t>(at::get_num_threads() * n), 0.0) {}
   double* local() { return acc_.data() + at::get_thread_num() * n_; }
-  // The sums (each divided by divide_by[i] when given and non-empty), written into out[idx[i]] of
-  // a zero (full,) tensor of dtype `opt`.
-  at::Tensor finish(const Active& idx, const Scale* divide_by, const at::TensorOptions& opt) const {
+  // The sums, each multiplied (or divided, with `divide`) by gate[i] when `gate` is non-empty,
+  // written into out[idx[i]] of a zero (full,) tensor of dtype `opt`.
+  at::Tensor finish(const Active& idx, const Scale& gate, bool divide, const at::TensorOptions& opt) const {
     std::vector<double> total(n_, 0.0);
     const int64_t nt = static_cast<int64_t>(acc_.size()) / std::max<int64_t>(n_, 1);
     for (int64_t t = 0; t < nt; ++t)
@@ -33,7 +37,7 @@ class ColumnSums {
     double* f = full.data_ptr<double>();
     for (int64_t i = 0; i < n_; ++i) {
       double v = total[i];
-      if (divide_by && !divide_by->empty()) v /= (*divide_by)[i];
+      if (!gate.empty()) v = divide ? v / gate[i] : v * gate[i];
       f[idx.all ? i : idx.idx[i]] = v;
     }
     return full.to(opt.dtype());
@@ -49,7 +53,7 @@ struct Inputs {
   at::Tensor dy;  // (M, N), contiguous
   at::Tensor x2;  // (M, K) with unit inner stride, or undefined when no gradient reads x
   GateSet rows, cols;
-  at::Tensor a_c, b_r;  // LoRA factors on the active block (undefined without LoRA or active block)
+  at::Tensor a_f, b_f;  // folded LoRA factors (undefined without LoRA or active block)
   int64_t M = 0, r = 0;
   double lora_scale = 1.0;
   at::TensorOptions opt;
@@ -58,106 +62,120 @@ struct Inputs {
   bool empty_block() const { return n_rows() == 0 || n_cols() == 0 || M == 0; }
 };
 
-// One pass over dy: dh = dy[:, R] * g_r[R] in a compact (M, |R| padded) buffer (dy itself when
-// every row is open with gate 1), and the column sums of the bias and row-gate gradients.
+// t[i, ...] *= gate[i] for the first gate.size() rows of t, in place (nothing for an empty gate).
+void scale_rows_(const at::Tensor& t, const Scale& gate) {
+  if (gate.empty()) return;
+  std::vector<double> v(static_cast<size_t>(gate.size()));
+  for (int64_t i = 0; i < gate.size(); ++i) v[i] = gate[i];
+  const at::Tensor g = at::tensor(v, t.options().dtype(at::kDouble)).to(t.scalar_type());
+  t.narrow(0, 0, gate.size()).mul_(t.dim() == 2 ? g.unsqueeze(1) : g);
+}
+
+// One pass over dy: dyr = dy[:, R] in a compact (M, |R| padded) buffer (dy itself when every row
+// is open), and the column sums of the bias and row-gate gradients.
 struct RowPass {
-  at::Tensor dh, db, dgr;
+  at::Tensor dyr, db, dgr;
 };
 
 RowPass row_pass(const Inputs& in, const c10::optional<at::Tensor>& output, const at::Tensor& row_gate,
-                 bool need_dh, bool need_db, bool need_dgr) {
+                 bool need_dyr, bool need_db, bool need_dgr) {
   const Active& rows = in.rows.active;
   const int64_t N = rows.full, nR = in.n_rows(), ldh = rows.padded(), M = in.M;
-  const bool dh_is_dy = rows.all && in.rows.values.empty();
+  const bool pack = need_dyr && !rows.all;
   RowPass out;
-  if (need_dh) out.dh = dh_is_dy ? in.dy : at::empty({M, ldh}, in.opt);
+  if (need_dyr) out.dyr = rows.all ? in.dy : at::empty({M, ldh}, in.opt);
   ColumnSums bias_sums(need_db ? nR : 0), gate_sums(need_dgr ? nR : 0);
   const at::Tensor y2 = need_dgr ? as_rows(*output, N).contiguous() : at::Tensor();
-  if (nR > 0 && M > 0 && ((need_dh && !dh_is_dy) || need_db || need_dgr)) {
+  if (nR > 0 && M > 0 && (pack || need_db || need_dgr)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.dy.scalar_type(), "fg_backward_rows", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      const acc_t* gr = in.rows.values.as<acc_t>();
-      const scalar_t* g = in.dy.data_ptr<scalar_t>();
-      const scalar_t* yv = need_dgr ? y2.data_ptr<scalar_t>() : nullptr;
-      scalar_t* h = (need_dh && !dh_is_dy) ? out.dh.data_ptr<scalar_t>() : nullptr;
-      const int64_t* ri = rows.all ? nullptr : rows.idx.data();
-      at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+      const scalar_t* dy = in.dy.data_ptr<scalar_t>();
+      const scalar_t* y = need_dgr ? y2.data_ptr<scalar_t>() : nullptr;
+      scalar_t* dyr_out = pack ? out.dyr.data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
         double* sb = need_db ? bias_sums.local() : nullptr;
         double* sg = need_dgr ? gate_sums.local() : nullptr;
+        std::vector<scalar_t> dy_buf(rows.all || pack ? 0 : nR), y_buf(need_dgr && !rows.all ? nR : 0);
         for (int64_t m = begin; m < end; ++m) {
-          const scalar_t* grow = g + m * N;
-          const scalar_t* yrow = yv ? yv + m * N : nullptr;
-          scalar_t* hrow = h ? h + m * ldh : nullptr;
-          if (hrow) for (int64_t i = nR; i < ldh; ++i) hrow[i] = scalar_t(0);
-          for (int64_t i = 0; i < nR; ++i) {
-            const int64_t c = ri ? ri[i] : i;
-            const acc_t gv = static_cast<acc_t>(grow[c]);
-            const scalar_t hv = static_cast<scalar_t>(gr ? gv * gr[i] : gv);
-            if (hrow) hrow[i] = hv;
-            if (sb) sb[i] += static_cast<double>(hv);
-            if (sg) sg[i] += static_cast<double>(gv) * static_cast<double>(yrow[c]);
+          // dy[m, R] and y[m, R] as contiguous rows.
+          const scalar_t* dyr = dy + m * N;
+          if (!rows.all) {
+            scalar_t* dst = pack ? dyr_out + m * ldh : dy_buf.data();
+            pack_cols(dyr, rows, dst);
+            if (pack) std::fill(dst + nR, dst + ldh, scalar_t(0));
+            dyr = dst;
+          }
+          if (sb) {
+            for (int64_t i = 0; i < nR; ++i) sb[i] += static_cast<double>(dyr[i]);
+          }
+          if (sg) {
+            const scalar_t* yr = y + m * N;
+            if (!rows.all) {
+              pack_cols(yr, rows, y_buf.data());
+              yr = y_buf.data();
+            }
+            for (int64_t i = 0; i < nR; ++i) sg[i] += static_cast<double>(dyr[i]) * static_cast<double>(yr[i]);
           }
         }
       });
     });
   }
   // d(row_gate)[i] = sum_m dy * z with z = y / g_r (the pre-gate output), divided once at the end.
-  if (need_db) out.db = bias_sums.finish(rows, nullptr, in.opt);
-  if (need_dgr) out.dgr = gate_sums.finish(rows, &in.rows.values, row_gate.options());
+  if (need_db) out.db = bias_sums.finish(rows, in.rows.values, /*divide=*/false, in.opt);
+  if (need_dgr) out.dgr = gate_sums.finish(rows, in.rows.values, /*divide=*/true, row_gate.options());
   return out;
 }
 
-// sum_m dxc[m, j] * x[m, C[j]] of one block of tokens starting at m0 into `sums`.
-void add_col_gate_sums(const at::Tensor& dxc, const Inputs& in, int64_t m0, ColumnSums& sums) {
+// sum_m dx[m, C[j]] * x[m, C[j]] of one block of tokens starting at m0 into `sums` (dxs compact).
+void add_col_gate_sums(const at::Tensor& dxs, const Inputs& in, int64_t m0, ColumnSums& sums) {
   const Active& cols = in.cols.active;
-  const int64_t nC = in.n_cols(), ldc = dxc.stride(0), mb = dxc.size(0);
-  const int64_t* ci = cols.all ? nullptr : cols.idx.data();
+  const int64_t nC = in.n_cols(), ldc = dxs.stride(0), mb = dxs.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.dy.scalar_type(), "fg_backward_colgate", [&] {
-    const scalar_t* d = dxc.data_ptr<scalar_t>();
+    const scalar_t* d = dxs.data_ptr<scalar_t>();
     const scalar_t* xv = in.x2.data_ptr<scalar_t>();
     const int64_t ldx = in.x2.stride(0);
-    at::parallel_for(0, mb, 16, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, mb, row_grain(cols.full), [&](int64_t begin, int64_t end) {
       double* s = sums.local();
+      std::vector<scalar_t> x_buf(static_cast<size_t>(nC));
       for (int64_t m = begin; m < end; ++m) {
         const scalar_t* drow = d + m * ldc;
-        const scalar_t* xrow = xv + (m0 + m) * ldx;
-        for (int64_t j = 0; j < nC; ++j) s[j] += static_cast<double>(drow[j]) * static_cast<double>(xrow[ci ? ci[j] : j]);
+        pack_cols(xv + (m0 + m) * ldx, cols, x_buf.data());
+        for (int64_t j = 0; j < nC; ++j) s[j] += static_cast<double>(drow[j]) * static_cast<double>(x_buf[j]);
       }
     });
   });
 }
 
-// dx[:, C] = (dh @ W[R][:, C] + s (dh B_r) A_c) * g_c[C], zeros elsewhere, per block of tokens so
-// that the compact block is still in cache for the scatter; fused with the column-gate sums.
-void input_and_col_gate_grads(const Inputs& in, const at::Tensor& weight, const at::Tensor& dh, at::Tensor* dx,
+// dx[:, C] = dyr @ Wf + s (dyr Bf) Af, zeros elsewhere, per block of tokens so that the compact
+// block is still in cache for the scatter; fused with the column-gate sums.
+void input_and_col_gate_grads(const Inputs& in, const at::Tensor& weight, const at::Tensor& dyr, at::Tensor* dx,
                               at::Tensor* dgc, const at::Tensor& col_gate) {
   const Active& cols = in.cols.active;
   ColumnSums col_sums(dgc ? in.n_cols() : 0);
   if (in.empty_block()) {
     if (dx) dx->zero_();
   } else {
-    const at::Tensor wc = gather_block(weight, in.rows.active, cols);
+    const at::Tensor wf = folded_block(weight, in.rows, in.cols);
     const int64_t M = in.M, bm = token_block(M);
-    at::Tensor dxc_buf = at::empty({std::min(bm, M), cols.padded()}, in.opt);
+    at::Tensor dxs_buf = at::empty({std::min(bm, M), cols.padded()}, in.opt);
     at::Tensor dx2 = dx ? dx->view({M, cols.full}) : at::Tensor();
     for (int64_t m0 = 0; m0 < M; m0 += bm) {
       const int64_t mb = std::min(bm, M - m0);
-      const at::Tensor dhb = dh.narrow(0, m0, mb);
-      at::Tensor dxc = dxc_buf.narrow(0, 0, mb);
-      at::mm_out(dxc, dhb, wc);
-      if (in.a_c.defined()) dxc.addmm_(at::mm(dhb, in.b_r), in.a_c, 1.0, in.lora_scale);
+      const at::Tensor dyb = bm >= M ? dyr : dyr.narrow(0, m0, mb);
+      at::Tensor dxs = bm >= M ? dxs_buf : dxs_buf.narrow(0, 0, mb);
+      at::mm_out(dxs, dyb, wf);
+      if (in.a_f.defined()) dxs.addmm_(at::mm(dyb, in.b_f), in.a_f, 1.0, in.lora_scale);
       if (dx) {
-        at::Tensor dxb = dx2.narrow(0, m0, mb);
-        scatter_cols(dxc, cols, in.cols.values, dxb);
+        at::Tensor dxb = bm >= M ? dx2 : dx2.narrow(0, m0, mb);
+        scatter_cols(dxs, cols, {}, dxb);
       }
-      if (dgc) add_col_gate_sums(dxc, in, m0, col_sums);
+      if (dgc) add_col_gate_sums(dxs, in, m0, col_sums);
     }
   }
-  if (dgc) *dgc = col_sums.finish(cols, nullptr, col_gate.options());
+  if (dgc) *dgc = col_sums.finish(cols, in.cols.values, /*divide=*/true, col_gate.options());
 }
 
-// dW, dA and dB on the active block only (zeros elsewhere), from x_c = x[:, C] * g_c[C].
-void weight_and_lora_grads(const Inputs& in, const at::Tensor& dh, int64_t N, int64_t K, at::Tensor* dw,
+// dW, dA and dB on the active block only (zeros elsewhere), from x_c = x[:, C] g_c.
+void weight_and_lora_grads(const Inputs& in, const at::Tensor& dyr, int64_t N, int64_t K, at::Tensor* dw,
                            at::Tensor* da, at::Tensor* dlb) {
   const Active& rows = in.rows.active;
   const Active& cols = in.cols.active;
@@ -166,19 +184,29 @@ void weight_and_lora_grads(const Inputs& in, const at::Tensor& dh, int64_t N, in
   const at::Tensor xc = empty ? at::Tensor() : gather_cols(in.x2, cols, in.cols.values);
   if (dw) {
     if (!empty && rows.all && cols.all) {
-      *dw = at::mm(dh.t(), xc);
+      *dw = at::mm(dyr.t(), xc);
+      scale_rows_(*dw, in.rows.values);
     } else {
       *dw = at::zeros({N, K}, in.opt);
-      if (!empty) scatter_rows_cols(at::mm(dh.t(), xc), rows, cols, *dw);
+      if (!empty) {
+        at::Tensor block = at::mm(dyr.t(), xc);
+        scale_rows_(block, in.rows.values);
+        scatter_rows_cols(block, rows, cols, *dw);
+      }
     }
   }
   if (dlb) {
     *dlb = at::zeros({N, in.r}, in.opt);
-    if (!empty) scatter_rows_cols(at::mm(dh.t(), at::mm(xc, in.a_c.t())).mul_(in.lora_scale), rows, all_r, *dlb);
+    if (!empty) {
+      // x_c A^T[C] = x[:, C] Af^T (g_c is inside Af).
+      at::Tensor block = at::mm(dyr.t(), at::mm(gather_cols(in.x2, cols, {}), in.a_f.t())).mul_(in.lora_scale);
+      scale_rows_(block, in.rows.values);
+      scatter_rows_cols(block, rows, all_r, *dlb);
+    }
   }
   if (da) {
     *da = at::zeros({in.r, K}, in.opt);
-    if (!empty) scatter_rows_cols(at::mm(at::mm(dh, in.b_r).t(), xc).mul_(in.lora_scale), all_r, cols, *da);
+    if (!empty) scatter_rows_cols(at::mm(at::mm(dyr, in.b_f).t(), xc).mul_(in.lora_scale), all_r, cols, *da);
   }
 }
 
@@ -207,22 +235,22 @@ gated_linear_backward_cpu(const at::Tensor& grad_out, const c10::optional<at::Te
   in.r = lora ? lora_a->size(0) : 0;
   in.lora_scale = lora_scale;
   if (lora && in.n_rows() > 0 && in.n_cols() > 0) {
-    in.a_c = gather_block(*lora_a, Active{{}, in.r, true}, in.cols.active);
-    in.b_r = gather_block(*lora_b, in.rows.active, Active{{}, in.r, true});
+    in.a_f = gather_block(*lora_a, Active{{}, in.r, true}, in.cols.active, {}, in.cols.values);
+    in.b_f = gather_block(*lora_b, in.rows.active, Active{{}, in.r, true}, in.rows.values, {});
   }
 
   // An unselected gradient is an empty (0,) tensor of its slot's dtype (as the fake kernel says).
   at::Tensor dx = at::empty({0}, in.opt), dw = dx, db = dx, da = dx, dlb = dx;
   at::Tensor dgr = at::empty({0}, row_gate.options()), dgc = at::empty({0}, col_gate.options());
-  const bool need_dh = need_dx || need_dgc || need_dw || need_da || need_dlb;
-  RowPass rp = row_pass(in, output, row_gate, need_dh, need_db, need_dgr);
+  const bool need_dyr = need_dx || need_dgc || need_dw || need_da || need_dlb;
+  RowPass rp = row_pass(in, output, row_gate, need_dyr, need_db, need_dgr);
   if (need_db) db = rp.db;
   if (need_dgr) dgr = rp.dgr;
   if (need_dx) dx = at::empty(out_shape(grad_out, K), in.opt);
   if (need_dx || need_dgc)
-    input_and_col_gate_grads(in, weight, rp.dh, need_dx ? &dx : nullptr, need_dgc ? &dgc : nullptr, col_gate);
+    input_and_col_gate_grads(in, weight, rp.dyr, need_dx ? &dx : nullptr, need_dgc ? &dgc : nullptr, col_gate);
   if (need_dw || need_da || need_dlb)
-    weight_and_lora_grads(in, rp.dh, N, K, need_dw ? &dw : nullptr, need_da ? &da : nullptr,
+    weight_and_lora_grads(in, rp.dyr, N, K, need_dw ? &dw : nullptr, need_da ? &da : nullptr,
                           need_dlb ? &dlb : nullptr);
   return {dx, dw, db, dgr, dgc, da, dlb};
 }

@@ -6,6 +6,7 @@
 #include "../checks.h"
 #include "compact_gemm.h"
 #include "ops_cpu.h"
+#include "weight_cache.h"
 
 namespace fg {
 namespace cpu {
@@ -41,7 +42,7 @@ at::Tensor gated_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   p.cols = &cg.active;
   p.rows = &rg.active;
   if (rg.active.size() > 0 && x2.size(0) > 0) {
-    p.weight_c = gather_block(weight, rg.active, cg.active, rg.values, cg.values);
+    p.weight_c = folded_block(weight, rg, cg);
     if (bias.has_value()) p.bias_c = gather_vec(*bias, rg.active, rg.values);
     if (lora_a.has_value()) {
       p.lora_a_c = gather_block(*lora_a, Active{{}, lora_a->size(0), true}, cg.active, {}, cg.values);
@@ -70,6 +71,11 @@ at::Tensor gathered_linear_cpu(const at::Tensor& x, const at::Tensor& weight_c,
   if (bias_c.has_value()) p.bias_c = bias_c->contiguous();
   compact_linear_forward(x2, p, out2);
   return out;
+}
+
+int64_t cpu_weight_cache(bool clear) {
+  if (clear) clear_weight_cache();
+  return weight_cache_bytes();
 }
 
 TORCH_LIBRARY_IMPL(fg, CPU, m) {

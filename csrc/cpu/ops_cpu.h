@@ -27,5 +27,9 @@ at::Tensor gathered_linear_cpu(const at::Tensor& x, const at::Tensor& weight_c,
                                const c10::optional<at::Tensor>& bias_c, const c10::optional<at::Tensor>& row_idx,
                                const c10::optional<at::Tensor>& col_idx, int64_t out_features);
 
+// Bytes held by the folded-weight cache of the CPU kernels (weight_cache.h), after dropping every
+// block when `clear`.
+int64_t cpu_weight_cache(bool clear);
+
 }  // namespace cpu
 }  // namespace fg

@@ -1,0 +1,161 @@
+// The per-weight cache of folded weight blocks (see weight_cache.h).
+#include "weight_cache.h"
+
+#include <c10/util/intrusive_ptr.h>
+
+#include <cstdlib>
+#include <list>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace fg {
+namespace cpu {
+namespace {
+
+using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+
+// Everything the folded block depends on, compared exactly.
+struct BlockKey {
+  int64_t version = 0;
+  const void* data = nullptr;
+  std::vector<int64_t> geometry;  // sizes, strides, storage offset
+  at::ScalarType dtype = at::kFloat;
+  std::vector<int64_t> rows, cols;           // index lists; empty = all
+  int64_t row_pad = 0, col_pad = 0;
+  std::vector<double> row_values, col_values;  // empty = all 1
+
+  bool operator==(const BlockKey& o) const {
+    return version == o.version && data == o.data && geometry == o.geometry && dtype == o.dtype &&
+           rows == o.rows && cols == o.cols && row_pad == o.row_pad && col_pad == o.col_pad &&
+           row_values == o.row_values && col_values == o.col_values;
+  }
+};
+
+struct Entry {
+  WeakImpl owner;
+  BlockKey key;
+  at::Tensor block;
+  std::list<const c10::TensorImpl*>::iterator lru;  // position in Cache::lru (front = newest)
+};
+
+std::vector<double> values_of(const GateSet& g) {
+  std::vector<double> v(static_cast<size_t>(g.values.size()));
+  for (int64_t i = 0; i < g.values.size(); ++i) v[i] = g.values[i];
+  return v;
+}
+
+BlockKey key_of(const at::Tensor& weight, const GateSet& rows, const GateSet& cols) {
+  BlockKey k;
+  k.version = weight._version();
+  k.data = weight.data_ptr();
+  k.geometry = {weight.size(0), weight.size(1), weight.stride(0), weight.stride(1), weight.storage_offset()};
+  k.dtype = weight.scalar_type();
+  k.rows = rows.active.idx;
+  k.cols = cols.active.idx;
+  k.row_pad = rows.active.pad;
+  k.col_pad = cols.active.pad;
+  k.row_values = values_of(rows);
+  k.col_values = values_of(cols);
+  return k;
+}
+
+int64_t budget_bytes() {
+  static const int64_t budget = [] {
+    const char* s = std::getenv("FG_CPU_WEIGHT_CACHE_MB");
+    const long long mb = s ? std::atoll(s) : 1024;
+    return static_cast<int64_t>(std::max<long long>(mb, 0)) << 20;
+  }();
+  return budget;
+}
+
+class Cache {
+ public:
+  at::Tensor find(const c10::TensorImpl* impl, const BlockKey& key) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = entries_.find(impl);
+    if (it == entries_.end() || it->second.owner.expired() || !(it->second.key == key)) return {};
+    lru_.splice(lru_.begin(), lru_, it->second.lru);
+    return it->second.block;
+  }
+
+  void insert(const at::Tensor& weight, BlockKey key, const at::Tensor& block) {
+    const int64_t bytes = block.nbytes();
+    std::lock_guard<std::mutex> lock(mu_);
+    const c10::TensorImpl* impl = weight.unsafeGetTensorImpl();
+    erase(impl);
+    drop_expired();
+    while (!lru_.empty() && bytes_ + bytes > budget_bytes()) erase(lru_.back());
+    if (bytes > budget_bytes()) return;
+    lru_.push_front(impl);
+    entries_.emplace(impl, Entry{WeakImpl(weight.getIntrusivePtr()), std::move(key), block, lru_.begin()});
+    bytes_ += bytes;
+  }
+
+  void clear() {
+    std::lock_guard<std::mutex> lock(mu_);
+    entries_.clear();
+    lru_.clear();
+    bytes_ = 0;
+  }
+
+  int64_t bytes() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return bytes_;
+  }
+
+ private:
+  void erase(const c10::TensorImpl* impl) {
+    auto it = entries_.find(impl);
+    if (it == entries_.end()) return;
+    bytes_ -= it->second.block.nbytes();
+    lru_.erase(it->second.lru);
+    entries_.erase(it);
+  }
+
+  void drop_expired() {
+    for (auto it = entries_.begin(); it != entries_.end();) {
+      if (it->second.owner.expired()) {
+        bytes_ -= it->second.block.nbytes();
+        lru_.erase(it->second.lru);
+        it = entries_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  std::mutex mu_;
+  std::unordered_map<const c10::TensorImpl*, Entry> entries_;
+  std::list<const c10::TensorImpl*> lru_;
+  int64_t bytes_ = 0;
+};
+
+Cache& cache() {
+  static Cache* c = new Cache();  // never destroyed: tensors may outlive static destruction order
+  return *c;
+}
+
+bool cacheable(const at::Tensor& weight) {
+  return budget_bytes() > 0 && !weight.requires_grad() && !weight.is_inference();
+}
+
+}  // namespace
+
+at::Tensor folded_block(const at::Tensor& weight, const GateSet& rows, const GateSet& cols) {
+  const bool whole = rows.active.all && cols.active.all && rows.values.empty() && cols.values.empty();
+  if (whole || !cacheable(weight)) return gather_block(weight, rows.active, cols.active, rows.values, cols.values);
+  BlockKey key = key_of(weight, rows, cols);
+  at::Tensor block = cache().find(weight.unsafeGetTensorImpl(), key);
+  if (block.defined()) return block;
+  block = gather_block(weight, rows.active, cols.active, rows.values, cols.values);
+  cache().insert(weight, std::move(key), block);
+  return block;
+}
+
+void clear_weight_cache() { cache().clear(); }
+
+int64_t weight_cache_bytes() { return cache().bytes(); }
+
+}  // namespace cpu
+}  // namespace fg
