@@ -14,10 +14,13 @@ table), so that both time exactly the same code. Definitions follow DESIGN.md, "
 ``fg``
     ``torch.ops.fg.gated_linear(x, W, b, g_r, g_c)``, the op under test.
 
-Modes: ``fwd`` runs under ``torch.no_grad()`` on tensors that do not require grad. ``fwd_bwd``
-runs the forward on leaves that require grad (x, bias, both gates; the weight is frozen) and
-``torch.autograd.grad`` with a fixed random ``grad_out`` (pre-gathered for compact-ideal); using
-``autograd.grad`` rather than ``.backward()`` means no ``.grad`` accumulates between calls.
+Modes: ``fwd`` runs under ``torch.no_grad()`` on tensors that do not require grad, with the same
+gates every call (evaluation, inference). ``fwd_bwd`` is a training step: the forward on leaves
+that require grad (x, bias, both gates; the weight is frozen) and ``torch.autograd.grad`` with a
+fixed random ``grad_out`` (pre-gathered for compact-ideal); using ``autograd.grad`` rather than
+``.backward()`` means no ``.grad`` accumulates between calls. Its gate values alternate between two
+draws with the same zeros on every call, as sampled gates change every training step, so nothing
+that depends on the gate values (fg's folded weight block) can be reused from the previous call.
 """
 
 from __future__ import annotations
@@ -62,11 +65,11 @@ class Shape:
 
     @property
     def id(self) -> str:  # ASCII, for pytest ids and file names
-        return f"{self.model}-{self.k}to{self.n}"
+        return f"{self.model}-{self.k}to{self.n}" + ("" if self.m == TOKENS else f"-m{self.m}")
 
     @property
     def label(self) -> str:
-        return f"{self.model} {self.k}\u2192{self.n}"
+        return f"{self.model} {self.k}\u2192{self.n}" + ("" if self.m == TOKENS else f", {self.m} tokens")
 
     def gemm_flop(self) -> float:
         return 2.0 * self.m * self.k * self.n
@@ -78,6 +81,9 @@ SHAPES: Tuple[Shape, ...] = (
     Shape("RoBERTa-base", 3072, 768),
     Shape("LLaMA-1B", 2048, 8192),
     Shape("LLaMA-1B", 8192, 2048),
+    # The layers of all-MiniLM-L6-v2 at the token counts of fine-tuning (16 sentences of ~8-32
+    # tokens) and serving: where fixed costs per call and parallel regions show.
+    *(Shape("MiniLM-L6", k, n, m) for m in (128, 512) for k, n in ((384, 1536), (1536, 384), (384, 384))),
 )
 SPARSITIES: Tuple[float, ...] = (0.0, 0.2, 0.4, 0.6)
 VARIANTS: Tuple[str, ...] = ("dense", "masked", "compact-ideal", "fg")
@@ -101,19 +107,33 @@ def env_quick() -> bool:
 # Targets (issue text): fp32, 2 threads, medians, ratios from one run
 # --------------------------------------------------------------------------------------------
 
+CONDITIONS: Tuple[str, ...] = ("quiet", "loaded")  # loaded: one core held by a spinning process
 
-def targets(mode: str, sparsity: float, active_fraction: float) -> Dict[str, Tuple[str, float]]:
+
+def targets(mode: str, sparsity: float, active_fraction: float, tokens: int = TOKENS,
+            condition: str = "quiet") -> Dict[str, Tuple[str, float]]:
     """Targets that apply to a case, ``{ratio name: (op, bound)}`` with op ``"<="`` or ``">="``.
 
-    * fwd: ``fg <= 1.05 x compact-ideal`` for sparsity >= 0.2; ``fg <= 1.03 x dense`` at sparsity 0.
+    Quiet machine:
+
+    * fwd: ``fg <= 1.05 x compact-ideal`` for sparsity >= 0.2 at 2048 tokens, ``<= 1.10`` at fewer
+      tokens; ``fg <= 1.03 x dense`` at sparsity 0.
     * fwd_bwd: ``fg <= 1.10 x compact-ideal`` (frozen weight).
     * both: ``masked / fg >= 0.9 / ((1 - s_r)(1 - s_c))``, with the actual active fraction
       ``|R|/N * |C|/K``.
+
+    One core busy (sparsity >= 0.4): fwd ``fg <= 1.25 x compact-ideal``, fwd_bwd ``<= 1.30``, and
+    ``masked / fg >= 1.5``; no target at lower sparsity.
     """
     t: Dict[str, Tuple[str, float]] = {}
+    if condition == "loaded":
+        if sparsity >= 0.4:
+            t["fg/compact-ideal"] = ("<=", 1.25 if mode == "fwd" else 1.30)
+            t["masked/fg"] = (">=", 1.5)
+        return t
     if mode == "fwd":
         if sparsity > 0:
-            t["fg/compact-ideal"] = ("<=", 1.05)
+            t["fg/compact-ideal"] = ("<=", 1.05 if tokens >= TOKENS else 1.10)
         else:
             t["fg/dense"] = ("<=", 1.03)
     else:
@@ -165,6 +185,9 @@ class Inputs:
     bias_c_leaf: Tensor
     row_gate_c_leaf: Tensor
     col_gate_c_leaf: Tensor
+    # fwd_bwd alternates between these gate leaves: ((row, col, row_c, col_c) of the first draw,
+    # the same of a second draw with the same zeros)
+    gate_leaves: Tuple[Tuple[Tensor, Tensor, Tensor, Tensor], ...] = ()
 
     @property
     def active_rows(self) -> int:
@@ -223,6 +246,14 @@ def make_inputs(shape: Shape, sparsity: float, dtype: torch.dtype = torch.float3
     def leaf(t: Tensor) -> Tensor:
         return t.detach().requires_grad_(True)
 
+    # A second draw of the gate values with the same zeros (fwd_bwd alternates the two).
+    row_gate_b = torch.where(row_gate != 0, make_gate(shape.n, 0.0, gg, dtype), torch.zeros((), dtype=dtype))
+    col_gate_b = torch.where(col_gate != 0, make_gate(shape.k, 0.0, gg, dtype), torch.zeros((), dtype=dtype))
+    gate_leaves = tuple(
+        (leaf(r), leaf(c), leaf(r.index_select(0, row_idx).contiguous()), leaf(c.index_select(0, col_idx).contiguous()))
+        for r, c in ((row_gate, col_gate), (row_gate_b, col_gate_b))
+    )
+
     return Inputs(
         shape=shape,
         sparsity=sparsity,
@@ -244,12 +275,13 @@ def make_inputs(shape: Shape, sparsity: float, dtype: torch.dtype = torch.float3
         grad_out_c=grad_out_c,
         x_leaf=leaf(x),
         bias_leaf=leaf(bias),
-        row_gate_leaf=leaf(row_gate),
-        col_gate_leaf=leaf(col_gate),
+        row_gate_leaf=gate_leaves[0][0],
+        col_gate_leaf=gate_leaves[0][1],
         xc_leaf=leaf(xc),
         bias_c_leaf=leaf(bias_c),
-        row_gate_c_leaf=leaf(row_gate_c),
-        col_gate_c_leaf=leaf(col_gate_c),
+        row_gate_c_leaf=gate_leaves[0][2],
+        col_gate_c_leaf=gate_leaves[0][3],
+        gate_leaves=gate_leaves,
     )
 
 
@@ -316,30 +348,27 @@ def _fg_fwd(inp: Inputs, op) -> Tensor:
     return op(inp.x, inp.weight, inp.bias, inp.row_gate, inp.col_gate)
 
 
-def _dense_fwd_bwd(inp: Inputs, op) -> Tuple[Tensor, ...]:
+def _dense_fwd_bwd(inp: Inputs, op, k: int) -> Tuple[Tensor, ...]:
     y = F.linear(inp.x_leaf, inp.weight, inp.bias_leaf)
     return torch.autograd.grad(y, (inp.x_leaf, inp.bias_leaf), inp.grad_out)
 
 
-def _masked_fwd_bwd(inp: Inputs, op) -> Tuple[Tensor, ...]:
-    y = F.linear(inp.x_leaf * inp.col_gate_leaf, inp.weight, inp.bias_leaf) * inp.row_gate_leaf
-    return torch.autograd.grad(
-        y, (inp.x_leaf, inp.bias_leaf, inp.row_gate_leaf, inp.col_gate_leaf), inp.grad_out
-    )
+def _masked_fwd_bwd(inp: Inputs, op, k: int) -> Tuple[Tensor, ...]:
+    row_gate, col_gate = inp.gate_leaves[k][:2]
+    y = F.linear(inp.x_leaf * col_gate, inp.weight, inp.bias_leaf) * row_gate
+    return torch.autograd.grad(y, (inp.x_leaf, inp.bias_leaf, row_gate, col_gate), inp.grad_out)
 
 
-def _compact_fwd_bwd(inp: Inputs, op) -> Tuple[Tensor, ...]:
-    y = F.linear(inp.xc_leaf * inp.col_gate_c_leaf, inp.weight_c, inp.bias_c_leaf) * inp.row_gate_c_leaf
-    return torch.autograd.grad(
-        y, (inp.xc_leaf, inp.bias_c_leaf, inp.row_gate_c_leaf, inp.col_gate_c_leaf), inp.grad_out_c
-    )
+def _compact_fwd_bwd(inp: Inputs, op, k: int) -> Tuple[Tensor, ...]:
+    row_gate_c, col_gate_c = inp.gate_leaves[k][2:]
+    y = F.linear(inp.xc_leaf * col_gate_c, inp.weight_c, inp.bias_c_leaf) * row_gate_c
+    return torch.autograd.grad(y, (inp.xc_leaf, inp.bias_c_leaf, row_gate_c, col_gate_c), inp.grad_out_c)
 
 
-def _fg_fwd_bwd(inp: Inputs, op) -> Tuple[Tensor, ...]:
-    y = op(inp.x_leaf, inp.weight, inp.bias_leaf, inp.row_gate_leaf, inp.col_gate_leaf)
-    return torch.autograd.grad(
-        y, (inp.x_leaf, inp.bias_leaf, inp.row_gate_leaf, inp.col_gate_leaf), inp.grad_out
-    )
+def _fg_fwd_bwd(inp: Inputs, op, k: int) -> Tuple[Tensor, ...]:
+    row_gate, col_gate = inp.gate_leaves[k][:2]
+    y = op(inp.x_leaf, inp.weight, inp.bias_leaf, row_gate, col_gate)
+    return torch.autograd.grad(y, (inp.x_leaf, inp.bias_leaf, row_gate, col_gate), inp.grad_out)
 
 
 _IMPLS = {
@@ -366,9 +395,11 @@ def make_callable(variant: str, mode: str, inp: Inputs, op: Optional[Callable] =
                 return impl(inp, op)
 
     else:
+        calls = [0]
 
-        def run():
-            return impl(inp, op)
+        def run():  # a training step: the gate values of the other draw than last call's
+            calls[0] += 1
+            return impl(inp, op, (calls[0] - 1) % len(inp.gate_leaves))
 
     run.__name__ = f"{variant.replace('-', '_')}_{mode}"
     return run

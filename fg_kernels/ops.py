@@ -17,7 +17,7 @@ from torch import Tensor
 from ._library import library_loaded, require_library
 from .registration import register_fake_and_autograd
 
-__all__ = ["gated_linear", "gathered_linear"]
+__all__ = ["gated_linear", "gathered_linear", "cpu_weight_cache_bytes", "clear_cpu_weight_cache"]
 
 
 def gated_linear(
@@ -71,6 +71,26 @@ def gathered_linear(
     """
     require_library()
     return torch.ops.fg.gathered_linear(x, weight_c, bias_c, row_idx, col_idx, out_features)
+
+
+def cpu_weight_cache_bytes() -> int:
+    """Bytes held by the CPU kernels' cache of gate-folded weight blocks.
+
+    ``gated_linear`` on CPU keeps, per frozen weight (one that does not require grad), the block
+    ``g_r W[R][:, C] g_c`` it last built, and reuses it while the weight (its version counter), the
+    active sets and the gate values are unchanged: in evaluation, inference and a training step's
+    backward. At most ``FG_CPU_WEIGHT_CACHE_MB`` MiB (default 1024; 0 turns the cache off). A write
+    through ``weight.data`` bypasses the version counter; write through the tensor itself (as
+    optimizers, ``load_state_dict`` and ``copy_`` under ``no_grad`` do) or clear the cache.
+    """
+    require_library()
+    return int(torch.ops.fg.cpu_weight_cache(False))
+
+
+def clear_cpu_weight_cache() -> None:
+    """Drops every block of the CPU weight cache (see ``cpu_weight_cache_bytes``)."""
+    require_library()
+    torch.ops.fg.cpu_weight_cache(True)
 
 
 if library_loaded():

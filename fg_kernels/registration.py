@@ -144,10 +144,13 @@ def register_fake_and_autograd(ns: str, lib: Optional[torch.library.Library] = N
     torch.library.register_fake(f"{ns}::gated_linear", gated_linear_fake, lib=lib)
     torch.library.register_fake(f"{ns}::gated_linear_backward", gated_linear_backward_fake, lib=lib)
     torch.library.register_fake(f"{ns}::gathered_linear", gathered_linear_fake, lib=lib)
-    torch.library.register_autograd(
-        f"{ns}::gated_linear", _gated_backward_for(ops.gated_linear_backward.default),
-        setup_context=_gated_setup_context, lib=lib,
-    )
+    # fg's compiled library registers this glue in C++ (csrc/autograd.cpp: the Python version costs
+    # ~65 us per call); a namespace defined from Python (fg_triton) gets the same plan here.
+    if not torch._C._dispatch_has_kernel_for_dispatch_key(f"{ns}::gated_linear", "Autograd"):
+        torch.library.register_autograd(
+            f"{ns}::gated_linear", _gated_backward_for(ops.gated_linear_backward.default),
+            setup_context=_gated_setup_context, lib=lib,
+        )
     torch.library.register_autograd(
         f"{ns}::gathered_linear", _gathered_backward, setup_context=_gathered_setup_context, lib=lib
     )

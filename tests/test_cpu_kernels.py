@@ -1,0 +1,151 @@
+"""What only the CPU kernels have: the cache of gate-folded weight blocks and the AVX-512 paths.
+
+The shared suites (test_gated_linear.py, test_gathered_linear.py) check values and gradients with
+whatever paths this machine takes; here the cache is checked for staleness (every change of what
+the block depends on must show in the result) and the generic paths (``FG_CPU_SIMD=0``, no cache)
+are run in a subprocess and compared with the default ones.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fg_kernels
+from fg_kernels.reference import gated_linear_ref
+from fg_kernels.testing import make_gate, rel_err
+
+op = torch.ops.fg.gated_linear
+
+
+def _layer(seed: int, n: int = 67, k: int = 45, sparsity: float = 0.4):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(5, 9, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g)
+    gr = make_gate(n, gen=g, sparsity=sparsity)
+    gc = make_gate(k, gen=g, sparsity=sparsity)
+    return x, w, b, gr, gc
+
+
+def _assert_ref(x, w, b, gr, gc):
+    with torch.no_grad():
+        got = op(x, w, b, gr, gc)
+        want = gated_linear_ref(x.double(), w.double(), b.double(), gr.double(), gc.double())
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache():
+    fg_kernels.clear_cpu_weight_cache()
+    yield
+    fg_kernels.clear_cpu_weight_cache()
+
+
+def test_cache_keeps_a_frozen_weights_block_and_reuses_it():
+    x, w, b, gr, gc = _layer(0)
+    _assert_ref(x, w, b, gr, gc)
+    held = fg_kernels.cpu_weight_cache_bytes()
+    assert held > 0
+    _assert_ref(x, w, b, gr, gc)
+    assert fg_kernels.cpu_weight_cache_bytes() == held  # same block, not a second one
+
+
+@pytest.mark.parametrize("change", ["weight_inplace", "weight_copy", "gate_values", "gate_pattern", "new_weight"])
+def test_cache_never_serves_a_stale_block(change):
+    x, w, b, gr, gc = _layer(1)
+    _assert_ref(x, w, b, gr, gc)
+    with torch.no_grad():
+        if change == "weight_inplace":
+            w.mul_(-2.0)
+        elif change == "weight_copy":
+            w.copy_(torch.randn_like(w))
+        elif change == "gate_values":
+            gr.mul_(0.5)
+        elif change == "gate_pattern":
+            gc[gc.nonzero()[0]] = 0.0
+        else:
+            w = w.clone() + 1.0
+    _assert_ref(x, w, b, gr, gc)
+
+
+def test_weight_that_requires_grad_is_not_cached():
+    x, w, b, gr, gc = _layer(2)
+    w.requires_grad_(True)
+    _assert_ref(x, w, b, gr, gc)
+    assert fg_kernels.cpu_weight_cache_bytes() == 0
+
+
+def test_blocks_of_freed_weights_are_dropped():
+    x, w, b, gr, gc = _layer(3)
+    _assert_ref(x, w, b, gr, gc)
+    first = fg_kernels.cpu_weight_cache_bytes()
+    del w
+    x, w2, b, gr, gc = _layer(4, n=33, k=21)
+    _assert_ref(x, w2, b, gr, gc)
+    held = fg_kernels.cpu_weight_cache_bytes()
+    assert 0 < held < first  # the first block went with its weight; only the second is held
+    fg_kernels.clear_cpu_weight_cache()
+    assert fg_kernels.cpu_weight_cache_bytes() == 0
+
+
+def test_backward_matches_reference_after_forward_filled_the_cache():
+    x, w, b, gr, gc = _layer(5)
+    leaves = [t.clone().requires_grad_(True) for t in (x, b, gr, gc)]
+    y = op(leaves[0], w, leaves[1], leaves[2], leaves[3])
+    grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+    ref_leaves = [t.double().requires_grad_(True) for t in (x, b, gr, gc)]
+    y_ref = gated_linear_ref(ref_leaves[0], w.double(), ref_leaves[1], ref_leaves[2], ref_leaves[3])
+    ref_grads = torch.autograd.grad(y_ref, ref_leaves, torch.ones_like(y_ref))
+    for name, got, want in zip(("x", "bias", "row_gate", "col_gate"), grads, ref_grads):
+        zero = {"x": gc == 0, "bias": gr == 0, "row_gate": gr == 0, "col_gate": gc == 0}[name]
+        want = want.clone()
+        want[..., zero] = 0.0  # a zero gate is a removed row/column: no gradient (DESIGN.md)
+        assert rel_err(got, want) < 1e-5, name
+
+
+_GENERIC_SCRIPT = r"""
+import sys, torch, fg_kernels
+from fg_kernels.testing import make_gate
+out = {}
+for seed, (n, k, s) in enumerate([(67, 45, 0.4), (128, 96, 0.0), (33, 130, 0.7), (50, 17, 1.0)]):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 11, k, generator=g, requires_grad=True)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g, requires_grad=True)
+    gr = make_gate(n, gen=g, sparsity=s).requires_grad_(True)
+    gc = make_gate(k, gen=g, sparsity=s).requires_grad_(True)
+    for rep in range(2):  # the second call is served by the cache where it is on
+        y = torch.ops.fg.gated_linear(x, w, b, gr, gc)
+        grads = torch.autograd.grad(y, (x, b, gr, gc), torch.randn(y.shape, generator=torch.Generator().manual_seed(9)))
+    out[seed] = [y.detach()] + list(grads)
+    idx = gr.detach().nonzero().flatten()
+    with torch.no_grad():
+        out[(seed, "gathered")] = torch.ops.fg.gathered_linear(x.detach(), w[idx][:, gc.detach() != 0].contiguous(),
+                                                            None, idx, (gc.detach() != 0).nonzero().flatten(), n)
+torch.save(out, sys.argv[1])
+"""
+
+
+def _run_generic(tmp_path: Path, env_extra: dict) -> dict:
+    path = tmp_path / f"out_{'_'.join(f'{k}{v}' for k, v in env_extra.items())}.pt"
+    env = {**os.environ, **env_extra}
+    subprocess.run([sys.executable, "-c", _GENERIC_SCRIPT, str(path)], env=env, check=True, timeout=120)
+    return torch.load(path)
+
+
+def test_generic_paths_match_the_default_ones(tmp_path):
+    """FG_CPU_SIMD=0 and FG_CPU_WEIGHT_CACHE_MB=0 force the scalar gathers/scatters and a fold per
+    call: the results must equal the default paths' (AVX-512 where the CPU has it, cache on)."""
+    default = _run_generic(tmp_path, {})
+    generic = _run_generic(tmp_path, {"FG_CPU_SIMD": "0", "FG_CPU_WEIGHT_CACHE_MB": "0"})
+    assert default.keys() == generic.keys()
+    for key in default:
+        a, b = default[key], generic[key]
+        for t_default, t_generic in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+            assert rel_err(t_default, t_generic) < 1e-6, key
