@@ -28,22 +28,26 @@ bool needs_output(const Mask& m) { return m[3]; }
 
 bool requires(const c10::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); }
 
+using ForwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                     const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
+                                     const c10::optional<at::Tensor>&, double);
+
+const c10::TypedOperatorHandle<ForwardSignature>& forward_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fg::gated_linear", "").typed<ForwardSignature>();
+  return op;
+}
+
 class GatedLinear : public torch::autograd::Function<GatedLinear> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
                             const c10::optional<at::Tensor>& bias, const at::Tensor& row_gate,
                             const at::Tensor& col_gate, const c10::optional<at::Tensor>& lora_a,
                             const c10::optional<at::Tensor>& lora_b, double lora_scale) {
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("fg::gated_linear", "")
-                               .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
-                                                 const at::Tensor&, const at::Tensor&,
-                                                 const c10::optional<at::Tensor>&,
-                                                 const c10::optional<at::Tensor>&, double)>();
     at::Tensor y;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      y = op.call(x, weight, bias, row_gate, col_gate, lora_a, lora_b, lora_scale);
+      y = forward_op().call(x, weight, bias, row_gate, col_gate, lora_a, lora_b, lora_scale);
     }
     const Mask mask{x.requires_grad(), weight.requires_grad(), requires(bias), row_gate.requires_grad(),
                     col_gate.requires_grad(), requires(lora_a), requires(lora_b)};
@@ -84,6 +88,13 @@ at::Tensor gated_linear_autograd(const at::Tensor& x, const at::Tensor& weight, 
                                  const at::Tensor& row_gate, const at::Tensor& col_gate,
                                  const c10::optional<at::Tensor>& lora_a, const c10::optional<at::Tensor>& lora_b,
                                  double lora_scale) {
+  const bool any_grad = x.requires_grad() || weight.requires_grad() || requires(bias) || row_gate.requires_grad() ||
+                        col_gate.requires_grad() || requires(lora_a) || requires(lora_b);
+  if (!any_grad || !at::GradMode::is_enabled()) {
+    // No graph to record (evaluation, inference): skip the autograd node and its saved tensors.
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return forward_op().call(x, weight, bias, row_gate, col_gate, lora_a, lora_b, lora_scale);
+  }
   return GatedLinear::apply(x, weight, bias, row_gate, col_gate, lora_a, lora_b, lora_scale);
 }
 

@@ -84,7 +84,7 @@ template <typename scalar_t, typename acc_t>
 inline bool try_pack_row(const scalar_t* src, const Active& cols, acc_t mul, const acc_t* scale, scalar_t* dst) {
   if constexpr (std::is_same<scalar_t, float>::value) {
     if (use_lanes<scalar_t>(cols)) {
-      pack_row(src, cols.lanes.data(), cols.full, mul, scale, dst);
+      pack_row(src, cols.lanes, cols.full, mul, scale, dst);
       return true;
     }
   }
@@ -113,7 +113,7 @@ void scatter_block(const scalar_t* src, int64_t lds, int64_t n, const Active& a,
       const float* mf = mul ? mul_full.data() : nullptr;
       const float* af = add ? add_full.data() : nullptr;
       at::parallel_for(0, n, row_grain(a.full), [&](int64_t begin, int64_t end) {
-        for (int64_t m = begin; m < end; ++m) unpack_row(src + m * lds, a.lanes.data(), a.full, mf, af, dst + m * a.full);
+        for (int64_t m = begin; m < end; ++m) unpack_row(src + m * lds, a.lanes, a.full, mf, af, dst + m * a.full);
       });
       return;
     }
@@ -138,9 +138,9 @@ void scatter_block(const scalar_t* src, int64_t lds, int64_t n, const Active& a,
 }  // namespace
 
 void build_lanes(Active& a) {
-  a.lanes.clear();
+  a.lanes = LaneMap();
   if (a.all || !lane_pack_available() || !strictly_increasing(a.idx)) return;
-  a.lanes = lane_masks(a.idx.data(), static_cast<int64_t>(a.idx.size()), a.full);
+  a.lanes = lane_map(a.idx.data(), static_cast<int64_t>(a.idx.size()), a.full);
 }
 
 at::Tensor as_rows(const at::Tensor& x, int64_t K) {

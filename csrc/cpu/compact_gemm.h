@@ -25,6 +25,7 @@ class Scale {
   bool empty() const { return d_.empty(); }
   int64_t size() const { return static_cast<int64_t>(d_.size()); }
   double operator[](int64_t i) const { return d_[i]; }
+  const std::vector<double>& values() const { return d_; }
   void reserve(int64_t n) {
     d_.reserve(n);
     f_.reserve(n);
@@ -67,8 +68,8 @@ struct Active {
   int64_t full = 0;          // size of the full dimension
   bool all = true;           // idx == 0..full-1
   int64_t pad = 0;           // extra zero entries appended in compact buffers (friendly GEMM widths)
-  // lane_masks of a sorted partial set when float32 rows can use lane_pack (else empty).
-  std::vector<uint16_t> lanes;
+  // lane_map of a sorted partial set when float32 rows can use lane_pack (else empty).
+  LaneMap lanes;
   int64_t size() const { return all ? full : static_cast<int64_t>(idx.size()); }
   int64_t padded() const { return size() + pad; }
   bool is_sorted() const;  // strictly increasing: the epilogue may then zero only the gaps
@@ -88,7 +89,7 @@ template <typename scalar_t>
 inline void pack_cols(const scalar_t* src, const Active& a, scalar_t* dst) {
   if constexpr (std::is_same<scalar_t, float>::value) {
     if (!a.lanes.empty()) {
-      pack_row(src, a.lanes.data(), a.full, 1.0f, nullptr, dst);
+      pack_row(src, a.lanes, a.full, 1.0f, nullptr, dst);
       return;
     }
   }

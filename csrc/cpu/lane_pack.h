@@ -21,18 +21,25 @@ namespace cpu {
 // the generic paths, so that tests cover them on any machine).
 bool lane_pack_available();
 
-// One bit per column of a full dimension, 16 columns per entry: bit j of entry c is set when
-// column 16c + j is in the (strictly increasing) index list.
-std::vector<uint16_t> lane_masks(const int64_t* idx, int64_t n_idx, int64_t full);
+// An index set over a full dimension, 16 columns per chunk: bit j of masks[c] is set when column
+// 16c + j is in the (strictly increasing) index list, and offsets[c] is the number of indices
+// before chunk c (where its columns start in the packed row; precomputed so that the chunks of a
+// row are independent of each other).
+struct LaneMap {
+  std::vector<uint16_t> masks;
+  std::vector<int32_t> offsets;
+  bool empty() const { return masks.empty(); }
+};
+LaneMap lane_map(const int64_t* idx, int64_t n_idx, int64_t full);
 
 // dst[i] = src[idx[i]] * mul * (scale ? scale[i] : 1) for the n_idx active columns of a row of
-// `full` elements, where `masks` = lane_masks(idx, n_idx, full). Writes exactly n_idx values.
-void pack_row(const float* src, const uint16_t* masks, int64_t full, float mul, const float* scale, float* dst);
+// `full` elements, where `map` = lane_map(idx, n_idx, full). Writes exactly n_idx values.
+void pack_row(const float* src, const LaneMap& map, int64_t full, float mul, const float* scale, float* dst);
 
 // dst[c] = src[i] * (mul ? mul[c] : 1) + (add ? add[c] : 0) for c = idx[i], and 0 for every other
 // c in [0, full): the inverse of pack_row. `mul` and `add` are full-width; their values outside the
 // active set are never used.
-void unpack_row(const float* src, const uint16_t* masks, int64_t full, const float* mul, const float* add,
+void unpack_row(const float* src, const LaneMap& map, int64_t full, const float* mul, const float* add,
                 float* dst);
 
 }  // namespace cpu

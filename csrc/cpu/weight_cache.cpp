@@ -3,6 +3,7 @@
 
 #include <c10/util/intrusive_ptr.h>
 
+#include <array>
 #include <cstdlib>
 #include <list>
 #include <mutex>
@@ -19,18 +20,31 @@ using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorIm
 struct BlockKey {
   int64_t version = 0;
   const void* data = nullptr;
-  std::vector<int64_t> geometry;  // sizes, strides, storage offset
+  std::array<int64_t, 5> geometry{};  // sizes, strides, storage offset
   at::ScalarType dtype = at::kFloat;
   std::vector<int64_t> rows, cols;           // index lists; empty = all
   int64_t row_pad = 0, col_pad = 0;
   std::vector<double> row_values, col_values;  // empty = all 1
-
-  bool operator==(const BlockKey& o) const {
-    return version == o.version && data == o.data && geometry == o.geometry && dtype == o.dtype &&
-           rows == o.rows && cols == o.cols && row_pad == o.row_pad && col_pad == o.col_pad &&
-           row_values == o.row_values && col_values == o.col_values;
-  }
 };
+
+std::array<int64_t, 5> geometry_of(const at::Tensor& w) {
+  return {w.size(0), w.size(1), w.stride(0), w.stride(1), w.storage_offset()};
+}
+
+// Compared in place (no copy of the index lists and values per call: the common case is a hit).
+bool matches(const BlockKey& k, const at::Tensor& weight, const GateSet& rows, const GateSet& cols) {
+  return k.version == weight._version() && k.data == weight.data_ptr() && k.geometry == geometry_of(weight) &&
+         k.dtype == weight.scalar_type() && k.row_pad == rows.active.pad && k.col_pad == cols.active.pad &&
+         k.rows == rows.active.idx && k.cols == cols.active.idx && k.row_values == rows.values.values() &&
+         k.col_values == cols.values.values();
+}
+
+BlockKey key_of(const at::Tensor& weight, const GateSet& rows, const GateSet& cols) {
+  return BlockKey{weight._version(),     weight.data_ptr(),      geometry_of(weight),
+                  weight.scalar_type(),  rows.active.idx,        cols.active.idx,
+                  rows.active.pad,       cols.active.pad,        rows.values.values(),
+                  cols.values.values()};
+}
 
 struct Entry {
   WeakImpl owner;
@@ -38,27 +52,6 @@ struct Entry {
   at::Tensor block;
   std::list<const c10::TensorImpl*>::iterator lru;  // position in Cache::lru (front = newest)
 };
-
-std::vector<double> values_of(const GateSet& g) {
-  std::vector<double> v(static_cast<size_t>(g.values.size()));
-  for (int64_t i = 0; i < g.values.size(); ++i) v[i] = g.values[i];
-  return v;
-}
-
-BlockKey key_of(const at::Tensor& weight, const GateSet& rows, const GateSet& cols) {
-  BlockKey k;
-  k.version = weight._version();
-  k.data = weight.data_ptr();
-  k.geometry = {weight.size(0), weight.size(1), weight.stride(0), weight.stride(1), weight.storage_offset()};
-  k.dtype = weight.scalar_type();
-  k.rows = rows.active.idx;
-  k.cols = cols.active.idx;
-  k.row_pad = rows.active.pad;
-  k.col_pad = cols.active.pad;
-  k.row_values = values_of(rows);
-  k.col_values = values_of(cols);
-  return k;
-}
 
 int64_t budget_bytes() {
   static const int64_t budget = [] {
@@ -71,10 +64,10 @@ int64_t budget_bytes() {
 
 class Cache {
  public:
-  at::Tensor find(const c10::TensorImpl* impl, const BlockKey& key) {
+  at::Tensor find(const at::Tensor& weight, const GateSet& rows, const GateSet& cols) {
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = entries_.find(impl);
-    if (it == entries_.end() || it->second.owner.expired() || !(it->second.key == key)) return {};
+    auto it = entries_.find(weight.unsafeGetTensorImpl());
+    if (it == entries_.end() || it->second.owner.expired() || !matches(it->second.key, weight, rows, cols)) return {};
     lru_.splice(lru_.begin(), lru_, it->second.lru);
     return it->second.block;
   }
@@ -145,11 +138,10 @@ bool cacheable(const at::Tensor& weight) {
 at::Tensor folded_block(const at::Tensor& weight, const GateSet& rows, const GateSet& cols) {
   const bool whole = rows.active.all && cols.active.all && rows.values.empty() && cols.values.empty();
   if (whole || !cacheable(weight)) return gather_block(weight, rows.active, cols.active, rows.values, cols.values);
-  BlockKey key = key_of(weight, rows, cols);
-  at::Tensor block = cache().find(weight.unsafeGetTensorImpl(), key);
+  at::Tensor block = cache().find(weight, rows, cols);
   if (block.defined()) return block;
   block = gather_block(weight, rows.active, cols.active, rows.values, cols.values);
-  cache().insert(weight, std::move(key), block);
+  cache().insert(weight, key_of(weight, rows, cols), block);
   return block;
 }
 
