@@ -111,7 +111,9 @@ class Spinner:
     """A process that spins on one core while the block runs (the ``loaded`` condition)."""
 
     def __enter__(self):
-        self._proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        # Spins until this process is gone, even when it is killed without cleaning up.
+        spin = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(100000): pass\n"
+        self._proc = subprocess.Popen([sys.executable, "-c", spin])
         time.sleep(0.3)  # let it start and take its core
         return self
 
@@ -393,7 +395,7 @@ def _summary(cases, condition) -> str:
     return f"{condition}: {n['PASS']} PASS, {n['MISS']} MISS, {n['WRONG']} WRONG of {len(cs)} cases"
 
 
-def render_results_md(cases, env, args, command, table, plot_name) -> str:
+def render_results_md(cases, env, args, command, table, plot_name, baseline=None) -> str:
     rows = _env_rows(env, args, command, len(cases))
     noisy = [c for c in cases if c["spread"] > NOISY]
     out = [
@@ -468,7 +470,43 @@ def render_results_md(cases, env, args, command, table, plot_name) -> str:
         f"![ratios vs sparsity]({plot_name})",
         "",
     ]
+    if baseline:
+        out += render_baseline(cases, baseline)
     return "\n".join(out)
+
+
+def _case_key(c):
+    return (c["shape_id"], round(c["sparsity"], 3), c["mode"], c.get("condition", "quiet"))
+
+
+def render_baseline(cases, baseline) -> list:
+    """A section comparing fg with an earlier run (``--baseline results.json``) case by case:
+    ``fg/compact-ideal`` of each run (each normalised within its own run, so machine drift between
+    the runs cancels) and the fg time ratio."""
+    before = {_case_key(c): c for c in baseline["cases"]}
+    pairs = [(c, before[_case_key(c)]) for c in cases if _case_key(c) in before
+             and "fg/compact-ideal" in c["ratios"] and "fg/compact-ideal" in before[_case_key(c)]["ratios"]]
+    if not pairs:
+        return []
+    env = baseline.get("environment", {})
+    build = "; ".join(Path(b["file"]).parent.parent.name + "/" + Path(b["file"]).name + " built " + b["mtime"]
+                      for b in env.get("fg_build", [])) or "n/a"
+    lines = [
+        "## Against the baseline",
+        "",
+        f"Baseline: `{baseline.get('command', '?')}` at {env.get('date', '?')}, op {build}. `fg/compact-ideal` "
+        "is normalised within each run (compact-ideal is the same code in both), so it compares the op "
+        "across runs; `fg after/before` is the op's own median time ratio (also moved by the machine).",
+        "",
+        "| shape (K→N) | sparsity | mode | machine | fg/compact-ideal before | after | fg after/before |",
+        "|---|---|---|---|---:|---:|---:|",
+    ]
+    for c, b in pairs:
+        lines.append(
+            f"| {c['shape']} | {c['sparsity']:.1f} | {c['mode']} | {c.get('condition', 'quiet')} "
+            f"| {b['ratios']['fg/compact-ideal']:.3f} | {c['ratios']['fg/compact-ideal']:.3f} "
+            f"| {c['median_ms']['fg'] / b['median_ms']['fg']:.3f} |")
+    return lines + [""]
 
 
 # --------------------------------------------------------------------------------------------
@@ -512,6 +550,8 @@ def parse_args(argv=None):
     p.add_argument("--allow-reference", action="store_true",
                    help="let the reference stand in when the op is not built (harness testing; timings meaningless)")
     p.add_argument("--strict", action="store_true", help="exit 2 when a target is missed")
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="results.json of an earlier run (e.g. the previous build): adds a before/after section")
     args = p.parse_args(argv)
     if args.budget is None:
         args.budget = 4.0 if args.quick else 8.0
@@ -600,12 +640,14 @@ def main(argv=None) -> int:
     with open(out / "results.json", "w") as fh:
         json.dump({"environment": env, "command": command, "args": {k: str(v) for k, v in vars(args).items()},
                    "cases": cases}, fh, indent=1)
-    (out / "results.md").write_text(render_results_md(cases, env, args, command, table, plot_path.name))
+    baseline = json.loads(args.baseline.read_text()) if args.baseline else None
+    (out / "results.md").write_text(render_results_md(cases, env, args, command, table, plot_path.name, baseline))
     log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {plot_path}")
 
     if args.write_results:
         shutil.copyfile(plot_path, BENCH_DIR / "results_cpu.png")
-        (BENCH_DIR / "RESULTS.md").write_text(render_results_md(cases, env, args, command, table, "results_cpu.png"))
+        (BENCH_DIR / "RESULTS.md").write_text(
+            render_results_md(cases, env, args, command, table, "results_cpu.png", baseline))
         log(f"wrote {BENCH_DIR / 'RESULTS.md'} and {BENCH_DIR / 'results_cpu.png'}")
 
     if n_wrong:

@@ -94,8 +94,11 @@ def test_blocks_of_freed_weights_are_dropped():
     assert fg_kernels.cpu_weight_cache_bytes() == 0
 
 
-def test_backward_matches_reference_after_forward_filled_the_cache():
+@pytest.mark.parametrize("tokens", [1300, 45])
+def test_backward_matches_reference_after_forward_filled_the_cache(tokens):
+    """1300 tokens run as blocks shared out in one parallel region (for_token_blocks), 45 as one."""
     x, w, b, gr, gc = _layer(5)
+    x = torch.randn(tokens, x.shape[-1], generator=torch.Generator().manual_seed(6))
     leaves = [t.clone().requires_grad_(True) for t in (x, b, gr, gc)]
     y = op(leaves[0], w, leaves[1], leaves[2], leaves[3])
     grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
@@ -139,13 +142,17 @@ def _run_generic(tmp_path: Path, env_extra: dict) -> dict:
     return torch.load(path)
 
 
-def test_generic_paths_match_the_default_ones(tmp_path):
+@pytest.mark.parametrize("env", [{"FG_CPU_SIMD": "0", "FG_CPU_WEIGHT_CACHE_MB": "0"}, {"FG_CPU_BLOCK_M": "7"}],
+                         ids=["scalar-no-cache", "blocks-of-7-tokens"])
+def test_generic_paths_match_the_default_ones(tmp_path, env):
     """FG_CPU_SIMD=0 and FG_CPU_WEIGHT_CACHE_MB=0 force the scalar gathers/scatters and a fold per
-    call: the results must equal the default paths' (AVX-512 where the CPU has it, cache on)."""
+    call; FG_CPU_BLOCK_M=7 splits 33 tokens into blocks shared out in one parallel region (the last
+    one ragged). The results must equal the default paths' (AVX-512 where the CPU has it, cache
+    on, one block)."""
     default = _run_generic(tmp_path, {})
-    generic = _run_generic(tmp_path, {"FG_CPU_SIMD": "0", "FG_CPU_WEIGHT_CACHE_MB": "0"})
-    assert default.keys() == generic.keys()
+    other = _run_generic(tmp_path, env)
+    assert default.keys() == other.keys()
     for key in default:
-        a, b = default[key], generic[key]
-        for t_default, t_generic in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
-            assert rel_err(t_default, t_generic) < 1e-6, key
+        a, b = default[key], other[key]
+        for t_default, t_other in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+            assert rel_err(t_default, t_other) < 1e-6, key

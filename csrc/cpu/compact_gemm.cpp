@@ -338,6 +338,14 @@ void scatter_rows_cols(const at::Tensor& src, const Active& rows, const Active& 
   });
 }
 
+// Up to kOneBlock tokens a layer runs as one block with a multi-threaded BLAS call (per-thread
+// blocks measured 5-15% slower at 512 tokens: each thread's BLAS packs the whole weight); above,
+// blocks of kTokenBlock are shared out by for_token_blocks. Smaller blocks make each thread's BLAS
+// re-pack the weight too often, larger ones let the compact result fall out of cache before the
+// scatter reads it and leave fewer blocks to balance a busy core with.
+constexpr int64_t kOneBlock = 512;
+constexpr int64_t kTokenBlock = 256;
+
 int64_t row_grain(int64_t row_elems) {
   static const int64_t task_elems = [] {
     const char* s = std::getenv("FG_CPU_TASK_ELEMS");
@@ -351,11 +359,8 @@ int64_t token_block(int64_t M) {
     const char* s = std::getenv("FG_CPU_BLOCK_M");
     return s ? std::atoll(s) : int64_t{-1};
   }();
-  if (env_block == 0) return std::max<int64_t>(M, 1);
-  // 512 tokens per block measured best on the benchmark shapes (768..3072 wide, fp32): smaller
-  // blocks make the BLAS re-pack the weight too often, larger ones let the compact result fall
-  // out of cache before the scatter reads it.
-  const int64_t bm = env_block > 0 ? env_block : 512;
+  if (env_block == 0 || (env_block < 0 && M <= kOneBlock)) return std::max<int64_t>(M, 1);
+  const int64_t bm = env_block > 0 ? env_block : kTokenBlock;
   return std::min<int64_t>(bm, std::max<int64_t>(M, 1));
 }
 
@@ -369,46 +374,45 @@ void compact_linear_forward(const at::Tensor& x2, const CompactLinear& p, at::Te
     out.zero_();  // every output row removed: no GEMM at all
     return;
   }
-  const bool scatter = !rows.all;  // else the GEMM (addmm with the bias) writes out directly
   const bool lora = p.lora_a_c.defined() && nC > 0;
   const at::Tensor wt = p.weight_c.t();
-
-  // Without a scatter: one GEMM over all tokens, since blocking would make the BLAS re-pack the
-  // whole weight once per block (measured ~10% at 768->3072). With a scatter, blocks of tokens
-  // keep the compact result in cache for the epilogue, which measured faster than one large
-  // GEMM followed by an out-of-cache scatter.
-  const int64_t bm = scatter ? token_block(M) : M;
-  at::Tensor hbuf;
-  if (scatter) hbuf = at::empty({std::min(bm, M), ldh}, out.options());
-
-  const bool one_block = bm >= M;  // then no narrow() views: each costs a dispatcher call
-  for (int64_t m0 = 0; m0 < M; m0 += bm) {
-    const int64_t mb = std::min(bm, M - m0);
-    at::Tensor xb = one_block ? x2 : x2.narrow(0, m0, mb);
-    if (!cols.all) xb = gather_cols(xb, cols, {});
-    at::Tensor hb = scatter ? (one_block ? hbuf : hbuf.narrow(0, 0, mb)) : (one_block ? out : out.narrow(0, m0, mb));
+  auto gemm = [&](const at::Tensor& xb, at::Tensor& hb, bool with_bias) {
+    const int64_t mb = xb.size(0);
     if (nC == 0) {
       // Every input column removed: the GEMM contributes nothing, only the bias remains.
-      if (!scatter && p.bias_c.defined()) {
+      if (with_bias) {
         hb.copy_(p.bias_c.expand({mb, nR}));
       } else {
         hb.zero_();
       }
-    } else if (!scatter && p.bias_c.defined()) {
+    } else if (with_bias) {
       at::addmm_out(hb, p.bias_c, xb, wt);
     } else {
       at::mm_out(hb, xb, wt);
     }
     if (lora) hb.addmm_(at::mm(xb, p.lora_a_c.t()), p.lora_b_r.t(), 1.0, p.lora_scale);
-    if (!scatter) continue;
+  };
 
-    // Epilogue: bias and scatter into the active output columns, zeros elsewhere.
+  if (rows.all) {
+    // No scatter: one GEMM (with the bias) over all tokens writes `out` directly; blocking would
+    // make the BLAS re-pack the whole weight once per block (measured ~10% at 768->3072).
+    const at::Tensor xc = cols.all ? x2 : gather_cols(x2, cols, {});
+    gemm(xc, out, p.bias_c.defined());
+    return;
+  }
+  // Blocks of tokens: gather, GEMM into a compact buffer still in cache for the epilogue (bias and
+  // scatter into the active output columns, zeros elsewhere).
+  for_token_blocks(M, token_block(M), [&](int64_t m0, int64_t mb) {
+    at::Tensor xb = mb == M ? x2 : x2.narrow(0, m0, mb);
+    if (!cols.all) xb = gather_cols(xb, cols, {});
+    at::Tensor hb = at::empty({mb, ldh}, out.options());
+    gemm(xb, hb, false);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fg_epilogue", [&] {
       const scalar_t* b = p.bias_c.defined() ? p.bias_c.data_ptr<scalar_t>() : nullptr;
       scatter_block<scalar_t>(hb.data_ptr<scalar_t>(), ldh, mb, rows, nullptr, b,
                               out.data_ptr<scalar_t>() + m0 * rows.full);
     });
-  }
+  });
 }
 
 }  // namespace cpu

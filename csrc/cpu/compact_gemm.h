@@ -7,7 +7,9 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -158,8 +160,29 @@ void compact_linear_forward(const at::Tensor& x2, const CompactLinear& p, at::Te
 // FG_CPU_TASK_ELEMS overrides the elements per task).
 int64_t row_grain(int64_t row_elems);
 
-// Token-block size for the blocked GEMM + scatter epilogue (env FG_CPU_BLOCK_M overrides).
+// Token-block size for the blocked GEMM + scatter epilogue (env FG_CPU_BLOCK_M overrides; 0 = one
+// block).
 int64_t token_block(int64_t M);
+
+// Runs f(m0, mb) over the blocks [m0, m0 + mb) of `block` tokens out of M. Several blocks run in
+// one parallel region whose threads each take the next block from a shared counter: a thread that
+// the OS deschedules (another process on its core) then does fewer blocks instead of holding the
+// others at a barrier, and the op pays for one region instead of one per pass per block; inside a
+// block everything (gathers, scatters, BLAS) runs on its thread alone. One block runs on the
+// calling thread, with the BLAS and the passes parallel inside it.
+template <typename F>
+void for_token_blocks(int64_t M, int64_t block, const F& f) {
+  const int64_t n = (M + block - 1) / block;
+  const int64_t threads = at::get_num_threads();
+  if (n <= 1 || threads == 1 || at::in_parallel_region()) {
+    for (int64_t i = 0; i < n; ++i) f(i * block, std::min(block, M - i * block));
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(threads, n), 1, [&](int64_t, int64_t) {
+    for (int64_t i = next++; i < n; i = next++) f(i * block, std::min(block, M - i * block));
+  });
+}
 
 }  // namespace cpu
 }  // namespace fg

@@ -133,7 +133,7 @@ void add_col_gate_sums(const at::Tensor& dxs, const Inputs& in, int64_t m0, Colu
     const scalar_t* d = dxs.data_ptr<scalar_t>();
     const scalar_t* xv = in.x2.data_ptr<scalar_t>();
     const int64_t ldx = in.x2.stride(0);
-    at::parallel_for(0, mb, row_grain(cols.full), [&](int64_t begin, int64_t end) {
+    auto rows_of_block = [&](int64_t begin, int64_t end) {
       double* s = sums.local();
       std::vector<scalar_t> x_buf(static_cast<size_t>(nC));
       for (int64_t m = begin; m < end; ++m) {
@@ -141,12 +141,19 @@ void add_col_gate_sums(const at::Tensor& dxs, const Inputs& in, int64_t m0, Colu
         pack_cols(xv + (m0 + m) * ldx, cols, x_buf.data());
         for (int64_t j = 0; j < nC; ++j) s[j] += static_cast<double>(drow[j]) * static_cast<double>(x_buf[j]);
       }
-    });
+    };
+    // Inside for_token_blocks' region each thread owns its accumulator slot; a nested
+    // at::parallel_for would run with thread number 0 on every thread and mix the slots up.
+    if (at::in_parallel_region()) {
+      rows_of_block(0, mb);
+    } else {
+      at::parallel_for(0, mb, row_grain(cols.full), rows_of_block);
+    }
   });
 }
 
-// dx[:, C] = dyr @ Wf + s (dyr Bf) Af, zeros elsewhere, per block of tokens so that the compact
-// block is still in cache for the scatter; fused with the column-gate sums.
+// dx[:, C] = dyr @ Wf + s (dyr Bf) Af, zeros elsewhere, per block of tokens (for_token_blocks) so
+// that the compact block is still in cache for the scatter; fused with the column-gate sums.
 void input_and_col_gate_grads(const Inputs& in, const at::Tensor& weight, const at::Tensor& dyr, at::Tensor* dx,
                               at::Tensor* dgc, const at::Tensor& col_gate) {
   const Active& cols = in.cols.active;
@@ -155,21 +162,18 @@ void input_and_col_gate_grads(const Inputs& in, const at::Tensor& weight, const 
     if (dx) dx->zero_();
   } else {
     const at::Tensor wf = folded_block(weight, in.rows, in.cols);
-    const int64_t M = in.M, bm = token_block(M);
-    at::Tensor dxs_buf = at::empty({std::min(bm, M), cols.padded()}, in.opt);
+    const int64_t M = in.M;
     at::Tensor dx2 = dx ? dx->view({M, cols.full}) : at::Tensor();
-    for (int64_t m0 = 0; m0 < M; m0 += bm) {
-      const int64_t mb = std::min(bm, M - m0);
-      const at::Tensor dyb = bm >= M ? dyr : dyr.narrow(0, m0, mb);
-      at::Tensor dxs = bm >= M ? dxs_buf : dxs_buf.narrow(0, 0, mb);
-      at::mm_out(dxs, dyb, wf);
+    for_token_blocks(M, token_block(M), [&](int64_t m0, int64_t mb) {
+      const at::Tensor dyb = mb == M ? dyr : dyr.narrow(0, m0, mb);
+      at::Tensor dxs = at::mm(dyb, wf);
       if (in.a_f.defined()) dxs.addmm_(at::mm(dyb, in.b_f), in.a_f, 1.0, in.lora_scale);
       if (dx) {
-        at::Tensor dxb = bm >= M ? dx2 : dx2.narrow(0, m0, mb);
+        at::Tensor dxb = mb == M ? dx2 : dx2.narrow(0, m0, mb);
         scatter_cols(dxs, cols, {}, dxb);
       }
       if (dgc) add_col_gate_sums(dxs, in, m0, col_sums);
-    }
+    });
   }
   if (dgc) *dgc = col_sums.finish(cols, in.cols.values, /*divide=*/true, col_gate.options());
 }
