@@ -72,25 +72,6 @@ inline void write_row(scalar_t* dst, const Active& a, ZeroFill fill, F f) {
   }
 }
 
-// True when rows of scalar_t over this set can be packed / unpacked with lane_pack.
-template <typename scalar_t>
-inline bool use_lanes(const Active& a) {
-  return std::is_same<scalar_t, float>::value && !a.lanes.empty();
-}
-
-// dst[i] = src[cols.idx[i]] * mul * scale[i] with lane_pack where it applies (float32 rows of a
-// sorted set); false when the caller must take its generic path.
-template <typename scalar_t, typename acc_t>
-inline bool try_pack_row(const scalar_t* src, const Active& cols, acc_t mul, const acc_t* scale, scalar_t* dst) {
-  if constexpr (std::is_same<scalar_t, float>::value) {
-    if (use_lanes<scalar_t>(cols)) {
-      pack_row(src, cols.lanes, cols.full, mul, scale, dst);
-      return true;
-    }
-  }
-  return false;
-}
-
 // A compact per-index vector spread to the full width of `a` (zeros elsewhere), the form in which
 // unpack_row reads a bias or a scale.
 std::vector<float> spread(const float* compact, const Active& a) {

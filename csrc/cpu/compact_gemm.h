@@ -7,6 +7,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <atomic>
@@ -85,16 +86,30 @@ void build_lanes(Active& a);
 // input columns are zero and padded output columns are never written back.
 void pad_for_gemm(Active& a);
 
-// dst[i] = src[a.idx[i]] for the |a| active entries of a row of a.full elements (lane_pack for
-// float32 rows of a sorted set).
+// True when rows of scalar_t over this set can be packed / unpacked with lane_pack.
 template <typename scalar_t>
-inline void pack_cols(const scalar_t* src, const Active& a, scalar_t* dst) {
+inline bool use_lanes(const Active& a) {
+  return std::is_same<scalar_t, float>::value && !a.lanes.empty();
+}
+
+// dst[i] = src[a.idx[i]] * mul * scale[i] (scale may be null) with lane_pack where it applies
+// (float32 rows of a sorted set); false when the caller must take its generic path.
+template <typename scalar_t, typename acc_t>
+inline bool try_pack_row(const scalar_t* src, const Active& a, acc_t mul, const acc_t* scale, scalar_t* dst) {
   if constexpr (std::is_same<scalar_t, float>::value) {
-    if (!a.lanes.empty()) {
-      pack_row(src, a.lanes, a.full, 1.0f, nullptr, dst);
-      return;
+    if (use_lanes<scalar_t>(a)) {
+      pack_row(src, a.lanes, a.full, mul, scale, dst);
+      return true;
     }
   }
+  return false;
+}
+
+// dst[i] = src[a.idx[i]] for the |a| active entries of a row of a.full elements.
+template <typename scalar_t>
+inline void pack_cols(const scalar_t* src, const Active& a, scalar_t* dst) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (try_pack_row(src, a, acc_t(1), static_cast<const acc_t*>(nullptr), dst)) return;
   const int64_t n = a.size();
   if (a.all) {
     std::memcpy(dst, src, sizeof(scalar_t) * n);
