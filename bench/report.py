@@ -342,6 +342,7 @@ def render_plot(cases, path: Path, title: str) -> None:
         else:
             ax_l.axhline(1.10, color="k", ls="--", lw=1, label="target fg/compact-ideal ≤ 1.10")
         ax_l.axhline(1.0, color="0.7", lw=0.8)
+        ax_l.set_ylim(0, min(ax_l.get_ylim()[1], 2.5))  # loaded outliers (stalls) would flatten the rest
         ax_r.plot(grid, [0.9 / (1 - s) ** 2 for s in grid], "k--", lw=1, label="target 0.9 / ((1-s)²)")
         ax_r.plot(grid, [1.0 / (1 - s) ** 2 for s in grid], color="0.6", ls=":", lw=1, label="ideal 1 / (1-s)²")
         ax_l.set_title(f"{mode}: fg / compact-ideal (lower is better; dashed: one core busy)")
