@@ -179,12 +179,8 @@ class Inputs:
     # leaves requiring grad (share storage with the tensors above; nothing writes to them)
     x_leaf: Tensor
     bias_leaf: Tensor
-    row_gate_leaf: Tensor
-    col_gate_leaf: Tensor
     xc_leaf: Tensor
     bias_c_leaf: Tensor
-    row_gate_c_leaf: Tensor
-    col_gate_c_leaf: Tensor
     # fwd_bwd alternates between these gate leaves: ((row, col, row_c, col_c) of the first draw,
     # the same of a second draw with the same zeros)
     gate_leaves: Tuple[Tuple[Tensor, Tensor, Tensor, Tensor], ...] = ()
@@ -275,12 +271,8 @@ def make_inputs(shape: Shape, sparsity: float, dtype: torch.dtype = torch.float3
         grad_out_c=grad_out_c,
         x_leaf=leaf(x),
         bias_leaf=leaf(bias),
-        row_gate_leaf=gate_leaves[0][0],
-        col_gate_leaf=gate_leaves[0][1],
         xc_leaf=leaf(xc),
         bias_c_leaf=leaf(bias_c),
-        row_gate_c_leaf=gate_leaves[0][2],
-        col_gate_c_leaf=gate_leaves[0][3],
         gate_leaves=gate_leaves,
     )
 

@@ -1,8 +1,6 @@
 // CPU building blocks: gathers, scatters and the blocked GEMM + fused epilogue.
 #include "compact_gemm.h"
 
-#include "lane_pack.h"
-
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -17,7 +15,6 @@ namespace fg {
 namespace cpu {
 
 namespace {
-
 
 bool strictly_increasing(const std::vector<int64_t>& v) {
   for (size_t i = 1; i < v.size(); ++i) {

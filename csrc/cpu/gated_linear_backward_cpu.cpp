@@ -21,7 +21,20 @@ namespace fg {
 namespace cpu {
 namespace {
 
-// Per-thread accumulators for column sums over tokens, reduced in double at the end.
+// Runs body(begin, end) over rows [0, n) in parallel, or inline when already inside a parallel
+// region (for_token_blocks): a nested at::parallel_for runs with thread number 0 on every thread
+// of the region, so ColumnSums::local() would hand them all the same slot.
+template <typename F>
+void for_rows(int64_t n, int64_t grain, const F& body) {
+  if (at::in_parallel_region()) {
+    body(0, n);
+  } else {
+    at::parallel_for(0, n, grain, body);
+  }
+}
+
+// Per-thread accumulators for column sums over tokens, reduced in double at the end. Fill them
+// from for_rows (each thread's slot is picked by its thread number).
 class ColumnSums {
  public:
   explicit ColumnSums(int64_t n) : n_(n), acc_(static_cast<size_t>(at::get_num_threads() * n), 0.0) {}
@@ -62,13 +75,11 @@ struct Inputs {
   bool empty_block() const { return n_rows() == 0 || n_cols() == 0 || M == 0; }
 };
 
-// t[i, ...] *= gate[i] for the first gate.size() rows of t, in place (nothing for an empty gate).
+// t[i, :] *= gate[i] for the first gate.size() rows of the 2-D t, in place (nothing for an empty gate).
 void scale_rows_(const at::Tensor& t, const Scale& gate) {
   if (gate.empty()) return;
-  std::vector<double> v(static_cast<size_t>(gate.size()));
-  for (int64_t i = 0; i < gate.size(); ++i) v[i] = gate[i];
-  const at::Tensor g = at::tensor(v, t.options().dtype(at::kDouble)).to(t.scalar_type());
-  t.narrow(0, 0, gate.size()).mul_(t.dim() == 2 ? g.unsqueeze(1) : g);
+  const at::Tensor g = at::tensor(gate.values(), t.options().dtype(at::kDouble)).to(t.scalar_type());
+  t.narrow(0, 0, gate.size()).mul_(g.unsqueeze(1));
 }
 
 // One pass over dy: dyr = dy[:, R] in a compact (M, |R| padded) buffer (dy itself when every row
@@ -91,7 +102,7 @@ RowPass row_pass(const Inputs& in, const c10::optional<at::Tensor>& output, cons
       const scalar_t* dy = in.dy.data_ptr<scalar_t>();
       const scalar_t* y = need_dgr ? y2.data_ptr<scalar_t>() : nullptr;
       scalar_t* dyr_out = pack ? out.dyr.data_ptr<scalar_t>() : nullptr;
-      at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
+      for_rows(M, row_grain(N), [&](int64_t begin, int64_t end) {
         double* sb = need_db ? bias_sums.local() : nullptr;
         double* sg = need_dgr ? gate_sums.local() : nullptr;
         std::vector<scalar_t> dy_buf(rows.all || pack ? 0 : nR), y_buf(need_dgr && !rows.all ? nR : 0);
@@ -133,7 +144,7 @@ void add_col_gate_sums(const at::Tensor& dxs, const Inputs& in, int64_t m0, Colu
     const scalar_t* d = dxs.data_ptr<scalar_t>();
     const scalar_t* xv = in.x2.data_ptr<scalar_t>();
     const int64_t ldx = in.x2.stride(0);
-    auto rows_of_block = [&](int64_t begin, int64_t end) {
+    for_rows(mb, row_grain(cols.full), [&](int64_t begin, int64_t end) {
       double* s = sums.local();
       std::vector<scalar_t> x_buf(static_cast<size_t>(nC));
       for (int64_t m = begin; m < end; ++m) {
@@ -141,14 +152,7 @@ void add_col_gate_sums(const at::Tensor& dxs, const Inputs& in, int64_t m0, Colu
         pack_cols(xv + (m0 + m) * ldx, cols, x_buf.data());
         for (int64_t j = 0; j < nC; ++j) s[j] += static_cast<double>(drow[j]) * static_cast<double>(x_buf[j]);
       }
-    };
-    // Inside for_token_blocks' region each thread owns its accumulator slot; a nested
-    // at::parallel_for would run with thread number 0 on every thread and mix the slots up.
-    if (at::in_parallel_region()) {
-      rows_of_block(0, mb);
-    } else {
-      at::parallel_for(0, mb, row_grain(cols.full), rows_of_block);
-    }
+    });
   });
 }
 

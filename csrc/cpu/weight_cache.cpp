@@ -5,6 +5,7 @@
 
 #include <array>
 #include <cstdlib>
+#include <iterator>
 #include <list>
 #include <mutex>
 #include <unordered_map>
@@ -98,24 +99,21 @@ class Cache {
   }
 
  private:
-  void erase(const c10::TensorImpl* impl) {
-    auto it = entries_.find(impl);
-    if (it == entries_.end()) return;
+  using Iterator = std::unordered_map<const c10::TensorImpl*, Entry>::iterator;
+
+  Iterator remove(Iterator it) {
     bytes_ -= it->second.block.nbytes();
     lru_.erase(it->second.lru);
-    entries_.erase(it);
+    return entries_.erase(it);
+  }
+
+  void erase(const c10::TensorImpl* impl) {
+    auto it = entries_.find(impl);
+    if (it != entries_.end()) remove(it);
   }
 
   void drop_expired() {
-    for (auto it = entries_.begin(); it != entries_.end();) {
-      if (it->second.owner.expired()) {
-        bytes_ -= it->second.block.nbytes();
-        lru_.erase(it->second.lru);
-        it = entries_.erase(it);
-      } else {
-        ++it;
-      }
-    }
+    for (auto it = entries_.begin(); it != entries_.end();) it = it->second.owner.expired() ? remove(it) : std::next(it);
   }
 
   std::mutex mu_;
