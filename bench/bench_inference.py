@@ -33,11 +33,11 @@ Variants, all on the same weights and inputs:
 ``compact``  ``finegates.compact`` of the gated model (checked: output equals the gated output,
              relative error <= 1e-5).
 
-Gate pattern for a target t (a fraction of the gated Linear weights to remove, counted as
-``finegates.compression_report`` does, per layer ``N*K - |R|*|C|``): every row gate and every
+Gate pattern for a target t (a fraction of each gated Linear weight to close, per layer
+``N*K - |R|*|C|``; compaction removes more where two layers share a dimension): every row gate and every
 column gate is closed independently with probability ``p = 1 - sqrt(1 - t)`` (theta = -3, eval
 value 0) or open (theta = +3, eval value 1); seeded. The promised fraction is
-``params_removable / params_gated`` of the report; the real reduction is measured on the compact
+``removed_fraction_of_gated`` of ``finegates.compression_report`` (the compaction plan, counted); the real reduction is measured on the compact
 model (its gated-layer parameters and its total parameter count against the dense model's).
 
 Timing: per (model, batch) one case; the five variants (dense, gated@20%, compact@20%,
@@ -204,7 +204,7 @@ def build_case_models(name: str, seed: int = 0):
         compact_lin = gated_param_count(compact, names)
         info = {
             "target": t,
-            "promised_removed_linear": rep["params_removable"] / rep["params_gated"],
+            "promised_removed_linear": rep["removed_fraction_of_gated"],
             "params_gated": rep["params_gated"],
             "dense_linear_params": dense_lin,
             "compact_linear_params": compact_lin,
@@ -486,7 +486,7 @@ def render_md(cases, env, command, table, args) -> str:
         "Variants: `dense` = the original model; `gated` = `finegates.sparsify` + the gate pattern, eval "
         "mode (`fg::gated_linear`, for information); `compact` = `finegates.compact` of the gated model. "
         "Gate pattern: each row and column gate of every gated Linear closed independently with "
-        "probability 1 − √(1 − t) (seeded). *removed (promised)* = `params_removable / params_gated` of "
+        "probability 1 − √(1 − t) (seeded). *removed (promised)* = `removed_fraction_of_gated` of "
         "`finegates.compression_report`; *removed (real)* = 1 − (parameters of the compacted layers / "
         "their dense parameters), and 1 − (all compact parameters / all dense parameters). *exact* = "
         f"relative error of the compact logits against the gated logits (must be ≤ {EXACT_RTOL:g}).",

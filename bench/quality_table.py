@@ -57,6 +57,19 @@ CONFIGS: Dict[str, tuple] = {
     "fg-default-recovery100": ("... the defaults, and the last 100 steps with the gates frozen (--recovery-steps 100)",
                                ["--recovery-steps", "100"]),
     "fg-default": ("FineGates, `finegates finetune` defaults", []),
+    # The size budget (the defaults since it landed: 40% of the gated layers' parameters removed in the
+    # compact model, learned multiplier, exact closure at step 400, 100 recovery steps).
+    "fg-budget-20": ("FineGates, size budget, 20% requested", ["--target-sparsity", "0.2"]),
+    "fg-budget-40": ("FineGates, size budget, 40% requested (the default run)", ["--target-sparsity", "0.4"]),
+    "fg-budget-50": ("FineGates, size budget, 50% requested", ["--target-sparsity", "0.5"]),
+    "fg-budget-60": ("FineGates, size budget, 60% requested", ["--target-sparsity", "0.6"]),
+    "fg-budget-40-clamp": ("... 40%, the reference's clamp gradient (no straight-through)",
+                           ["--target-sparsity", "0.4", "--gate-gradient", "clamp"]),
+    "fg-budget-40-norecovery": ("... 40%, no recovery phase (closure after the last step)",
+                                ["--target-sparsity", "0.4", "--recovery-steps", "0"]),
+    "fg-reference-22": ("FineGates, the reference's per-layer objective, t = 0.22 (the earlier default run)",
+                        ["--sparsity-objective", "reference", "--target-sparsity", "0.22", "--sparsity-warmup", "50",
+                         "--recovery-steps", "0", "--gate-gradient", "clamp"]),
 }
 
 
@@ -68,8 +81,9 @@ def run_one(name: str, seed: int, steps: int, out: Path) -> Dict:
     d = out / f"{name}-s{seed}"
     if (d / "metrics.json").is_file():
         return json.loads((d / "metrics.json").read_text())
+    compact = [] if name.startswith("fg-") else ["--no-compact"]  # the compact model's size is the result
     argv = [sys.executable, "-m", "finegates", "finetune", *CONFIGS[name][1], "--max-steps", str(steps),
-            "--seed", str(seed), "--no-compact", "--logging-steps", "50", "--output-dir", str(d), "--overwrite"]
+            "--seed", str(seed), *compact, "--logging-steps", "50", "--output-dir", str(d), "--overwrite"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     t0 = time.time()
     r = subprocess.run(argv, env=env, capture_output=True, text=True)
@@ -90,8 +104,9 @@ def _cell(values: List[float], scale: float = 100.0, digits: int = 1) -> str:
 
 
 def render(out: Path) -> str:
-    rows = ["| configuration | what | seeds | accuracy % mean (min–max) | gated Linear params removed % | train time s |",
-            "|---|---|---:|---:|---:|---:|"]
+    rows = ["| configuration | what | seeds | accuracy % mean (min–max) | requested % | removed in the compact model % "
+            "| compact = gated accuracy | train time s |",
+            "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, (what, _) in CONFIGS.items():
         ms = [json.loads(p.read_text()) for p in sorted(out.glob(f"{name}-s*/metrics.json"))]
         if not ms:
@@ -99,7 +114,10 @@ def render(out: Path) -> str:
         acc = [m["accuracy"] for m in ms]
         rem = [m["removed_fraction_of_gated"] for m in ms if m.get("removed_fraction_of_gated") is not None]
         tt = [m["train_time_s"] for m in ms]
-        rows.append(f"| `{name}` | {what} | {len(ms)} | {_cell(acc)} | {_cell(rem) if rem else '0'} | {_cell(tt, 1.0, 0)} |")
+        asked = f"{100 * ms[0]['target_sparsity']:.0f}" if name.startswith("fg-") and "target_sparsity" in ms[0] else "—"
+        same = "yes" if all(m.get("compact_accuracy") == m["accuracy"] for m in ms) else "no"
+        rows.append(f"| `{name}` | {what} | {len(ms)} | {_cell(acc)} | {asked} | {_cell(rem, digits=2) if rem else '0'} "
+                    f"| {same if rem else '—'} | {_cell(tt, 1.0, 0)} |")
     return "\n".join(rows)
 
 

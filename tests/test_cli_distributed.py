@@ -37,7 +37,7 @@ def test_two_processes_match_one(tiny_bert, sst_small, tmp_path):  # noqa: F811
     def args(out, batch):
         return ["finetune", "--model", str(tiny_bert), "--train-file", str(train), "--validation-file", str(val),
                 "--output-dir", str(out), "--batch-size", str(batch), "--max-length", "32", "--max-steps", "4",
-                "--gate-lr", "0.1", "--sparsity-lambda", "10", "--target-sparsity", "0.5", "--cpu",
+                "--gate-lr", "0.1", "--target-sparsity", "0.5", "--cpu", "--recovery-steps", "1",
                 "--checkpointing-steps", "4", "--no-compact", "--eval-batch-size", "8",
                 "--sparsity-start", "0", "--lora-rank", "0"]
 

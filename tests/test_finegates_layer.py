@@ -281,8 +281,9 @@ def test_compression_report_counts():
     assert [l["removed_params"] for l in rep["layers"]] == [n0, n2]
     assert [(l["active_rows"], l["active_cols"]) for l in rep["layers"]] == [(61, 14), (7, 54)]
     assert rep["params_removable"] == n0 + n2
-    assert rep["params_total"] == sum(p.numel() for p in model.parameters())
-    assert rep["params_gated"] == 64 * 16 + 64 + 8 * 64 + 8
+    dense = 64 * 16 + 64 + 8 * 64 + 8  # the model without its gates and LoRA factors
+    assert rep["params_total"] == rep["params_gated"] == dense
+    assert rep["params_compact"] == dense - n0 - n2
     assert rep["removed_fraction"] == pytest.approx((n0 + n2) / rep["params_total"])
     # direct count: zero rows/cols of the effective weight
     model.eval()

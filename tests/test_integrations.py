@@ -32,8 +32,8 @@ def test_trainer_closes_gates_and_compacts(tmp_path):
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "run"), max_steps=24, per_device_train_batch_size=8, learning_rate=1e-3,
         logging_steps=4, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
-    trainer = FineGatesTrainer(model=model, args=args, train_dataset=_data(), sparsity_lambda=20.0,
-                               sparsity_start=4, sparsity_warmup=4, gate_lr=0.5)
+    trainer = FineGatesTrainer(model=model, args=args, train_dataset=_data(), sparsity_objective="reference",
+                               sparsity_lambda=20.0, sparsity_start=4, sparsity_warmup=4, gate_lr=0.5)
     trainer.train()
     thetas = {id(g.theta) for _, layer in finegates.gated_layers(model) for g in (layer.row_gates, layer.col_gates)}
     gate_group = trainer.optimizer.param_groups[-1]
@@ -50,6 +50,59 @@ def test_trainer_closes_gates_and_compacts(tmp_path):
     loaded = finegates.load_compact(tmp_path / "compact")
     torch.testing.assert_close(logits(loaded, ids, mask), ref, rtol=1e-5, atol=1e-6)
     assert compact is not None
+
+
+def _args(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "run"), per_device_train_batch_size=8, learning_rate=1e-3, logging_steps=4,
+                report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True)
+    return transformers.TrainingArguments(**{**base, **kw})
+
+
+def test_trainer_budget_lands_on_the_target(tmp_path):
+    """The default objective: the multiplier grows while the model is too large, the gates stop at
+    the freeze (closed exactly to the budget) and the compact model removes what was asked."""
+    model = build("bert")
+    finegates.sparsify(model, target_sparsity=0.4, lora_rank=2, verbose=False)
+    trainer = FineGatesTrainer(model=model, args=_args(tmp_path, max_steps=16), train_dataset=_data(),
+                               sparsity_start=2, sparsity_warmup=6, recovery_steps=4, gate_lr=0.3)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "keep_fraction" in h]
+    assert logs[0]["lambda"] > 0 and logs[-1]["lambda"] == 0.0  # frozen for the last steps
+    rep = finegates.compression_report(model)
+    assert abs(rep["removed_fraction_of_gated"] - 0.4) <= 0.03  # up to the MLP's width padding of this tiny model
+    assert trainer.lr_scheduler.get_last_lr()[-1] == 0.0  # the gates' group, stopped
+
+
+@pytest.mark.parametrize("objective", ["budget", "reference"])
+def test_gradient_accumulation_weights_the_sparsity_term_once(tmp_path, objective, monkeypatch):
+    """One optimizer step of batch 8 moves the gates as 2 accumulated micro-batches of 4 do (only
+    the gates train, on the sparsity term alone): it is added once per step, not per micro-batch."""
+    import finegates.integrations as integrations
+
+    monkeypatch.setattr(integrations, "close_to_budget", lambda model, target: None)  # only the step's movement
+    task_loss = transformers.Trainer.compute_loss
+
+    def no_task_gradient(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, out = task_loss(self, model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        return (loss * 0, out) if return_outputs else loss * 0  # the Trainer's own scaling of it is not ours to test
+
+    monkeypatch.setattr(transformers.Trainer, "compute_loss", no_task_gradient)
+    moved = []
+    for batch, accumulate in ((8, 1), (4, 2)):
+        model = build("bert")
+        finegates.sparsify(model, target_sparsity=0.4, verbose=False)
+        before = [p.detach().clone() for n, p in model.named_parameters() if n.endswith("gates.theta")]
+        args = _args(tmp_path, max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulate,
+                     learning_rate=0.0, optim="sgd", lr_scheduler_type="constant")
+        kw = dict(sparsity_objective="reference", sparsity_lambda=100.0) if objective == "reference" else \
+            dict(budget_penalty=1000.0)
+        trainer = FineGatesTrainer(model=model, args=args, train_dataset=_data(8), gate_lr=1.0, **kw)
+        if objective == "budget":
+            trainer.controller.error = 0.1  # a fixed weight for the one step
+        trainer.train()
+        after = [p.detach() for n, p in model.named_parameters() if n.endswith("gates.theta")]
+        moved.append(sum(float((a - b).abs().sum()) for a, b in zip(after, before)))
+    assert moved[0] > 0 and moved[1] == pytest.approx(moved[0], rel=1e-4)
 
 
 def test_trainer_needs_gates(tmp_path):

@@ -26,6 +26,8 @@ from typing import List, Optional
 
 from .errors import UsageError
 from .glue import GLUE_TASKS
+from .loss import OBJECTIVES
+from .sparsify import GATE_GRADIENTS
 from .run_dir import RunDir
 
 __all__ = ["main", "build_parser", "DEFAULT_OUTPUT_ROOT"]
@@ -61,7 +63,7 @@ _nonneg_float = _number(float, lo=0)
 
 def _common(p: argparse.ArgumentParser, *, batch: int, lr_default: float, gate_lr: float, lam: float,
             target: float, epochs: int, max_steps: Optional[int], sched: str, warmup: int,
-            sp_start: int = 0, sp_warmup: int = 0, sp_ramp: str = "linear") -> None:
+            sp_start: int = 0, sp_warmup: int = 0, sp_ramp: str = "linear", recovery: Optional[int] = 0) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default=None,
                    help="where metrics.json, train_log.csv, the plot, checkpoints and the compact model go "
@@ -73,20 +75,39 @@ def _common(p: argparse.ArgumentParser, *, batch: int, lr_default: float, gate_l
                    help="examples of the fixed evaluation batch used to time dense vs compact (default 32)")
     g.add_argument("--logging-steps", type=_positive_int, default=10, help="log every N optimizer steps")
     g = p.add_argument_group("sparsity")
-    g.add_argument("--target-sparsity", type=_number(float, lo=0.0, hi=1.0), default=target,
-                   help=f"target fraction of removed rows and of removed columns per layer, in [0, 1) (default {target})")
-    g.add_argument("--sparsity-lambda", type=_nonneg_float, default=lam, help=f"weight of the sparsity loss (default {lam})")
+    g.add_argument("--target-sparsity", type=_number(float, lo=0.0, hi=1.0, hi_open=True), default=target,
+                   help="fraction of the gated layers' parameters the compact model removes, in [0, 1) (with "
+                        "--sparsity-objective reference: each layer's target fraction of closed rows and of closed "
+                        f"columns) (default {target})")
+    g.add_argument("--sparsity-objective", default="budget", choices=list(OBJECTIVES),
+                   help="budget: one size budget for the whole model, learned multiplier, exact closure at the "
+                        "freeze; reference: the paper's per-layer keep targets with a fixed weight (default budget)")
+    g.add_argument("--sparsity-lambda", type=_nonneg_float, default=None,
+                   help=f"weight of the reference objective (default {lam}; not used by the budget objective)")
+    g.add_argument("--budget-multiplier-lr", type=_nonneg_float, default=1.0,
+                   help="budget objective: step size of the learned multiplier per unit of size error (default 1.0)")
+    g.add_argument("--budget-penalty", type=_nonneg_float, default=50.0,
+                   help="budget objective: weight of the size error itself, which damps the multiplier (default 50)")
     g.add_argument("--sparsity-start", type=_nonneg_int, default=sp_start,
-                   help=f"optimizer step at which the sparsity loss starts (default {sp_start})")
+                   help=f"optimizer step at which the sparsity objective starts (default {sp_start})")
     g.add_argument("--sparsity-warmup", type=_nonneg_int, default=sp_warmup,
-                   help=f"steps of the ramp of lambda after the start (default {sp_warmup})")
+                   help="steps over which the budget's target ramps from the dense model to the request, or the "
+                        f"reference's lambda to its value (default {sp_warmup})")
     g.add_argument("--sparsity-ramp", default=sp_ramp, choices=["linear", "cubic"],
-                   help="shape of the lambda ramp: linear, or cubic 1 - (1 - t)^3 (fast start, gentle end; the "
-                        f"schedule of movement pruning) (default {sp_ramp})")
+                   help="shape of the reference's lambda ramp: linear, or cubic 1 - (1 - t)^3 (the budget's target "
+                        f"always ramps cubically) (default {sp_ramp})")
     g.add_argument("--gate-lr", type=_nonneg_float, default=gate_lr, help=f"learning rate of the gate logits (default {gate_lr})")
-    g.add_argument("--recovery-steps", type=_nonneg_int, default=0,
-                   help="the last N steps train with the gates frozen at their deterministic values (no noise, "
-                        "no sparsity loss): the head and adapters adapt to the model compaction keeps (default 0)")
+    g.add_argument("--gate-gradient", default="straight-through", choices=list(GATE_GRADIENTS),
+                   help="straight-through: the task's gradient reaches gates at the top of their clamp; clamp: the "
+                        "reference (no gradient there) (default straight-through)")
+    g.add_argument("--recovery-steps", type=_nonneg_int, default=recovery,
+                   help="the last N steps train with the gates frozen (closed exactly to the budget first; no noise, "
+                        "no sparsity loss): the head and adapters adapt to the model compaction keeps (default "
+                        + ("the last fifth of the run)" if recovery is None else f"{recovery})"))
+    g.add_argument("--recovery-lr", type=_number(float, lo=0.0, hi=1.0, hi_open=False), default=0.5,
+                   help="learning rate of the recovery phase, as a fraction of the peak, decaying linearly to 0 "
+                        "(default 0.5)")
+    p.set_defaults(reference_lambda=lam)
     g.add_argument("--kurtosis", action="store_true", help="kurtosis-weighted sparsity loss (reference --kurt)")
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=_positive_int, default=batch, help=f"per-device training batch size (default {batch})")
@@ -158,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     # warm-up + linear decay: with a constant 2e-3 the LoRA baseline collapsed to chance and FineGates
     # lost ~6 points (bench/RESULTS_QUALITY_SWEEP.md); the cubic lambda ramp removed a little more at
     # the same accuracy
-    _common(ft, batch=16, lr_default=1e-3, gate_lr=0.05, lam=5.0, target=0.22, epochs=2, max_steps=None,
-            sched="linear", warmup=50, sp_start=50, sp_warmup=50, sp_ramp="cubic")
+    _common(ft, batch=16, lr_default=1e-3, gate_lr=0.05, lam=5.0, target=0.4, epochs=2, max_steps=None,
+            sched="linear", warmup=50, sp_start=50, sp_warmup=250, sp_ramp="cubic", recovery=None)
 
     for name, helptext in (("posttrain", "task-agnostic sparsification of a causal LM (gates only, LM loss)"),
                            ("pretrain", "a LLaMA-style model from a config, trained from scratch with weights and gates")):
@@ -216,9 +237,12 @@ def _summary(args, m, out: Path) -> str:
             s += f" (compact model: {m[f'compact_{metric}']:.4f})"
         lines.append(s)
     if "removed_fraction_of_gated" in m:
+        asked = m.get("target_sparsity")
         lines.append(
             f"  parameters removed: {m['params_removable']:,} = {100 * m['removed_fraction_of_gated']:.1f}% of the gated "
-            f"Linear layers, {100 * m['removed_fraction']:.1f}% of all {m['params_total']:,} parameters"
+            f"Linear layers" + (f" (asked for {100 * asked:.1f}%)" if asked is not None else "")
+            + f", {100 * m['removed_fraction']:.1f}% of all {m['params_total']:,}; compact model "
+            f"{m.get('compact_model_params', m['params_compact']):,} parameters"
         )
     lines.append(f"  trainable parameters: {m['trainable_params']:,}")
     if m.get("latency_ratio"):
@@ -282,6 +306,7 @@ def run(args, argv, parser: argparse.ArgumentParser) -> dict:
 
             resolve_config(args.config)
     _check_dtype(args)
+    _check_sparsity(args)
     model = getattr(args, "model", None)
     if model:
         from .loading import looks_like_path
@@ -334,6 +359,19 @@ def run(args, argv, parser: argparse.ArgumentParser) -> dict:
         out.finish()
         print(_summary(args, metrics, out.path))
     return metrics
+
+
+def _check_sparsity(args) -> None:
+    """The weight of the sparsity term: the reference's fixed lambda, or none (the budget learns it)."""
+    if args.sparsity_objective == "budget":
+        if args.sparsity_lambda is not None:
+            raise UsageError("--sparsity-lambda weights the reference objective; the budget objective learns its "
+                             "multiplier (tune --budget-penalty / --budget-multiplier-lr, or pass "
+                             "--sparsity-objective reference)")
+        if args.kurtosis:
+            raise UsageError("--kurtosis weights the reference objective; pass --sparsity-objective reference with it")
+    elif args.sparsity_lambda is None:
+        args.sparsity_lambda = args.reference_lambda
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -17,19 +17,18 @@ promised. Embeddings and heads are never touched, so tied weights stay one tenso
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .compact_attention import COMPACT_ATTRS, compact_attention
 from .compact_mlp import compact_mlp, recognise_mlp
-from .folding import PORTABLE, LayoutMismatch, fold, residual_layer
+from .folding import COUNTING, PORTABLE, LayerCount, LayoutMismatch, Rewrites, fold, residual_layer
 from .layers import GatedLinear
 from .layouts import BlockLayout, layout_for
-from .sparsify import set_submodule
 
-__all__ = ["compact", "COMPACT_ATTRS"]
+__all__ = ["compact", "compact_size", "paired_blocks", "COMPACT_ATTRS"]
 
 _HOW_TO_REGISTER = "register its layout with finegates.register_layout (README, 'Compaction')"
 
@@ -40,7 +39,7 @@ def compact(model: nn.Module, *, portable: bool = False, progress: bool = False)
     Blocks with a registered layout shrink their paired dimensions; every other gated Linear becomes
     a :class:`GatheredLinear` on its active block, with a warning naming the blocks whose pairings
     were not used and how to register a layout. The compact model's outputs equal the gated model's
-    eval outputs up to float rounding.
+    eval outputs up to float rounding, and it has exactly the parameters :func:`compact_size` counts.
 
     ``portable=True``: every layer is a stock ``nn.Linear`` (no ``fg`` op, so ``torch.export``,
     ONNX and a plain PyTorch install can run it): paired dimensions still shrink, and where a gather
@@ -54,14 +53,39 @@ def compact(model: nn.Module, *, portable: bool = False, progress: bool = False)
     try:
         with torch.no_grad():
             model.eval()
-            _warn_unpaired(_compact_blocks(model, progress))
-            for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, GatedLinear)]:
-                set_submodule(model, name, residual_layer(fold(m)))
+            _warn_unpaired(_rewrite(Rewrites(model), progress))
     finally:
         PORTABLE.reset(token)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+@torch.no_grad()
+def compact_size(model: nn.Module, *, masks: Optional[Mapping[GatedLinear, Tuple[Tensor, Tensor]]] = None,
+                 portable: bool = False) -> Dict[str, Tuple[int, LayerCount]]:
+    """What :func:`compact` would make of ``model``, without changing it: per module it would
+    replace, ``(parameters now, LayerCount of the replacement)``. The same plan as ``compact``
+    (paired dimensions, head sizes, width padding), only counted. ``masks``: hypothetical open
+    (rows, columns) per gated layer instead of its eval gates' (layers not named keep their own)."""
+    tokens = COUNTING.set(dict(masks or {})), PORTABLE.set(bool(portable))
+    try:
+        rewrites = Rewrites(model, counting=True)
+        _rewrite(rewrites, progress=False)
+    finally:
+        COUNTING.reset(tokens[0])
+        PORTABLE.reset(tokens[1])
+    return {name: (rewrites.original_params[name], layer) for name, layer in rewrites.layers.items()}
+
+
+def _rewrite(rewrites: Rewrites, progress: bool) -> Dict[str, Tuple[str, int]]:
+    """The whole plan: paired dimensions block by block, then every gated layer left on its own
+    active block. Returns the blocks whose pairings were not used (see _compact_blocks)."""
+    unpaired = _compact_blocks(rewrites, progress)
+    for name, m in [(n, m) for n, m in rewrites.model.named_modules() if isinstance(m, GatedLinear)]:
+        if name not in rewrites.layers:
+            rewrites.replace(name, residual_layer(fold(m)))
+    return unpaired
 
 
 def _check_gates(model: nn.Module) -> None:
@@ -84,7 +108,7 @@ def _gated(block: nn.Module, paths) -> bool:
     return found
 
 
-def _blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+def paired_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     """Modules with a registered layout, and elements of an ``nn.ModuleList`` (transformer blocks)."""
     found, inside = [], set()
     for name, mod in model.named_modules():
@@ -101,14 +125,14 @@ def _blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
     return found
 
 
-def _compact_blocks(model: nn.Module, progress: bool = False) -> Dict[str, Tuple[str, int]]:
+def _compact_blocks(rewrites: Rewrites, progress: bool = False) -> Dict[str, Tuple[str, int]]:
     """Compacts the paired dimensions of every block; returns, per block class whose pairings were
     (partly) not used, why and how many of its gated layers are left (to be gathered one by one)."""
     from tqdm.auto import tqdm
 
     notes: Dict[str, str] = {}
     left: Dict[str, int] = {}
-    for name, block in tqdm(_blocks(model), desc="compact", disable=not progress, leave=False, dynamic_ncols=True):
+    for name, block in tqdm(paired_blocks(rewrites.model), desc="compact", disable=not progress, leave=False, dynamic_ncols=True):
         prefix = name + "." if name else ""
         layout = layout_for(block)
         cls = type(block).__name__
@@ -120,10 +144,10 @@ def _compact_blocks(model: nn.Module, progress: bool = False) -> Dict[str, Tuple
             if part is None or not _gated(block, part.projections):
                 continue
             try:
-                run(model, prefix, block, part)
+                run(rewrites, prefix, block, part)
             except LayoutMismatch as e:
                 notes.setdefault(cls, f"does not match the {layout.family} layout ({e})")
-        outside = [n for n, m in block.named_modules() if isinstance(m, GatedLinear)]
+        outside = [n for n, m in block.named_modules() if isinstance(m, GatedLinear) and prefix + n not in rewrites.layers]
         if outside and cls not in notes:
             notes[cls] = f"has gated layers outside its {layout.family} layout ({', '.join(outside[:3])})"
         left[cls] = left.get(cls, 0) + len(outside)

@@ -22,11 +22,10 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from .folding import LayoutMismatch, PartPlan, Projection, build, fold, idx, require_linears, submodule
+from .folding import LayoutMismatch, PartPlan, Projection, Rewrites, build, fold, idx, require_linears, submodule
 from .layouts import AttentionLayout
-from .sparsify import set_submodule
 
-__all__ = ["compact_attention", "COMPACT_ATTRS"]
+__all__ = ["compact_attention", "head_projections", "COMPACT_ATTRS"]
 
 # Name of the per-module dict of attributes that compact() changed (head counts, head sizes);
 # save_compact stores it and load_compact sets it again on a fresh stock model.
@@ -50,7 +49,7 @@ class _HeadPlan:
                     width=self.heads * self.head_size, kv_width=self.kv_heads * self.head_size)
 
 
-def _projections(model: nn.Module, prefix: str, block: nn.Module, layout: AttentionLayout, hd: int):
+def _projections(prefix: str, block: nn.Module, layout: AttentionLayout, hd: int):
     """(q, k, v) as (Projection, part) pairs, the o projection, and the head counts (H, KV)."""
     require_linears(block, layout.projections, prefix)
     if layout.qkv:
@@ -159,39 +158,43 @@ def _rotary_dim(model: nn.Module, attn: nn.Module, layout: AttentionLayout, hd: 
     return int(hd * (1.0 if factor is None else float(factor)))
 
 
-def compact_attention(model: nn.Module, prefix: str, block: nn.Module, layout: AttentionLayout) -> None:
-    """Shrinks the attention of ``block`` (named ``prefix``) in place; raises LayoutMismatch,
-    before changing anything, when the block does not fit ``layout``."""
+def head_projections(prefix: str, block: nn.Module, layout: AttentionLayout):
+    """(q, k, v) as (Projection, part) pairs, the folded o projection, the head counts (H, KV) and
+    the head size of ``block``'s attention; LayoutMismatch where it does not fit ``layout``."""
     attn = submodule(block, layout.module, prefix)
     hd = getattr(attn, layout.head_size, None)
     if not isinstance(hd, int) or hd <= 0:
         raise LayoutMismatch(f"{prefix}{layout.module}.{layout.head_size} is {hd!r}, not a head size")
-    parts, o, H, KV = _projections(model, prefix, block, layout, hd)
+    parts, o, H, KV = _projections(prefix, block, layout, hd)
+    return parts, o, H, KV, hd
+
+
+def compact_attention(rewrites: Rewrites, prefix: str, block: nn.Module, layout: AttentionLayout) -> None:
+    """Shrinks the attention of ``block`` (named ``prefix``) in place; raises LayoutMismatch,
+    before changing anything, when the block does not fit ``layout``."""
+    attn = submodule(block, layout.module, prefix)
+    parts, o, H, KV, hd = head_projections(prefix, block, layout)
     qr, kr, vr = (proj.part_rows(p) for proj, p in parts)
     if layout.head_size_shrinks:
         if H != KV:
             raise LayoutMismatch("shrinking heads need as many kv heads as query heads")
         plan = _shrinking_heads(qr, kr, vr, o.cols, H, hd)
     else:
-        r = _rotary_dim(model, attn, layout, hd) if layout.rotary else 0
+        r = _rotary_dim(rewrites.model, attn, layout, hd) if layout.rotary else 0
         if r % 2 or r > hd:
             raise LayoutMismatch(f"rotary dims {r} do not fit heads of size {hd}")
         plan = _fixed_heads(qr, kr, vr, o.cols, H, KV, hd, layout, _partner(hd, layout.rotary, r, qr.device))
-    _write(model, parts, (plan.q, plan.k, plan.v), plan.head_size)
-    set_submodule(model, prefix + layout.o, build(o, idx(o.rows), plan.o.src, out_width=o.out_features,
+    _write(rewrites, parts, (plan.q, plan.k, plan.v), plan.head_size)
+    rewrites.replace(prefix + layout.o, build(o, idx(o.rows), plan.o.src, out_width=o.out_features,
                                                   in_width=plan.o.width, in_slots=plan.o.slots))
     quantities = plan.quantities()
-    attrs = {a: quantities[q] for a, q in layout.set_attrs.items()}
-    for a, v in attrs.items():
-        setattr(attn, a, v)
-    if attrs:
-        setattr(attn, COMPACT_ATTRS, attrs)
+    rewrites.set_attrs(attn, {a: quantities[q] for a, q in layout.set_attrs.items()}, COMPACT_ATTRS)
 
 
-def _write(model: nn.Module, parts: List[Tuple[Projection, int]], plans: Tuple[PartPlan, ...], head_size: int) -> None:
+def _write(rewrites: Rewrites, parts: List[Tuple[Projection, int]], plans: Tuple[PartPlan, ...], head_size: int) -> None:
     """Replaces each projection by its compacted layer (a fused one gets all its parts' plans)."""
     by_proj: Dict[int, Tuple[Projection, List[PartPlan]]] = {}
     for (proj, _), plan in zip(parts, plans):
         by_proj.setdefault(id(proj), (proj, []))[1].append(plan)
     for proj, proj_plans in by_proj.values():
-        set_submodule(model, proj.name, proj.layer(proj_plans, head_size))
+        rewrites.replace(proj.name, proj.layer(proj_plans, head_size))

@@ -16,11 +16,10 @@ from typing import Callable, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .folding import Folded, LayoutMismatch, PartPlan, Projection, build, fold, idx, is_linear, require_linears
+from .folding import Folded, LayoutMismatch, PartPlan, Projection, Rewrites, build, fold, idx, is_linear, require_linears
 from .layouts import MLPLayout
-from .sparsify import set_submodule
 
-__all__ = ["compact_mlp", "recognise_mlp"]
+__all__ = ["compact_mlp", "recognise_mlp", "up_projections", "activation_of", "act_keeps_zero"]
 
 # The kept MLP intermediate width is rounded up to a multiple of this (0: off) when that costs no
 # more than compression_report promised: odd GEMM widths were measured up to 1.45x slower in MKL
@@ -37,6 +36,14 @@ def _resolve(block: nn.Module, path: str):
     for name in path.split("."):
         obj = getattr(obj, name)
     return obj
+
+
+def activation_of(block: nn.Module, layout: MLPLayout, prefix: str):
+    """The MLP's activation (module or callable); LayoutMismatch when the block has none there."""
+    try:
+        return _resolve(block, layout.act)
+    except AttributeError:
+        raise LayoutMismatch(f"it has no activation {prefix}{layout.act}") from None
 
 
 def act_keeps_zero(act: Optional[Callable], dtype: torch.dtype, device) -> bool:
@@ -59,21 +66,18 @@ def _pad_intermediate(keep: Tensor, ups: List[_Part], down: Folded) -> Tensor:
     if pad == 0 or spare.numel() < pad or kidx.numel() + pad >= keep.numel():
         return kidx
     costs = [proj.row_cost() for proj, _ in ups]  # parameters per kept row of each part
-    down_rows, down_bias = int(down.rows.sum()), int(down.bias is not None)
+    down_rows, down_bias = int(down.rows.sum()), int(down.has_bias)
     promised = sum(int(proj.part_rows(p).sum()) * c for (proj, p), c in zip(ups, costs))
     promised += down_rows * int(down.cols.sum()) + down_rows * down_bias
     if (kidx.numel() + pad) * (sum(costs) + down_rows) + down_rows * down_bias > promised:
         return kidx
     for proj, p in ups:
-        rows = proj.source(p, spare)
-        proj.folded.weight[rows] = 0
-        if proj.folded.bias is not None:
-            proj.folded.bias[rows] = 0
-    down.weight[:, spare] = 0
+        proj.folded.zero_rows(proj.source(p, spare))
+    down.zero_cols(spare)
     return torch.sort(torch.cat((kidx, spare))).values
 
 
-def _parts(model: nn.Module, prefix: str, block: nn.Module, layout: MLPLayout, width: int) -> List[_Part]:
+def up_projections(prefix: str, block: nn.Module, layout: MLPLayout, width: int) -> List[_Part]:
     """The up-projections as (Projection, part), the activated one first."""
     if layout.fused_up:
         f = fold(block.get_submodule(layout.up[0]))
@@ -90,25 +94,22 @@ def _parts(model: nn.Module, prefix: str, block: nn.Module, layout: MLPLayout, w
     return parts
 
 
-def compact_mlp(model: nn.Module, prefix: str, block: nn.Module, layout: MLPLayout) -> None:
+def compact_mlp(rewrites: Rewrites, prefix: str, block: nn.Module, layout: MLPLayout) -> None:
     """Shrinks the MLP of ``block`` (named ``prefix``) in place; raises LayoutMismatch, before
     changing anything, when the block does not fit ``layout``."""
     require_linears(block, layout.projections, prefix)
-    try:
-        act = _resolve(block, layout.act)
-    except AttributeError:
-        raise LayoutMismatch(f"it has no activation {prefix}{layout.act}") from None
+    act = activation_of(block, layout, prefix)
     down = fold(block.get_submodule(layout.down))
-    ups = _parts(model, prefix, block, layout, down.in_features)
+    ups = up_projections(prefix, block, layout, down.in_features)
     keep = down.cols.clone()
     for i, (proj, p) in enumerate(ups):
-        if i == 0 and not act_keeps_zero(act, proj.folded.weight.dtype, proj.folded.weight.device):
+        if i == 0 and not act_keeps_zero(act, proj.folded.dtype, proj.folded.rows.device):
             continue  # act(0) != 0: a closed row still feeds a constant
         keep &= proj.part_rows(p)
     kidx = _pad_intermediate(keep, ups, down)
     for proj in {id(proj): proj for proj, _ in ups}.values():
-        set_submodule(model, proj.name, proj.layer([PartPlan.compact(kidx) for _ in proj.sizes]))
-    set_submodule(model, prefix + layout.down, build(down, idx(down.rows), kidx, out_width=down.out_features))
+        rewrites.replace(proj.name, proj.layer([PartPlan.compact(kidx) for _ in proj.sizes]))
+    rewrites.replace(prefix + layout.down, build(down, idx(down.rows), kidx, out_width=down.out_features))
 
 
 # ------------------------------------------------------------------------ recognition
@@ -128,6 +129,8 @@ def _wiring_holds(container: nn.Module, ups: List[nn.Module], down: nn.Module, a
     seen = {}
     hooks = [m.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out)) for i, m in enumerate(ups)]
     hooks.append(down.register_forward_pre_hook(lambda m, a: seen.__setitem__("down", a[0])))
+    modes = [(m, m.training) for m in container.modules()]
+    container.eval()  # no gate noise, no dropout, no draw from the RNG of a run that is only counting
     try:
         p = next(down.parameters())
         x = torch.randn(2, 3, ups[0].in_features, generator=torch.Generator().manual_seed(0)).to(p)
@@ -143,6 +146,8 @@ def _wiring_holds(container: nn.Module, ups: List[nn.Module], down: nn.Module, a
     finally:
         for h in hooks:
             h.remove()
+        for m, training in modes:
+            m.training = training
 
 
 def recognise_mlp(block: nn.Module) -> Optional[MLPLayout]:

@@ -5,13 +5,17 @@ A folded layer is ``g_r ⊙ (W + s·BA) ⊙ g_c`` (and ``g_r ⊙ b``) with masks
 columns; :func:`build` cuts a block of it out as an ``nn.Linear`` or, where a gather or scatter is
 left, a :class:`GatheredLinear`. A :class:`Projection` maps the parts of a fused projection (q, k, v
 of ``qkv_proj``; gate, up of ``gate_up_proj``) to its rows, before and after compaction.
+
+The same plan also runs without building anything (:data:`COUNTING`): then :func:`fold` reads only
+the masks (from the gates, or from hypothetical masks given per layer) and :func:`build` returns a
+:class:`LayerCount`, so the size a compaction would give is computed by the code that compacts.
 """
 
 from __future__ import annotations
 
 import contextvars
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -22,11 +26,43 @@ from .layers import GatedLinear, is_linear_like
 # compact(portable=True): every layer a stock nn.Linear, zero-filled where a gather or scatter would be.
 PORTABLE: contextvars.ContextVar = contextvars.ContextVar("finegates_portable_compact", default=False)
 
+# Set while a plan is only counted (finegates.plan.compact_size): the hypothetical open masks per
+# gated layer ({GatedLinear: (rows, cols)}, possibly empty: then the gates' own eval masks).
+COUNTING: contextvars.ContextVar = contextvars.ContextVar("finegates_counting_compact", default=None)
+
 # Marks an nn.Linear that compact() built: save_compact records its shape, other Linears (heads,
 # possibly tied to an embedding) load as the stock model defines them.
 COMPACTED = "_finegates_compacted"
 
-__all__ = ["COMPACTED", "LayoutMismatch", "submodule", "require_linears", "Folded", "fold", "build", "residual_layer", "idx", "Projection", "PartPlan", "is_linear"]
+__all__ = ["COMPACTED", "COUNTING", "LayerCount", "Rewrites", "LayoutMismatch", "submodule", "require_linears", "Folded", "fold", "build", "residual_layer", "idx", "Projection", "PartPlan", "is_linear"]
+
+
+class Rewrites:
+    """What compaction changes in ``model``: the modules it replaces and the attributes it sets.
+    Applied at once, or (``counting``) only recorded, with :class:`LayerCount` s for layers."""
+
+    def __init__(self, model: nn.Module, counting: bool = False):
+        self.model = model
+        self.counting = counting
+        self.layers: Dict[str, Union[nn.Module, "LayerCount"]] = {}
+        self.original_params: Dict[str, int] = {}
+
+    def replace(self, name: str, layer) -> None:
+        old = self.model.get_submodule(name)
+        self.original_params[name] = old.weight.numel() + (old.bias.numel() if getattr(old, "bias", None) is not None else 0)
+        self.layers[name] = layer
+        if not self.counting:
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, layer)
+
+    def set_attrs(self, module: nn.Module, attrs: Dict[str, int], record: str) -> None:
+        """Sets the attributes the module's forward reads (head counts ...) and records them in
+        attribute ``record`` for save/load."""
+        if self.counting or not attrs:
+            return
+        for a, v in attrs.items():
+            setattr(module, a, v)
+        setattr(module, record, attrs)
 
 
 def idx(mask: Tensor) -> Tensor:
@@ -60,45 +96,85 @@ def require_linears(block: nn.Module, paths, prefix: str) -> None:
 
 @dataclass
 class Folded:
-    """A Linear as (out, in) with eval gates and LoRA folded in, and its open rows/columns."""
+    """A Linear as (out, in) with eval gates and LoRA folded in, and its open rows/columns.
+    ``weight``/``bias`` are None while a plan is only counted (the masks are all it needs)."""
 
-    weight: Tensor
+    weight: Optional[Tensor]
     bias: Optional[Tensor]
     rows: Tensor  # bool (N,)
     cols: Tensor  # bool (K,)
+    has_bias: bool = False
+    dtype: torch.dtype = torch.float32
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        return self.rows.numel()
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1]
+        return self.cols.numel()
+
+    def zero_rows(self, rows: Tensor) -> None:
+        """Zeroes folded rows (weights and bias) that are computed but must contribute nothing."""
+        if self.weight is not None:
+            self.weight[rows] = 0
+            if self.bias is not None:
+                self.bias[rows] = 0
+
+    def zero_cols(self, cols: Tensor) -> None:
+        if self.weight is not None:
+            self.weight[:, cols] = 0
+
+
+def _gate_masks(module: nn.Module):
+    """(open rows, open columns) of a gated layer's eval gates, or of hypothetical masks being counted."""
+    given = (COUNTING.get() or {}).get(module)
+    if given is not None:
+        return given[0].bool(), given[1].bool()
+    return module.row_gates.eval_values() != 0, module.col_gates.eval_values() != 0
 
 
 @torch.no_grad()
 def fold(module: nn.Module) -> Folded:
     """Folds ``g_r ⊙ (W + s·BA) ⊙ g_c`` and ``g_r ⊙ b`` in fp32, cast back to the weight's dtype.
-    An ungated Linear/Conv1D folds with all gates 1."""
+    An ungated Linear/Conv1D folds with all gates 1. While counting, only the masks."""
+    if not (isinstance(module, GatedLinear) or is_linear_like(module)):
+        raise TypeError(f"compact: cannot fold a {type(module).__name__}")
+    b = getattr(module, "bias", None)
+    dtype = module.weight.dtype
+    if COUNTING.get() is not None:
+        if isinstance(module, GatedLinear):
+            rows, cols = _gate_masks(module)
+        else:
+            n, k = module.weight.shape if isinstance(module, nn.Linear) else module.weight.shape[::-1]
+            rows = torch.ones(n, dtype=torch.bool, device=module.weight.device)
+            cols = torch.ones(k, dtype=torch.bool, device=module.weight.device)
+        return Folded(None, None, rows, cols, b is not None, dtype)
     if isinstance(module, GatedLinear):
         w = module.dense_weight().float()
         if module.lora_a is not None:
             w = w + float(module.lora_scale) * (module.lora_b.float() @ module.lora_a.float())
         gr = module.row_gates.eval_values().float()
         gc = module.col_gates.eval_values().float()
-    elif is_linear_like(module):
+    else:
         w = module.weight.float()
         if not isinstance(module, nn.Linear):  # GPT-2 Conv1D stores (in, out)
             w = w.t()
         gr = torch.ones(w.shape[0], device=w.device)
         gc = torch.ones(w.shape[1], device=w.device)
-    else:
-        raise TypeError(f"compact: cannot fold a {type(module).__name__}")
-    dtype = module.weight.dtype
     weight = (gr[:, None] * w * gc[None, :]).to(dtype)
-    b = getattr(module, "bias", None)
     bias = None if b is None else (gr * b.float()).to(b.dtype)
-    return Folded(weight, bias, gr != 0, gc != 0)
+    return Folded(weight, bias, gr != 0, gc != 0, b is not None, dtype)
+
+
+@dataclass(frozen=True)
+class LayerCount:
+    """What :func:`build` would make, counted: its parameters and whether it gathers or scatters."""
+
+    out_features: int
+    in_features: int
+    params: int
+    gathered: bool
 
 
 def _placement(pos: Tensor, width: Optional[int]) -> Optional[Tensor]:
@@ -125,7 +201,9 @@ def build(
     ``out_width`` wide output, exact zeros elsewhere; with ``in_width`` it reads its inputs from
     positions ``in_slots`` (default: ``cols``) of an ``in_width`` wide input. An ``nn.Linear`` when
     neither placement is needed (or under ``PORTABLE``, zero-filled), else a :class:`GatheredLinear`.
-    ``rows``/``cols`` are int64."""
+    ``rows``/``cols`` are int64. While counting, a :class:`LayerCount` of that layer."""
+    if COUNTING.get() is not None:
+        return _count(f, rows, cols, out_width, out_slots, in_width, in_slots)
     w = f.weight.index_select(0, rows).index_select(1, cols).contiguous()
     b = None if f.bias is None else f.bias.index_select(0, rows).contiguous()
     row_idx = _placement(rows if out_slots is None else out_slots, out_width)
@@ -150,6 +228,20 @@ def build(
         in_features=in_width if col_idx is not None else w.shape[1],
         out_features=out_width if row_idx is not None else w.shape[0],
     )
+
+
+def _count(f: Folded, rows, cols, out_width, out_slots, in_width, in_slots) -> LayerCount:
+    """The layer :func:`build` would make, as numbers (same placement rules)."""
+    row_idx = _placement(rows if out_slots is None else out_slots, out_width)
+    col_idx = _placement(cols if in_slots is None else in_slots, in_width)
+    n, k = rows.numel(), cols.numel()
+    gathered = row_idx is not None or col_idx is not None
+    if PORTABLE.get() and gathered:  # zero-filled to the full widths
+        n = out_width if row_idx is not None else n
+        k = in_width if col_idx is not None else k
+        gathered = False
+    return LayerCount(out_width if row_idx is not None else n, in_width if col_idx is not None else k,
+                      n * k + (n if f.has_bias else 0), gathered)
 
 
 def _zero_filled(w: Tensor, b: Optional[Tensor], row_idx, col_idx, out_width, in_width):
@@ -227,4 +319,4 @@ class Projection:
 
     def row_cost(self) -> int:
         """Parameters a kept row holds: its open columns, and its bias if any."""
-        return int(self.folded.cols.sum()) + int(self.folded.bias is not None)
+        return int(self.folded.cols.sum()) + int(self.folded.has_bias)

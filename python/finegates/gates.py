@@ -4,6 +4,11 @@ theta ~ N(init_mean, init_std) at init; mu = tanh(theta);
 training gate  g = clamp(mu + 0.5 + eps, 0, 1), eps ~ N(0, sigma^2) drawn from torch's RNG;
 eval gate      g = clamp(mu + 0.5, 0, 1);
 keep probability P(g > 0) = 1 - Phi((-0.5 - mu) / 0.5).
+
+Gradient at the top of the clamp: the reference's clamp passes none where mu + 0.5 + eps > 1, which
+at the initialisation (theta ~ N(1, 0.1), value ~ 1.26) is almost every gate, so the task has no say
+in which gates close first. ``straight_through=True`` keeps the forward value and passes the gradient
+as if the top were not clamped (the bottom stays clamped: a closed gate is exactly 0).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class Gates(nn.Module):
         init_std: float = 0.1,
         dtype: torch.dtype = torch.float32,
         device=None,
+        straight_through: bool = False,
     ):
         super().__init__()
         if int(size) <= 0:
@@ -34,6 +40,7 @@ class Gates(nn.Module):
             raise ValueError(f"Gates: sigma must be >= 0, got {sigma}")
         self.size = int(size)
         self.sigma = float(sigma)
+        self.straight_through = bool(straight_through)
         self.theta = nn.Parameter(torch.empty(self.size, dtype=dtype, device=device))
         with torch.no_grad():
             self.theta.normal_(init_mean, init_std)
@@ -64,10 +71,12 @@ class Gates(nn.Module):
         """Sampled gate values in training mode, deterministic ``clamp(mu + 0.5, 0, 1)`` in eval."""
         self._check_finite()
         mu = self.mu()
-        if self.training and self.sigma > 0:
-            eps = torch.randn_like(mu) * self.sigma
-            return torch.clamp(mu + 0.5 + eps, 0.0, 1.0)
-        return torch.clamp(mu + 0.5, 0.0, 1.0)
+        if not self.training:
+            return torch.clamp(mu + 0.5, 0.0, 1.0)
+        v = mu + 0.5 + torch.randn_like(mu) * self.sigma if self.sigma > 0 else mu + 0.5
+        if self.straight_through:
+            return torch.clamp(v, min=0.0) - torch.clamp(v.detach() - 1.0, min=0.0)
+        return torch.clamp(v, 0.0, 1.0)
 
     def eval_values(self) -> Tensor:
         """Deterministic gate values regardless of the module's mode."""
@@ -84,4 +93,4 @@ class Gates(nn.Module):
         return torch.nonzero(self.eval_values() != 0, as_tuple=True)[0]
 
     def extra_repr(self) -> str:
-        return f"{self.size}, sigma={self.sigma}"
+        return f"{self.size}, sigma={self.sigma}" + (", straight_through=True" if self.straight_through else "")

@@ -1,15 +1,20 @@
 """FineGates inside the Hugging Face ``Trainer`` (and anything built on it, such as TRL's trainers).
 
-    model = finegates.sparsify(model, target_sparsity=0.3, lora_rank=8)
+    model = finegates.sparsify(model, target_sparsity=0.4, lora_rank=8)
     trainer = FineGatesTrainer(model=model, args=TrainingArguments(...), train_dataset=...,
-                               sparsity_lambda=5.0, sparsity_start=50, sparsity_warmup=50, gate_lr=0.05)
+                               sparsity_start=50, sparsity_warmup=250, recovery_steps=100, gate_lr=0.05)
     trainer.train()
-    trainer.compact_and_save("out/compact")      # optional: the physically smaller model
+    trainer.compact_and_save("out/compact")      # the physically smaller model, 40% of the gated layers removed
 
-What it adds to ``Trainer``: ``lambda(step) * sparsity_loss`` on the training loss, the gate logits in
-their own optimizer group (``gate_lr``, no weight decay) beside the rest (``args.learning_rate``), and
-``lambda``, ``sparsity_loss`` and ``keep_fraction`` in the Trainer's own logs. Distribution,
-mixed precision, gradient accumulation and checkpoints are the Trainer's (Accelerate underneath).
+What it adds to ``Trainer``: the sparsity objective on the training loss (by default the size budget
+of :mod:`finegates.budget`: the target ramps to ``sparsify``'s ``target_sparsity`` over
+``sparsity_warmup`` steps, a learned multiplier holds the model to it, and at ``max_steps -
+recovery_steps`` (or after the last step) the gates close exactly to it; ``sparsity_objective=
+"reference"`` is the paper's per-layer objective with a fixed ``sparsity_lambda``), the gate logits
+in their own optimizer group (``gate_lr``, no weight decay) beside the rest (``args.learning_rate``),
+and ``lambda``, ``sparsity_loss`` and ``keep_fraction`` in the Trainer's own logs. Distribution,
+mixed precision, gradient accumulation and checkpoints are the Trainer's (Accelerate underneath);
+the sparsity term is scaled like the task loss under gradient accumulation.
 """
 
 from __future__ import annotations
@@ -17,27 +22,74 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
-from .loss import SparsitySchedule, sparsity_loss
+from .budget import BudgetController, close_to_budget, with_recovery
+from .layers import GatedLinear
+from .loss import OBJECTIVES, BudgetObjective, ReferenceObjective, SparsitySchedule
 from .report import keep_fraction
 from .sparsify import gated_layers, param_groups
 
 __all__ = ["FineGatesTrainer"]
 
 
+class _AfterStep(TrainerCallback):
+    """The budget controller's update after every optimizer step, and the freeze."""
+
+    def __init__(self, trainer: "FineGatesTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._after_step(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer._freeze(closing=True)
+
+
 class FineGatesTrainer(Trainer):
     """``transformers.Trainer`` for a model with FineGates (:func:`finegates.sparsify` first)."""
 
-    def __init__(self, *args, sparsity_lambda: float = 5.0, sparsity_start: int = 0, sparsity_warmup: int = 0,
-                 sparsity_ramp: str = "linear", gate_lr: float = 0.05, kurtosis: bool = False, **kwargs):
+    def __init__(self, *args, sparsity_objective: str = "budget", sparsity_lambda: float = 5.0,
+                 sparsity_start: int = 0, sparsity_warmup: int = 0, sparsity_ramp: str = "linear",
+                 budget_penalty: float = 50.0, budget_multiplier_lr: float = 1.0, recovery_steps: int = 0,
+                 recovery_lr: float = 0.5, gate_lr: float = 0.05, kurtosis: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        if not gated_layers(self.model):
+        layers = [m for _, m in gated_layers(self.model)]
+        if not layers:
             raise ValueError("FineGatesTrainer: the model has no gated layer; call finegates.sparsify(model, ...) first")
-        self.sparsity_schedule = SparsitySchedule(sparsity_lambda, sparsity_start, sparsity_warmup, sparsity_ramp)
+        if sparsity_objective not in OBJECTIVES:
+            raise ValueError(f"FineGatesTrainer: sparsity_objective must be one of {OBJECTIVES}, got {sparsity_objective!r}")
+        if int(recovery_steps) != recovery_steps or recovery_steps < 0:
+            raise ValueError(f"FineGatesTrainer: recovery_steps must be an integer >= 0, got {recovery_steps!r}")
         self.gate_lr = float(gate_lr)
-        self.kurtosis = kurtosis
+        self.recovery_steps, self.recovery_lr = int(recovery_steps), float(recovery_lr)
+        self.controller: Optional[BudgetController] = None
+        if sparsity_objective == "budget":
+            if kurtosis:
+                raise ValueError("FineGatesTrainer: kurtosis weights the reference objective (sparsity_objective='reference')")
+            targets = {m.target_sparsity for m in layers}
+            if len(targets) != 1:
+                raise ValueError(f"FineGatesTrainer: the budget needs one target_sparsity, the gated layers have {sorted(targets)}")
+            self.objective = BudgetObjective(self.model)
+            self.controller = BudgetController(targets.pop(), start=sparsity_start, ramp_steps=sparsity_warmup,
+                                               multiplier_lr=budget_multiplier_lr, penalty=budget_penalty)
+        else:
+            self.objective = ReferenceObjective(kurtosis)
+            self.sparsity_schedule = SparsitySchedule(sparsity_lambda, sparsity_start, sparsity_warmup, sparsity_ramp)
+        self._layers = [m for m in layers if m.target_sparsity is not None]
         self._last_sparsity: Optional[float] = None
+        self._last_lambda = 0.0
+        self._frozen = False
+        self.add_callback(_AfterStep(self))
+
+    def _freeze_at(self) -> Optional[int]:
+        return self.args.max_steps - self.recovery_steps if self.recovery_steps and self.args.max_steps > 0 else None
+
+    def _weight(self, step: int) -> float:
+        freeze = self._freeze_at()
+        if self._frozen or (freeze is not None and step >= freeze):
+            return 0.0
+        return self.controller.weight(step) if self.controller else self.sparsity_schedule(step)
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer class and settings over FineGates' groups: gate logits at
@@ -53,19 +105,68 @@ class FineGatesTrainer(Trainer):
             self.optimizer = cls(groups, **kwargs)
         return self.optimizer
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """The Trainer's schedule; with ``recovery_steps`` it ends at the freeze, after which the
+        gates stop and the rest restarts at ``recovery_lr`` of its peak, decaying to 0."""
+        if not self.recovery_steps or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        optimizer = optimizer or self.optimizer
+        freeze = num_training_steps - self.recovery_steps
+        if freeze <= 0:
+            raise ValueError(f"FineGatesTrainer: recovery_steps={self.recovery_steps} leaves no step to train the gates")
+        base = super().create_scheduler(freeze, optimizer)
+        self.lr_scheduler = with_recovery(optimizer, base, freeze, self.recovery_steps, self.recovery_lr,
+                                          {len(optimizer.param_groups) - 1})
+        return self.lr_scheduler
+
+    def _ga_scaled(self, num_items_in_batch) -> bool:
+        """Whether the Trainer leaves the loss undivided by the accumulation steps (the model or
+        ``compute_loss_func`` normalised it by the items of the whole accumulated batch)."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is not None:
+            return bool(scaled)
+        return (bool(getattr(self, "model_accepts_loss_kwargs", False)) and num_items_in_batch is not None) or \
+            getattr(self, "compute_loss_func", None) is not None
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        lam = self.sparsity_schedule(self.state.global_step)
-        if model.training and lam > 0:
-            sp = sparsity_loss(self.accelerator.unwrap_model(model), kurtosis=self.kurtosis)
-            loss = loss + lam * sp.to(loss.dtype)
+        lam = self._weight(self.state.global_step)
+        budget_on = self.controller is not None and not self._frozen  # its controller reads S every step
+        if model.training and (lam != 0 or budget_on):
+            sp = self.objective.combine({m: self.objective.term(m) for m in self._layers})
+            term = lam * sp.to(loss.dtype)
+            if self._ga_scaled(num_items_in_batch):  # summed over the micro-batches: one step's worth in all
+                term = term / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            loss = loss + term
             self._last_sparsity = float(sp.detach())
+        self._last_lambda = lam
         return (loss, outputs) if return_outputs else loss
 
+    def _after_step(self, step: int) -> None:
+        freeze = self._freeze_at()
+        if freeze is not None and step >= freeze:
+            self._freeze(closing=step == freeze)
+        elif self.controller is not None and self._last_sparsity is not None:
+            self.controller.update(step, self._last_sparsity, self.accelerator.unwrap_model(self.model))
+
+    @torch.no_grad()
+    def _freeze(self, closing: bool) -> None:
+        """The exact closure to the budget (budget objective), then no gate noise."""
+        if self._frozen:
+            return
+        raw = self.accelerator.unwrap_model(self.model)
+        if self.controller is not None and closing:
+            close_to_budget(raw, self.controller.target_sparsity)
+        for m in raw.modules():
+            if isinstance(m, GatedLinear):
+                m.row_gates.sigma = m.col_gates.sigma = 0.0
+        self._frozen = True
+
     def log(self, logs, *args, **kwargs):
-        """The Trainer's logs, with the gates' state (only where the training loss is logged)."""
+        """The Trainer's logs, with the gates' state (only where the training loss is logged):
+        ``lambda`` is the weight the last step trained with."""
         if "loss" in logs:
-            logs["lambda"] = self.sparsity_schedule(self.state.global_step)
+            logs["lambda"] = self._last_lambda
             logs["keep_fraction"] = keep_fraction(self.accelerator.unwrap_model(self.model))
             if self._last_sparsity is not None:
                 logs["sparsity_loss"] = self._last_sparsity

@@ -47,6 +47,7 @@ class GatedLinear(nn.Module):
         sigma: float = 0.1,
         gate_dtype: torch.dtype = torch.float32,
         target_sparsity: Optional[float] = None,
+        straight_through: bool = False,
     ):
         super().__init__()
         if not is_linear_like(base):
@@ -60,8 +61,9 @@ class GatedLinear(nn.Module):
             self.out_features, self.in_features = self.weight.shape
         self.weight.requires_grad_(bool(train_weight))
         dev = self.weight.device
-        self.row_gates = Gates(self.out_features, sigma=sigma, dtype=gate_dtype, device=dev)
-        self.col_gates = Gates(self.in_features, sigma=sigma, dtype=gate_dtype, device=dev)
+        gates = dict(sigma=sigma, dtype=gate_dtype, device=dev, straight_through=straight_through)
+        self.row_gates = Gates(self.out_features, **gates)
+        self.col_gates = Gates(self.in_features, **gates)
         if lora_rank < 0:
             raise ValueError(f"lora_rank must be >= 0, got {lora_rank}")
         self.lora_rank = int(lora_rank)

@@ -1,13 +1,27 @@
-"""The sparsity regulariser and a schedule for its weight lambda."""
+"""The sparsity objectives and a schedule for the reference's weight lambda.
+
+Two objectives, both computed from per-layer terms gathered while each gated layer runs (under FSDP a
+layer's gate logits exist only during its own forward):
+
+- :class:`BudgetObjective` (default): the expected kept fraction of the gated layers' parameters in
+  the compact model (:class:`~finegates.expected_size.ExpectedSize`), weighted by the budget
+  controller's multiplier (:mod:`finegates.budget`);
+- :class:`ReferenceObjective`: the reference's per-layer keep targets (:func:`sparsity_loss`),
+  weighted by a fixed lambda (:class:`SparsitySchedule`).
+"""
 
 from __future__ import annotations
+
+from typing import Dict
 
 import torch
 from torch import Tensor, nn
 
 from .layers import GatedLinear
 
-__all__ = ["sparsity_loss", "layer_loss", "SparsitySchedule"]
+__all__ = ["sparsity_loss", "layer_loss", "SparsitySchedule", "ReferenceObjective", "BudgetObjective", "OBJECTIVES"]
+
+OBJECTIVES = ("budget", "reference")
 
 
 def layer_loss(layer: GatedLinear, kurtosis: bool) -> Tensor:
@@ -77,3 +91,35 @@ class SparsitySchedule:
             t = min(1.0, (step - self.start_step + 1) / self.warmup_steps)
             return self.lam * (t if self.shape == "linear" else 1.0 - (1.0 - t) ** 3)
         return self.lam
+
+
+class ReferenceObjective:
+    """:func:`sparsity_loss` from per-layer terms: ``term(layer)`` as the layer runs, ``combine``."""
+
+    name = "reference"
+
+    def __init__(self, kurtosis: bool = False):
+        self.kurtosis = kurtosis
+
+    def term(self, layer: GatedLinear):
+        return layer_loss(layer, self.kurtosis).float()
+
+    def combine(self, terms: Dict[GatedLinear, Tensor]) -> Tensor:
+        return torch.stack(list(terms.values())).mean()
+
+
+class BudgetObjective:
+    """The expected kept fraction ``S`` of the compact model, from each layer's keep probabilities."""
+
+    name = "budget"
+
+    def __init__(self, model: nn.Module):
+        from .expected_size import ExpectedSize
+
+        self.expected_size = ExpectedSize(model)
+
+    def term(self, layer: GatedLinear):
+        return layer.row_gates.keep_probability(), layer.col_gates.keep_probability()
+
+    def combine(self, terms) -> Tensor:
+        return self.expected_size(terms)

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 __all__ = ["atomic_write_bytes", "write_json", "StepLog", "plot_layers", "LOG_FIELDS", "umask_mode"]
 
-LOG_FIELDS = ["step", "epoch", "loss", "task_loss", "sparsity_loss", "lambda", "keep_fraction", "lr"]
+LOG_FIELDS = ["step", "epoch", "loss", "task_loss", "sparsity_loss", "lambda", "keep_fraction", "target_keep", "lr"]
 
 
 def umask_mode(mode: int) -> int:
@@ -77,28 +77,29 @@ class StepLog:
 
 
 def plot_layers(path: Path, layers: Iterable[Dict[str, Any]], title: str = "") -> None:
-    """Bar plot of the kept fraction of rows and of columns for every gated layer
-    (``compression_report(model)["layers"]``)."""
+    """Bar plot per gated layer of the kept fraction of rows, of columns, and of parameters in the
+    compact model (``compression_report(model)["layers"]``: the parameters come from the
+    compaction plan, so a dimension a layer shares with its partner counts as the pair keeps it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    layers = list(layers)
-    names = [l["name"] for l in layers]
+    layers = [l for l in layers if l.get("gated", True)]
     rows = [l["active_rows"] / l["out_features"] for l in layers]
     cols = [l["active_cols"] / l["in_features"] for l in layers]
-    width = max(6.0, 0.28 * len(layers) + 2)
+    kept = [l["compact_params"] / l["params"] for l in layers]
+    width = max(6.0, 0.36 * len(layers) + 2)
     fig, ax = plt.subplots(figsize=(width, 4.5))
     xs = range(len(layers))
-    ax.bar([x - 0.2 for x in xs], rows, width=0.4, label="rows kept (outputs)")
-    ax.bar([x + 0.2 for x in xs], cols, width=0.4, label="columns kept (inputs)")
-    short = [_short(n) for n in names]
+    ax.bar([x - 0.27 for x in xs], rows, width=0.27, label="rows kept (outputs)")
+    ax.bar(list(xs), cols, width=0.27, label="columns kept (inputs)")
+    ax.bar([x + 0.27 for x in xs], kept, width=0.27, label="parameters kept (compact model)")
     ax.set_xticks(list(xs))
-    ax.set_xticklabels(short, rotation=90, fontsize=7)
+    ax.set_xticklabels([_short(l["name"]) for l in layers], rotation=90, fontsize=7)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("kept fraction")
-    ax.set_title(title or "FineGates: kept rows / columns per gated layer")
+    ax.set_title(title or "FineGates: kept rows / columns / parameters per gated layer")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()

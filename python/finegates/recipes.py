@@ -104,7 +104,7 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
 
     if gated:
         sparsify(model, target_sparsity=args.target_sparsity, lora_rank=args.lora_rank, lora_alpha=_lora_alpha(args),
-                 kurtosis=args.kurtosis, verbose=False)
+                 kurtosis=args.kurtosis, gate_gradient=args.gate_gradient, verbose=False)
         groups = _param_groups(model, args.gate_lr, args.head_lr)
     elif args.method == "dense":
         # Full finetune: the pretrained weights at --learning-rate, the new head (and pooler) at --head-lr.
@@ -195,7 +195,7 @@ def _lm_run(args, accelerator, out_dir, resume_from, on_created, model, tokenize
     lat_batch = latency_batch(val_ds, _lm_collate, args.latency_batch_size, "cpu")
     dense_model = copy.deepcopy(model) if (not args.no_compact and accelerator.is_main_process) else None
     sparsify(model, target_sparsity=args.target_sparsity, train_weights=weight_lr is not None,
-             train_bias=weight_lr is not None, kurtosis=args.kurtosis, verbose=False)
+             train_bias=weight_lr is not None, kurtosis=args.kurtosis, gate_gradient=args.gate_gradient, verbose=False)
     if weight_lr is not None:  # from scratch: everything trains (embeddings, norms, head), not only gated layers
         for p in model.parameters():
             p.requires_grad_(True)

@@ -1,55 +1,85 @@
-"""``compression_report``: what compaction can remove given the current (eval) gates."""
+"""``compression_report``: what compaction removes given the current (eval) gates.
+
+The numbers come from :func:`finegates.compact.compact_size`, the plan :func:`finegates.compact`
+executes, only counted: a dimension two layers share (an MLP unit, a head dim) is removed once
+either side closes it, head sizes are uniform per layer, widths are padded where compaction pads.
+So ``params_compact`` is the parameter count of the compact model, exactly.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from .compact import compact_size
+from .gates import Gates
 from .layers import GatedLinear
 
-__all__ = ["compression_report", "keep_fraction"]
+__all__ = ["compression_report", "keep_fraction", "base_parameters"]
+
+
+def base_parameters(model: nn.Module) -> int:
+    """Distinct parameters of the model without its gates and LoRA factors: the dense model's
+    count, which compaction shrinks."""
+    skip = set()
+    for m in model.modules():
+        if isinstance(m, Gates):
+            skip.update(id(p) for p in m.parameters())
+        elif isinstance(m, GatedLinear) and m.lora_a is not None:
+            skip.update((id(m.lora_a), id(m.lora_b)))
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen and id(p) not in skip:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def _layer_params(m: GatedLinear) -> int:
+    return m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
 
 
 @torch.no_grad()
-def compression_report(model: nn.Module) -> Dict[str, Any]:
-    """Per gated layer with N outputs, K inputs, active rows R and columns C (non-zero eval gates):
-    ``removed_params = N*K - |R|*|C| + (N - |R| if bias else 0)``. LoRA factors are not counted
-    (they fold into the weight). ``params_total`` counts every distinct parameter of the model,
-    ``params_gated`` the weights and biases of the gated layers, ``params_removable`` the sum of
-    ``removed_params`` and ``removed_fraction = params_removable / params_total``."""
-    seen = set()
-    total = 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
+def compression_report(model: nn.Module, *, masks: Optional[Mapping[GatedLinear, Tuple[Tensor, Tensor]]] = None,
+                       portable: bool = False) -> Dict[str, Any]:
+    """The compact model's size, from the compaction plan (``masks``/``portable`` as in
+    :func:`finegates.compact.compact_size`).
+
+    ``params_total``: the model's parameters without gates and LoRA (the dense model);
+    ``params_gated``: weights and biases of the gated layers; ``params_removable``: what
+    compaction removes (also from ungated layers it shrinks with a gated partner);
+    ``params_compact = params_total - params_removable``, the compact model's count;
+    ``removed_fraction`` (of all) and ``removed_fraction_of_gated`` (of the gated layers: the
+    quantity ``target_sparsity`` asks for). ``layers``: per rewritten layer its open rows/columns
+    (gated layers), ``params``, ``compact_params`` and ``removed_params``."""
+    gated = {name: m for name, m in model.named_modules() if isinstance(m, GatedLinear)}
+    plan = compact_size(model, masks=masks, portable=portable) if gated else {}
     layers = []
-    gated = 0
-    removable = 0
-    for name, m in model.named_modules():
-        if not isinstance(m, GatedLinear):
-            continue
-        n, k = m.out_features, m.in_features
-        r = int(m.row_gates.active().numel())
-        c = int(m.col_gates.active().numel())
-        removed = n * k - r * c + ((n - r) if m.bias is not None else 0)
-        gated += m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)
-        removable += removed
-        layers.append(
-            dict(name=name, out_features=n, in_features=k, active_rows=r, active_cols=c, removed_params=removed)
-        )
+    for name, (params, counted) in plan.items():
+        entry: Dict[str, Any] = dict(name=name, gated=name in gated)
+        m = gated.get(name)
+        if m is not None:
+            rows, cols = (masks or {}).get(m, (m.row_gates.eval_values() != 0, m.col_gates.eval_values() != 0))
+            entry.update(out_features=m.out_features, in_features=m.in_features,
+                         active_rows=int(rows.sum()), active_cols=int(cols.sum()))
+        entry.update(params=params, compact_params=counted.params, removed_params=params - counted.params)
+        layers.append(entry)
+    total = base_parameters(model)
+    params_gated = sum(_layer_params(m) for m in gated.values())
+    removable = sum(l["removed_params"] for l in layers)
     return dict(
         params_total=total,
-        params_gated=gated,
+        params_gated=params_gated,
         params_removable=removable,
-        removed_fraction=(removable / total) if total else 0.0,
+        params_compact=total - removable,
+        removed_fraction=removable / total if total else 0.0,
+        removed_fraction_of_gated=removable / params_gated if params_gated else 0.0,
         layers=layers,
     )
 
 
 def keep_fraction(model: nn.Module) -> float:
-    """Fraction of the gated layers' parameters that compaction would keep (1 with no gated layer)."""
-    rep = compression_report(model)
-    return 1.0 - rep["params_removable"] / rep["params_gated"] if rep["params_gated"] else 1.0
+    """Fraction of the gated layers' parameters the compact model keeps (1 with no gated layer)."""
+    return 1.0 - compression_report(model)["removed_fraction_of_gated"]

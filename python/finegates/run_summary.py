@@ -35,17 +35,17 @@ def _training_metrics(result: Dict[str, Any], accelerator) -> Dict[str, Any]:
 
 
 def _compression_metrics(model: nn.Module, out_dir: Path) -> Dict[str, Any]:
-    """The compression report's totals; its per-layer list goes to layers.json and the plot."""
+    """The compression report's totals (from the compaction plan: what the compact model has); its
+    per-layer list goes to layers.json and the plot."""
     from .outputs import plot_layers, write_json
 
     rep = compression_report(model)
-    gated_removed = rep["params_removable"] / rep["params_gated"] if rep["params_gated"] else 0.0
     plot_layers(out_dir / "sparsity_per_layer.png", rep["layers"],
-                title=f"kept rows/columns per layer ({100 * gated_removed:.1f}% of gated params removable)")
+                title=f"kept rows/columns/parameters per layer ({100 * rep['removed_fraction_of_gated']:.1f}% of "
+                      "gated params removed in the compact model)")
     write_json(out_dir / "layers.json", rep["layers"])
-    return dict(removed_fraction=rep["removed_fraction"], removed_fraction_of_gated=gated_removed,
-                params_total=rep["params_total"], params_gated=rep["params_gated"],
-                params_removable=rep["params_removable"])
+    return {k: rep[k] for k in ("removed_fraction", "removed_fraction_of_gated", "params_total", "params_gated",
+                                "params_removable", "params_compact")}
 
 
 def _compact_metrics(model: nn.Module, dense_model: nn.Module, lat_batch, eval_compact: Optional[Callable],
@@ -56,7 +56,8 @@ def _compact_metrics(model: nn.Module, dense_model: nn.Module, lat_batch, eval_c
 
     t = time.perf_counter()
     model_c = compact(model.eval(), progress=True).eval()
-    m: Dict[str, Any] = {"compact_time_s": round(time.perf_counter() - t, 3)}
+    m: Dict[str, Any] = {"compact_time_s": round(time.perf_counter() - t, 3),
+                         "compact_model_params": sum(p.numel() for p in model_c.parameters())}
     if eval_compact is not None:
         t = time.perf_counter()
         m.update({f"compact_{k}": v for k, v in eval_compact(model_c).items()})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import List, Optional, Sequence, Union
 
@@ -18,6 +19,7 @@ logger = logging.getLogger("finegates")
 
 # Names of task-head modules (last name component); never gated by default.
 HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head", "pooler", "cls", "embed_out", "output_projection")
+GATE_GRADIENTS = ("straight-through", "clamp")
 _TASK_HEADS = ("classifier", "score", "qa_outputs")
 _EXCLUDE_PARTS = ("embed", "embeddings", "wte", "wpe") + HEAD_NAMES
 
@@ -110,6 +112,7 @@ def sparsify(
     gate_dtype: torch.dtype = torch.float32,
     kurtosis: bool = False,
     kurtosis_tau: float = 100.0,
+    gate_gradient: str = "straight-through",
     verbose: bool = True,
 ) -> nn.Module:
     """Replace the chosen Linear/Conv1D modules of ``model`` by :class:`GatedLinear`, in place.
@@ -123,6 +126,12 @@ def sparsify(
     (``train_bias``), their weights (``train_weights``), the task head (modules named
     ``classifier``/``score``/``qa_outputs``; with a classifier also the ``pooler``; ``lm_head`` only
     when ``train_weights``), and every module named in ``trainable_modules`` (suffixes).
+    ``target_sparsity``: the fraction of the gated layers' parameters (weights and biases) the compact
+    model removes, counted as :func:`finegates.compact` removes them (the budget objective,
+    :mod:`finegates.budget`); the reference's per-layer objective (:func:`finegates.sparsity_loss`)
+    reads it as each layer's per-dimension target. A target compaction cannot reach (units that must
+    stay) is refused. ``gate_gradient``: ``"straight-through"`` (the task's gradient reaches gates at
+    the top of their clamp, see :class:`finegates.gates.Gates`) or ``"clamp"`` (the reference).
     ``kurtosis=True`` makes the gated layers record the reference's kurtosis weights in training
     forwards, for ``sparsity_loss(model, kurtosis=True)``.
     It can be called again on other modules (e.g. attention and MLP with different targets): the
@@ -131,6 +140,12 @@ def sparsify(
     ts = float(target_sparsity)
     if not (0.0 <= ts < 1.0) or ts != ts:
         raise ValueError(f"target_sparsity must lie in [0, 1), got {target_sparsity!r}")
+    if gate_gradient not in GATE_GRADIENTS:
+        raise ValueError(f"gate_gradient must be one of {GATE_GRADIENTS}, got {gate_gradient!r}")
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    if isinstance(lora_rank, bool) or int(lora_rank) != lora_rank or lora_rank < 0:
+        raise ValueError(f"lora_rank must be an integer >= 0, got {lora_rank!r}")
     match = _matcher(model, target_modules)
     targets: List[str] = [
         n for n, m in model.named_modules() if n and is_linear_like(m) and not isinstance(m, GatedLinear) and match(n)
@@ -163,6 +178,7 @@ def sparsify(
             sigma=sigma,
             gate_dtype=gate_dtype,
             target_sparsity=ts,
+            straight_through=gate_gradient == "straight-through",
         )
         layer.train(base.training)
         if kurtosis:
@@ -182,12 +198,19 @@ def sparsify(
         if n and any(n == s or n.endswith("." + s) for s in head) and not isinstance(m, GatedLinear):
             for p in m.parameters():
                 p.requires_grad_(True)
+    _check_reachable(model, ts)
     total = trainable_parameters(model)
     msg = f"finegates.sparsify: gated {len(targets)} layers, trainable parameters: {total:,}"
     logger.info(msg)
     if verbose:
         print(msg)
     return model
+
+
+def _check_reachable(model: nn.Module, target_sparsity: float) -> None:
+    from .budget import check_reachable
+
+    check_reachable(model, target_sparsity)
 
 
 def param_groups(model: nn.Module, gate_lr: float, other_lr: float, weight_lr: Optional[float] = None):

@@ -31,42 +31,47 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from .errors import UsageError
+from .budget import BudgetController, close_to_budget, with_recovery
 from .layers import GatedLinear
-from .loss import SparsitySchedule, layer_loss, sparsity_loss
+from .loss import BudgetObjective, ReferenceObjective, SparsitySchedule
 from .outputs import StepLog
 from .report import keep_fraction
 from .sparsify import gated_layers
 
 __all__ = ["Objective", "EpochSampler", "TrainState", "train", "find_checkpoint", "CHECKPOINT_RE"]
 
+RECOVERY_SHARE = 0.2  # the default recovery phase: the last fifth of the run
+
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 
 
 class Objective(nn.Module):
-    """``model(**batch)`` plus, when the model is gated, the sparsity loss, in one forward.
+    """``model(**batch)`` plus, when the model is gated, the sparsity objective, in one forward.
 
-    The loss is :func:`finegates.sparsity_loss` (the mean of the per-layer terms), but each layer's
-    term is computed by a forward hook while that layer runs: under FSDP a layer's gate logits are
-    only materialised during its own forward."""
+    ``sparsity`` (:class:`~finegates.loss.BudgetObjective` or :class:`~finegates.loss.ReferenceObjective`)
+    gets each layer's term from a forward hook while that layer runs: under FSDP a layer's gate
+    logits are only materialised during its own forward."""
 
-    def __init__(self, model: nn.Module, gated: bool, kurtosis: bool = False):
+    def __init__(self, model: nn.Module, sparsity=None):
         super().__init__()
         self.model = model
-        self.gated = gated
-        self.kurtosis = kurtosis
-        self._terms: Optional[Dict[int, torch.Tensor]] = None
-        self._layers = 0
-        if gated:
+        self.sparsity = sparsity
+        self.gated = sparsity is not None
+        self._terms: Optional[Dict[nn.Module, Any]] = None
+        self._layers: List[GatedLinear] = []
+        if sparsity is not None:
+            reference = isinstance(sparsity, ReferenceObjective)
             for m in model.modules():
-                if isinstance(m, GatedLinear) and m.target_sparsity is not None:
+                if isinstance(m, GatedLinear) and (m.target_sparsity is not None or not reference):
                     m.register_forward_hook(self._collect)
-                    self._layers += 1
+                    self._layers.append(m)
             if not self._layers:
                 raise ValueError("Objective: the model has no gated layer with a target sparsity")
 
     def _collect(self, module, inputs, output) -> None:
         if self._terms is not None:
-            self._terms[id(module)] = layer_loss(module, self.kurtosis).float()
+            self._terms[module] = self.sparsity.term(module)
 
     def forward(self, batch: Dict[str, torch.Tensor], with_sparsity: bool = True):
         want = self.gated and with_sparsity
@@ -75,10 +80,9 @@ class Objective(nn.Module):
             out = self.model(**batch)
             sp = None
             if want:
-                if len(self._terms) != self._layers:  # some gated layer did not run: fall back
-                    sp = sparsity_loss(self.model, kurtosis=self.kurtosis)
-                else:
-                    sp = torch.stack(list(self._terms.values())).mean()
+                if len(self._terms) != len(self._layers):  # some gated layer did not run: read them all
+                    self._terms = {m: self.sparsity.term(m) for m in self._layers}
+                sp = self.sparsity.combine(self._terms)
         finally:
             self._terms = None
         return out, sp
@@ -178,34 +182,70 @@ class _Loop:
     sampler: EpochSampler
     trainable: List[torch.Tensor]
     max_steps: int
+    recovery_steps: int = 0
+
+
+def _sparsity_objective(args, model: nn.Module, gated: bool):
+    if not gated:
+        return None
+    if getattr(args, "sparsity_objective", "budget") == "reference":
+        return ReferenceObjective(kurtosis=bool(getattr(args, "kurtosis", False)))
+    return BudgetObjective(model)
+
+
+def _gate_groups(param_groups: List[Dict[str, Any]], model: nn.Module) -> set:
+    thetas = {id(g.theta) for _, layer in gated_layers(model) for g in (layer.row_gates, layer.col_gates)}
+    return {i for i, g in enumerate(param_groups) if g["params"] and all(id(p) in thetas for p in g["params"])}
+
+
+def _scheduler(args, optimizer, max_steps: int, n_proc: int, recovery: int, gate_groups: set):
+    """The LR schedule (per process step, accelerate's convention); with a recovery phase the main
+    schedule ends at the freeze and the recovery schedule of :func:`finegates.budget.with_recovery`
+    follows."""
+    from transformers import get_scheduler
+
+    main_steps = max_steps - recovery
+    base = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps * n_proc,
+                         num_training_steps=main_steps * n_proc)
+    if not recovery:
+        return base
+    return with_recovery(optimizer, base, main_steps * n_proc, recovery * n_proc,
+                         float(getattr(args, "recovery_lr", 0.5)), gate_groups)
 
 
 def _prepare(args, accelerator, model, gated, train_dataset, eval_dataset, collate_fn, param_groups) -> _Loop:
     """Data loaders (shuffled by EpochSampler's own generator), AdamW, the LR schedule, all prepared."""
-    from transformers import get_scheduler
-
     sampler = EpochSampler(len(train_dataset), args.seed)
     train_dl = DataLoader(
         train_dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_fn,
         generator=torch.Generator().manual_seed(args.seed),
     )
     eval_dl = DataLoader(eval_dataset, batch_size=args.eval_batch_size, shuffle=False, collate_fn=collate_fn)
-    objective = Objective(model, gated=gated, kurtosis=bool(getattr(args, "kurtosis", False)))
+    objective = Objective(model, _sparsity_objective(args, model, gated))
     optimizer = torch.optim.AdamW(param_groups, weight_decay=args.weight_decay)
     n_proc = accelerator.num_processes
     batches_per_epoch = math.ceil(len(train_dataset) / (args.batch_size * n_proc))
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
     max_steps = args.max_steps if args.max_steps else args.epochs * steps_per_epoch
-    # The prepared scheduler steps once per process per optimizer step (accelerate's convention).
-    scheduler = get_scheduler(
-        args.lr_scheduler, optimizer,
-        num_warmup_steps=args.warmup_steps * n_proc, num_training_steps=max_steps * n_proc,
-    )
+    recovery = _recovery_steps(args, gated, max_steps)
+    scheduler = _scheduler(args, optimizer, max_steps, n_proc, recovery, _gate_groups(param_groups, model))
     objective, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
         objective, optimizer, train_dl, eval_dl, scheduler
     )
     trainable = [p for g in param_groups for p in g["params"]]
-    return _Loop(objective, optimizer, scheduler, train_dl, eval_dl, sampler, trainable, max_steps)
+    return _Loop(objective, optimizer, scheduler, train_dl, eval_dl, sampler, trainable, max_steps, recovery)
+
+
+def _recovery_steps(args, gated: bool, max_steps: int) -> int:
+    """``--recovery-steps``; None: a fifth of the run (``RECOVERY_SHARE``)."""
+    if not gated:
+        return 0
+    recovery = getattr(args, "recovery_steps", 0)
+    if recovery is None:
+        return int(max_steps * RECOVERY_SHARE)
+    if recovery >= max_steps:
+        raise UsageError(f"--recovery-steps {recovery} leaves no step to train the gates in a run of {max_steps} steps")
+    return int(recovery)
 
 
 class _Means:
@@ -216,26 +256,31 @@ class _Means:
 
     def reset(self) -> None:
         self.loss = self.task = self.sparsity = 0.0
+        self.last_sparsity: Optional[float] = None
         self.n = 0
 
     def add(self, loss, task_loss, sp) -> None:
         self.loss += float(loss.detach())
         self.task += float(task_loss.detach())
-        self.sparsity += float(sp.detach()) if sp is not None else 0.0
+        self.last_sparsity = float(sp.detach()) if sp is not None else None
+        self.sparsity += self.last_sparsity or 0.0
         self.n += 1
 
 
-def _step_record(step, epoch, means: _Means, lam, loop: _Loop, raw_model, gated) -> Dict[str, Any]:
-    """One row of train_log.csv."""
+def _step_record(step, epoch, means: _Means, lam, loop: _Loop, raw_model, gates: "_GateControl") -> Dict[str, Any]:
+    """One row of train_log.csv (``sparsity_loss``: the objective's value, with the budget objective
+    the expected kept fraction; ``target_keep``: the kept fraction the objective aims at now)."""
     n = max(means.n, 1)
+    gated = gates.gated
     return dict(
         step=step, epoch=epoch, loss=means.loss / n, task_loss=means.task / n,
         sparsity_loss=means.sparsity / n if gated else "", **{"lambda": lam},
-        keep_fraction=keep_fraction(raw_model) if gated else "", lr=loop.scheduler.get_last_lr()[0],
+        keep_fraction=keep_fraction(raw_model) if gated else "",
+        target_keep=gates.target_keep(step) if gated else "", lr=loop.scheduler.get_last_lr()[-1],
     )
 
 
-def _report(record, bar, log: StepLog, accelerator, gated) -> None:
+def _report(record, bar, log: StepLog, accelerator, gated: bool) -> None:
     """A logged step: the CSV row, the progress bar and any Accelerate tracker."""
     log.append(record)
     post = {"loss": f"{record['loss']:.4f}"}
@@ -260,19 +305,64 @@ def _train_step(loop: _Loop, batch, lam: float, args, accelerator):
     return loss, out.loss, sp
 
 
-def _freeze_gates(loop: _Loop, raw_model: nn.Module) -> None:
-    """The recovery phase (``--recovery-steps``): the gates keep their current deterministic values
-    (no noise, learning rate 0), so the head and adapters adapt to the model compaction will keep."""
-    thetas = set()
+class _GateControl:
+    """What the gates do at each step: the sparsity weight (the budget controller's multiplier, or
+    the reference's lambda schedule), the controller's update after the step, and the freeze
+    (exact closure to the budget, then no noise and no learning rate) at ``max_steps -
+    recovery_steps``, or after the last step when there is no recovery phase."""
+
+    def __init__(self, args, loop: _Loop, raw_model: nn.Module, gated: bool, accelerator):
+        self.gated, self.raw_model, self.accelerator = gated, raw_model, accelerator
+        budget = gated and getattr(args, "sparsity_objective", "budget") == "budget"
+        self.controller = BudgetController(
+            args.target_sparsity, start=args.sparsity_start, ramp_steps=args.sparsity_warmup,
+            multiplier_lr=getattr(args, "budget_multiplier_lr", 1.0), penalty=getattr(args, "budget_penalty", 50.0),
+        ) if budget else None
+        self.lam_of = None if budget or not gated else SparsitySchedule(
+            args.sparsity_lambda, start_step=args.sparsity_start, warmup_steps=args.sparsity_warmup,
+            shape=getattr(args, "sparsity_ramp", "linear"))
+        self.reference_keep = 1.0 - float(getattr(args, "target_sparsity", 0.0))
+        self.freeze_at = loop.max_steps - loop.recovery_steps if gated and loop.recovery_steps else None
+        self.frozen = False
+
+    def before_step(self, step: int) -> float:
+        if not self.gated:
+            return 0.0
+        if self.freeze_at is not None and step >= self.freeze_at:
+            if not self.frozen:
+                _freeze_gates(self.raw_model, self.controller, step == self.freeze_at, self.accelerator)
+                self.frozen = True
+            return 0.0
+        return self.controller.weight(step) if self.controller else self.lam_of(step)
+
+    def after_step(self, step: int, expected: Optional[float]) -> None:
+        if self.controller is not None and not self.frozen and expected is not None:
+            self.controller.update(step, expected, self.raw_model)
+
+    def target_keep(self, step: int) -> float:
+        return self.controller.target_kept(step) if self.controller else self.reference_keep
+
+    def finish(self, step: int) -> None:
+        """Without a recovery phase the budget's exact closure comes after the last step."""
+        if self.controller is not None and not self.frozen:
+            _freeze_gates(self.raw_model, self.controller, True, self.accelerator)
+            self.frozen = True
+
+
+def _freeze_gates(raw_model: nn.Module, controller: Optional[BudgetController], closing: bool, accelerator) -> None:
+    """The recovery phase (``--recovery-steps``): with the budget objective the gates are first closed
+    exactly to the requested size (``closing``: not again when resuming past the freeze); then they
+    keep their deterministic values (no noise; their learning rate is 0 from here, see
+    :func:`_scheduler`), so the head and adapters adapt to the model compaction will keep."""
+    if controller is not None and closing:
+        done = close_to_budget(raw_model, controller.target_sparsity)
+        accelerator.print(
+            f"finegates: gates frozen at {100 * done['removed_fraction']:.2f}% removed ({done['newly_closed']} closed, "
+            f"{done['reopened']} reopened at the freeze)"
+        )
     for _, layer in gated_layers(raw_model):
         for gates in (layer.row_gates, layer.col_gates):
             gates.sigma = 0.0
-            thetas.add(id(gates.theta))
-    sched = getattr(loop.scheduler, "scheduler", loop.scheduler)  # accelerate wraps the torch scheduler
-    for i, group in enumerate(loop.optimizer.param_groups):
-        if group["params"] and all(id(p) in thetas for p in group["params"]):
-            group["lr"] = 0.0
-            sched.base_lrs[i] = 0.0
 
 
 def train(
@@ -302,14 +392,15 @@ def train(
     loop = _prepare(args, accelerator, model, gated, train_dataset, eval_dataset, collate_fn, param_groups)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
+    gates = _GateControl(args, loop, accelerator.unwrap_model(loop.objective).model, gated, accelerator)
+    if gates.controller is not None:
+        accelerator.register_for_checkpointing(gates.controller)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         accelerator.print(f"finegates: resumed from {resume_from} (step {state.step})")
     ga = args.gradient_accumulation_steps
     steps_per_epoch = max(1, math.ceil(len(loop.train_dl) / ga))
     raw_model = accelerator.unwrap_model(loop.objective).model
-    lam_of = SparsitySchedule(args.sparsity_lambda, start_step=args.sparsity_start, warmup_steps=args.sparsity_warmup,
-                              shape=getattr(args, "sparsity_ramp", "linear"))
     main = accelerator.is_main_process
     log = StepLog(Path(output_dir) / "train_log.csv", resume_step=state.step if resume_from else None) if main else None
     bar = tqdm(total=loop.max_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
@@ -318,7 +409,6 @@ def train(
     skip = (step % steps_per_epoch) * ga
     last: Dict[str, Any] = {}
     means = _Means()
-    frozen = False
     t0 = time.perf_counter()
     while step < loop.max_steps:
         loop.train_dl.set_epoch(epoch)
@@ -327,19 +417,16 @@ def train(
         skip = 0
         loop.objective.train()
         for batch in dl:
-            recovering = gated and step >= loop.max_steps - getattr(args, "recovery_steps", 0)
-            if recovering and not frozen:
-                _freeze_gates(loop, raw_model)
-                frozen = True
-            lam = 0.0 if recovering else lam_of(step)
+            lam = gates.before_step(step)
             means.add(*_train_step(loop, batch, lam, args, accelerator))
             if not accelerator.sync_gradients:
                 continue
             step += 1
             state.step = step
+            gates.after_step(step, means.last_sparsity)
             bar.update(1)
             if main and (step % args.logging_steps == 0 or step == loop.max_steps or step == 1):
-                last = _step_record(step, epoch, means, lam, loop, raw_model, gated)
+                last = _step_record(step, epoch, means, lam, loop, raw_model, gates)
                 _report(last, bar, log, accelerator, gated)
             means.reset()
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
@@ -349,6 +436,7 @@ def train(
             if step >= loop.max_steps:
                 break
         epoch += 1
+    gates.finish(step)
     state.train_time += time.perf_counter() - t0
     bar.close()
     if main:

@@ -1,0 +1,204 @@
+"""The size budget: the expected-size surrogate against the exact plan, the controller, the exact
+closure at the freeze, and the refusals (unreachable targets, bad controller settings)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import finegates
+from finegates.budget import BudgetController, check_reachable, close_to_budget, kept_fraction, with_recovery
+from finegates.expected_size import ExpectedSize, keep_probabilities
+from finegates.layers import GatedLinear
+
+from families import BUILDERS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _gated(family: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = BUILDERS[family]().eval()
+    return finegates.sparsify(model, target_sparsity=0.3, verbose=False)
+
+
+def _random_closed(model: nn.Module, fraction: float, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, GatedLinear):
+                for gates in (m.row_gates, m.col_gates):
+                    closed = torch.rand(gates.size, generator=g) < fraction
+                    gates.theta.copy_(torch.where(closed, -3.0, 3.0))
+
+
+def _hard(model: nn.Module):
+    return {m: ((m.row_gates.eval_values() > 0).float(), (m.col_gates.eval_values() > 0).float())
+            for m in model.modules() if isinstance(m, GatedLinear)}
+
+
+def test_expected_size_is_exact_for_layers_on_their_own():
+    """Without a block layout every gated layer counts |R| |C| + bias |R|: the surrogate at hard
+    0/1 probabilities is the exact compact size."""
+    torch.manual_seed(0)
+    model = finegates.sparsify(nn.Sequential(nn.Linear(16, 40), nn.Tanh(), nn.Linear(40, 8, bias=False)),
+                               target_sparsity=0.2, target_modules=["0", "2"], verbose=False)
+    _random_closed(model, 0.3, seed=1)
+    size = ExpectedSize(model)
+    assert size.paired_layers == 0
+    assert float(size(_hard(model))) == pytest.approx(kept_fraction(model), abs=1e-6)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("fraction", [0.1, 0.3])
+def test_expected_size_follows_the_plan(family, fraction):
+    """At hard probabilities the surrogate is within 0.06 of the exact kept fraction (it ignores
+    width padding and head-size rounding), and it counts a shared MLP unit once: closing only the
+    down-projection's columns removes the up-projection's rows too."""
+    model = _gated(family)
+    _random_closed(model, fraction, seed=2)
+    size = ExpectedSize(model)
+    assert size.paired_layers > 0
+    assert abs(float(size(_hard(model))) - kept_fraction(model)) <= 0.06
+
+
+def test_expected_size_couples_the_mlp_unit():
+    model = _gated("bert")
+    _random_closed(model, 0.0, seed=0)
+    size = ExpectedSize(model)
+    down = model.bert.encoder.layer[0].output.dense
+    up = model.bert.encoder.layer[0].intermediate.dense
+    probs = _hard(model)
+    before = float(size(probs))
+    cols = probs[down][1].clone()
+    cols[:10] = 0
+    probs[down] = (probs[down][0], cols)
+    saved = (before - float(size(probs))) * size.params_gated
+    per_unit = up.in_features + 1 + down.out_features  # an up row with its bias, a down column
+    assert saved == pytest.approx(10 * per_unit, rel=1e-4)
+
+
+def test_expected_size_has_a_gradient_for_every_gate():
+    model = _gated("bert")
+    size = ExpectedSize(model)
+    size(keep_probabilities(model)).backward()
+    for m in model.modules():
+        if isinstance(m, GatedLinear):
+            for gates in (m.row_gates, m.col_gates):
+                assert gates.theta.grad is not None and bool((gates.theta.grad > 0).all())
+
+
+def test_controller_ramps_and_integrates():
+    c = BudgetController(0.4, start=10, ramp_steps=20, multiplier_lr=2.0, penalty=10.0, measure_every=1)
+    assert c.target_kept(5) == 1.0 and c.weight(5) == 0.0
+    assert c.target_kept(29) == pytest.approx(0.6) and c.target_kept(100) == pytest.approx(0.6)
+    assert 0.6 < c.target_kept(15) < 1.0
+    c.update(30, expected=0.7, model=None)  # 0.1 too large: the penalty acts, the multiplier waits
+    assert c.error == pytest.approx(0.1) and c.lam == 0.0
+    assert c.weight(31) == pytest.approx(10.0 * 0.1)
+    c.update(31, expected=0.61, model=None)  # near the target: the multiplier integrates
+    assert c.lam == pytest.approx(2.0 * 0.01)
+    c.update(32, expected=0.59, model=None)  # now too small: it falls
+    assert c.lam == pytest.approx(0.0, abs=1e-12)
+    d = BudgetController(0.4)
+    d.load_state_dict(c.state_dict())
+    assert d.state_dict() == c.state_dict()
+
+
+def test_controller_measures_exactly_and_offsets_between():
+    model = _gated("bert")
+    _random_closed(model, 0.2, seed=3)
+    exact = kept_fraction(model)
+    c = BudgetController(0.4, measure_every=5)
+    c.update(5, expected=0.9, model=model)
+    assert c.kept == pytest.approx(exact) and c.offset == pytest.approx(exact - 0.9)
+    c.update(6, expected=0.8, model=model)  # not a measuring step: the expected value, shifted
+    assert c.kept == pytest.approx(0.8 + exact - 0.9)
+
+
+@pytest.mark.parametrize("bad", [dict(target_sparsity=1.0), dict(target_sparsity=-0.1), dict(target_sparsity=math.nan),
+                                 dict(multiplier_lr=-1.0), dict(penalty=math.inf), dict(measure_every=0),
+                                 dict(ramp_steps=2.5), dict(start=-1)])
+def test_controller_refuses_bad_settings(bad):
+    kw = dict(target_sparsity=0.4, **{k: v for k, v in bad.items() if k != "target_sparsity"})
+    kw["target_sparsity"] = bad.get("target_sparsity", 0.4)
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        BudgetController(**kw)
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("target", [0.2, 0.5])
+def test_close_to_budget_lands_within_one_unit(family, target):
+    """Gates at random logits: after the closure the compact model removes the request up to the
+    MLP's width padding (up to 15 zero-filled units: 4% of these tiny models, 0.1% of MiniLM), and
+    it has exactly the parameters the report gives."""
+    model = _gated(family)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, GatedLinear):
+                for gates in (m.row_gates, m.col_gates):
+                    gates.theta.copy_(torch.randn(gates.size, generator=g) * 0.5 + 0.3)
+    done = close_to_budget(model, target)
+    rep = finegates.compression_report(model)
+    assert rep["removed_fraction_of_gated"] == pytest.approx(done["removed_fraction"])
+    assert abs(rep["removed_fraction_of_gated"] - target) <= 0.025
+    finegates.compact(model)
+    assert sum(p.numel() for p in model.parameters()) == rep["params_compact"]
+
+
+def test_close_to_budget_closes_the_lowest_gates():
+    torch.manual_seed(0)
+    model = finegates.sparsify(nn.Sequential(nn.Linear(10, 10, bias=False)), target_sparsity=0.5,
+                               target_modules=["0"], verbose=False)
+    layer = model[0]
+    with torch.no_grad():
+        layer.row_gates.theta.copy_(torch.linspace(-2, 2, 10))  # rows 0..3 closed (tanh < -0.5)
+        layer.col_gates.theta.fill_(3.0)
+    done = close_to_budget(model, 0.2)  # 2 rows of 10 = 20 %
+    assert done["removed_fraction"] == pytest.approx(0.2) and done["reopened"] == 2
+    assert (layer.row_gates.eval_values() > 0).tolist() == [False] * 2 + [True] * 8
+
+
+def test_every_gate_closed_removes_every_gated_parameter():
+    """What the reachability check computes: with all gates closed the plan keeps nothing of the
+    gated layers (biases go with their rows), so every target in [0, 1) can be reached."""
+    assert check_reachable(_gated("bert"), 0.99) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="target_sparsity"):
+        finegates.sparsify(BUILDERS["bert"](), target_sparsity=1.0, verbose=False)
+
+
+def test_recovery_schedule_stops_the_gates_and_restarts_the_rest():
+    gates, head = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([dict(params=[gates], lr=0.1), dict(params=[head], lr=1.0)])
+    base = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / 8)
+    sched = with_recovery(opt, base, freeze=8, recovery=4, recovery_lr=0.5, frozen_groups={0})
+    lrs = []
+    for _ in range(12):
+        lrs.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    assert lrs[7] == pytest.approx([0.1 / 8, 1.0 / 8])
+    assert [l[0] for l in lrs[8:]] == [0.0] * 4
+    assert [l[1] for l in lrs[8:]] == pytest.approx([0.5, 0.375, 0.25, 0.125])
+
+
+def test_straight_through_gates_pass_the_gradient_at_the_top():
+    plain = finegates.Gates(6, sigma=0.0)
+    st = finegates.Gates(6, sigma=0.0, straight_through=True)
+    with torch.no_grad():
+        st.theta.copy_(plain.theta)  # every value above 1: the clamp's top
+    for g in (plain, st):
+        g.train()
+        g.values().sum().backward()
+    assert torch.equal(plain.values(), st.values())
+    assert bool((plain.theta.grad == 0).all()) and bool((st.theta.grad > 0).all())
+    with torch.no_grad():
+        st.theta.fill_(-2.0)  # closed: still exactly 0, no gradient
+    st.theta.grad = None
+    st.values().sum().backward()
+    assert bool((st.values() == 0).all()) and bool((st.theta.grad == 0).all())
