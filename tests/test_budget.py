@@ -202,3 +202,37 @@ def test_straight_through_gates_pass_the_gradient_at_the_top():
     st.theta.grad = None
     st.values().sum().backward()
     assert bool((st.values() == 0).all()) and bool((st.theta.grad == 0).all())
+
+
+def test_self_distillation_teacher_is_the_model_with_its_gates_open():
+    """The teacher is the same model with every gate open (no gate noise drawn); the KL term is 0
+    when the student computes the same, positive once gates close."""
+    from finegates.layers import gates_open
+    from finegates.loss import BudgetObjective
+    from finegates.trainer import Objective
+
+    from families import inputs
+
+    model = _gated("bert")
+    ids, mask = inputs()
+    batch = dict(input_ids=ids, attention_mask=mask)
+    objective = Objective(model, BudgetObjective(model), distill_weight=1.0, distill_temperature=2.0)
+    teacher = objective._teacher_logits(batch)
+    with torch.no_grad():
+        with gates_open():
+            again = model.eval()(**batch).logits
+        _random_closed(model, 0.0, seed=0)  # every gate open and exactly 1
+        dense_like = model(**batch).logits
+    assert torch.equal(teacher, again)
+    torch.testing.assert_close(dense_like, teacher, rtol=1e-5, atol=1e-6)
+    assert float(objective.distillation(teacher, teacher)) == pytest.approx(0.0, abs=1e-6)
+    _random_closed(model, 0.3, seed=1)
+    with torch.no_grad():
+        student = model(**batch).logits
+    assert not torch.allclose(student, teacher, rtol=0, atol=1e-6)  # closing gates moves the student
+    # the term itself: T^2 KL(teacher || student) at T, by hand on logits far apart
+    s_logits, t_logits = torch.randn(4, 3) * 3, torch.randn(4, 3) * 3
+    p_t = torch.softmax(t_logits / 2.0, -1)
+    by_hand = (p_t * (p_t.log() - torch.log_softmax(s_logits / 2.0, -1))).sum(-1).mean() * 4.0
+    torch.testing.assert_close(objective.distillation(s_logits, t_logits), by_hand)
+    assert float(by_hand) > 1e-3

@@ -348,3 +348,30 @@ def test_recovery_steps_freeze_the_gates_at_the_end(tiny_bert, sst_small, tmp_pa
     m = json.loads((out / "metrics.json").read_text())
     assert m["final_lambda"] == 0.0
     assert abs(m["removed_fraction_of_gated"] - 0.5) <= 0.03
+
+
+# The run of the reference objective before the size budget landed (same tiny BERT, data and seed):
+# losses, sparsity terms and lambdas per step, and the final accuracy.
+_REFERENCE_RUN = dict(
+    loss=[0.70439744, 0.69130206, 2.74415684, 3.46771979, 3.48547697, 3.22606492, 2.76270771, 1.70916748, 1.16644287, 1.49005389, 1.20867491, 0.90724814],
+    sparsity=[0.2939204, 0.29391208, 0.29387024, 0.28959543, 0.27877554, 0.2525925, 0.19617611, 0.09483085, 0.04937163, 0.07928845, 0.04932038, 0.01963464],
+    lam=[0.0, 0.0, 7.037037037037036, 9.62962962962963, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0],
+    accuracy=0.40625,
+)
+
+
+def test_reference_objective_reproduces_the_earlier_runs(tiny_bert, sst_small, tmp_path):
+    """--sparsity-objective reference with the reference's clamp and no recovery phase trains as the
+    implementation did before the budget existed: the same log to float rounding, the same accuracy."""
+    out = tmp_path / "ref"
+    argv = _ft_args(tiny_bert, sst_small, out, "--sparsity-objective", "reference", "--gate-gradient", "clamp",
+                    "--sparsity-lambda", "10", "--target-sparsity", "0.3", "--logging-steps", "1",
+                    "--sparsity-start", "2", "--sparsity-warmup", "3", "--lora-rank", "2", "--max-steps", "12",
+                    "--no-compact")
+    assert main(argv) == 0
+    rows = list(csv.DictReader(open(out / "train_log.csv")))
+    got = dict(loss=[float(r["loss"]) for r in rows], sparsity=[float(r["sparsity_loss"]) for r in rows],
+               lam=[float(r["lambda"]) for r in rows])
+    for key in ("loss", "sparsity", "lam"):
+        assert got[key] == pytest.approx(_REFERENCE_RUN[key], rel=1e-5, abs=1e-7), key
+    assert json.loads((out / "metrics.json").read_text())["accuracy"] == _REFERENCE_RUN["accuracy"]

@@ -107,6 +107,11 @@ def _common(p: argparse.ArgumentParser, *, batch: int, lr_default: float, gate_l
     g.add_argument("--recovery-lr", type=_number(float, lo=0.0, hi=1.0, hi_open=False), default=0.5,
                    help="learning rate of the recovery phase, as a fraction of the peak, decaying linearly to 0 "
                         "(default 0.5)")
+    g.add_argument("--distill-weight", type=_nonneg_float, default=0.0,
+                   help="self-distillation: weight of the KL divergence from the same model with its gates open (one "
+                        "extra no-grad forward per step) (default 0: off)")
+    g.add_argument("--distill-temperature", type=_number(float, lo=0.0, lo_open=True), default=2.0,
+                   help="softmax temperature of the self-distillation (default 2)")
     p.set_defaults(reference_lambda=lam)
     g.add_argument("--kurtosis", action="store_true", help="kurtosis-weighted sparsity loss (reference --kurt)")
     g = p.add_argument_group("training")

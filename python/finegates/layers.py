@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Optional
 
@@ -12,7 +14,7 @@ import fg_kernels
 
 from .gates import Gates
 
-__all__ = ["GatedLinear", "is_conv1d", "is_linear_like", "set_backend", "BACKENDS"]
+__all__ = ["GatedLinear", "is_conv1d", "is_linear_like", "set_backend", "gates_open", "BACKENDS"]
 
 # "ops": fg::gated_linear, dispatched by device (C++ on CPU, Triton on CUDA).
 # "triton": fg_triton::gated_linear, the Triton kernels on any device (CPU tensors under
@@ -27,6 +29,19 @@ def is_conv1d(module: nn.Module) -> bool:
 
 def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+_GATES_OPEN: contextvars.ContextVar = contextvars.ContextVar("finegates_gates_open", default=False)
+
+
+@contextlib.contextmanager
+def gates_open():
+    """Every GatedLinear computes with all its gates open (the adapter and bias still apply)."""
+    token = _GATES_OPEN.set(True)
+    try:
+        yield
+    finally:
+        _GATES_OPEN.reset(token)
 
 
 class GatedLinear(nn.Module):
@@ -89,7 +104,11 @@ class GatedLinear(nn.Module):
         return self.weight.t() if self.transposed else self.weight
 
     def gate_values(self):
-        """(row, col) gate values, sampled in this order when training."""
+        """(row, col) gate values, sampled in this order when training; all ones inside
+        :func:`gates_open` (the teacher of self-distillation: no gate noise drawn)."""
+        if _GATES_OPEN.get():
+            ones = torch.ones((), dtype=self.row_gates.theta.dtype, device=self.row_gates.theta.device)
+            return ones.expand(self.out_features), ones.expand(self.in_features)
         return self.row_gates.values(), self.col_gates.values()
 
     def forward(self, x: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from .errors import UsageError
 from .budget import BudgetController, close_to_budget, with_recovery
-from .layers import GatedLinear
+from .layers import GatedLinear, gates_open
 from .loss import BudgetObjective, ReferenceObjective, SparsitySchedule
 from .outputs import StepLog
 from .report import keep_fraction
@@ -53,10 +53,11 @@ class Objective(nn.Module):
     gets each layer's term from a forward hook while that layer runs: under FSDP a layer's gate
     logits are only materialised during its own forward."""
 
-    def __init__(self, model: nn.Module, sparsity=None):
+    def __init__(self, model: nn.Module, sparsity=None, distill_weight: float = 0.0, distill_temperature: float = 1.0):
         super().__init__()
         self.model = model
         self.sparsity = sparsity
+        self.distill_weight, self.distill_temperature = float(distill_weight), float(distill_temperature)
         self.gated = sparsity is not None
         self._terms: Optional[Dict[nn.Module, Any]] = None
         self._layers: List[GatedLinear] = []
@@ -73,11 +74,32 @@ class Objective(nn.Module):
         if self._terms is not None:
             self._terms[module] = self.sparsity.term(module)
 
+    @torch.no_grad()
+    def _teacher_logits(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Self-distillation's teacher: the same model with every gate open, without dropout."""
+        self.model.eval()
+        try:
+            with gates_open():
+                return self.model(**batch).logits.detach()
+        finally:
+            self.model.train()
+
+    def distillation(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """``T^2 KL(softmax(teacher / T) || softmax(student / T))``, mean over examples (tokens)."""
+        t = self.distill_temperature
+        s_log = torch.log_softmax(student.float().flatten(0, -2) / t, -1)
+        t_log = torch.log_softmax(teacher.float().flatten(0, -2) / t, -1)
+        return torch.nn.functional.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * t * t
+
     def forward(self, batch: Dict[str, torch.Tensor], with_sparsity: bool = True):
         want = self.gated and with_sparsity
+        distill = want and self.distill_weight > 0 and self.training
+        teacher = self._teacher_logits(batch) if distill else None
         self._terms = {} if want else None
         try:
             out = self.model(**batch)
+            if teacher is not None:
+                out.loss = out.loss + self.distill_weight * self.distillation(out.logits, teacher)
             sp = None
             if want:
                 if len(self._terms) != len(self._layers):  # some gated layer did not run: read them all
@@ -221,7 +243,8 @@ def _prepare(args, accelerator, model, gated, train_dataset, eval_dataset, colla
         generator=torch.Generator().manual_seed(args.seed),
     )
     eval_dl = DataLoader(eval_dataset, batch_size=args.eval_batch_size, shuffle=False, collate_fn=collate_fn)
-    objective = Objective(model, _sparsity_objective(args, model, gated))
+    objective = Objective(model, _sparsity_objective(args, model, gated), getattr(args, "distill_weight", 0.0),
+                          getattr(args, "distill_temperature", 1.0))
     optimizer = torch.optim.AdamW(param_groups, weight_decay=args.weight_decay)
     n_proc = accelerator.num_processes
     batches_per_epoch = math.ceil(len(train_dataset) / (args.batch_size * n_proc))
