@@ -29,7 +29,8 @@ RESULTS = BENCH / "RESULTS_QUALITY_SWEEP.md"
 LINEAR = ["--lr-scheduler", "linear", "--warmup-steps", "50"]
 CONST = ["--lr-scheduler", "constant", "--warmup-steps", "0"]
 
-# name -> (what it changes, arguments). Every run also gets --max-steps 500 --seed S --no-compact.
+# name -> (what it changes, arguments[, optimizer steps]). Every run also gets --max-steps (the row's steps,
+# else --steps) and --seed S; runs without gates also --no-compact.
 A8, A16 = ["--lora-alpha", "8"], ["--lora-alpha", "16"]  # LoRA scale 1 (the old FineGates default) or 2 (PEFT's)
 CONFIGS: Dict[str, tuple] = {
     "dense-const-cls": ("dense full finetune, constant lr, CLS pooling", ["--method", "dense", *CONST, "--pooling", "cls"]),
@@ -67,6 +68,10 @@ CONFIGS: Dict[str, tuple] = {
                            ["--target-sparsity", "0.4", "--gate-gradient", "clamp"]),
     "fg-budget-40-norecovery": ("... 40%, no recovery phase (closure after the last step)",
                                 ["--target-sparsity", "0.4", "--recovery-steps", "0"]),
+    "fg-budget-40-distill": ("... 40%, self-distillation from the model with its gates open (weight 1, T 2)",
+                             ["--target-sparsity", "0.4", "--distill-weight", "1.0"]),
+    "lora-linear-mean-1000": ("PEFT LoRA r=8 as `lora-linear-mean`, 1,000 steps", ["--method", "lora", *LINEAR, "--pooling", "mean"], 1000),
+    "fg-budget-40-1000": ("FineGates, size budget, 40% requested, 1,000 steps", ["--target-sparsity", "0.4"], 1000),
     "fg-reference-22": ("FineGates, the reference's per-layer objective, t = 0.22 (the earlier default run)",
                         ["--sparsity-objective", "reference", "--target-sparsity", "0.22", "--sparsity-warmup", "50",
                          "--recovery-steps", "0", "--gate-gradient", "clamp"]),
@@ -82,6 +87,7 @@ def run_one(name: str, seed: int, steps: int, out: Path) -> Dict:
     if (d / "metrics.json").is_file():
         return json.loads((d / "metrics.json").read_text())
     compact = [] if name.startswith("fg-") else ["--no-compact"]  # the compact model's size is the result
+    steps = CONFIGS[name][2] if len(CONFIGS[name]) > 2 else steps
     argv = [sys.executable, "-m", "finegates", "finetune", *CONFIGS[name][1], "--max-steps", str(steps),
             "--seed", str(seed), *compact, "--logging-steps", "50", "--output-dir", str(d), "--overwrite"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -107,7 +113,7 @@ def render(out: Path) -> str:
     rows = ["| configuration | what | seeds | accuracy % mean (min–max) | requested % | removed in the compact model % "
             "| compact = gated accuracy | train time s |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for name, (what, _) in CONFIGS.items():
+    for name, (what, *_) in CONFIGS.items():
         ms = [json.loads(p.read_text()) for p in sorted(out.glob(f"{name}-s*/metrics.json"))]
         if not ms:
             continue
