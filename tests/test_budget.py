@@ -219,7 +219,7 @@ def test_self_distillation_teacher_is_the_model_with_its_gates_open():
     objective = Objective(model, BudgetObjective(model), distill_weight=1.0, distill_temperature=2.0)
     teacher = objective._teacher_logits(batch)
     with torch.no_grad():
-        with gates_open():
+        with gates_open(model):
             again = model.eval()(**batch).logits
         _random_closed(model, 0.0, seed=0)  # every gate open and exactly 1
         dense_like = model(**batch).logits

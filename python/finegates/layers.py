@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import math
 from typing import Optional
 
@@ -31,17 +30,19 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-_GATES_OPEN: contextvars.ContextVar = contextvars.ContextVar("finegates_gates_open", default=False)
-
-
 @contextlib.contextmanager
-def gates_open():
-    """Every GatedLinear computes with all its gates open (the adapter and bias still apply)."""
-    token = _GATES_OPEN.set(True)
+def gates_open(model: nn.Module):
+    """Every GatedLinear of ``model`` computes with all its gates open (the adapter and bias
+    still apply). A flag on each layer, not a context variable, so torch.compile traces it."""
+    layers = [m for m in model.modules() if isinstance(m, GatedLinear)]
+    before = [m.gates_forced_open for m in layers]
+    for m in layers:
+        m.gates_forced_open = True
     try:
         yield
     finally:
-        _GATES_OPEN.reset(token)
+        for m, was in zip(layers, before):
+            m.gates_forced_open = was
 
 
 class GatedLinear(nn.Module):
@@ -95,6 +96,7 @@ class GatedLinear(nn.Module):
             self.lora_b = None
         self.target_sparsity = target_sparsity
         self.backend = "ops"
+        self.gates_forced_open = False  # set by gates_open()
         # Kurtosis weighting (reference --kurt), enabled by sparsify(kurtosis=True).
         self.kurtosis_tau: Optional[float] = None
         self.kurtosis_state = None  # (row weights, col weights, rows, cols) of the last training forward
@@ -106,7 +108,7 @@ class GatedLinear(nn.Module):
     def gate_values(self):
         """(row, col) gate values, sampled in this order when training; all ones inside
         :func:`gates_open` (the teacher of self-distillation: no gate noise drawn)."""
-        if _GATES_OPEN.get():
+        if self.gates_forced_open:
             ones = torch.ones((), dtype=self.row_gates.theta.dtype, device=self.row_gates.theta.device)
             return ones.expand(self.out_features), ones.expand(self.in_features)
         return self.row_gates.values(), self.col_gates.values()

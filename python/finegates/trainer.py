@@ -79,7 +79,7 @@ class Objective(nn.Module):
         """Self-distillation's teacher: the same model with every gate open, without dropout."""
         self.model.eval()
         try:
-            with gates_open():
+            with gates_open(self.model):
                 return self.model(**batch).logits.detach()
         finally:
             self.model.train()
