@@ -8,6 +8,7 @@
 // (fg_triton, for the Triton interpreter) register the same plan from there, and the shared
 // gradient tests run on both.
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <array>
@@ -27,6 +28,42 @@ bool needs_x(const Mask& m) { return m[1] || m[4] || m[5] || m[6]; }
 bool needs_output(const Mask& m) { return m[3]; }
 
 bool requires(const c10::optional<at::Tensor>& t) { return t.has_value() && t->requires_grad(); }
+
+// The backward kernels are differentiable once. Under create_graph the gradients would otherwise
+// leave the graph silently (a second derivative of 0); like @once_differentiable, they get an Error
+// node (with the backward's inputs as next edges, so the graph reaches the leaves) that raises if a
+// second backward reaches it. The text is contract.DOUBLE_BACKWARD_ERROR.
+constexpr const char* kDoubleBackward =
+    "fg::gated_linear has no double backward (its backward is a fused kernel, differentiable once): "
+    "for higher-order gradients use fg_kernels.reference.gated_linear_ref";
+
+// Node handles are std::shared_ptr in older torch and c10::intrusive_ptr in newer: make the one
+// this torch's Edge holds.
+using NodePtr = decltype(torch::autograd::Edge::function);
+template <typename Ptr>
+struct MakeNode;
+template <typename N>
+struct MakeNode<std::shared_ptr<N>> {
+  template <typename T, typename... Args>
+  static std::shared_ptr<N> make(Args&&... args) { return std::make_shared<T>(std::forward<Args>(args)...); }
+};
+template <typename N>
+struct MakeNode<c10::intrusive_ptr<N>> {
+  template <typename T, typename... Args>
+  static c10::intrusive_ptr<N> make(Args&&... args) { return c10::make_intrusive<T>(std::forward<Args>(args)...); }
+};
+
+void refuse_double_backward(torch::autograd::variable_list& grads, const torch::autograd::variable_list& sources) {
+  bool any = false;
+  for (const auto& t : sources) any = any || (t.defined() && t.requires_grad());
+  if (!any) return;
+  NodePtr error = MakeNode<NodePtr>::make<torch::autograd::Error>(kDoubleBackward, torch::autograd::collect_next_edges(sources));
+  for (auto& g : grads) {
+    if (!g.defined()) continue;
+    g = g.detach();
+    torch::autograd::create_gradient_edge(g, error);
+  }
+}
 
 using ForwardSignature = at::Tensor(const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
                                      const at::Tensor&, const at::Tensor&, const c10::optional<at::Tensor>&,
@@ -80,6 +117,11 @@ class GatedLinear : public torch::autograd::Function<GatedLinear> {
                                         std::get<4>(g), std::get<5>(g), std::get<6>(g)};
     variable_list out(8);  // one per forward argument; lora_scale gets none
     for (size_t i = 0; i < mask.size(); ++i) out[i] = mask[i] ? all[i] : at::Tensor();
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      variable_list sources(saved);
+      sources.push_back(grads[0]);
+      refuse_double_backward(out, sources);
+    }
     return out;
   }
 };

@@ -23,7 +23,7 @@ from torch import Tensor
 __all__ = [
     "FLOAT_DTYPES", "INDEX_DTYPES", "GRAD_SLOTS", "BackwardPlan", "backward_plan",
     "check_gated_linear", "check_gated_linear_backward", "check_gathered_linear", "check_index_values",
-    "backward_outputs", "token_count",
+    "backward_outputs", "token_count", "DOUBLE_BACKWARD_ERROR",
 ]
 
 # Dtypes of x / weight / bias / LoRA (and of grad_out): the same on every device.
@@ -34,6 +34,13 @@ INDEX_DTYPES = (torch.int64, torch.int32)
 # The inputs of fg::gated_linear that have gradients, in the order of the backward op's
 # output_mask and of its 7 outputs.
 GRAD_SLOTS = ("x", "weight", "bias", "row_gate", "col_gate", "lora_a", "lora_b")
+
+# The backward kernels are differentiable once: a second backward through their gradients raises
+# this (csrc/autograd.cpp carries the same text for the compiled registration).
+DOUBLE_BACKWARD_ERROR = (
+    "fg::gated_linear has no double backward (its backward is a fused kernel, differentiable once): "
+    "for higher-order gradients use fg_kernels.reference.gated_linear_ref"
+)
 
 
 def _shape(t: Tensor) -> list:

@@ -65,9 +65,38 @@ def _gated_backward_for(backward_op) -> Callable:
     def gated_backward(ctx, grad):
         x, weight, row_gate, col_gate, lora_a, lora_b, output = ctx.saved_tensors
         grads = backward_op(grad, x, weight, row_gate, col_gate, lora_a, lora_b, ctx.lora_scale, output, ctx.mask)
-        return (*(g if m else None for g, m in zip(grads, ctx.mask)), None)
+        grads = [g if m else None for g, m in zip(grads, ctx.mask)]
+        if torch.is_grad_enabled():  # create_graph=True
+            grads = _refuse_double_backward(grads, (grad, *ctx.saved_tensors))
+        return (*grads, None)
 
     return gated_backward
+
+
+class _OnceDifferentiable(torch.autograd.Function):
+    """Identity on the gradients, whose own backward raises ``contract.DOUBLE_BACKWARD_ERROR``; the
+    backward's inputs ride along so that a second backward reaches this node (and not 0)."""
+
+    @staticmethod
+    def forward(ctx, n_grads, *tensors):
+        return tuple(t.view_as(t) for t in tensors[:n_grads])
+
+    @staticmethod
+    def backward(ctx, *_):
+        raise RuntimeError(contract.DOUBLE_BACKWARD_ERROR)
+
+
+def _refuse_double_backward(grads, sources):
+    """Under create_graph, the gradients stay in the graph through a node that refuses a second
+    backward (else they would leave it silently and a second derivative would read 0)."""
+    sources = [t for t in sources if t is not None and t.requires_grad]
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not sources or not present:
+        return grads
+    wrapped = _OnceDifferentiable.apply(len(present), *(grads[i] for i in present), *sources)
+    for i, g in zip(present, wrapped):
+        grads[i] = g
+    return grads
 
 
 def _gathered_setup_context(ctx, inputs, output):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+import re
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -480,6 +482,27 @@ def test_grads_accumulate_into_leaves(backend, seed):
     for n in GatedInputs.TENSOR_NAMES:
         t = getattr(leaves, n)
         assert_matches(t.grad, 2 * getattr(ref_leaves, n).grad, grad=True, what=f"accumulated grad {n}")
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_double_backward_is_refused_by_name(backend, seed):
+    """The backward kernels are differentiable once. create_graph=True still gives the exact first
+    gradients (a gradient penalty's value is right); a second backward through them raises the
+    contract's error instead of reading a second derivative of 0."""
+    from fg_kernels.contract import DOUBLE_BACKWARD_ERROR
+
+    inp = make_gated_inputs(seed, (6,), 14, 10, lora_rank=2, device=backend.device)
+    leaves = inp.map(lambda n, t: t.clone().requires_grad_())
+    names = ("x", "row_gate", "col_gate")
+    first = torch.autograd.grad(op_fn(backend)(leaves).square().sum(), [getattr(leaves, n) for n in names],
+                                create_graph=True)
+    ref_leaves = upcast(inp).map(lambda n, t: t.requires_grad_())
+    want = torch.autograd.grad(ref_fn(ref_leaves).square().sum(), [getattr(ref_leaves, n) for n in names])
+    for n, g, w in zip(names, first, want):
+        assert g.requires_grad, f"grad {n} under create_graph must stay in the graph"
+        assert_matches(g, w, grad=True, what=f"first grad {n} under create_graph")
+    with pytest.raises(RuntimeError, match=re.escape(DOUBLE_BACKWARD_ERROR)):
+        torch.autograd.grad(sum(g.square().sum() for g in first), [getattr(leaves, n) for n in names])
 
 
 MASKS = [
