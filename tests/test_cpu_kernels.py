@@ -74,6 +74,70 @@ def test_cache_never_serves_a_stale_block(change):
     _assert_ref(x, w, b, gr, gc)
 
 
+def _write_bypassing(w: torch.Tensor, how: str) -> torch.Tensor:
+    """Replace w's values in ways the version counter does not see; returns the weight to use."""
+    new = torch.randn(w.shape, generator=torch.Generator().manual_seed(7))
+    if how == "data_swap":  # the old storage freed: the allocator may hand its address out again
+        w.data = w.data.half()
+        w.data = new.clone()
+    elif how == "half_float":
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False).requires_grad_(False)
+        lin.weight.copy_(w)
+        lin.half().float()
+        lin.weight.data = new.clone()  # ... then new values into the round-tripped storage
+        return lin.weight
+    elif how == "data_copy":
+        w.data.copy_(new)
+    elif how == "numpy":
+        w.numpy()[:] = new.numpy()
+    else:  # "storage"
+        w.untyped_storage().copy_(new.untyped_storage())
+    return w
+
+
+BYPASSING = ["data_swap", "half_float", "data_copy", "numpy", "storage"]
+
+
+@pytest.mark.parametrize("how", BYPASSING)
+def test_a_forward_never_reuses_an_earlier_calls_block_outside_frozen_weights(how):
+    """Writes that bypass the version counter cannot reach a result: a forward folds anew."""
+    for trial in range(5):  # a freed storage's address comes back often: try more than once
+        x, w, b, gr, gc = _layer(10 + trial)
+        _assert_ref(x, w, b, gr, gc)
+        _assert_ref(x, _write_bypassing(w, how), b, gr, gc)
+
+
+@pytest.mark.parametrize("how", ["data_swap", "half_float"])
+def test_inside_frozen_weights_a_swapped_storage_is_still_seen(how):
+    with fg_kernels.frozen_weights():
+        for trial in range(5):
+            x, w, b, gr, gc = _layer(20 + trial)
+            _assert_ref(x, w, b, gr, gc)
+            _assert_ref(x, _write_bypassing(w, how), b, gr, gc)
+
+
+def test_frozen_weights_reuses_the_block_and_the_backward_reuses_its_forwards():
+    """The reuse itself, seen through a write that the promise of frozen_weights() excludes."""
+    x, w, b, gr, gc = _layer(30)
+    with torch.no_grad():
+        before = op(x, w, b, gr, gc)
+        with fg_kernels.frozen_weights():
+            with fg_kernels.frozen_weights():  # scopes nest
+                op(x, w, b, gr, gc)
+            w.data.mul_(3.0)
+            assert torch.equal(op(x, w, b, gr, gc), before)  # reused, as promised
+        _assert_ref(x, w, b, gr, gc)  # scope closed: folded anew
+    with pytest.raises(RuntimeError, match="more frozen_weights"):
+        torch.ops.fg.cpu_weight_reuse(-1)
+    assert torch.ops.fg.cpu_weight_reuse(1) == 1 and torch.ops.fg.cpu_weight_reuse(-1) == 0  # not left at -1
+    # a step's backward reads its forward's block: the same gradient as without the cache
+    xg = x.clone().requires_grad_(True)
+    op(xg, w, b, gr, gc).square().sum().backward()
+    ref = xg.detach().double().requires_grad_(True)
+    gated_linear_ref(ref, w.double(), b.double(), gr.double(), gc.double()).square().sum().backward()
+    assert rel_err(xg.grad, ref.grad) < 1e-5
+
+
 def test_weight_that_requires_grad_is_not_cached():
     x, w, b, gr, gc = _layer(2)
     w.requires_grad_(True)

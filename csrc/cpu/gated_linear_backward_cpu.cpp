@@ -165,7 +165,7 @@ void input_and_col_gate_grads(const Inputs& in, const at::Tensor& weight, const 
   if (in.empty_block()) {
     if (dx) dx->zero_();
   } else {
-    const at::Tensor wf = folded_block(weight, in.rows, in.cols);
+    const at::Tensor wf = folded_block(weight, in.rows, in.cols, Reuse::kSameStep);
     const int64_t M = in.M;
     at::Tensor dx2 = dx ? dx->view({M, cols.full}) : at::Tensor();
     for_token_blocks(M, token_block(M), [&](int64_t m0, int64_t mb) {

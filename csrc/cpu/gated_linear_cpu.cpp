@@ -42,7 +42,7 @@ at::Tensor gated_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   p.cols = &cg.active;
   p.rows = &rg.active;
   if (rg.active.size() > 0 && x2.size(0) > 0) {
-    p.weight_c = folded_block(weight, rg, cg);
+    p.weight_c = folded_block(weight, rg, cg, Reuse::kFrozenScopeOnly);
     if (bias.has_value()) p.bias_c = gather_vec(*bias, rg.active, rg.values);
     if (lora_a.has_value()) {
       p.lora_a_c = gather_block(*lora_a, Active{{}, lora_a->size(0), true}, cg.active, {}, cg.values);
@@ -77,6 +77,8 @@ int64_t cpu_weight_cache(bool clear) {
   if (clear) clear_weight_cache();
   return weight_cache_bytes();
 }
+
+int64_t cpu_weight_reuse(int64_t delta) { return enter_frozen_weights(delta); }
 
 TORCH_LIBRARY_IMPL(fg, CPU, m) {
   m.impl("gated_linear", &gated_linear_cpu);

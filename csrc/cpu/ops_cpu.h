@@ -31,5 +31,8 @@ at::Tensor gathered_linear_cpu(const at::Tensor& x, const at::Tensor& weight_c,
 // block when `clear`.
 int64_t cpu_weight_cache(bool clear);
 
+// Opens (1) or closes (-1) a scope in which a forward may reuse an earlier call's folded block.
+int64_t cpu_weight_reuse(int64_t delta);
+
 }  // namespace cpu
 }  // namespace fg

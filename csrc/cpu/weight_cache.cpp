@@ -4,6 +4,7 @@
 #include <c10/util/intrusive_ptr.h>
 
 #include <array>
+#include <atomic>
 #include <cstdlib>
 #include <iterator>
 #include <list>
@@ -16,10 +17,15 @@ namespace cpu {
 namespace {
 
 using WeakImpl = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
+using WeakStorage = c10::weak_intrusive_ptr<c10::StorageImpl>;
+
+// Open frozen_weights() scopes (any thread): while > 0 a forward may reuse an earlier call's block.
+std::atomic<int64_t> reuse_scopes{0};
 
 // Everything the folded block depends on, compared exactly.
 struct BlockKey {
   int64_t version = 0;
+  WeakStorage storage;  // the storage itself: a swapped one (`w.data = ...`) differs even at a reused address
   const void* data = nullptr;
   std::array<int64_t, 5> geometry{};  // sizes, strides, storage offset
   at::ScalarType dtype = at::kFloat;
@@ -33,15 +39,19 @@ std::array<int64_t, 5> geometry_of(const at::Tensor& w) {
 }
 
 // Compared in place (no copy of the index lists and values per call: the common case is a hit).
+bool same_storage(const WeakStorage& held, const at::Tensor& weight) {
+  return !held.expired() && held._unsafe_get_target() == weight.storage().unsafeGetStorageImpl();
+}
+
 bool matches(const BlockKey& k, const at::Tensor& weight, const GateSet& rows, const GateSet& cols) {
-  return k.version == weight._version() && k.data == weight.data_ptr() && k.geometry == geometry_of(weight) &&
+  return k.version == weight._version() && same_storage(k.storage, weight) && k.data == weight.data_ptr() && k.geometry == geometry_of(weight) &&
          k.dtype == weight.scalar_type() && k.row_pad == rows.active.pad && k.col_pad == cols.active.pad &&
          k.rows == rows.active.idx && k.cols == cols.active.idx && k.row_values == rows.values.values() &&
          k.col_values == cols.values.values();
 }
 
 BlockKey key_of(const at::Tensor& weight, const GateSet& rows, const GateSet& cols) {
-  return BlockKey{weight._version(),     weight.data_ptr(),      geometry_of(weight),
+  return BlockKey{weight._version(),     WeakStorage(weight.storage().getWeakStorageImpl()), weight.data_ptr(),      geometry_of(weight),
                   weight.scalar_type(),  rows.active.idx,        cols.active.idx,
                   rows.active.pad,       cols.active.pad,        rows.values.values(),
                   cols.values.values()};
@@ -133,10 +143,11 @@ bool cacheable(const at::Tensor& weight) {
 
 }  // namespace
 
-at::Tensor folded_block(const at::Tensor& weight, const GateSet& rows, const GateSet& cols) {
+at::Tensor folded_block(const at::Tensor& weight, const GateSet& rows, const GateSet& cols, Reuse reuse) {
   const bool whole = rows.active.all && cols.active.all && rows.values.empty() && cols.values.empty();
   if (whole || !cacheable(weight)) return gather_block(weight, rows.active, cols.active, rows.values, cols.values);
-  at::Tensor block = cache().find(weight, rows, cols);
+  const bool may_reuse = reuse == Reuse::kSameStep || reuse_scopes.load() > 0;
+  at::Tensor block = may_reuse ? cache().find(weight, rows, cols) : at::Tensor();
   if (block.defined()) return block;
   block = gather_block(weight, rows.active, cols.active, rows.values, cols.values);
   cache().insert(weight, key_of(weight, rows, cols), block);
@@ -146,6 +157,15 @@ at::Tensor folded_block(const at::Tensor& weight, const GateSet& rows, const Gat
 void clear_weight_cache() { cache().clear(); }
 
 int64_t weight_cache_bytes() { return cache().bytes(); }
+
+int64_t enter_frozen_weights(int64_t delta) {
+  TORCH_CHECK(delta == 1 || delta == -1, "cpu_weight_reuse: delta must be 1 or -1, got ", delta);
+  int64_t open = reuse_scopes.load();
+  do {
+    TORCH_CHECK(open + delta >= 0, "cpu_weight_reuse: more frozen_weights() scopes left than entered");
+  } while (!reuse_scopes.compare_exchange_weak(open, open + delta));
+  return open + delta;
+}
 
 }  // namespace cpu
 }  // namespace fg

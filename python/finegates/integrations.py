@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 from transformers import Trainer, TrainerCallback
 
+import fg_kernels
+
 from .budget import BudgetController, close_to_budget, with_recovery
 from .layers import GatedLinear
 from .loss import OBJECTIVES, BudgetObjective, ReferenceObjective, SparsitySchedule
@@ -171,6 +173,12 @@ class FineGatesTrainer(Trainer):
             if self._last_sparsity is not None:
                 logs["sparsity_loss"] = self._last_sparsity
         super().log(logs, *args, **kwargs)
+
+    def evaluation_loop(self, *args, **kwargs):
+        """The Trainer's evaluation (and prediction) loop; the gates are fixed there, so each
+        frozen weight's gate-folded block is built once, not once per batch."""
+        with fg_kernels.frozen_weights():
+            return super().evaluation_loop(*args, **kwargs)
 
     @torch.no_grad()
     def compact_and_save(self, path=None, tokenizer=None):

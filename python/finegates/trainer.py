@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+import fg_kernels
+
 from .errors import UsageError
 from .budget import BudgetController, close_to_budget, with_recovery
 from .layers import GatedLinear, gates_open
@@ -478,7 +480,7 @@ def _evaluate(loop: _Loop, evaluate: Callable, accelerator) -> Dict[str, Any]:
     loop.objective.eval()
 
     def forward(batch):
-        with torch.no_grad():
+        with torch.no_grad(), fg_kernels.frozen_weights():  # the gates are fixed: fold each weight once
             out, _ = loop.objective(batch, with_sparsity=False)
         return out
 
