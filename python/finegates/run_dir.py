@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -69,13 +71,23 @@ def _check_writable(path: Path) -> None:
                          "choose another directory")
 
 
-def _started_with(run: Path, parser: argparse.ArgumentParser) -> Optional[Dict]:
-    """The arguments the run in ``run`` was started with (its marker's argv, parsed again)."""
+def _started_with(run: Path, parser: argparse.ArgumentParser) -> Dict:
+    """The arguments the run in ``run`` was started with (its marker's argv, parsed again). A marker
+    that cannot be read is refused: the resume checks and the replacement both rely on it."""
+    marker = run / MARKER
     try:
-        argv = json.loads((run / MARKER).read_text())["argv"]
-        return vars(parser.parse_args(argv))
+        argv = json.loads(marker.read_text())["argv"]
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            raise TypeError("argv is not a list of strings")
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            started = vars(parser.parse_args(argv))
+        if started.get("command") is None:
+            raise ValueError("argv names no command")
+        return started
     except (OSError, ValueError, KeyError, TypeError, SystemExit):
-        return None
+        raise UsageError(f"{str(marker)!r} is unreadable or malformed, so the run in {str(run)!r} cannot be "
+                         "checked; restore that file, remove the directory by hand, or choose another --output-dir"
+                         ) from None
 
 
 def _flag(key: str, value) -> str:
@@ -91,11 +103,14 @@ class RunDir:
     """Where a run writes (``work``), where its results end up (``path``), and where it resumes from."""
 
     def __init__(self, args, parser: argparse.ArgumentParser, default_path: Callable[[], Path]):
+        if args.output_dir == "":
+            raise UsageError("--output-dir is empty; name a directory, or leave the flag out for the default one")
         self.default = args.output_dir is None
         self.path = Path(args.output_dir) if args.output_dir else default_path()
         self.replace = False
         self.created = False
         self.resume_from: Optional[Path] = None
+        self.started: Optional[Dict] = None  # the arguments of the run already in the directory
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"--output-dir {str(self.path)!r} exists and is not a directory")
         _check_writable(self.path)
@@ -103,7 +118,7 @@ class RunDir:
         if r is not None:
             self._resume(args, r, parser)
         elif self.path.exists() and any(self.path.iterdir()):
-            self._check_ours()
+            self._check_ours(parser)
             if not (args.overwrite or self.default):
                 raise UsageError(
                     f"--output-dir {str(self.path)!r} already holds a run; pass --overwrite to replace it "
@@ -116,17 +131,18 @@ class RunDir:
         """The directory the run writes into: a sibling while it replaces an earlier run."""
         return self.path.parent / f".{self.path.name}.finegates-new" if self.replace else self.path
 
-    def _check_ours(self) -> None:
+    def _check_ours(self, parser) -> None:
         if not (self.path / MARKER).exists():
             raise UsageError(
                 f"--output-dir {str(self.path)!r} is not empty and was not written by finegates; choose another directory"
             )
+        self.started = _started_with(self.path, parser)
 
     def _resume(self, args, r: str, parser) -> None:
         if r == "latest":
             if not self.path.exists() or not any(self.path.iterdir()):
                 return  # nothing yet: start from the beginning
-            self._check_ours()
+            self._check_ours(parser)
             self.resume_from = find_checkpoint(self.path)
             if self.resume_from is None:
                 if (self.path / "metrics.json").exists():
@@ -147,19 +163,16 @@ class RunDir:
                     f"--resume-from-checkpoint {r!r} belongs to the run in {str(owner)!r}, not to --output-dir "
                     f"{str(self.path)!r}; a run continues in its own directory (--output-dir {str(owner)!r})"
                 )
-            self._check_ours()
+            self._check_ours(parser)
             self.resume_from = rp
-        self._check_same_run(args, parser)
+        self._check_same_run(args)
 
-    def _check_same_run(self, args, parser) -> None:
+    def _check_same_run(self, args) -> None:
         step = _checkpoint_step(self.resume_from)
         if args.max_steps is not None and args.max_steps < step:
             raise UsageError(f"--max-steps {args.max_steps} is below the step of the checkpoint it resumes "
                              f"({step}, {str(self.resume_from)!r}); pass --max-steps {step} or more")
-        before = _started_with(self.path, parser)
-        if before is None:
-            return
-        now = vars(args)
+        before, now = self.started, vars(args)
         differ = [k for k in sorted(now) if k not in MAY_DIFFER and k in before and before[k] != now[k]]
         if differ:
             was = ", ".join(_flag(k, before[k]) for k in differ)
