@@ -32,3 +32,15 @@ def test_every_file_follows_the_umask(mask, tiny_bert, sst_small, tmp_path):
     assert (out / "checkpoints" / "step-2" / "model.safetensors").is_file()
     wrong = [(str(p), oct(m)) for p, m in _modes(out) if m != (0o777 if p.is_dir() else 0o666) & ~mask]
     assert not wrong, wrong
+
+
+def test_overwrite_through_a_symlink_replaces_its_target(tiny_bert, sst_small, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    real, link = runs / "real", runs / "link"
+    assert main(_ft_args(tiny_bert, sst_small, real, "--max-steps", "1", "--no-compact")) == 0
+    link.symlink_to("real")
+    for steps in (2, 3):  # the second replacement works through the link as well
+        assert main(_ft_args(tiny_bert, sst_small, link, "--max-steps", str(steps), "--no-compact", "--overwrite")) == 0
+        assert link.is_symlink() and os.readlink(link) == "real"
+        assert _steps(real) == steps and sorted(os.listdir(runs)) == ["link", "real"]

@@ -107,6 +107,7 @@ class RunDir:
             raise UsageError("--output-dir is empty; name a directory, or leave the flag out for the default one")
         self.default = args.output_dir is None
         self.path = Path(args.output_dir) if args.output_dir else default_path()
+        self.real = Path(os.path.realpath(self.path))  # what is replaced when the path is a symlink
         self.replace = False
         self.created = False
         self.resume_from: Optional[Path] = None
@@ -128,8 +129,11 @@ class RunDir:
 
     @property
     def work(self) -> Path:
-        """The directory the run writes into: a sibling while it replaces an earlier run."""
-        return self.path.parent / f".{self.path.name}.finegates-new" if self.replace else self.path
+        """The directory the run writes into: a sibling (of a symlink's target) while it replaces an earlier run."""
+        return self._sibling("new") if self.replace else self.path
+
+    def _sibling(self, what: str) -> Path:
+        return self.real.parent / f".{self.real.name}.finegates-{what}"
 
     def _check_ours(self, parser) -> None:
         if not (self.path / MARKER).exists():
@@ -196,13 +200,14 @@ class RunDir:
         accelerator.wait_for_everyone()
 
     def finish(self) -> None:
-        """Main process, after every process is done: swap the new run in place of the earlier one."""
+        """Main process, after every process is done: swap the new run in place of the earlier one
+        (in the target of a symlinked output directory, so the link stays a link)."""
         if not self.replace or not self.work.exists():
             return
-        old = self.path.parent / f".{self.path.name}.finegates-old"
+        old = self._sibling("old")
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(self.path, old)
-        os.replace(self.work, self.path)
+        os.replace(self.real, old)
+        os.replace(self.work, self.real)
         shutil.rmtree(old, ignore_errors=True)
 
     def cleanup(self) -> None:
@@ -218,4 +223,4 @@ class RunDir:
             print(f"finegates: partial run kept in {self.path} (resume with --resume-from-checkpoint latest)",
                   file=sys.stderr)
             return
-        shutil.rmtree(self.path, ignore_errors=True)
+        shutil.rmtree(self.real, ignore_errors=True)  # rmtree refuses a symlink itself
