@@ -213,3 +213,21 @@ def test_malformed_run_marker_is_refused(marker, files, capsys):
                   ["--overwrite"]):
         _error_line(capsys, _ft(files, out, *extra), "finegates_run.json", "malformed")
         assert _tree(out) == before
+
+
+def test_inputs_inside_the_run_to_replace_are_refused(files, capsys):
+    """--overwrite deletes the earlier run's directory: files this run reads from it would go too."""
+    out = _earlier_run(files["tmp"] / "run", '{"command": "finetune", "argv": ["finetune"]}')
+    for name in ("my_train.tsv", "my_val.tsv"):
+        (out / name).write_bytes(files["good"].read_bytes())
+    before = _tree(out)
+    inside, outside = str(out / "my_train.tsv"), str(files["good"])
+    for train, val, flag in ((inside, str(out / "my_val.tsv"), "--train-file"), (outside, str(out / "my_val.tsv"),
+                             "--validation-file")):
+        _error_line(capsys, _ft(files, out, "--overwrite", "--train-file", train, "--validation-file", val),
+                    flag, "inside --output-dir")
+    (out / "model").mkdir()
+    _error_line(capsys, ["posttrain", "--model", str(out / "model"), "--train-file", outside, "--output-dir", str(out),
+                         "--overwrite"], "--model", "inside --output-dir")
+    (out / "model").rmdir()
+    assert _tree(out) == before

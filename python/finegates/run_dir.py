@@ -38,6 +38,9 @@ MAY_DIFFER = frozenset({
     "dataset_cache",
 })
 
+# Arguments that name input files or directories: none may lie in a run directory this run replaces.
+INPUT_PATHS = ("model", "tokenizer", "config", "train_file", "validation_file", "dataset")
+
 
 def find_checkpoint(output_dir: Path) -> Optional[Path]:
     from .trainer import find_checkpoint as find  # torch and accelerate load only when needed
@@ -126,6 +129,7 @@ class RunDir:
                     "or --resume-from-checkpoint latest to continue it"
                 )
             self.replace = True
+            self._check_inputs(args)
 
     @property
     def work(self) -> Path:
@@ -134,6 +138,15 @@ class RunDir:
 
     def _sibling(self, what: str) -> Path:
         return self.real.parent / f".{self.real.name}.finegates-{what}"
+
+    def _check_inputs(self, args) -> None:
+        """Replacing the earlier run deletes everything in it, inputs of this run included."""
+        for key in INPUT_PATHS:
+            value = getattr(args, key, None)
+            for v in value if isinstance(value, list) else [value]:
+                if v and os.path.exists(v) and Path(os.path.realpath(v)).is_relative_to(self.real):
+                    raise UsageError(f"{_flag(key, repr(v))} lies inside --output-dir {str(self.path)!r}, which this "
+                                     "run replaces (and so deletes); move it out of that directory first")
 
     def _check_ours(self, parser) -> None:
         if not (self.path / MARKER).exists():
