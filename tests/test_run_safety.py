@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from finegates.cli import main
 from test_cli import _ft_args, _steps, sst_small, tiny_bert  # noqa: F401  (fixtures)
+from test_cli_errors import _error_line
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
 
@@ -44,3 +47,35 @@ def test_overwrite_through_a_symlink_replaces_its_target(tiny_bert, sst_small, t
         assert main(_ft_args(tiny_bert, sst_small, link, "--max-steps", str(steps), "--no-compact", "--overwrite")) == 0
         assert link.is_symlink() and os.readlink(link) == "real"
         assert _steps(real) == steps and sorted(os.listdir(runs)) == ["link", "real"]
+
+
+def _hold_lock(path: Path) -> subprocess.Popen:
+    """Another process holding ``path``'s flock, as a live run does, until it ends or is killed."""
+    code = ("import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT)\n"
+            "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\nsys.stdin.read()\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_one_output_directory_holds_one_live_run(tiny_bert, sst_small, tmp_path, capsys):
+    """A second run into the directory of a live one is refused before it touches anything; a run
+    that was killed leaves nothing held behind."""
+    new, done = tmp_path / "new", tmp_path / "done"
+    assert main(_ft_args(tiny_bert, sst_small, done, "--max-steps", "1", "--no-compact")) == 0
+    capsys.readouterr()
+    before = sorted(os.listdir(tmp_path))
+    files = {p: p.read_bytes() for p in done.rglob("*") if p.is_file()}
+    holders = [_hold_lock(tmp_path / ".new.finegates-lock"), _hold_lock(tmp_path / ".done.finegates-lock")]
+    try:
+        _error_line(capsys, _ft_args(tiny_bert, sst_small, new, "--max-steps", "1"), "--output-dir", "in use")
+        _error_line(capsys, _ft_args(tiny_bert, sst_small, done, "--max-steps", "1", "--overwrite"), "in use")
+        assert not new.exists() and {p: p.read_bytes() for p in done.rglob("*") if p.is_file()} == files
+    finally:
+        for h in holders:
+            h.kill()  # a crashed run: its lock file stays, its lock does not
+            h.wait()
+    assert main(_ft_args(tiny_bert, sst_small, done, "--max-steps", "2", "--no-compact", "--overwrite")) == 0
+    assert _steps(done) == 2
+    assert sorted(os.listdir(tmp_path)) == sorted(before + [".new.finegates-lock"])  # no lock file of its own left

@@ -9,6 +9,11 @@
   (``--max-steps`` / ``--epochs`` may grow, not shrink below the checkpoint's step), and ``latest`` on a
   finished run without checkpoints is refused rather than retrained over.
 - A path that cannot be written is refused up front, in one line.
+- One directory holds one live run: the main process holds an flock on a sibling
+  ``.<name>.finegates-lock`` for the run's life (the kernel drops it however the process ends), and a
+  second run into the directory is refused before it touches anything.
+- A symlinked directory is replaced in its target (the link stays a link); inputs inside a directory
+  to replace, and a ``finegates_run.json`` that cannot be read, are refused.
 """
 
 from __future__ import annotations
@@ -22,9 +27,14 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 from .errors import UsageError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover  (not on Windows: no lock there)
+    fcntl = None
 
 __all__ = ["RunDir", "MARKER"]
 
@@ -60,6 +70,36 @@ def _first_existing(path: Path) -> Path:
     while not p.exists() and p != p.parent:
         p = p.parent
     return p
+
+
+def _make_dirs(d: Path) -> List[Path]:
+    """Makes ``d`` and its missing parents; returns those it made, outermost first."""
+    missing = []
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    for m in reversed(missing):
+        m.mkdir(exist_ok=True)
+    return missing[::-1]
+
+
+def _take_lock(path: Path) -> Optional[int]:
+    """An open descriptor of ``path`` (a lock file, made if missing, or a directory) under an
+    exclusive flock, or None while another process holds it. A lock file its holder removed
+    meanwhile is not a lock any more: then a fresh one is taken."""
+    while True:
+        fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def _check_writable(path: Path) -> None:
@@ -115,9 +155,20 @@ class RunDir:
         self.created = False
         self.resume_from: Optional[Path] = None
         self.started: Optional[Dict] = None  # the arguments of the run already in the directory
+        self._lock: Optional[int] = None  # the lock's descriptor
+        self._made: List[Path] = []
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"--output-dir {str(self.path)!r} exists and is not a directory")
         _check_writable(self.path)
+        self._hold()
+        try:
+            self._decide(args, parser)
+        except BaseException:
+            self.close()
+            raise
+
+    def _decide(self, args, parser) -> None:
+        """Resume, replace the earlier run, or start in a new (or empty) directory."""
         r = args.resume_from_checkpoint
         if r is not None:
             self._resume(args, r, parser)
@@ -130,6 +181,40 @@ class RunDir:
                 )
             self.replace = True
             self._check_inputs(args)
+
+    def _hold(self) -> None:
+        """One output directory, one live run: a lock file next to it, held until ``close``. Only the
+        main process (rank 0) takes it; the kernel drops it when the process ends, however it ends."""
+        if fcntl is None or os.environ.get("RANK", "0") != "0":
+            return
+        self._made = _make_dirs(self.real.parent)
+        self._lock_at = self._lock_path()
+        self._lock = _take_lock(self._lock_at)
+        if self._lock is None:
+            raise UsageError(f"--output-dir {str(self.path)!r} is in use by another finegates run; wait for it "
+                             "to end or choose another directory")
+
+    def close(self) -> None:
+        """Releases the lock and removes its file, and the directories made for it if still empty."""
+        if self._lock is not None:
+            if self._lock_at != self.real:  # removed while held: a run that opened it retries
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._lock_at)
+            os.close(self._lock)
+            self._lock = None
+        for d in reversed(self._made):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break  # holds the run (or another's)
+        self._made = []
+
+    def _lock_path(self) -> Path:
+        """A sibling lock file; the directory itself where its parent cannot be written (such a
+        directory is never swapped, so its lock stays the same)."""
+        if self.real.is_dir() and not os.access(self.real.parent, os.W_OK | os.X_OK):
+            return self.real
+        return self._sibling("lock")
 
     @property
     def work(self) -> Path:
