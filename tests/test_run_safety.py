@@ -79,3 +79,23 @@ def test_one_output_directory_holds_one_live_run(tiny_bert, sst_small, tmp_path,
     assert main(_ft_args(tiny_bert, sst_small, done, "--max-steps", "2", "--no-compact", "--overwrite")) == 0
     assert _steps(done) == 2
     assert sorted(os.listdir(tmp_path)) == sorted(before + [".new.finegates-lock"])  # no lock file of its own left
+
+
+def test_a_directory_in_an_unwritable_parent_is_locked_itself(tmp_path, monkeypatch):
+    """No lock file can sit next to it there, so the directory itself carries the flock."""
+    from finegates.cli import build_parser
+    from finegates.errors import UsageError
+    from finegates.run_dir import RunDir
+
+    out = tmp_path / "run"
+    out.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == tmp_path else real_access(p, mode))
+    parser = build_parser()
+    args = parser.parse_args(["finetune", "--output-dir", str(out)])
+    first = RunDir(args, parser, lambda: out)
+    with pytest.raises(UsageError, match="in use"):
+        RunDir(args, parser, lambda: out)
+    first.close()
+    RunDir(args, parser, lambda: out).close()
+    assert sorted(os.listdir(tmp_path)) == ["run"] and not os.listdir(out)
