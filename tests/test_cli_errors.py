@@ -43,7 +43,7 @@ def files(tmp_path):
     return dict(good=good, cols=bad_cols, ragged=ragged, empty=empty, jsonl=jsonl, tmp=tmp_path)
 
 
-def _check(capsys, argv, out: Path, *needles):
+def _error_line(capsys, argv, *needles):
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     err = [l for l in err if l.strip()]
@@ -52,8 +52,27 @@ def _check(capsys, argv, out: Path, *needles):
     assert "error:" in err[0] and "Traceback" not in err[0]
     for n in needles:  # ... that says what went wrong and what to do
         assert n in err[0], err[0]
-    assert not out.exists(), f"{out} was created"
     return err[0]
+
+
+def _check(capsys, argv, out: Path, *needles):
+    line = _error_line(capsys, argv, *needles)
+    assert not out.exists(), f"{out} was created"
+    return line
+
+
+def _tree(root: Path):
+    """Every file under root with its bytes: a refused command must leave them as they were."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _earlier_run(out: Path, marker: str) -> Path:
+    """A directory as a finished run with a checkpoint leaves it, with ``marker`` as its finegates_run.json."""
+    (out / "checkpoints" / "step-1").mkdir(parents=True)
+    (out / "checkpoints" / "step-1" / "custom_checkpoint_0.pkl").write_bytes(b"state")
+    (out / "metrics.json").write_text("{}")
+    (out / "finegates_run.json").write_text(marker)
+    return out
 
 
 def _ft(files, out, *extra):
@@ -174,3 +193,41 @@ def test_unwritable_output_dir_and_float16_are_refused_before_loading(files, cap
     monkeypatch.undo()
     out = files["tmp"] / "o"
     _check(capsys, _ft(files, out, "--dtype", "float16"), out, "--dtype float16", "bfloat16")
+
+
+def test_empty_output_dir_is_refused(files, capsys, monkeypatch):
+    monkeypatch.chdir(files["tmp"])
+    _check(capsys, ["finetune", "--output-dir", "", "--max-steps", "1"], files["tmp"] / "finegates-output",
+           "--output-dir is empty")
+
+
+@pytest.mark.parametrize("marker", ['{"argv": 5}', "not json", '["finetune"]', '{"argv": ["finetune", "--no-such-flag"]}',
+                                    '{"argv": []}'])
+def test_malformed_run_marker_is_refused(marker, files, capsys):
+    """The marker holds the arguments the resume checks compare with: one that cannot be read must
+    not let a resume with other settings (or a replacement) through."""
+    out = _earlier_run(files["tmp"] / "run", marker)
+    before = _tree(out)
+    for extra in (["--resume-from-checkpoint", "latest", "--target-sparsity", "0.5"],
+                  ["--resume-from-checkpoint", str(out / "checkpoints" / "step-1")],
+                  ["--overwrite"]):
+        _error_line(capsys, _ft(files, out, *extra), "finegates_run.json", "malformed")
+        assert _tree(out) == before
+
+
+def test_inputs_inside_the_run_to_replace_are_refused(files, capsys):
+    """--overwrite deletes the earlier run's directory: files this run reads from it would go too."""
+    out = _earlier_run(files["tmp"] / "run", '{"command": "finetune", "argv": ["finetune"]}')
+    for name in ("my_train.tsv", "my_val.tsv"):
+        (out / name).write_bytes(files["good"].read_bytes())
+    before = _tree(out)
+    inside, outside = str(out / "my_train.tsv"), str(files["good"])
+    for train, val, flag in ((inside, str(out / "my_val.tsv"), "--train-file"), (outside, str(out / "my_val.tsv"),
+                             "--validation-file")):
+        _error_line(capsys, _ft(files, out, "--overwrite", "--train-file", train, "--validation-file", val),
+                    flag, "inside --output-dir")
+    (out / "model").mkdir()
+    _error_line(capsys, ["posttrain", "--model", str(out / "model"), "--train-file", outside, "--output-dir", str(out),
+                         "--overwrite"], "--model", "inside --output-dir")
+    (out / "model").rmdir()
+    assert _tree(out) == before

@@ -319,6 +319,14 @@ def run(args, argv, parser: argparse.ArgumentParser) -> dict:
         if looks_like_path(model) and not Path(model).expanduser().exists():
             raise UsageError(f"model path {model!r} does not exist; pass an existing directory or a Hub model name")
     out = RunDir(args, parser, lambda: _default_output_dir(args))
+    try:
+        return _run_in(out, args, argv)
+    finally:
+        out.close()
+
+
+def _run_in(out: RunDir, args, argv) -> dict:
+    """The run itself, once its output directory is decided (and held)."""
     _quiet_libraries()
 
     from accelerate import Accelerator

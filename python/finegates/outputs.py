@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
-__all__ = ["atomic_write_bytes", "write_json", "StepLog", "plot_layers", "LOG_FIELDS", "umask_mode"]
+__all__ = ["atomic_write_bytes", "write_json", "StepLog", "plot_layers", "LOG_FIELDS", "umask_mode", "follow_umask"]
 
 LOG_FIELDS = ["step", "epoch", "loss", "task_loss", "sparsity_loss", "lambda", "keep_fraction", "target_keep", "lr"]
 
@@ -23,6 +23,20 @@ def umask_mode(mode: int) -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mode & ~mask
+
+
+def follow_umask(root: Path) -> None:
+    """Gives every file and directory under ``root`` the umask's permissions: writers such as
+    safetensors create their files 0600, unreadable to colleagues on a shared run."""
+    root = Path(root)
+    for d, dirs, files in os.walk(root):
+        for name in files:
+            if not os.path.islink(os.path.join(d, name)):
+                os.chmod(os.path.join(d, name), umask_mode(0o666))
+        for name in dirs:
+            if not os.path.islink(os.path.join(d, name)):
+                os.chmod(os.path.join(d, name), umask_mode(0o777))
+    os.chmod(root, umask_mode(0o777))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

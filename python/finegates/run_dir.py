@@ -9,20 +9,32 @@
   (``--max-steps`` / ``--epochs`` may grow, not shrink below the checkpoint's step), and ``latest`` on a
   finished run without checkpoints is refused rather than retrained over.
 - A path that cannot be written is refused up front, in one line.
+- One directory holds one live run: the main process holds an flock on a sibling
+  ``.<name>.finegates-lock`` for the run's life (the kernel drops it however the process ends), and a
+  second run into the directory is refused before it touches anything.
+- A symlinked directory is replaced in its target (the link stays a link); inputs inside a directory
+  to replace, and a ``finegates_run.json`` that cannot be read, are refused.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 from .errors import UsageError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover  (not on Windows: no lock there)
+    fcntl = None
 
 __all__ = ["RunDir", "MARKER"]
 
@@ -35,6 +47,9 @@ MAY_DIFFER = frozenset({
     "checkpointing_steps", "keep_checkpoints", "no_compact", "latency_batch_size", "eval_batch_size", "cpu",
     "dataset_cache",
 })
+
+# Arguments that name input files or directories: none may lie in a run directory this run replaces.
+INPUT_PATHS = ("model", "tokenizer", "config", "train_file", "validation_file", "dataset")
 
 
 def find_checkpoint(output_dir: Path) -> Optional[Path]:
@@ -57,6 +72,36 @@ def _first_existing(path: Path) -> Path:
     return p
 
 
+def _make_dirs(d: Path) -> List[Path]:
+    """Makes ``d`` and its missing parents; returns those it made, outermost first."""
+    missing = []
+    while not d.exists() and d != d.parent:
+        missing.append(d)
+        d = d.parent
+    for m in reversed(missing):
+        m.mkdir(exist_ok=True)
+    return missing[::-1]
+
+
+def _take_lock(path: Path) -> Optional[int]:
+    """An open descriptor of ``path`` (a lock file, made if missing, or a directory) under an
+    exclusive flock, or None while another process holds it. A lock file its holder removed
+    meanwhile is not a lock any more: then a fresh one is taken."""
+    while True:
+        fd = os.open(path, os.O_RDONLY) if path.is_dir() else os.open(path, os.O_WRONLY | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 def _check_writable(path: Path) -> None:
     """The directory can be made and written: every existing part of the path is a directory and the
     deepest one is writable."""
@@ -69,13 +114,23 @@ def _check_writable(path: Path) -> None:
                          "choose another directory")
 
 
-def _started_with(run: Path, parser: argparse.ArgumentParser) -> Optional[Dict]:
-    """The arguments the run in ``run`` was started with (its marker's argv, parsed again)."""
+def _started_with(run: Path, parser: argparse.ArgumentParser) -> Dict:
+    """The arguments the run in ``run`` was started with (its marker's argv, parsed again). A marker
+    that cannot be read is refused: the resume checks and the replacement both rely on it."""
+    marker = run / MARKER
     try:
-        argv = json.loads((run / MARKER).read_text())["argv"]
-        return vars(parser.parse_args(argv))
+        argv = json.loads(marker.read_text())["argv"]
+        if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+            raise TypeError("argv is not a list of strings")
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            started = vars(parser.parse_args(argv))
+        if started.get("command") is None:
+            raise ValueError("argv names no command")
+        return started
     except (OSError, ValueError, KeyError, TypeError, SystemExit):
-        return None
+        raise UsageError(f"{str(marker)!r} is unreadable or malformed, so the run in {str(run)!r} cannot be "
+                         "checked; restore that file, remove the directory by hand, or choose another --output-dir"
+                         ) from None
 
 
 def _flag(key: str, value) -> str:
@@ -91,42 +146,105 @@ class RunDir:
     """Where a run writes (``work``), where its results end up (``path``), and where it resumes from."""
 
     def __init__(self, args, parser: argparse.ArgumentParser, default_path: Callable[[], Path]):
+        if args.output_dir == "":
+            raise UsageError("--output-dir is empty; name a directory, or leave the flag out for the default one")
         self.default = args.output_dir is None
         self.path = Path(args.output_dir) if args.output_dir else default_path()
+        self.real = Path(os.path.realpath(self.path))  # what is replaced when the path is a symlink
         self.replace = False
         self.created = False
         self.resume_from: Optional[Path] = None
+        self.started: Optional[Dict] = None  # the arguments of the run already in the directory
+        self._lock: Optional[int] = None  # the lock's descriptor
+        self._made: List[Path] = []
         if self.path.exists() and not self.path.is_dir():
             raise UsageError(f"--output-dir {str(self.path)!r} exists and is not a directory")
         _check_writable(self.path)
+        self._hold()
+        try:
+            self._decide(args, parser)
+        except BaseException:
+            self.close()
+            raise
+
+    def _decide(self, args, parser) -> None:
+        """Resume, replace the earlier run, or start in a new (or empty) directory."""
         r = args.resume_from_checkpoint
         if r is not None:
             self._resume(args, r, parser)
         elif self.path.exists() and any(self.path.iterdir()):
-            self._check_ours()
+            self._check_ours(parser)
             if not (args.overwrite or self.default):
                 raise UsageError(
                     f"--output-dir {str(self.path)!r} already holds a run; pass --overwrite to replace it "
                     "or --resume-from-checkpoint latest to continue it"
                 )
             self.replace = True
+            self._check_inputs(args)
+
+    def _hold(self) -> None:
+        """One output directory, one live run: a lock file next to it, held until ``close``. Only the
+        main process (rank 0) takes it; the kernel drops it when the process ends, however it ends."""
+        if fcntl is None or os.environ.get("RANK", "0") != "0":
+            return
+        self._made = _make_dirs(self.real.parent)
+        self._lock_at = self._lock_path()
+        self._lock = _take_lock(self._lock_at)
+        if self._lock is None:
+            raise UsageError(f"--output-dir {str(self.path)!r} is in use by another finegates run; wait for it "
+                             "to end or choose another directory")
+
+    def close(self) -> None:
+        """Releases the lock and removes its file, and the directories made for it if still empty."""
+        if self._lock is not None:
+            if self._lock_at != self.real:  # removed while held: a run that opened it retries
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._lock_at)
+            os.close(self._lock)
+            self._lock = None
+        for d in reversed(self._made):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break  # holds the run (or another's)
+        self._made = []
+
+    def _lock_path(self) -> Path:
+        """A sibling lock file; the directory itself where its parent cannot be written (such a
+        directory is never swapped, so its lock stays the same)."""
+        if self.real.is_dir() and not os.access(self.real.parent, os.W_OK | os.X_OK):
+            return self.real
+        return self._sibling("lock")
 
     @property
     def work(self) -> Path:
-        """The directory the run writes into: a sibling while it replaces an earlier run."""
-        return self.path.parent / f".{self.path.name}.finegates-new" if self.replace else self.path
+        """The directory the run writes into: a sibling (of a symlink's target) while it replaces an earlier run."""
+        return self._sibling("new") if self.replace else self.path
 
-    def _check_ours(self) -> None:
+    def _sibling(self, what: str) -> Path:
+        return self.real.parent / f".{self.real.name}.finegates-{what}"
+
+    def _check_inputs(self, args) -> None:
+        """Replacing the earlier run deletes everything in it, inputs of this run included."""
+        for key in INPUT_PATHS:
+            value = getattr(args, key, None)
+            for v in value if isinstance(value, list) else [value]:
+                if v and os.path.exists(v) and Path(os.path.realpath(v)).is_relative_to(self.real):
+                    raise UsageError(f"{_flag(key, repr(v))} lies inside --output-dir {str(self.path)!r}, which this "
+                                     "run replaces (and so deletes); move it out of that directory first")
+
+    def _check_ours(self, parser) -> None:
         if not (self.path / MARKER).exists():
             raise UsageError(
                 f"--output-dir {str(self.path)!r} is not empty and was not written by finegates; choose another directory"
             )
+        self.started = _started_with(self.path, parser)
 
     def _resume(self, args, r: str, parser) -> None:
         if r == "latest":
             if not self.path.exists() or not any(self.path.iterdir()):
                 return  # nothing yet: start from the beginning
-            self._check_ours()
+            self._check_ours(parser)
             self.resume_from = find_checkpoint(self.path)
             if self.resume_from is None:
                 if (self.path / "metrics.json").exists():
@@ -147,19 +265,16 @@ class RunDir:
                     f"--resume-from-checkpoint {r!r} belongs to the run in {str(owner)!r}, not to --output-dir "
                     f"{str(self.path)!r}; a run continues in its own directory (--output-dir {str(owner)!r})"
                 )
-            self._check_ours()
+            self._check_ours(parser)
             self.resume_from = rp
-        self._check_same_run(args, parser)
+        self._check_same_run(args)
 
-    def _check_same_run(self, args, parser) -> None:
+    def _check_same_run(self, args) -> None:
         step = _checkpoint_step(self.resume_from)
         if args.max_steps is not None and args.max_steps < step:
             raise UsageError(f"--max-steps {args.max_steps} is below the step of the checkpoint it resumes "
                              f"({step}, {str(self.resume_from)!r}); pass --max-steps {step} or more")
-        before = _started_with(self.path, parser)
-        if before is None:
-            return
-        now = vars(args)
+        before, now = self.started, vars(args)
         differ = [k for k in sorted(now) if k not in MAY_DIFFER and k in before and before[k] != now[k]]
         if differ:
             was = ", ".join(_flag(k, before[k]) for k in differ)
@@ -183,13 +298,14 @@ class RunDir:
         accelerator.wait_for_everyone()
 
     def finish(self) -> None:
-        """Main process, after every process is done: swap the new run in place of the earlier one."""
+        """Main process, after every process is done: swap the new run in place of the earlier one
+        (in the target of a symlinked output directory, so the link stays a link)."""
         if not self.replace or not self.work.exists():
             return
-        old = self.path.parent / f".{self.path.name}.finegates-old"
+        old = self._sibling("old")
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(self.path, old)
-        os.replace(self.work, self.path)
+        os.replace(self.real, old)
+        os.replace(self.work, self.real)
         shutil.rmtree(old, ignore_errors=True)
 
     def cleanup(self) -> None:
@@ -205,4 +321,4 @@ class RunDir:
             print(f"finegates: partial run kept in {self.path} (resume with --resume-from-checkpoint latest)",
                   file=sys.stderr)
             return
-        shutil.rmtree(self.path, ignore_errors=True)
+        shutil.rmtree(self.real, ignore_errors=True)  # rmtree refuses a symlink itself

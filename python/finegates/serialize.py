@@ -33,7 +33,7 @@ from .compact_attention import COMPACT_ATTRS
 from .compact_layers import GatheredLinear
 from .folding import COMPACTED
 from .layers import GatedLinear
-from .outputs import umask_mode
+from .outputs import follow_umask, umask_mode
 from .pooling import CONFIG_KEY, use_mean_pooling
 from .sparsify import set_submodule
 
@@ -175,7 +175,7 @@ def save_compact(model: nn.Module, path: PathLike, *, tokenizer=None) -> Path:
         elif tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        os.chmod(tmp / WEIGHTS_NAME, umask_mode(0o666))  # safetensors creates it 0600
+        follow_umask(tmp)  # safetensors creates the weights 0600; copied tokenizer files keep their source's mode
         floats = [p.dtype for p in model.parameters() if p.is_floating_point()]
         manifest = dict(
             format=FORMAT,

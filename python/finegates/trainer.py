@@ -37,7 +37,7 @@ from .errors import UsageError
 from .budget import BudgetController, close_to_budget, with_recovery
 from .layers import GatedLinear, gates_open
 from .loss import BudgetObjective, ReferenceObjective, SparsitySchedule
-from .outputs import StepLog
+from .outputs import StepLog, follow_umask
 from .report import keep_fraction
 from .sparsify import gated_layers
 
@@ -172,6 +172,7 @@ def _save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, log: O
     if accelerator.is_main_process:
         if log is not None:
             log.flush()
+        follow_umask(tmp)  # accelerate writes model.safetensors 0600
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
