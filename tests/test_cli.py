@@ -309,11 +309,39 @@ def test_resume_is_checked_against_the_run_it_continues(tiny_bert, sst_small, tm
     assert _steps(run) == 4
 
 
-def test_bf16_autocast_with_lora_on_cpu(tiny_bert, sst_small, tmp_path):
+def test_bf16_autocast_with_lora_on_cpu(tiny_bert, sst_small, tmp_path, monkeypatch):
+    """The gated and the compact model are both evaluated under the run's autocast."""
+    import finegates.recipes as recipes
+
+    inside, autocast_on = [False], []
+    metrics = recipes.classification_metrics
+
+    def recording(forward, *a, **kw):
+        def seen(batch):
+            inside[0] = True
+            try:
+                return forward(batch)
+            finally:
+                inside[0] = False
+
+        return metrics(seen, *a, **kw)
+
+    def note(module, args):
+        if inside[0] and isinstance(module, torch.nn.Linear):  # the head: a plain Linear in both models
+            autocast_on.append(torch.is_autocast_enabled("cpu"))
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(note)
+    monkeypatch.setattr(recipes, "classification_metrics", recording)
     out = tmp_path / "bf16"
-    assert main(_ft_args(tiny_bert, sst_small, out, "--max-steps", "2", "--mixed-precision", "bf16",
-                         "--lora-rank", "2")) == 0
+    try:
+        assert main(_ft_args(tiny_bert, sst_small, out, "--max-steps", "2", "--mixed-precision", "bf16",
+                             "--lora-rank", "2")) == 0
+    finally:
+        hook.remove()
     assert _steps(out) == 2 and (out / "compact").is_dir()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["compact_accuracy"] == m["accuracy"]
+    assert len(set(autocast_on)) == 1 and autocast_on[0], autocast_on  # gated and compact batches alike
 
 
 def test_headerless_tables_by_column_position(tiny_bert, sst_small, tmp_path, capsys):

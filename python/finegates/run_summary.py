@@ -49,8 +49,10 @@ def _compression_metrics(model: nn.Module, out_dir: Path) -> Dict[str, Any]:
 
 
 def _compact_metrics(model: nn.Module, dense_model: nn.Module, lat_batch, eval_compact: Optional[Callable],
-                     tokenizer, out_dir: Path) -> Dict[str, Any]:
-    """Compacts ``model`` in place, evaluates and times it against ``dense_model``, saves it."""
+                     tokenizer, out_dir: Path, accelerator) -> Dict[str, Any]:
+    """Compacts ``model`` in place, evaluates and times it against ``dense_model``, saves it. The
+    compact model is evaluated under the run's autocast, as the gated model was, so that the two
+    metrics compare (``--mixed-precision bf16``)."""
     from .compact import compact
     from .serialize import save_compact
 
@@ -60,7 +62,8 @@ def _compact_metrics(model: nn.Module, dense_model: nn.Module, lat_batch, eval_c
                          "compact_model_params": sum(p.numel() for p in model_c.parameters())}
     if eval_compact is not None:
         t = time.perf_counter()
-        m.update({f"compact_{k}": v for k, v in eval_compact(model_c).items()})
+        with accelerator.autocast():
+            m.update({f"compact_{k}": v for k, v in eval_compact(model_c).items()})
         m["compact_eval_time_s"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
     dense_latency, compact_latency = measure_latency([dense_model, model_c], lat_batch)
@@ -82,7 +85,8 @@ def finish_run(args, accelerator, raw_model, result, *, gated, tokenizer, dense_
     if gated:
         metrics.update(_compression_metrics(raw_model, out_dir))
     if gated and not args.no_compact:
-        metrics.update(_compact_metrics(raw_model, dense_model, lat_batch, eval_compact, tokenizer, out_dir))
+        metrics.update(_compact_metrics(raw_model, dense_model, lat_batch, eval_compact, tokenizer, out_dir,
+                                        accelerator))
     else:
         metrics["latency_ratio"] = None
     write_json(out_dir / "metrics.json", metrics)
