@@ -5,7 +5,7 @@
     python bench/bench_gpu.py --quick              # one shape, sparsity 0 and 0.4
     python bench/bench_gpu.py --markdown out.md --json out.json
 
-Variants (DESIGN.md, "Measuring speed"; the same definitions as bench/common.py, on CUDA):
+Variants (docs/design.md, "Measuring speed"; the same definitions as bench/common.py, on CUDA):
 
 ``dense``          ``F.linear(x, W, b)``
 ``masked``         ``F.linear(x * g_c, W, b) * g_r`` (the reference FineGates code)

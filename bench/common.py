@@ -1,7 +1,7 @@
 """What the benchmarks measure: shapes, gate patterns, the four variants and the machine record.
 
 Shared by ``bench/test_bench_ops.py`` (pytest-benchmark) and ``bench/report.py`` (the results
-table), so that both time exactly the same code. Definitions follow DESIGN.md, "Measuring speed":
+table), so that both time exactly the same code. Definitions follow docs/design.md, "Measuring speed":
 
 ``dense``
     ``F.linear(x, W, b)`` -- every gate ignored, the cost of the layer without FineGates.

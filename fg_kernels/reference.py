@@ -1,7 +1,7 @@
 """Pure-PyTorch reference of every ``fg`` op: the executable spec the tests compare against.
 
 These functions are written for clarity, not speed: they compute densely with masks, exactly as
-the reference FineGates code does, and then apply the skip semantics of DESIGN.md explicitly
+the reference FineGates code does, and then apply the skip semantics of docs/design.md explicitly
 (inactive outputs are exactly 0; a zero gate gets no gradient and passes none on). They are
 differentiable with plain autograd, so ``torch.autograd.grad`` through them gives the reference
 gradients.

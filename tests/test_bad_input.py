@@ -5,7 +5,7 @@ the message must contain (the argument and what was expected). The same row must
 on the C++ CPU kernels, on the Triton kernels (interpreter on CPU, compiled on CUDA) and in the fake
 kernels that torch.compile traces with (``fake``), whose ``torch._check`` calls state the contract of
 ``fg_kernels.contract``. Index *values* are data the fake kernels cannot see: those rows skip ``fake``.
-Never a crash, never a silent wrong answer (DESIGN.md).
+Never a crash, never a silent wrong answer (docs/design.md).
 """
 
 from __future__ import annotations

@@ -172,7 +172,7 @@ def test_backward_matches_reference_after_forward_filled_the_cache(tokens):
     for name, got, want in zip(("x", "bias", "row_gate", "col_gate"), grads, ref_grads):
         zero = {"x": gc == 0, "bias": gr == 0, "row_gate": gr == 0, "col_gate": gc == 0}[name]
         want = want.clone()
-        want[..., zero] = 0.0  # a zero gate is a removed row/column: no gradient (DESIGN.md)
+        want[..., zero] = 0.0  # a zero gate is a removed row/column: no gradient (docs/design.md)
         assert rel_err(got, want) < 1e-5, name
 
 
