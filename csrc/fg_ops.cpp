@@ -2,7 +2,8 @@
 //
 // The schemas live here, in one place, so that every backend (the CPU kernels in csrc/cpu, the
 // Triton kernels registered from Python for CUDA) implements exactly the same contract. Autograd
-// and fake (meta) kernels are registered once, in Python (fg_kernels/ops.py).
+// of fg::gated_linear is registered once, in C++ (autograd.cpp); the fake (meta) kernels in Python
+// (fg_kernels/registration.py).
 
 #include <torch/library.h>
 
