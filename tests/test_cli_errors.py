@@ -78,6 +78,28 @@ def test_missing_data_file(files, capsys):
     _check(capsys, _ft(files, out, "--train-file", str(files["good"])), out, "--validation-file")
 
 
+def test_data_path_that_is_a_directory(files, capsys):
+    out = files["tmp"] / "o"
+    a_dir = files["tmp"] / "data_dir"
+    a_dir.mkdir()
+    _check(capsys, _ft(files, out, "--train-file", str(a_dir), "--validation-file", str(files["good"])),
+           out, "--train-file", "data_dir", "is a directory, not a file")
+    _check(capsys, ["posttrain", "--model", str(files["tmp"]), "--train-file", str(files["jsonl"]),
+                    "--validation-file", str(a_dir), "--output-dir", str(out)],
+           out, "--validation-file", "data_dir", "is a directory, not a file")
+
+
+def test_utf8_bom_jsonl_reads_like_a_bom_csv(files):
+    from finegates.data_loading import load_text_corpus, read_table
+
+    rows = [("nice", 1), ("bad", 0)]
+    csv_, jsonl = files["tmp"] / "bom.csv", files["tmp"] / "bom.jsonl"
+    csv_.write_text("sentence,label\n" + "".join(f"{t},{y}\n" for t, y in rows), encoding="utf-8-sig")
+    jsonl.write_text("".join(f'{{"sentence": "{t}", "label": {y}}}\n' for t, y in rows), encoding="utf-8-sig")
+    assert read_table(jsonl).to_dict() == read_table(csv_).to_dict() == {"sentence": ["nice", "bad"], "label": [1, 0]}
+    assert load_text_corpus(None, None, [str(jsonl)], [str(jsonl)], "sentence", 0.5) == (["nice", "bad"],) * 2
+
+
 def test_malformed_and_empty_files(files, capsys):
     out = files["tmp"] / "o"
     _check(capsys, _ft(files, out, "--train-file", str(files["ragged"]), "--validation-file", str(files["good"])),

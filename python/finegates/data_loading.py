@@ -30,9 +30,12 @@ TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
 
 
 def _check_file(path, what: str) -> Path:
+    """The path as a readable file, or an error that says what it is instead."""
     p = Path(path)
     if not p.exists():
         raise UsageError(f"{what} {str(path)!r} does not exist")
+    if p.is_dir():
+        raise UsageError(f"{what} {str(path)!r} is a directory, not a file")
     if not p.is_file():
         raise UsageError(f"{what} {str(path)!r} is not a file")
     return p
@@ -56,7 +59,7 @@ def read_table(path, what: str = "data file", header: bool = True):
         elif suffix == ".csv":
             df = pd.read_csv(p, keep_default_na=False, on_bad_lines="error", header=0 if header else None)
         else:
-            df = pd.read_json(p, lines=(suffix == ".jsonl"))
+            df = pd.read_json(p, lines=(suffix == ".jsonl"), encoding="utf-8-sig")  # a BOM, as for csv
     except Exception as e:  # pandas raises many types for a malformed file
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"{what} {str(path)!r} is not a readable {suffix[1:]} table ({msg})") from None
@@ -241,7 +244,7 @@ def _read_texts(files: Sequence[str], text_column: str, flag: str) -> List[str]:
             if suffix == ".txt":
                 texts += [line.rstrip("\n") for line in open(p, encoding="utf-8") if line.strip()]
             elif suffix in (".jsonl", ".json"):
-                with open(p, encoding="utf-8") as fh:
+                with open(p, encoding="utf-8-sig") as fh:
                     for i, line in enumerate(fh, 1):
                         if not line.strip():
                             continue
