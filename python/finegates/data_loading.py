@@ -45,8 +45,12 @@ def read_table(path, what: str = "data file", header: bool = True):
     """A tsv/csv/jsonl file as a ``datasets.Dataset`` (through pandas, in memory, no cache files).
     tsv files are read without quote handling, as GLUE writes them. ``header=False``: a tsv/csv
     without a header row, its columns named by position (``"0"``, ``"1"``, ...)."""
+    return _to_dataset(_read_frame(path, what, header))
+
+
+def _read_frame(path, what: str, header: bool):
+    """The table as a pandas DataFrame: its cells are checked before Arrow types the columns."""
     import pandas as pd
-    from datasets import Dataset
 
     p = _check_file(path, what)
     suffix = p.suffix.lower()
@@ -66,16 +70,22 @@ def read_table(path, what: str = "data file", header: bool = True):
     if len(df) == 0:
         raise UsageError(f"{what} {str(path)!r} has no rows")
     df.columns = [str(c) for c in df.columns]
+    return df
+
+
+def _to_dataset(df):
+    from datasets import Dataset
+
     return Dataset.from_pandas(df, preserve_index=False)
 
 
-def _check_columns(ds, columns: Sequence[str], path, flag: str, header: bool = True) -> None:
-    missing = [c for c in columns if c not in ds.column_names]
+def _check_columns(names: Sequence[str], columns: Sequence[str], path, flag: str, header: bool = True) -> None:
+    missing = [c for c in columns if c not in names]
     if missing:
         hint = ("; a file without a header row needs --no-header and column positions "
                 "(e.g. --text-columns 0 --label-column 1)") if header else ""
         raise UsageError(
-            f"{str(path)!r} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); set {flag}{hint}"
+            f"{str(path)!r} has no column {missing[0]!r} (columns: {', '.join(names)}); set {flag}{hint}"
         )
 
 
@@ -102,38 +112,7 @@ def load_classification(
     if train_file:
         if not validation_file:
             raise UsageError("--train-file needs --validation-file (the data the metric is computed on)")
-        train = read_table(train_file, "--train-file", header)
-        val = read_table(validation_file, "--validation-file", header)
-        for ds, path in ((train, train_file), (val, validation_file)):
-            _check_columns(ds, cols, path, "--text-columns", header)
-            _check_columns(ds, [label_column], path, "--label-column", header)
-        _check_no_blank_labels(train, label_column, train_file, "--train-file")
-        _check_no_blank_labels(val, label_column, validation_file, "--validation-file")
-        regression = info.num_labels == 1 if info else _is_float_labels(train[label_column])
-        if regression:
-            train = _float_labels(train, label_column, train_file)
-            val = _float_labels(val, label_column, validation_file)
-            return train, val, cols, 1, None
-        values = sorted(set(train[label_column]), key=lambda v: (str(type(v)), v))
-        if all(isinstance(v, int) for v in values) and values and min(values) >= 0:
-            names = None
-            num_labels = max(max(values) + 1, info.num_labels if info else 2)
-            mapping = {v: v for v in values}
-        else:
-            names = [str(v) for v in values]
-            num_labels = len(values)
-            mapping = {v: i for i, v in enumerate(values)}
-        if len(values) < 2:
-            raise UsageError(f"--train-file {train_file!r}: column {label_column!r} has a single label value "
-                             f"({values[0]!r}); need >= 2 classes")
-        unknown = sorted({str(v) for v in val[label_column] if v not in mapping})
-        if unknown:
-            raise UsageError(
-                f"--validation-file {validation_file!r} has labels not seen in --train-file: {', '.join(unknown[:5])}"
-            )
-        train = train.map(lambda b: {"labels": [mapping[v] for v in b[label_column]]}, batched=True)
-        val = val.map(lambda b: {"labels": [mapping[v] for v in b[label_column]]}, batched=True)
-        return train, val, cols, num_labels, names
+        return _load_local(info, train_file, validation_file, cols, label_column, header)
     if not task:
         raise UsageError("give a GLUE task name (--task) or local data (--train-file/--validation-file)")
     try:
@@ -152,11 +131,69 @@ def load_classification(
     return train, val, cols, info.num_labels, names
 
 
-def _check_no_blank_labels(ds, column: str, path, flag: str) -> None:
+def _check_cells(frames, cols: Sequence[str], label_column: str, header: bool) -> None:
+    """Columns, texts and labels of each ``(frame, path, flag)``, each problem named by file and row."""
+    for df, path, _ in frames:
+        _check_columns(list(df.columns), cols, path, "--text-columns", header)
+        _check_columns(list(df.columns), [label_column], path, "--label-column", header)
+    for df, path, flag in frames:
+        for c in cols:
+            _check_no_null_texts(df[c].tolist(), c, path, flag)
+    for df, path, flag in frames:
+        _check_no_blank_labels(df[label_column].tolist(), label_column, path, flag)
+
+
+def _load_local(info, train_file, validation_file, cols, label_column: str, header: bool):
+    train = _read_frame(train_file, "--train-file", header)
+    val = _read_frame(validation_file, "--validation-file", header)
+    _check_cells([(train, train_file, "--train-file"), (val, validation_file, "--validation-file")],
+                 cols, label_column, header)
+    train_labels, val_labels = train[label_column].tolist(), val[label_column].tolist()
+    regression = info.num_labels == 1 if info else _is_float_labels(train_labels)
+    if regression:
+        train["labels"] = _float_labels(train_labels, label_column, train_file)
+        val["labels"] = _float_labels(val_labels, label_column, validation_file)
+        return _to_dataset(train), _to_dataset(val), cols, 1, None
+    values = sorted(set(train_labels), key=lambda v: (str(type(v)), v))
+    if all(isinstance(v, int) for v in values) and values and min(values) >= 0:
+        names = None
+        num_labels = max(max(values) + 1, info.num_labels if info else 2)
+        mapping = {v: v for v in values}
+    else:
+        names = [str(v) for v in values]
+        num_labels = len(values)
+        mapping = {v: i for i, v in enumerate(values)}
+    if len(values) < 2:
+        raise UsageError(f"--train-file {train_file!r}: column {label_column!r} has a single label value "
+                         f"({values[0]!r}); need >= 2 classes")
+    unknown = sorted({str(v) for v in val_labels if v not in mapping})
+    if unknown:
+        raise UsageError(
+            f"--validation-file {validation_file!r} has labels not seen in --train-file: {', '.join(unknown[:5])}"
+        )
+    train["labels"] = [mapping[v] for v in train_labels]
+    val["labels"] = [mapping[v] for v in val_labels]
+    return _to_dataset(train), _to_dataset(val), cols, num_labels, names
+
+
+def _missing(v) -> bool:
+    """An absent cell (None or NaN): a jsonl ``null`` or missing key, or a csv row cut short."""
+    return v is None or (isinstance(v, float) and v != v)
+
+
+def _check_no_null_texts(values, column: str, path, flag: str) -> None:
+    """A null text is an error naming its file and row: it would otherwise be trained as "None"."""
+    for i, v in enumerate(values):
+        if _missing(v):
+            raise UsageError(f"{flag} {str(path)!r}: column {column!r} is null or missing in data row "
+                             f"{i + 1}; every example needs a text")
+
+
+def _check_no_blank_labels(values, column: str, path, flag: str) -> None:
     """A blank label cell is an error naming its file and row: it would otherwise become a class of
     its own (or a NaN target)."""
-    for i, v in enumerate(ds[column]):
-        if v is None or (isinstance(v, float) and v != v) or (isinstance(v, str) and not v.strip()):
+    for i, v in enumerate(values):
+        if _missing(v) or (isinstance(v, str) and not v.strip()):
             raise UsageError(f"{flag} {str(path)!r}: column {column!r} is blank in data row {i + 1}; "
                              "every example needs a label")
 
@@ -165,9 +202,9 @@ def _is_float_labels(values) -> bool:
     return any(isinstance(v, float) and not float(v).is_integer() for v in values)
 
 
-def _float_labels(ds, column, path):
+def _float_labels(values, column, path):
     try:
-        return ds.map(lambda b: {"labels": [float(v) for v in b[column]]}, batched=True)
+        return [float(v) for v in values]
     except (TypeError, ValueError):
         raise UsageError(f"{str(path)!r}: column {column!r} must hold numbers for a regression task") from None
 
@@ -254,6 +291,9 @@ def _read_texts(files: Sequence[str], text_column: str, flag: str) -> List[str]:
                             raise UsageError(f"{flag} {f!r} line {i} is not valid JSON") from None
                         if not isinstance(rec, dict) or text_column not in rec:
                             raise UsageError(f"{flag} {f!r} line {i} has no {text_column!r} field; set --text-column")
+                        if rec[text_column] is None:  # str() would train it as the word "None"
+                            raise UsageError(f"{flag} {f!r} line {i}: field {text_column!r} is null; "
+                                             "every document needs a text")
                         if str(rec[text_column]).strip():
                             texts.append(str(rec[text_column]))
             else:
