@@ -159,6 +159,22 @@ def test_null_text_is_refused_not_trained_as_none(files, capsys):
                     "--output-dir", str(out)], out, "corpus.jsonl", "line 2", "'text' is null")
 
 
+def test_labels_that_are_not_classes_or_numbers(files, capsys):
+    out = files["tmp"] / "o"
+    good = str(files["good_jsonl"])
+    bools = files["tmp"] / "bools.jsonl"
+    bools.write_text(files["good_jsonl"].read_text().replace('"label": 1', '"label": true')
+                     .replace('"label": 0', '"label": false'))
+    _check(capsys, _ft(files, out, "--train-file", str(bools), "--validation-file", good),
+           out, "--train-file", "bools.jsonl", "'label' is true in data row 1", "class name")
+    for row, value, shown in ((3, [1], "[1]"), (2, {"y": 1}, '{"y": 1}'), (6, None, "null")):
+        bad = _jsonl_with(files, f"bad_label_{row}.jsonl", row, label=value)
+        _check(capsys, _ft(files, out, "--train-file", str(bad), "--validation-file", good),
+               out, "--train-file", bad.name, f"is {shown} in data row {row}")
+        _check(capsys, _ft(files, out, "--train-file", good, "--validation-file", str(bad)),
+               out, "--validation-file", bad.name, f"is {shown} in data row {row}")
+
+
 def test_model_path_missing(files, capsys):
     out = files["tmp"] / "o"
     _check(capsys, _ft(files, out, "--model", str(files["tmp"] / "no_model")), out, "does not exist")

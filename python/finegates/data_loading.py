@@ -8,6 +8,7 @@ Every problem the user can fix (missing file, unreadable file, wrong column, no 
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -140,7 +141,7 @@ def _check_cells(frames, cols: Sequence[str], label_column: str, header: bool) -
         for c in cols:
             _check_no_null_texts(df[c].tolist(), c, path, flag)
     for df, path, flag in frames:
-        _check_no_blank_labels(df[label_column].tolist(), label_column, path, flag)
+        _check_labels(df[label_column].tolist(), label_column, path, flag)
 
 
 def _load_local(info, train_file, validation_file, cols, label_column: str, header: bool):
@@ -189,10 +190,16 @@ def _check_no_null_texts(values, column: str, path, flag: str) -> None:
                              f"{i + 1}; every example needs a text")
 
 
-def _check_no_blank_labels(values, column: str, path, flag: str) -> None:
-    """A blank label cell is an error naming its file and row: it would otherwise become a class of
-    its own (or a NaN target)."""
+def _check_labels(values, column: str, path, flag: str) -> None:
+    """Each label is a class name, class id or number, else an error naming its file, row and value:
+    a blank cell would become a class of its own (or a NaN target), and a jsonl null, true/false,
+    list or object would fail deep in the loss."""
+    json_file = Path(path).suffix.lower() in (".jsonl", ".json")
     for i, v in enumerate(values):
+        if isinstance(v, (bool, list, dict)) or (json_file and _missing(v)):
+            shown = json.dumps(None if _missing(v) else v)
+            raise UsageError(f"{flag} {str(path)!r}: column {column!r} is {shown} in data row {i + 1}; "
+                             "a label must be a class name, a class id or a number")
         if _missing(v) or (isinstance(v, str) and not v.strip()):
             raise UsageError(f"{flag} {str(path)!r}: column {column!r} is blank in data row {i + 1}; "
                              "every example needs a label")
@@ -271,8 +278,6 @@ def _first_line(e: Exception) -> str:
 
 
 def _read_texts(files: Sequence[str], text_column: str, flag: str) -> List[str]:
-    import json
-
     texts: List[str] = []
     for f in files:
         p = _check_file(f, flag)
