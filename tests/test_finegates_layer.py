@@ -321,6 +321,15 @@ def test_bad_target_sparsity(bad):
         finegates.sparsify(mlp(), target_sparsity=bad, target_modules=["0"], verbose=False)
 
 
+@pytest.mark.parametrize("bad, name", [(dict(sigma=float("nan")), "sigma"), (dict(sigma=-0.1), "sigma"),
+                                       (dict(lora_rank=2.7), "lora_rank"), (dict(lora_rank=True), "lora_rank"),
+                                       (dict(lora_rank=-1), "lora_rank")])
+def test_bad_sparsify_arguments_are_refused_by_name(bad, name):
+    """NaN noise silently turned the noise off and a fractional rank was truncated."""
+    with pytest.raises(ValueError, match=name):
+        finegates.sparsify(mlp(), target_sparsity=0.2, target_modules=["0"], verbose=False, **bad)
+
+
 def test_no_matching_module():
     with pytest.raises(ValueError, match="no nn.Linear"):
         finegates.sparsify(mlp(), target_sparsity=0.2, target_modules=["nonexistent"], verbose=False)

@@ -58,6 +58,21 @@ def _args(tmp_path, **kw):
     return transformers.TrainingArguments(**{**base, **kw})
 
 
+def test_logged_lambda_is_the_one_each_step_trained_with(tmp_path):
+    """The reference schedule starts at step 1 (0-based): the first optimizer step trains with
+    lambda 0 and its log says so (it used to show the next step's value)."""
+    model = build("bert")
+    finegates.sparsify(model, target_sparsity=0.3, lora_rank=0, verbose=False)
+    trainer = FineGatesTrainer(model=model, args=_args(tmp_path, max_steps=4, logging_steps=1), train_dataset=_data(),
+                               sparsity_objective="reference", sparsity_lambda=10.0, sparsity_start=1,
+                               sparsity_warmup=2)
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "lambda" in h]
+    assert [h["step"] for h in logs] == [1, 2, 3, 4]
+    assert [h["lambda"] for h in logs] == [trainer.sparsity_schedule(s) for s in range(4)]
+    assert [h["lambda"] for h in logs] == [0.0, 5.0, 10.0, 10.0]
+
+
 def test_trainer_budget_lands_on_the_target(tmp_path):
     """The default objective: the multiplier grows while the model is too large, the gates stop at
     the freeze (closed exactly to the budget) and the compact model removes what was asked."""
