@@ -202,6 +202,53 @@ def save_compact(model: nn.Module, path: PathLike, *, tokenizer=None) -> Path:
     return path
 
 
+# The types save_compact writes each manifest field with (None: null), and each layer kind's spec.
+_FIELDS = dict(format_version=(int,), model_class=(str,), transformers_class=(str, None), dtype=(str, None), parameters=(int,),
+               layers=(dict,), attributes=(dict,), weights_sha256=(str,), config_sha256=(str, None),
+               files=(list,), manifest_sha256=(str,))
+_SPEC_FIELDS = dict(
+    linear=dict(in_features=int, out_features=int, bias=bool),
+    gathered=dict(in_features=int, out_features=int, active_out=int, active_in=int, bias=bool,
+                  scatter_rows=bool, gather_cols=bool),
+)
+_KIND_NAMES = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object", list: "a list", None: "null"}
+
+
+def _is(value, kinds) -> bool:
+    """isinstance with None for null, and no bool passing as an int (JSON true is not 1)."""
+    return any(value is None if k is None else isinstance(value, k) and (k is bool or not isinstance(value, bool))
+               for k in kinds)
+
+
+def _field_error(path: Path, field: str, expected: str, value) -> ValueError:
+    return ValueError(f"load_compact: {MANIFEST_NAME} in {str(path)!r}: field {field!r} must be {expected}, "
+                      f"not {json.dumps(value)[:60]}; re-save the model")
+
+
+def _check_fields(manifest: Dict[str, Any], path: Path) -> None:
+    """Every field has the type save_compact writes: a hand-edited manifest fails here, by name,
+    instead of deep in the model build."""
+    for key, kinds in _FIELDS.items():
+        if key in manifest and not _is(manifest[key], kinds):
+            raise _field_error(path, key, " or ".join(_KIND_NAMES[k] for k in kinds), manifest[key])
+    if manifest.get("dtype") is not None and not isinstance(getattr(torch, manifest["dtype"], None), torch.dtype):
+        raise _field_error(path, "dtype", "a torch dtype name", manifest["dtype"])
+    for name, spec in manifest["layers"].items():
+        _check_layer_spec(path, name, spec)
+    for name, attrs in manifest["attributes"].items():
+        if not isinstance(attrs, dict):
+            raise _field_error(path, f"attributes.{name}", "an object of attribute values", attrs)
+
+
+def _check_layer_spec(path: Path, name: str, spec) -> None:
+    fields = _SPEC_FIELDS.get(spec.get("kind")) if isinstance(spec, dict) else None
+    if fields is None:
+        raise _field_error(path, f"layers.{name}", 'a layer spec of kind "linear" or "gathered"', spec)
+    for f, kind in fields.items():
+        if not _is(spec.get(f), (kind,)):
+            raise _field_error(path, f"layers.{name}.{f}", _KIND_NAMES[kind], spec.get(f))
+
+
 def _read_manifest(path: Path) -> Dict[str, Any]:
     if not path.is_dir():
         raise FileNotFoundError(f"load_compact: {str(path)!r} is not a directory (expected a save_compact output)")
@@ -220,10 +267,11 @@ def _read_manifest(path: Path) -> Dict[str, Any]:
             f"load_compact: format_version {manifest.get('format_version')!r} is not supported by this "
             f"finegates (expects {FORMAT_VERSION}); upgrade finegates or re-save the model"
         )
-    for key in ("layers", "attributes", "weights_sha256"):
+    for key in ("layers", "attributes", "weights_sha256", "manifest_sha256"):
         if key not in manifest:
             raise ValueError(f"load_compact: {MANIFEST_NAME} in {str(path)!r} lacks {key!r}; re-save the model")
-    if "manifest_sha256" in manifest and manifest["manifest_sha256"] != _manifest_digest(manifest):
+    _check_fields(manifest, path)
+    if manifest["manifest_sha256"] != _manifest_digest(manifest):
         raise ValueError(f"load_compact: {MANIFEST_NAME} in {str(path)!r} was modified after saving (its checksum "
                          "does not match); re-save the model")
     config = path / "config.json"
