@@ -531,6 +531,20 @@ def test_resave_keeps_the_users_own_files(saved):
     finegates.load_compact(path)
 
 
+def test_save_through_a_symlink_writes_into_its_target(saved, tmp_path):
+    path, _ = saved
+    link = tmp_path / "latest"
+    link.symlink_to(path.name)
+    new = gated("bert", 0.3, seed=21)
+    finegates.compact(new)
+    assert finegates.save_compact(new, link) == link
+    assert link.is_symlink() and os.readlink(link) == path.name
+    assert sorted(os.listdir(tmp_path)) == ["latest", "m"]  # no temporary or old directories left
+    ids, mask = inputs()
+    assert torch.equal(logits(finegates.load_compact(link), ids, mask), logits(new, ids, mask))
+    assert params(finegates.load_compact(path)) == params(new)
+
+
 def test_files_follow_the_umask(saved, tmp_path):
     _, model = saved
     old = os.umask(0o022)

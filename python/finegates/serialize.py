@@ -139,6 +139,12 @@ def _replace_dir(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def _link_target(path: Path) -> Path:
+    """Where a save to ``path`` goes: through a symlink, into its target, so the link stays a link
+    to the new model (replacing the link itself would leave its target holding the old one)."""
+    return path.resolve() if path.is_symlink() else path
+
+
 def _manifest_digest(manifest: Dict[str, Any]) -> str:
     """sha256 of the manifest itself (every field but this digest): head counts and layer shapes
     shape the model as much as the weights do."""
@@ -151,15 +157,17 @@ def save_compact(model: nn.Module, path: PathLike, *, tokenizer=None) -> Path:
 
     Hugging Face models also get ``config.json`` (and ``generation_config.json``); tokenizer files
     come from ``tokenizer.save_pretrained`` or, if no tokenizer is given, are copied from the local
-    directory the model was loaded from (``config._name_or_path``) when it has them.
+    directory the model was loaded from (``config._name_or_path``) when it has them. A ``path``
+    that is a symlink stays one: the model is written into its target.
     """
     if any(isinstance(m, GatedLinear) for m in model.modules()):
         raise ValueError("save_compact: the model still has GatedLinear layers; call finegates.compact(model) first")
     from safetensors.torch import save_model
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    target = _link_target(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     os.chmod(tmp, umask_mode(0o777))
     try:
         hf = _is_hf(model)
@@ -195,7 +203,7 @@ def save_compact(model: nn.Module, path: PathLike, *, tokenizer=None) -> Path:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _replace_dir(tmp, path)
+        _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
