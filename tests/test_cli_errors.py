@@ -194,6 +194,28 @@ def test_labels_that_are_not_classes_or_numbers(files, capsys):
                out, "--validation-file", bad.name, f"is {shown} in data row {row}")
 
 
+def test_labels_compare_by_their_text_in_both_files(files, capsys):
+    """A csv column holding a word reads 1 as "1"; the other file's numeric 1 is the same class."""
+    from finegates.data_loading import load_classification
+
+    def table(name, labels, suffix=".csv"):
+        path = files["tmp"] / f"{name}{suffix}"
+        if suffix == ".csv":
+            path.write_text("sentence,label\n" + "".join(f"text {i},{y}\n" for i, y in enumerate(labels)))
+        else:
+            path.write_text("".join(json.dumps(dict(sentence=f"text {i}", label=y)) + "\n" for i, y in enumerate(labels)))
+        return str(path)
+
+    train, val = table("mixed", ["1", "pos", "1", "0"]), table("ints", [1, 0, 1, 0])
+    tr, va, _, num_labels, names = load_classification(None, train, val, None, "label")
+    assert (num_labels, names, tr["labels"], va["labels"]) == (3, ["0", "1", "pos"], [1, 2, 1, 0], [1, 0, 1, 0])
+    tr, va, _, _, names = load_classification(None, table("mixed", [1, "pos", 1, 0], ".jsonl"), val, None, "label")
+    assert (names, tr["labels"], va["labels"]) == (["0", "1", "pos"], [1, 2, 1, 0], [1, 0, 1, 0])
+    out = files["tmp"] / "o"
+    _check(capsys, _ft(files, out, "--train-file", train, "--validation-file", table("unseen", [1, 0, "neg"])),
+           out, "unseen.csv", "labels not seen in --train-file: neg")
+
+
 def test_model_path_missing(files, capsys):
     out = files["tmp"] / "o"
     _check(capsys, _ft(files, out, "--model", str(files["tmp"] / "no_model")), out, "does not exist")

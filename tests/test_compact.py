@@ -176,6 +176,57 @@ def test_load_refuses_a_different_config(saved):
         finegates.load_compact(path)
 
 
+def _edit_manifest(path, checksum: bool = True, **fields):
+    """Sets manifest fields as a hand edit would; ``checksum``: with a checksum recomputed to match."""
+    from finegates.serialize import _manifest_digest
+
+    m = json.loads((path / "finegates_compact.json").read_text())
+    m.update(fields)
+    m.pop("manifest_sha256")
+    if checksum:
+        m["manifest_sha256"] = _manifest_digest(m)
+    (path / "finegates_compact.json").write_text(json.dumps(m))
+
+
+def test_load_refuses_a_manifest_without_its_checksum(saved):
+    path, _ = saved
+    _edit_manifest(path, checksum=False, config_sha256=None)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["layer_norm_eps"] = 1.0
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="finegates_compact.json in .* lacks 'manifest_sha256'"):
+        finegates.load_compact(path)
+
+
+@pytest.mark.parametrize("fields, field", [
+    (dict(layers="oops"), "'layers' must be an object"),
+    (dict(attributes=[]), "'attributes' must be an object"),
+    (dict(dtype="oops"), "'dtype' must be a torch dtype name"),
+    (dict(transformers_class=5), "'transformers_class' must be a string or null"),
+    (dict(weights_sha256=None), "'weights_sha256' must be a string"),
+    (dict(format_version=True), "'format_version' must be an integer"),
+])
+def test_load_refuses_manifest_fields_of_the_wrong_type(saved, fields, field):
+    path, _ = saved
+    _edit_manifest(path, **fields)
+    with pytest.raises(ValueError, match=f"finegates_compact.json in .*: field {field}"):
+        finegates.load_compact(path)
+
+
+def test_load_refuses_a_malformed_layer_spec(saved):
+    path, _ = saved
+    layers = json.loads((path / "finegates_compact.json").read_text())["layers"]
+    name = next(iter(layers))
+    for spec, field in (("oops", f"layers.{name}'"), (dict(layers[name], kind="conv"), f"layers.{name}'"),
+                        (dict(layers[name], in_features="64"), f"layers.{name}.in_features' must be an integer"),
+                        (dict(layers[name], bias=1), f"layers.{name}.bias' must be a boolean")):
+        _edit_manifest(path, layers=dict(layers, **{name: spec}))
+        with pytest.raises(ValueError, match=f"finegates_compact.json in .*: field '{field}"):
+            finegates.load_compact(path)
+    _edit_manifest(path, layers=layers)
+    finegates.load_compact(path)
+
+
 def test_save_is_atomic_when_interrupted(saved, monkeypatch):
     path, model = saved
     before = (path / "model.safetensors").read_bytes()
@@ -478,6 +529,20 @@ def test_resave_keeps_the_users_own_files(saved):
     finegates.save_compact(model, path)
     assert (path / "NOTES.md").read_text() == "mine" and (path / "eval" / "scores.csv").read_text() == "1,2"
     finegates.load_compact(path)
+
+
+def test_save_through_a_symlink_writes_into_its_target(saved, tmp_path):
+    path, _ = saved
+    link = tmp_path / "latest"
+    link.symlink_to(path.name)
+    new = gated("bert", 0.3, seed=21)
+    finegates.compact(new)
+    assert finegates.save_compact(new, link) == link
+    assert link.is_symlink() and os.readlink(link) == path.name
+    assert sorted(os.listdir(tmp_path)) == ["latest", "m"]  # no temporary or old directories left
+    ids, mask = inputs()
+    assert torch.equal(logits(finegates.load_compact(link), ids, mask), logits(new, ids, mask))
+    assert params(finegates.load_compact(path)) == params(new)
 
 
 def test_files_follow_the_umask(saved, tmp_path):

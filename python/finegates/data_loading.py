@@ -75,8 +75,13 @@ def _read_frame(path, what: str, header: bool):
 
 
 def _to_dataset(df):
+    """A ``datasets.Dataset`` of the frame; a column of mixed types (1 and "pos" in one jsonl
+    column), which Arrow cannot type, goes in as its text form."""
     from datasets import Dataset
 
+    for c in df.columns:
+        if df[c].dtype == object and len({type(v) for v in df[c] if not _missing(v)}) > 1:
+            df[c] = [v if _missing(v) else str(v) for v in df[c]]
     return Dataset.from_pandas(df, preserve_index=False)
 
 
@@ -155,26 +160,36 @@ def _load_local(info, train_file, validation_file, cols, label_column: str, head
         train["labels"] = _float_labels(train_labels, label_column, train_file)
         val["labels"] = _float_labels(val_labels, label_column, validation_file)
         return _to_dataset(train), _to_dataset(val), cols, 1, None
-    values = sorted(set(train_labels), key=lambda v: (str(type(v)), v))
-    if all(isinstance(v, int) for v in values) and values and min(values) >= 0:
-        names = None
-        num_labels = max(max(values) + 1, info.num_labels if info else 2)
-        mapping = {v: v for v in values}
-    else:
-        names = [str(v) for v in values]
-        num_labels = len(values)
-        mapping = {v: i for i, v in enumerate(values)}
-    if len(values) < 2:
-        raise UsageError(f"--train-file {train_file!r}: column {label_column!r} has a single label value "
-                         f"({values[0]!r}); need >= 2 classes")
-    unknown = sorted({str(v) for v in val_labels if v not in mapping})
+    names, num_labels, ids = _classes(train_labels, info, train_file, label_column)
+    unknown = sorted({str(v) for v in val_labels if _label_key(v) not in ids})
     if unknown:
         raise UsageError(
             f"--validation-file {validation_file!r} has labels not seen in --train-file: {', '.join(unknown[:5])}"
         )
-    train["labels"] = [mapping[v] for v in train_labels]
-    val["labels"] = [mapping[v] for v in val_labels]
+    train["labels"] = [ids[_label_key(v)] for v in train_labels]
+    val["labels"] = [ids[_label_key(v)] for v in val_labels]
     return _to_dataset(train), _to_dataset(val), cols, num_labels, names
+
+
+def _label_key(v) -> str:
+    """The text form labels are compared by, the same in both files: a csv column holding a word
+    reads 1 as "1", a numeric one as 1. 1.0 stays 1, as when labels were compared as numbers."""
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+
+
+def _classes(labels, info, train_file, label_column: str):
+    """``(names, num_labels, class id by label key)``: non-negative integer labels are their own
+    ids; any other labels are numbered in sorted order."""
+    by_key: Dict[str, object] = {}
+    for v in sorted(set(labels), key=lambda v: (str(type(v)), v)):
+        by_key.setdefault(_label_key(v), v)
+    values = list(by_key.values())
+    if len(values) < 2:
+        raise UsageError(f"--train-file {train_file!r}: column {label_column!r} has a single label value "
+                         f"({values[0]!r}); need >= 2 classes")
+    if all(isinstance(v, int) for v in values) and min(values) >= 0:
+        return None, max(max(values) + 1, info.num_labels if info else 2), {_label_key(v): v for v in values}
+    return [str(v) for v in values], len(values), {_label_key(v): i for i, v in enumerate(values)}
 
 
 def _missing(v) -> bool:

@@ -139,6 +139,12 @@ def _replace_dir(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def _link_target(path: Path) -> Path:
+    """Where a save to ``path`` goes: through a symlink, into its target, so the link stays a link
+    to the new model (replacing the link itself would leave its target holding the old one)."""
+    return path.resolve() if path.is_symlink() else path
+
+
 def _manifest_digest(manifest: Dict[str, Any]) -> str:
     """sha256 of the manifest itself (every field but this digest): head counts and layer shapes
     shape the model as much as the weights do."""
@@ -151,15 +157,17 @@ def save_compact(model: nn.Module, path: PathLike, *, tokenizer=None) -> Path:
 
     Hugging Face models also get ``config.json`` (and ``generation_config.json``); tokenizer files
     come from ``tokenizer.save_pretrained`` or, if no tokenizer is given, are copied from the local
-    directory the model was loaded from (``config._name_or_path``) when it has them.
+    directory the model was loaded from (``config._name_or_path``) when it has them. A ``path``
+    that is a symlink stays one: the model is written into its target.
     """
     if any(isinstance(m, GatedLinear) for m in model.modules()):
         raise ValueError("save_compact: the model still has GatedLinear layers; call finegates.compact(model) first")
     from safetensors.torch import save_model
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    target = _link_target(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     os.chmod(tmp, umask_mode(0o777))
     try:
         hf = _is_hf(model)
@@ -195,11 +203,58 @@ def save_compact(model: nn.Module, path: PathLike, *, tokenizer=None) -> Path:
             json.dump(manifest, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _replace_dir(tmp, path)
+        _replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+# The types save_compact writes each manifest field with (None: null), and each layer kind's spec.
+_FIELDS = dict(format_version=(int,), model_class=(str,), transformers_class=(str, None), dtype=(str, None), parameters=(int,),
+               layers=(dict,), attributes=(dict,), weights_sha256=(str,), config_sha256=(str, None),
+               files=(list,), manifest_sha256=(str,))
+_SPEC_FIELDS = dict(
+    linear=dict(in_features=int, out_features=int, bias=bool),
+    gathered=dict(in_features=int, out_features=int, active_out=int, active_in=int, bias=bool,
+                  scatter_rows=bool, gather_cols=bool),
+)
+_KIND_NAMES = {str: "a string", int: "an integer", bool: "a boolean", dict: "an object", list: "a list", None: "null"}
+
+
+def _is(value, kinds) -> bool:
+    """isinstance with None for null, and no bool passing as an int (JSON true is not 1)."""
+    return any(value is None if k is None else isinstance(value, k) and (k is bool or not isinstance(value, bool))
+               for k in kinds)
+
+
+def _field_error(path: Path, field: str, expected: str, value) -> ValueError:
+    return ValueError(f"load_compact: {MANIFEST_NAME} in {str(path)!r}: field {field!r} must be {expected}, "
+                      f"not {json.dumps(value)[:60]}; re-save the model")
+
+
+def _check_fields(manifest: Dict[str, Any], path: Path) -> None:
+    """Every field has the type save_compact writes: a hand-edited manifest fails here, by name,
+    instead of deep in the model build."""
+    for key, kinds in _FIELDS.items():
+        if key in manifest and not _is(manifest[key], kinds):
+            raise _field_error(path, key, " or ".join(_KIND_NAMES[k] for k in kinds), manifest[key])
+    if manifest.get("dtype") is not None and not isinstance(getattr(torch, manifest["dtype"], None), torch.dtype):
+        raise _field_error(path, "dtype", "a torch dtype name", manifest["dtype"])
+    for name, spec in manifest["layers"].items():
+        _check_layer_spec(path, name, spec)
+    for name, attrs in manifest["attributes"].items():
+        if not isinstance(attrs, dict):
+            raise _field_error(path, f"attributes.{name}", "an object of attribute values", attrs)
+
+
+def _check_layer_spec(path: Path, name: str, spec) -> None:
+    fields = _SPEC_FIELDS.get(spec.get("kind")) if isinstance(spec, dict) else None
+    if fields is None:
+        raise _field_error(path, f"layers.{name}", 'a layer spec of kind "linear" or "gathered"', spec)
+    for f, kind in fields.items():
+        if not _is(spec.get(f), (kind,)):
+            raise _field_error(path, f"layers.{name}.{f}", _KIND_NAMES[kind], spec.get(f))
 
 
 def _read_manifest(path: Path) -> Dict[str, Any]:
@@ -220,10 +275,11 @@ def _read_manifest(path: Path) -> Dict[str, Any]:
             f"load_compact: format_version {manifest.get('format_version')!r} is not supported by this "
             f"finegates (expects {FORMAT_VERSION}); upgrade finegates or re-save the model"
         )
-    for key in ("layers", "attributes", "weights_sha256"):
+    for key in ("layers", "attributes", "weights_sha256", "manifest_sha256"):
         if key not in manifest:
             raise ValueError(f"load_compact: {MANIFEST_NAME} in {str(path)!r} lacks {key!r}; re-save the model")
-    if "manifest_sha256" in manifest and manifest["manifest_sha256"] != _manifest_digest(manifest):
+    _check_fields(manifest, path)
+    if manifest["manifest_sha256"] != _manifest_digest(manifest):
         raise ValueError(f"load_compact: {MANIFEST_NAME} in {str(path)!r} was modified after saving (its checksum "
                          "does not match); re-save the model")
     config = path / "config.json"
