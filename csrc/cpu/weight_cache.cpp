@@ -38,22 +38,24 @@ std::array<int64_t, 5> geometry_of(const at::Tensor& w) {
   return {w.size(0), w.size(1), w.stride(0), w.stride(1), w.storage_offset()};
 }
 
-// Compared in place (no copy of the index lists and values per call: the common case is a hit).
 bool same_storage(const WeakStorage& held, const at::Tensor& weight) {
   return !held.expired() && held._unsafe_get_target() == weight.storage().unsafeGetStorageImpl();
 }
 
+// Compared in place (no copy of the index lists and values per call: the common case is a hit).
 bool matches(const BlockKey& k, const at::Tensor& weight, const GateSet& rows, const GateSet& cols) {
-  return k.version == weight._version() && same_storage(k.storage, weight) && k.data == weight.data_ptr() && k.geometry == geometry_of(weight) &&
-         k.dtype == weight.scalar_type() && k.row_pad == rows.active.pad && k.col_pad == cols.active.pad &&
+  return k.version == weight._version() && same_storage(k.storage, weight) && k.data == weight.data_ptr() &&
+         k.geometry == geometry_of(weight) && k.dtype == weight.scalar_type() && k.row_pad == rows.active.pad && k.col_pad == cols.active.pad &&
          k.rows == rows.active.idx && k.cols == cols.active.idx && k.row_values == rows.values.values() &&
          k.col_values == cols.values.values();
 }
 
 BlockKey key_of(const at::Tensor& weight, const GateSet& rows, const GateSet& cols) {
-  return BlockKey{weight._version(),     WeakStorage(weight.storage().getWeakStorageImpl()), weight.data_ptr(),      geometry_of(weight),
-                  weight.scalar_type(),  rows.active.idx,        cols.active.idx,
-                  rows.active.pad,       cols.active.pad,        rows.values.values(),
+  return BlockKey{weight._version(),    weight.storage().getWeakStorageImpl(),
+                  weight.data_ptr(),    geometry_of(weight),
+                  weight.scalar_type(), rows.active.idx,
+                  cols.active.idx,      rows.active.pad,
+                  cols.active.pad,      rows.values.values(),
                   cols.values.values()};
 }
 

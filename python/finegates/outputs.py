@@ -28,14 +28,11 @@ def umask_mode(mode: int) -> int:
 def follow_umask(root: Path) -> None:
     """Gives every file and directory under ``root`` the umask's permissions: writers such as
     safetensors create their files 0600, unreadable to colleagues on a shared run."""
-    root = Path(root)
     for d, dirs, files in os.walk(root):
-        for name in files:
-            if not os.path.islink(os.path.join(d, name)):
-                os.chmod(os.path.join(d, name), umask_mode(0o666))
-        for name in dirs:
-            if not os.path.islink(os.path.join(d, name)):
-                os.chmod(os.path.join(d, name), umask_mode(0o777))
+        for names, mode in ((files, 0o666), (dirs, 0o777)):
+            for name in names:
+                if not os.path.islink(os.path.join(d, name)):
+                    os.chmod(os.path.join(d, name), umask_mode(mode))
     os.chmod(root, umask_mode(0o777))
 
 

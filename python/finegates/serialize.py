@@ -33,7 +33,7 @@ from .compact_attention import COMPACT_ATTRS
 from .compact_layers import GatheredLinear
 from .folding import COMPACTED
 from .layers import GatedLinear
-from .outputs import follow_umask, umask_mode
+from .outputs import follow_umask
 from .pooling import CONFIG_KEY, use_mean_pooling
 from .sparsify import set_submodule
 
@@ -168,7 +168,6 @@ def save_compact(model: nn.Module, path: PathLike, *, tokenizer=None) -> Path:
     target = _link_target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    os.chmod(tmp, umask_mode(0o777))
     try:
         hf = _is_hf(model)
         if hf:

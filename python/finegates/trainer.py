@@ -481,7 +481,7 @@ def _evaluate(loop: _Loop, evaluate: Callable, accelerator) -> Dict[str, Any]:
     loop.objective.eval()
 
     def forward(batch):
-        with torch.no_grad(), fg_kernels.frozen_weights():  # the gates are fixed: fold each weight once
+        with torch.no_grad():
             out, _ = loop.objective(batch, with_sparsity=False)
         return out
 
@@ -489,4 +489,5 @@ def _evaluate(loop: _Loop, evaluate: Callable, accelerator) -> Dict[str, Any]:
 
     batches = tqdm(loop.eval_dl, desc="evaluate", disable=not accelerator.is_main_process, dynamic_ncols=True,
                    leave=False)
-    return evaluate(forward, batches, gather=accelerator.gather_for_metrics)
+    with fg_kernels.frozen_weights():  # the gates are fixed: each weight is folded once, not once per batch
+        return evaluate(forward, batches, gather=accelerator.gather_for_metrics)
