@@ -220,3 +220,75 @@ def test_generic_paths_match_the_default_ones(tmp_path, env):
         a, b = default[key], other[key]
         for t_default, t_other in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
             assert rel_err(t_default, t_other) < 1e-6, key
+
+
+def _lora_layer(seed: int, n: int = 40, k: int = 36, r: int = 3):
+    x, w, b, gr, gc = _layer(seed, n=n, k=k)
+    g = torch.Generator().manual_seed(seed + 100)
+    return x, w, b, gr, gc, torch.randn(r, k, generator=g) * 0.3, torch.randn(n, r, generator=g) * 0.3
+
+
+@pytest.mark.parametrize("tokens", [1, 300], ids=["low-rank-path", "folded-into-block"])
+def test_lora_gradients_on_both_paths_match_the_reference(tokens):
+    """Few tokens run the adapter on its low-rank path, many fold it into the weight block
+    (fold_lora); both give the reference's values and gradients."""
+    x, w, b, gr, gc, a, lb = _lora_layer(40)
+    x = torch.randn(tokens, x.shape[-1], generator=torch.Generator().manual_seed(41))
+    leaves = [t.clone().requires_grad_(True) for t in (x, gr, gc, a, lb)]
+    y = op(leaves[0], w, b, leaves[1], leaves[2], leaves[3], leaves[4], 0.7)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(42))
+    grads = torch.autograd.grad(y, leaves, dy)
+    ref = [t.double().requires_grad_(True) for t in (x, gr, gc, a, lb)]
+    y_ref = gated_linear_ref(ref[0], w.double(), b.double(), ref[1], ref[2], ref[3], ref[4], 0.7)
+    ref_grads = torch.autograd.grad(y_ref, ref, dy.double())
+    assert rel_err(y, y_ref) < 1e-5
+    for name, got, want in zip(("x", "row_gate", "col_gate", "lora_a", "lora_b"), grads, ref_grads):
+        want = want.clone()
+        if name in ("x", "col_gate"):
+            want[..., gc == 0] = 0.0
+        elif name == "row_gate":
+            want[gr == 0] = 0.0
+        elif name == "lora_a":
+            want[:, gc == 0] = 0.0
+        else:
+            want[gr == 0] = 0.0
+        assert rel_err(got, want) < 1e-5, name
+
+
+@pytest.mark.parametrize("change", ["a_inplace", "b_data_swap", "scale"])
+def test_a_block_with_the_adapter_folded_in_follows_the_adapter(change):
+    """Inside frozen_weights() the folded block holds W and the adapter; an optimizer's in-place
+    update of a factor, a swapped storage or a new scale must each give a new block."""
+    x, w, b, gr, gc, a, lb = _lora_layer(43)
+    x = torch.randn(300, x.shape[-1], generator=torch.Generator().manual_seed(44))
+    scale = 0.7
+
+    def check():
+        with torch.no_grad():
+            got = op(x, w, b, gr, gc, a, lb, scale)
+            want = gated_linear_ref(x.double(), w.double(), b.double(), gr.double(), gc.double(),
+                                    a.double(), lb.double(), scale)
+        assert rel_err(got, want) < 1e-5
+
+    with fg_kernels.frozen_weights():
+        check()
+        assert fg_kernels.cpu_weight_cache_bytes() > 0
+        if change == "a_inplace":
+            with torch.no_grad():
+                a.add_(0.5)
+        elif change == "b_data_swap":
+            lb.data = torch.randn(lb.shape, generator=torch.Generator().manual_seed(45))
+        else:
+            scale = 1.3
+        check()
+
+
+def test_a_training_step_leaves_no_block_in_the_cache():
+    """The backward takes its forward's block out of the cache: outside frozen_weights() nothing
+    would read it again, so it must not hold memory past the step."""
+    x, w, b, gr, gc, a, lb = _lora_layer(46)
+    leaves = [t.clone().requires_grad_(True) for t in (x, gr, gc, a, lb)]
+    y = op(leaves[0], w, b, leaves[1], leaves[2], leaves[3], leaves[4], 1.0)
+    assert fg_kernels.cpu_weight_cache_bytes() > 0
+    y.sum().backward()
+    assert fg_kernels.cpu_weight_cache_bytes() == 0

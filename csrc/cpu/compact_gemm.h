@@ -170,6 +170,14 @@ struct CompactLinear {
 };
 void compact_linear_forward(const at::Tensor& x2, const CompactLinear& p, at::Tensor& out);
 
+// Whether a LoRA term runs folded into the weight block (W_f + s B_f A_f: one GEMM per direction)
+// rather than on the low-rank path (x A_f^T B_f^T: two skinny GEMMs and a pass over the output
+// columns in the forward, and again over dx in the backward). Folding costs one |R| x |C| x r GEMM
+// into the block, which a frozen_weights() scope reuses; the low-rank path costs about
+// M (|R| + |C|) r multiply-adds and a pass over M x |R| (M x |C|) per direction. Only float32 and
+// float64: a half-precision block would round the small adapter delta away against W's entries.
+bool fold_lora(at::ScalarType dtype, int64_t M, const Active& rows, const Active& cols, bool reused);
+
 // Rows per at::parallel_for task in a memory-bound pass over rows of `row_elems` elements: enough
 // that a pass too small to pay for a parallel region runs on the calling thread alone (env
 // FG_CPU_TASK_ELEMS overrides the elements per task).

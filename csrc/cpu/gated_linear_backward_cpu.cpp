@@ -1,18 +1,21 @@
 // CPU kernel of fg::gated_linear_backward. With dyr = dy[:, R], the gate-folded block
 // Wf = g_r W[R][:, C] g_c that the forward used (weight_cache.h: usually still cached), and the
-// LoRA factors folded the same way, Af = A[:, C] g_c and Bf = g_r B[R]:
+// LoRA factors folded the same way, Af = A[:, C] g_c and Bf = g_r B[R], v = dyr Bf:
 //   db[R] = g_r sum_m dyr,  dgr[R] = sum_m dyr y[:, R] / g_r                     (one pass over dy)
-//   dx[:, C] = dyr @ Wf + s (dyr Bf) Af,  dgc[C] = sum_m dx[:, C] x[:, C] / g_c
-//   dW[R][:, C] = g_r dyr^T (x[:, C] g_c),  dB[R] = s g_r dyr^T (x[:, C] Af^T),  dA[:, C] = s (dyr Bf)^T x[:, C] g_c
+//   dx[:, C] = dyr @ Wf + s v Af,  dgc[C] = sum_m dx[:, C] x[:, C] / g_c
+//   dW[R][:, C] = g_r dyr^T (x[:, C] g_c),  dB[R] = s g_r dyr^T (x[:, C] Af^T),  dA[:, C] = s v^T x[:, C] g_c
+// (where the forward folded the LoRA term into its block, fold_lora, dx reads Wf + s Bf Af as one.)
 // (dh = dy[:, R] g_r in the usual notation: the gates move onto the small operands). Removed rows
 // and columns are never read, multiplied or written except as zeros of the result.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
+#include "column_sums.h"
 #include "compact_gemm.h"
 #include "ops_cpu.h"
 #include "weight_cache.h"
@@ -34,18 +37,43 @@ void for_rows(int64_t n, int64_t grain, const F& body) {
 }
 
 // Per-thread accumulators for column sums over tokens, reduced in double at the end. Fill them
-// from for_rows (each thread's slot is picked by its thread number).
+// from for_rows (each thread's slot is picked by its thread number). Float rows go through a float
+// stage flushed every kFlushRows rows (column_sums.h); other dtypes add in double directly.
 class ColumnSums {
  public:
-  explicit ColumnSums(int64_t n) : n_(n), acc_(static_cast<size_t>(at::get_num_threads() * n), 0.0) {}
-  double* local() { return acc_.data() + at::get_thread_num() * n_; }
+  explicit ColumnSums(int64_t n)
+      : n_(n),
+        threads_(at::get_num_threads()),
+        acc_(static_cast<size_t>(threads_ * n), 0.0),
+        stage_(static_cast<size_t>(threads_ * n), 0.0f),
+        staged_(static_cast<size_t>(threads_), 0) {}
+
+  // acc[j] += a[j] * b[j] (b may be null: acc[j] += a[j]) on the calling thread's slot.
+  template <typename scalar_t>
+  void add(const scalar_t* a, const scalar_t* b) {
+    const int64_t t = at::get_thread_num();
+    double* acc = acc_.data() + t * n_;
+    if constexpr (std::is_same<scalar_t, float>::value) {
+      float* stage = stage_.data() + t * n_;
+      add_products(stage, a, b, n_);
+      if (++staged_[t] == kFlushRows) {
+        flush_stage(acc, stage, n_);
+        staged_[t] = 0;
+      }
+    } else {
+      for (int64_t j = 0; j < n_; ++j)
+        acc[j] += b ? static_cast<double>(a[j]) * static_cast<double>(b[j]) : static_cast<double>(a[j]);
+    }
+  }
+
   // The sums, each multiplied (or divided, with `divide`) by gate[i] when `gate` is non-empty,
   // written into out[idx[i]] of a zero (full,) tensor of dtype `opt`.
-  at::Tensor finish(const Active& idx, const Scale& gate, bool divide, const at::TensorOptions& opt) const {
+  at::Tensor finish(const Active& idx, const Scale& gate, bool divide, const at::TensorOptions& opt) {
     std::vector<double> total(n_, 0.0);
-    const int64_t nt = static_cast<int64_t>(acc_.size()) / std::max<int64_t>(n_, 1);
-    for (int64_t t = 0; t < nt; ++t)
+    for (int64_t t = 0; t < threads_; ++t) {
+      flush_stage(acc_.data() + t * n_, stage_.data() + t * n_, n_);
       for (int64_t i = 0; i < n_; ++i) total[i] += acc_[t * n_ + i];
+    }
     at::Tensor full = at::zeros({idx.full}, opt.dtype(at::kDouble));
     double* f = full.data_ptr<double>();
     for (int64_t i = 0; i < n_; ++i) {
@@ -57,8 +85,10 @@ class ColumnSums {
   }
 
  private:
-  int64_t n_;
+  int64_t n_, threads_;
   std::vector<double> acc_;
+  std::vector<float> stage_;
+  std::vector<int64_t> staged_;
 };
 
 // What every gradient reads, prepared once per call.
@@ -66,21 +96,15 @@ struct Inputs {
   at::Tensor dy;  // (M, N), contiguous
   at::Tensor x2;  // (M, K) with unit inner stride, or undefined when no gradient reads x
   GateSet rows, cols;
-  at::Tensor a_f, b_f;  // folded LoRA factors (undefined without LoRA or active block)
+  LoraTerm lora;      // gate-folded LoRA factors (undefined without LoRA or active block)
+  bool fold = false;  // the LoRA term is inside the weight block (fold_lora), as in the forward
+  at::Tensor v;       // dyr B_f (M, r): what dx and dA read of the LoRA term
   int64_t M = 0, r = 0;
-  double lora_scale = 1.0;
   at::TensorOptions opt;
   int64_t n_rows() const { return rows.active.size(); }
   int64_t n_cols() const { return cols.active.size(); }
   bool empty_block() const { return n_rows() == 0 || n_cols() == 0 || M == 0; }
 };
-
-// t[i, :] *= gate[i] for the first gate.size() rows of the 2-D t, in place (nothing for an empty gate).
-void scale_rows_(const at::Tensor& t, const Scale& gate) {
-  if (gate.empty()) return;
-  const at::Tensor g = at::tensor(gate.values(), t.options().dtype(at::kDouble)).to(t.scalar_type());
-  t.narrow(0, 0, gate.size()).mul_(g.unsqueeze(1));
-}
 
 // One pass over dy: dyr = dy[:, R] in a compact (M, |R| padded) buffer (dy itself when every row
 // is open), and the column sums of the bias and row-gate gradients.
@@ -103,8 +127,6 @@ RowPass row_pass(const Inputs& in, const c10::optional<at::Tensor>& output, cons
       const scalar_t* y = need_dgr ? y2.data_ptr<scalar_t>() : nullptr;
       scalar_t* dyr_out = pack ? out.dyr.data_ptr<scalar_t>() : nullptr;
       for_rows(M, row_grain(N), [&](int64_t begin, int64_t end) {
-        double* sb = need_db ? bias_sums.local() : nullptr;
-        double* sg = need_dgr ? gate_sums.local() : nullptr;
         std::vector<scalar_t> dy_buf(rows.all || pack ? 0 : nR), y_buf(need_dgr && !rows.all ? nR : 0);
         for (int64_t m = begin; m < end; ++m) {
           // dy[m, R] and y[m, R] as contiguous rows.
@@ -115,16 +137,14 @@ RowPass row_pass(const Inputs& in, const c10::optional<at::Tensor>& output, cons
             if (pack) std::fill(dst + nR, dst + ldh, scalar_t(0));
             dyr = dst;
           }
-          if (sb) {
-            for (int64_t i = 0; i < nR; ++i) sb[i] += static_cast<double>(dyr[i]);
-          }
-          if (sg) {
+          if (need_db) bias_sums.add<scalar_t>(dyr, nullptr);
+          if (need_dgr) {
             const scalar_t* yr = y + m * N;
             if (!rows.all) {
               pack_cols(yr, rows, y_buf.data());
               yr = y_buf.data();
             }
-            for (int64_t i = 0; i < nR; ++i) sg[i] += static_cast<double>(dyr[i]) * static_cast<double>(yr[i]);
+            gate_sums.add<scalar_t>(dyr, yr);
           }
         }
       });
@@ -145,12 +165,14 @@ void add_col_gate_sums(const at::Tensor& dxs, const Inputs& in, int64_t m0, Colu
     const scalar_t* xv = in.x2.data_ptr<scalar_t>();
     const int64_t ldx = in.x2.stride(0);
     for_rows(mb, row_grain(cols.full), [&](int64_t begin, int64_t end) {
-      double* s = sums.local();
-      std::vector<scalar_t> x_buf(static_cast<size_t>(nC));
+      std::vector<scalar_t> x_buf(cols.all ? 0 : static_cast<size_t>(nC));
       for (int64_t m = begin; m < end; ++m) {
-        const scalar_t* drow = d + m * ldc;
-        pack_cols(xv + (m0 + m) * ldx, cols, x_buf.data());
-        for (int64_t j = 0; j < nC; ++j) s[j] += static_cast<double>(drow[j]) * static_cast<double>(x_buf[j]);
+        const scalar_t* xrow = xv + (m0 + m) * ldx;
+        if (!cols.all) {
+          pack_cols(xrow, cols, x_buf.data());
+          xrow = x_buf.data();
+        }
+        sums.add<scalar_t>(d + m * ldc, xrow);
       }
     });
   });
@@ -165,56 +187,68 @@ void input_and_col_gate_grads(const Inputs& in, const at::Tensor& weight, const 
   if (in.empty_block()) {
     if (dx) dx->zero_();
   } else {
-    const at::Tensor wf = folded_block(weight, in.rows, in.cols, Reuse::kSameStep);
+    const at::Tensor wf = folded_block(weight, in.rows, in.cols, Reuse::kSameStep, in.fold ? &in.lora : nullptr);
     const int64_t M = in.M;
     at::Tensor dx2 = dx ? dx->view({M, cols.full}) : at::Tensor();
+    const bool low_rank = in.lora.a.defined() && !in.fold;
     for_token_blocks(M, token_block(M), [&](int64_t m0, int64_t mb) {
       const at::Tensor dyb = mb == M ? dyr : dyr.narrow(0, m0, mb);
-      at::Tensor dxs = at::mm(dyb, wf);
-      if (in.a_f.defined()) dxs.addmm_(at::mm(dyb, in.b_f), in.a_f, 1.0, in.lora_scale);
-      if (dx) {
-        at::Tensor dxb = mb == M ? dx2 : dx2.narrow(0, m0, mb);
-        scatter_cols(dxs, cols, {}, dxb);
-      }
+      // Every column active: the GEMM writes dx itself, there is nothing to scatter.
+      const bool direct = dx && cols.all;
+      at::Tensor dxb = dx ? (mb == M ? dx2 : dx2.narrow(0, m0, mb)) : at::Tensor();
+      at::Tensor dxs = direct ? at::mm_out(dxb, dyb, wf) : at::mm(dyb, wf);
+      if (low_rank) dxs.addmm_(mb == M ? in.v : in.v.narrow(0, m0, mb), in.lora.a_f, 1.0, in.lora.scale);
+      if (dx && !direct) scatter_cols(dxs, cols, {}, dxb);
       if (dgc) add_col_gate_sums(dxs, in, m0, col_sums);
     });
   }
   if (dgc) *dgc = col_sums.finish(cols, in.cols.values, /*divide=*/true, col_gate.options());
 }
 
-// dW, dA and dB on the active block only (zeros elsewhere), from x_c = x[:, C] g_c.
+// diag(row) t diag(col) in place on the leading block of the 2-D t (an empty scale = 1).
+void scale_block_(const at::Tensor& t, const Scale& row, const Scale& col) {
+  auto as_tensor = [&](const Scale& g) {
+    return at::tensor(g.values(), t.options().dtype(at::kDouble)).to(t.scalar_type());
+  };
+  if (!row.empty()) t.narrow(0, 0, row.size()).mul_(as_tensor(row).unsqueeze(1));
+  if (!col.empty()) t.narrow(1, 0, col.size()).mul_(as_tensor(col).unsqueeze(0));
+}
+
+// dW, dA and dB on the active block only (zeros elsewhere), all from one x_u = x[:, C] (x itself
+// when every column is active), the gates applied to the small results:
+// dW = g_r (dyr^T x_u) g_c, dA = s (v^T x_u) g_c, dB = s g_r dyr^T (x_u A_f^T).
 void weight_and_lora_grads(const Inputs& in, const at::Tensor& dyr, int64_t N, int64_t K, at::Tensor* dw,
                            at::Tensor* da, at::Tensor* dlb) {
   const Active& rows = in.rows.active;
   const Active& cols = in.cols.active;
   const Active all_r{{}, in.r, true};
   const bool empty = in.empty_block();
-  const at::Tensor xc = empty ? at::Tensor() : gather_cols(in.x2, cols, in.cols.values);
+  const at::Tensor xu = empty ? at::Tensor() : cols.all ? in.x2 : gather_cols(in.x2, cols, {});
   if (dw) {
+    at::Tensor block = empty ? at::Tensor() : at::mm(dyr.t(), xu);
+    if (!empty) scale_block_(block, in.rows.values, in.cols.values);
     if (!empty && rows.all && cols.all) {
-      *dw = at::mm(dyr.t(), xc);
-      scale_rows_(*dw, in.rows.values);
+      *dw = block;
     } else {
       *dw = at::zeros({N, K}, in.opt);
-      if (!empty) {
-        at::Tensor block = at::mm(dyr.t(), xc);
-        scale_rows_(block, in.rows.values);
-        scatter_rows_cols(block, rows, cols, *dw);
-      }
+      if (!empty) scatter_rows_cols(block, rows, cols, *dw);
     }
   }
   if (dlb) {
     *dlb = at::zeros({N, in.r}, in.opt);
     if (!empty) {
-      // x_c A^T[C] = x[:, C] Af^T (g_c is inside Af).
-      at::Tensor block = at::mm(dyr.t(), at::mm(gather_cols(in.x2, cols, {}), in.a_f.t())).mul_(in.lora_scale);
-      scale_rows_(block, in.rows.values);
+      at::Tensor block = at::mm(dyr.t(), at::mm(xu, in.lora.a_f.t())).mul_(in.lora.scale);
+      scale_block_(block, in.rows.values, {});
       scatter_rows_cols(block, rows, all_r, *dlb);
     }
   }
   if (da) {
     *da = at::zeros({in.r, K}, in.opt);
-    if (!empty) scatter_rows_cols(at::mm(at::mm(dyr, in.b_f).t(), xc).mul_(in.lora_scale), all_r, cols, *da);
+    if (!empty) {
+      at::Tensor block = at::mm(in.v.t(), xu).mul_(in.lora.scale);
+      scale_block_(block, {}, in.cols.values);
+      scatter_rows_cols(block, all_r, cols, *da);
+    }
   }
 }
 
@@ -241,17 +275,17 @@ gated_linear_backward_cpu(const at::Tensor& grad_out, const c10::optional<at::Te
   pad_for_gemm(in.rows.active);
   pad_for_gemm(in.cols.active);
   in.r = lora ? lora_a->size(0) : 0;
-  in.lora_scale = lora_scale;
-  if (lora && in.n_rows() > 0 && in.n_cols() > 0) {
-    in.a_f = gather_block(*lora_a, Active{{}, in.r, true}, in.cols.active, {}, in.cols.values);
-    in.b_f = gather_block(*lora_b, in.rows.active, Active{{}, in.r, true}, in.rows.values, {});
-  }
+  in.lora = lora_term(lora_a, lora_b, lora_scale, in.rows, in.cols);
+  in.fold = in.lora.a.defined() &&
+            fold_lora(weight.scalar_type(), in.M, in.rows.active, in.cols.active, frozen_scope_open());
 
   // An unselected gradient is an empty (0,) tensor of its slot's dtype (as the fake kernel says).
   at::Tensor dx = at::empty({0}, in.opt), dw = dx, db = dx, da = dx, dlb = dx;
   at::Tensor dgr = at::empty({0}, row_gate.options()), dgc = at::empty({0}, col_gate.options());
   const bool need_dyr = need_dx || need_dgc || need_dw || need_da || need_dlb;
   RowPass rp = row_pass(in, output, row_gate, need_dyr, need_db, need_dgr);
+  if (in.lora.a.defined() && in.M > 0 && ((!in.fold && (need_dx || need_dgc)) || need_da))
+    in.v = at::mm(rp.dyr, in.lora.b_f);
   if (need_db) db = rp.db;
   if (need_dgr) dgr = rp.dgr;
   if (need_dx) dx = at::empty(out_shape(grad_out, K), in.opt);

@@ -37,16 +37,20 @@ at::Tensor gated_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   pad_for_gemm(rg.active);
   pad_for_gemm(cg.active);
   // The gates are folded into the compact operands as they are gathered:
-  // y[:, R] = x[:, C] (g_r W g_c)[R][:, C]^T + g_r b  (+ x[:, C] (A g_c)^T (g_r B)^T s for LoRA).
+  // y[:, R] = x[:, C] (g_r W g_c)[R][:, C]^T + g_r b  (+ x[:, C] (A g_c)^T (g_r B)^T s for LoRA, on the
+  // low-rank path or folded into the block: fold_lora).
   CompactLinear p;
   p.cols = &cg.active;
   p.rows = &rg.active;
   if (rg.active.size() > 0 && x2.size(0) > 0) {
-    p.weight_c = folded_block(weight, rg, cg, Reuse::kFrozenScopeOnly);
+    const LoraTerm lora = lora_term(lora_a, lora_b, lora_scale, rg, cg);
+    const bool fold = lora.a.defined() &&
+                      fold_lora(weight.scalar_type(), x2.size(0), rg.active, cg.active, frozen_scope_open());
+    p.weight_c = folded_block(weight, rg, cg, Reuse::kFrozenScopeOnly, fold ? &lora : nullptr);
     if (bias.has_value()) p.bias_c = gather_vec(*bias, rg.active, rg.values);
-    if (lora_a.has_value()) {
-      p.lora_a_c = gather_block(*lora_a, Active{{}, lora_a->size(0), true}, cg.active, {}, cg.values);
-      p.lora_b_r = gather_block(*lora_b, rg.active, Active{{}, lora_b->size(1), true}, rg.values, {});
+    if (lora.a.defined() && !fold) {
+      p.lora_a_c = lora.a_f;
+      p.lora_b_r = lora.b_f;
       p.lora_scale = lora_scale;
     }
   }

@@ -22,41 +22,58 @@ using WeakStorage = c10::weak_intrusive_ptr<c10::StorageImpl>;
 // Open frozen_weights() scopes (any thread): while > 0 a forward may reuse an earlier call's block.
 std::atomic<int64_t> reuse_scopes{0};
 
+// A tensor's values as the key sees them: its version counter (in-place updates), its very storage
+// (a swapped one, `w.data = ...`, differs even when the allocator hands out the old address), data
+// pointer, geometry (sizes, strides, storage offset) and dtype.
+struct TensorKey {
+  int64_t version = 0;
+  WeakStorage storage{c10::intrusive_ptr<c10::StorageImpl>()};  // null for an undefined tensor
+  const void* data = nullptr;
+  std::array<int64_t, 5> geometry{};
+  at::ScalarType dtype = at::kFloat;
+  bool defined = false;
+};
+
+std::array<int64_t, 5> geometry_of(const at::Tensor& t) {
+  return {t.size(0), t.size(1), t.stride(0), t.stride(1), t.storage_offset()};
+}
+
+TensorKey tensor_key(const at::Tensor& t) {
+  if (!t.defined()) return {};
+  return TensorKey{t._version(), t.storage().getWeakStorageImpl(), t.data_ptr(), geometry_of(t), t.scalar_type(), true};
+}
+
+bool same(const TensorKey& k, const at::Tensor& t) {
+  if (!t.defined()) return !k.defined;
+  return k.defined && k.version == t._version() && !k.storage.expired() &&
+         k.storage._unsafe_get_target() == t.storage().unsafeGetStorageImpl() && k.data == t.data_ptr() &&
+         k.geometry == geometry_of(t) && k.dtype == t.scalar_type();
+}
+
 // Everything the folded block depends on, compared exactly.
 struct BlockKey {
-  int64_t version = 0;
-  WeakStorage storage;  // the storage itself: a swapped one (`w.data = ...`) differs even at a reused address
-  const void* data = nullptr;
-  std::array<int64_t, 5> geometry{};  // sizes, strides, storage offset
-  at::ScalarType dtype = at::kFloat;
-  std::vector<int64_t> rows, cols;           // index lists; empty = all
+  TensorKey weight, lora_a, lora_b;  // the LoRA factors undefined when the block holds no adapter
+  double lora_scale = 0.0;
+  std::vector<int64_t> rows, cols;  // index lists; empty = all
   int64_t row_pad = 0, col_pad = 0;
   std::vector<double> row_values, col_values;  // empty = all 1
 };
 
-std::array<int64_t, 5> geometry_of(const at::Tensor& w) {
-  return {w.size(0), w.size(1), w.stride(0), w.stride(1), w.storage_offset()};
-}
-
-bool same_storage(const WeakStorage& held, const at::Tensor& weight) {
-  return !held.expired() && held._unsafe_get_target() == weight.storage().unsafeGetStorageImpl();
-}
+at::Tensor factor(const LoraTerm* lora, bool b) { return lora ? (b ? lora->b : lora->a) : at::Tensor(); }
 
 // Compared in place (no copy of the index lists and values per call: the common case is a hit).
-bool matches(const BlockKey& k, const at::Tensor& weight, const GateSet& rows, const GateSet& cols) {
-  return k.version == weight._version() && same_storage(k.storage, weight) && k.data == weight.data_ptr() &&
-         k.geometry == geometry_of(weight) && k.dtype == weight.scalar_type() && k.row_pad == rows.active.pad && k.col_pad == cols.active.pad &&
-         k.rows == rows.active.idx && k.cols == cols.active.idx && k.row_values == rows.values.values() &&
-         k.col_values == cols.values.values();
+bool matches(const BlockKey& k, const at::Tensor& weight, const GateSet& rows, const GateSet& cols,
+             const LoraTerm* lora) {
+  return same(k.weight, weight) && same(k.lora_a, factor(lora, false)) && same(k.lora_b, factor(lora, true)) &&
+         k.lora_scale == (lora ? lora->scale : 0.0) && k.row_pad == rows.active.pad &&
+         k.col_pad == cols.active.pad && k.rows == rows.active.idx && k.cols == cols.active.idx &&
+         k.row_values == rows.values.values() && k.col_values == cols.values.values();
 }
 
-BlockKey key_of(const at::Tensor& weight, const GateSet& rows, const GateSet& cols) {
-  return BlockKey{weight._version(),    weight.storage().getWeakStorageImpl(),
-                  weight.data_ptr(),    geometry_of(weight),
-                  weight.scalar_type(), rows.active.idx,
-                  cols.active.idx,      rows.active.pad,
-                  cols.active.pad,      rows.values.values(),
-                  cols.values.values()};
+BlockKey key_of(const at::Tensor& weight, const GateSet& rows, const GateSet& cols, const LoraTerm* lora) {
+  return BlockKey{tensor_key(weight),  tensor_key(factor(lora, false)), tensor_key(factor(lora, true)),
+                  lora ? lora->scale : 0.0, rows.active.idx, cols.active.idx, rows.active.pad, cols.active.pad,
+                  rows.values.values(), cols.values.values()};
 }
 
 struct Entry {
@@ -77,12 +94,20 @@ int64_t budget_bytes() {
 
 class Cache {
  public:
-  at::Tensor find(const at::Tensor& weight, const GateSet& rows, const GateSet& cols) {
+  // The matching block, or undefined; with `take` the entry leaves the cache.
+  at::Tensor find(const at::Tensor& weight, const GateSet& rows, const GateSet& cols, const LoraTerm* lora,
+                  bool take) {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = entries_.find(weight.unsafeGetTensorImpl());
-    if (it == entries_.end() || it->second.owner.expired() || !matches(it->second.key, weight, rows, cols)) return {};
-    lru_.splice(lru_.begin(), lru_, it->second.lru);
-    return it->second.block;
+    if (it == entries_.end() || it->second.owner.expired() || !matches(it->second.key, weight, rows, cols, lora))
+      return {};
+    at::Tensor block = it->second.block;
+    if (take) {
+      remove(it);
+    } else {
+      lru_.splice(lru_.begin(), lru_, it->second.lru);
+    }
+    return block;
   }
 
   void insert(const at::Tensor& weight, BlockKey key, const at::Tensor& block) {
@@ -139,21 +164,50 @@ Cache& cache() {
   return *c;
 }
 
-bool cacheable(const at::Tensor& weight) {
-  return budget_bytes() > 0 && !weight.requires_grad() && !weight.is_inference();
+// Inference tensors have no version counter: their blocks are never kept.
+bool cacheable(const at::Tensor& weight, const LoraTerm* lora) {
+  return budget_bytes() > 0 && !weight.requires_grad() && !weight.is_inference() &&
+         !(lora && (lora->a.is_inference() || lora->b.is_inference()));
+}
+
+at::Tensor build_block(const at::Tensor& weight, const GateSet& rows, const GateSet& cols, const LoraTerm* lora) {
+  at::Tensor block = gather_block(weight, rows.active, cols.active, rows.values, cols.values);
+  if (lora == nullptr) return block;
+  if (block.is_same(weight)) return at::addmm(weight, lora->b_f, lora->a_f, 1.0, lora->scale);
+  return block.addmm_(lora->b_f, lora->a_f, 1.0, lora->scale);  // zero padding stays zero: so are the factors'
 }
 
 }  // namespace
 
-at::Tensor folded_block(const at::Tensor& weight, const GateSet& rows, const GateSet& cols, Reuse reuse) {
-  const bool whole = rows.active.all && cols.active.all && rows.values.empty() && cols.values.empty();
-  if (whole || !cacheable(weight)) return gather_block(weight, rows.active, cols.active, rows.values, cols.values);
-  const bool may_reuse = reuse == Reuse::kSameStep || reuse_scopes.load() > 0;
-  at::Tensor block = may_reuse ? cache().find(weight, rows, cols) : at::Tensor();
+at::Tensor folded_block(const at::Tensor& weight, const GateSet& rows, const GateSet& cols, Reuse reuse,
+                        const LoraTerm* lora) {
+  const bool whole = rows.active.all && cols.active.all && rows.values.empty() && cols.values.empty() && !lora;
+  if (whole) return weight;
+  if (!cacheable(weight, lora)) return build_block(weight, rows, cols, lora);
+  const bool scope = frozen_scope_open();
+  const bool may_reuse = reuse == Reuse::kSameStep || scope;
+  at::Tensor block = may_reuse ? cache().find(weight, rows, cols, lora, reuse == Reuse::kSameStep && !scope)
+                               : at::Tensor();
   if (block.defined()) return block;
-  block = gather_block(weight, rows.active, cols.active, rows.values, cols.values);
-  cache().insert(weight, key_of(weight, rows, cols), block);
+  block = build_block(weight, rows, cols, lora);
+  // A backward's block would never be read again outside a scope (the next step's gates differ).
+  if (reuse == Reuse::kFrozenScopeOnly || scope) cache().insert(weight, key_of(weight, rows, cols, lora), block);
   return block;
+}
+
+bool frozen_scope_open() { return reuse_scopes.load() > 0; }
+
+LoraTerm lora_term(const c10::optional<at::Tensor>& lora_a, const c10::optional<at::Tensor>& lora_b, double scale,
+                   const GateSet& rows, const GateSet& cols) {
+  LoraTerm t;
+  if (!lora_a.has_value() || rows.active.size() == 0 || cols.active.size() == 0) return t;
+  const int64_t r = lora_a->size(0);
+  t.a = *lora_a;
+  t.b = *lora_b;
+  t.a_f = gather_block(*lora_a, Active{{}, r, true}, cols.active, {}, cols.values);
+  t.b_f = gather_block(*lora_b, rows.active, Active{{}, r, true}, rows.values, {});
+  t.scale = scale;
+  return t;
 }
 
 void clear_weight_cache() { cache().clear(); }

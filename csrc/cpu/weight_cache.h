@@ -5,6 +5,9 @@
 // and in a training step the backward reads the same block as its forward, so the block is kept
 // per weight and rebuilt only when the weight, the active sets or the gate values differ.
 //
+// With LoRA the block may hold the adapter too (W_f + s B_f A_f, see fold_lora in compact_gemm.h);
+// its key then also holds the factors' versions and storage.
+//
 // Only weights that do not require grad are cached (a frozen weight, as in FineGates fine-tuning).
 // A block is found again only where the weight provably did not change: the backward of a step
 // reads its forward's block, and a forward reads an earlier call's block only inside an open
@@ -24,13 +27,33 @@
 namespace fg {
 namespace cpu {
 
+// The LoRA term folded into a block: s * b_f a_f with the gate-folded factors b_f = g_r B[R]
+// (rows.padded() x r, zero padding) and a_f = A[:, C] g_c (r x cols.padded()); a and b are the
+// factors themselves, for the key (their versions and storage, as the weight's).
+struct LoraTerm {
+  at::Tensor a, b, a_f, b_f;
+  double scale = 1.0;
+};
+
+// The term of optional LoRA factors (A (r, K), B (N, r)) with the gates of rows and cols folded in;
+// undefined tensors when there are none.
+LoraTerm lora_term(const c10::optional<at::Tensor>& lora_a, const c10::optional<at::Tensor>& lora_b, double scale,
+                   const GateSet& rows, const GateSet& cols);
+
 // Who asks for a block: a backward, whose forward built it in this step, or a forward, which may
 // reuse an earlier call's block only inside a frozen_weights() scope.
 enum class Reuse { kSameStep, kFrozenScopeOnly };
 
-// diag(rows.values) W[rows][:, cols] diag(cols.values), as gather_block returns it, from the cache
-// when the same block was built for this weight before and `reuse` allows it.
-at::Tensor folded_block(const at::Tensor& weight, const GateSet& rows, const GateSet& cols, Reuse reuse);
+// diag(rows.values) W[rows][:, cols] diag(cols.values) (+ lora->scale * lora->b_f lora->a_f when
+// `lora` is given), as gather_block returns it, from the cache when the same block was built for
+// this weight before and `reuse` allows it. A backward takes its block out of the cache (outside a
+// frozen_weights() scope nothing reads it again: the next step's gates differ), so blocks do not
+// outlive the step that built them.
+at::Tensor folded_block(const at::Tensor& weight, const GateSet& rows, const GateSet& cols, Reuse reuse,
+                        const LoraTerm* lora = nullptr);
+
+// True while a frozen_weights() scope is open.
+bool frozen_scope_open();
 
 // Drops every cached block (tests; memory).
 void clear_weight_cache();
