@@ -19,7 +19,7 @@ The surrogate ignores the MLP's width padding and treats dims as independent; th
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -36,7 +36,7 @@ __all__ = ["ExpectedSize", "KeepProbabilities", "keep_probabilities"]
 # {GatedLinear: (row keep probabilities, column keep probabilities)}
 KeepProbabilities = Mapping[GatedLinear, Tuple[Tensor, Tensor]]
 _Term = Callable[[KeepProbabilities], Tensor]
-_Rows = Tuple[GatedLinear, Tensor]  # a gated layer and the rows of one of its parts
+_Rows = Tuple[GatedLinear, Union[Tensor, slice]]  # a gated layer and the rows of one of its parts
 
 def keep_probabilities(model: nn.Module) -> Dict[GatedLinear, Tuple[Tensor, Tensor]]:
     """Every gated layer's keep probabilities, read from its gates (outside FSDP)."""
@@ -85,9 +85,15 @@ def _attention_term(q: _Rows, k: _Rows, v: _Rows, o: GatedLinear, heads: int, he
 
 
 def _rows(block: nn.Module, prefix: str, proj, part: int) -> _Rows:
+    """The layer of one part and its rows: a slice where they are one run (a view, whose backward is
+    free; an index tensor would cost a gather and a scatter per step), else an index tensor."""
     layer = block.get_submodule(proj.name[len(prefix):])
     local = torch.arange(proj.sizes[part], device=layer.weight.device)
-    return layer, proj.source(part, local)
+    rows = proj.source(part, local)
+    start = int(rows[0]) if rows.numel() else 0
+    if torch.equal(rows, torch.arange(start, start + rows.numel(), device=rows.device)):
+        return layer, slice(start, start + rows.numel())
+    return layer, rows
 
 
 def _gated(block: nn.Module, prefix: str, parts) -> bool:

@@ -84,8 +84,9 @@ class Gates(nn.Module):
         return torch.clamp(self.mu() + 0.5, 0.0, 1.0)
 
     def keep_probability(self) -> Tensor:
-        """``P(g > 0) = 1 - Phi((-0.5 - mu) / 0.5)`` per gate (differentiable in theta)."""
-        return 1.0 - torch.special.ndtr((-0.5 - self.mu()) / 0.5)
+        """``P(g > 0) = 1 - Phi((-0.5 - mu) / 0.5) = Phi(2 mu + 1)`` per gate (differentiable in theta;
+        the second form is two fewer ops per gate vector and step)."""
+        return torch.special.ndtr(self.mu().mul(2.0).add_(1.0))
 
     @torch.no_grad()
     def active(self) -> Tensor:
