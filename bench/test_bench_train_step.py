@@ -1,13 +1,14 @@
-"""pytest-benchmark view of ``bench/bench_train_step.py``: one full LLaMA-60M training step.
+"""pytest-benchmark view of ``bench/bench_train_step.py``: one full training step.
 
     python -m pytest bench/test_bench_train_step.py --benchmark-only
-    FG_BENCH_QUICK=1 python -m pytest bench/test_bench_train_step.py --benchmark-only   # s in {0, 0.4}
+    FG_BENCH_MODELS=minilm python -m pytest bench/test_bench_train_step.py --benchmark-only
 
-One benchmark group per sparsity comparing fg / masked / lora (definitions, model and inputs are
-those of the script, imported from it). Ratios for the results table come from the script, which
-interleaves the variants in one process; this suite is the per-variant view. Heavy (several
-seconds per step): skipped unless bench/ is named on the command line or a benchmark flag is given
-(same rule as bench/test_bench_ops.py); ``pytest tests`` never collects it.
+One benchmark group per (model, inactive fraction) comparing fg / fg-gates / masked / lora
+(definitions, models and inputs are those of the script, imported from it). Ratios for the results
+table come from the script, which interleaves the variants in one process; this suite is the
+per-variant view. Heavy (up to seconds per step): skipped unless bench/ is named on the command
+line or a benchmark flag is given (same rule as bench/test_bench_ops.py); ``pytest tests`` never
+collects it.
 """
 
 from __future__ import annotations
@@ -20,21 +21,20 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from bench.bench_train_step import (  # noqa: E402
-    FULL_SPARSITIES,
-    QUICK_SPARSITIES,
+    INACTIVE,
+    MODELS,
     THREADS,
     VARIANTS,
     build_variant,
     check_fg_vs_masked,
-    make_inputs,
+    make_batch,
     make_step,
     trainable_count,
 )
 from bench.test_bench_ops import _explicitly_requested  # noqa: E402
 
-_QUICK = os.environ.get("FG_BENCH_QUICK", "") not in ("", "0")
-_SPARSITIES = QUICK_SPARSITIES if _QUICK else FULL_SPARSITIES
-_ROUNDS = int(os.environ.get("FG_BENCH_TRAIN_ROUNDS", "2" if _QUICK else "3"))
+_MODELS = [m for m in os.environ.get("FG_BENCH_MODELS", ",".join(MODELS)).split(",") if m]
+_ROUNDS = int(os.environ.get("FG_BENCH_TRAIN_ROUNDS", "3"))
 
 
 @pytest.fixture(autouse=True)
@@ -47,18 +47,19 @@ def _bench_guard(request):
     torch.set_num_threads(prev)
 
 
-@pytest.mark.parametrize("sparsity", _SPARSITIES, ids=lambda s: f"s{s:.1f}")
+@pytest.mark.parametrize("inactive", INACTIVE, ids=lambda f: f"inactive{f:.1f}")
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_train_step(benchmark, variant, sparsity):
-    if variant == "lora" and sparsity != _SPARSITIES[0]:
-        pytest.skip("LoRA does not depend on the gate sparsity; timed once")
-    if variant == "fg" and sparsity == 0.4:  # correctness once: sigma=0, same loss as masked
-        res = check_fg_vs_masked(0.4)
+@pytest.mark.parametrize("model", _MODELS)
+def test_train_step(benchmark, model, variant, inactive):
+    if variant == "lora" and inactive != INACTIVE[0]:
+        pytest.skip("LoRA does not depend on the gates; timed once")
+    if variant == "fg-gates" and inactive == 0.4:  # correctness once: sigma=0, same loss as masked
+        res = check_fg_vs_masked(model, 0.4)
         assert res["ok"], res
-    model = build_variant(variant, sparsity)
-    step = make_step(variant, model, make_inputs())
-    benchmark.group = f"llama60m train step s={sparsity:.1f}"
-    benchmark.extra_info.update({"variant": variant, "sparsity": sparsity, "trainable": trainable_count(model),
+    net = build_variant(model, variant, inactive)
+    step = make_step(variant, net, make_batch(model))
+    benchmark.group = f"{model} train step, {inactive:.0%} inactive"
+    benchmark.extra_info.update({"variant": variant, "inactive": inactive, "trainable": trainable_count(net),
                                  "threads": torch.get_num_threads(), "torch": torch.__version__})
     loss = benchmark.pedantic(step, rounds=_ROUNDS, iterations=1, warmup_rounds=1)
     assert loss == loss  # finite
