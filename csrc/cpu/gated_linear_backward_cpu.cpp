@@ -96,9 +96,8 @@ struct Inputs {
   at::Tensor dy;  // (M, N), contiguous
   at::Tensor x2;  // (M, K) with unit inner stride, or undefined when no gradient reads x
   GateSet rows, cols;
-  LoraTerm lora;      // gate-folded LoRA factors (undefined without LoRA or active block)
-  bool fold = false;  // the LoRA term is inside the weight block (fold_lora), as in the forward
-  at::Tensor v;       // dyr B_f (M, r): what dx and dA read of the LoRA term
+  LoraTerm lora;  // gate-folded LoRA factors (undefined without LoRA or active block), folded as the forward's
+  at::Tensor v;   // dyr B_f (M, r): what dx and dA read of the LoRA term
   int64_t M = 0, r = 0;
   at::TensorOptions opt;
   int64_t n_rows() const { return rows.active.size(); }
@@ -187,10 +186,10 @@ void input_and_col_gate_grads(const Inputs& in, const at::Tensor& weight, const 
   if (in.empty_block()) {
     if (dx) dx->zero_();
   } else {
-    const at::Tensor wf = folded_block(weight, in.rows, in.cols, Reuse::kSameStep, in.fold ? &in.lora : nullptr);
+    const at::Tensor wf = folded_block(weight, in.rows, in.cols, Reuse::kSameStep, in.lora.fold ? &in.lora : nullptr);
     const int64_t M = in.M;
     at::Tensor dx2 = dx ? dx->view({M, cols.full}) : at::Tensor();
-    const bool low_rank = in.lora.a.defined() && !in.fold;
+    const bool low_rank = in.lora.defined() && !in.lora.fold;
     for_token_blocks(M, token_block(M), [&](int64_t m0, int64_t mb) {
       const at::Tensor dyb = mb == M ? dyr : dyr.narrow(0, m0, mb);
       // Every column active: the GEMM writes dx itself, there is nothing to scatter.
@@ -275,16 +274,14 @@ gated_linear_backward_cpu(const at::Tensor& grad_out, const c10::optional<at::Te
   pad_for_gemm(in.rows.active);
   pad_for_gemm(in.cols.active);
   in.r = lora ? lora_a->size(0) : 0;
-  in.lora = lora_term(lora_a, lora_b, lora_scale, in.rows, in.cols);
-  in.fold = in.lora.a.defined() &&
-            fold_lora(weight.scalar_type(), in.M, in.rows.active, in.cols.active, frozen_scope_open());
+  in.lora = lora_term(lora_a, lora_b, lora_scale, in.rows, in.cols, in.M);
 
   // An unselected gradient is an empty (0,) tensor of its slot's dtype (as the fake kernel says).
   at::Tensor dx = at::empty({0}, in.opt), dw = dx, db = dx, da = dx, dlb = dx;
   at::Tensor dgr = at::empty({0}, row_gate.options()), dgc = at::empty({0}, col_gate.options());
   const bool need_dyr = need_dx || need_dgc || need_dw || need_da || need_dlb;
   RowPass rp = row_pass(in, output, row_gate, need_dyr, need_db, need_dgr);
-  if (in.lora.a.defined() && in.M > 0 && ((!in.fold && (need_dx || need_dgc)) || need_da))
+  if (in.lora.defined() && in.M > 0 && ((!in.lora.fold && (need_dx || need_dgc)) || need_da))
     in.v = at::mm(rp.dyr, in.lora.b_f);
   if (need_db) db = rp.db;
   if (need_dgr) dgr = rp.dgr;

@@ -43,12 +43,10 @@ at::Tensor gated_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   p.cols = &cg.active;
   p.rows = &rg.active;
   if (rg.active.size() > 0 && x2.size(0) > 0) {
-    const LoraTerm lora = lora_term(lora_a, lora_b, lora_scale, rg, cg);
-    const bool fold = lora.a.defined() &&
-                      fold_lora(weight.scalar_type(), x2.size(0), rg.active, cg.active, frozen_scope_open());
-    p.weight_c = folded_block(weight, rg, cg, Reuse::kFrozenScopeOnly, fold ? &lora : nullptr);
+    const LoraTerm lora = lora_term(lora_a, lora_b, lora_scale, rg, cg, x2.size(0));
+    p.weight_c = folded_block(weight, rg, cg, Reuse::kFrozenScopeOnly, lora.fold ? &lora : nullptr);
     if (bias.has_value()) p.bias_c = gather_vec(*bias, rg.active, rg.values);
-    if (lora.a.defined() && !fold) {
+    if (lora.defined() && !lora.fold) {
       p.lora_a_c = lora.a_f;
       p.lora_b_r = lora.b_f;
       p.lora_scale = lora_scale;

@@ -198,7 +198,7 @@ at::Tensor folded_block(const at::Tensor& weight, const GateSet& rows, const Gat
 bool frozen_scope_open() { return reuse_scopes.load() > 0; }
 
 LoraTerm lora_term(const c10::optional<at::Tensor>& lora_a, const c10::optional<at::Tensor>& lora_b, double scale,
-                   const GateSet& rows, const GateSet& cols) {
+                   const GateSet& rows, const GateSet& cols, int64_t M) {
   LoraTerm t;
   if (!lora_a.has_value() || rows.active.size() == 0 || cols.active.size() == 0) return t;
   const int64_t r = lora_a->size(0);
@@ -207,6 +207,7 @@ LoraTerm lora_term(const c10::optional<at::Tensor>& lora_a, const c10::optional<
   t.a_f = gather_block(*lora_a, Active{{}, r, true}, cols.active, {}, cols.values);
   t.b_f = gather_block(*lora_b, rows.active, Active{{}, r, true}, rows.values, {});
   t.scale = scale;
+  t.fold = fold_lora(lora_a->scalar_type(), M, rows.active, cols.active, frozen_scope_open());
   return t;
 }
 

@@ -29,16 +29,20 @@ namespace cpu {
 
 // The LoRA term folded into a block: s * b_f a_f with the gate-folded factors b_f = g_r B[R]
 // (rows.padded() x r, zero padding) and a_f = A[:, C] g_c (r x cols.padded()); a and b are the
-// factors themselves, for the key (their versions and storage, as the weight's).
+// factors themselves, for the key (their versions and storage, as the weight's). `fold` says whether
+// the term goes into the weight block (fold_lora) or runs on the low-rank path; decided here once,
+// so that a backward asks for the block its forward built.
 struct LoraTerm {
   at::Tensor a, b, a_f, b_f;
   double scale = 1.0;
+  bool fold = false;
+  bool defined() const { return a.defined(); }
 };
 
-// The term of optional LoRA factors (A (r, K), B (N, r)) with the gates of rows and cols folded in;
-// undefined tensors when there are none.
+// The term of optional LoRA factors (A (r, K), B (N, r)) with the gates of rows and cols folded in,
+// for a call over M tokens; undefined tensors when there are none or the block is empty.
 LoraTerm lora_term(const c10::optional<at::Tensor>& lora_a, const c10::optional<at::Tensor>& lora_b, double scale,
-                   const GateSet& rows, const GateSet& cols);
+                   const GateSet& rows, const GateSet& cols, int64_t M);
 
 // Who asks for a block: a backward, whose forward built it in this step, or a forward, which may
 // reuse an earlier call's block only inside a frozen_weights() scope.
