@@ -45,7 +45,6 @@ each top-level event (an op called from Python, or an autograd node) counted in 
 from __future__ import annotations
 
 import argparse
-import copy
 import atexit
 import datetime as _dt
 import json
@@ -113,12 +112,6 @@ def llama_config():
     return LlamaConfig(**cfg)
 
 
-def _quiet():
-    from finegates.loading import quiet_transformers
-
-    return quiet_transformers()
-
-
 def build_base(model: str, seed: int = 0) -> nn.Module:
     """The dense model, identical for the same seed, in train mode."""
     torch.manual_seed(seed)
@@ -129,9 +122,9 @@ def build_base(model: str, seed: int = 0) -> nn.Module:
     else:
         from transformers import AutoModelForSequenceClassification
 
-        from finegates.loading import default_minilm_path
+        from finegates.loading import default_minilm_path, quiet_transformers
 
-        with _quiet():
+        with quiet_transformers():
             net = AutoModelForSequenceClassification.from_pretrained(default_minilm_path(), num_labels=2)
     net.train()
     return net
@@ -156,10 +149,13 @@ def make_batch(model: str, seed: int = 0) -> Dict[str, Tensor]:
 
 
 def gated_names(model: str, net: nn.Module) -> List[str]:
-    """The Linears every variant gates (or adapts): those sparsify picks."""
-    kw = {"target_modules": LLAMA_TARGETS} if model == "llama60m" else {}
-    probe = finegates.sparsify(copy.deepcopy(net), target_sparsity=0.0, verbose=False, **kw)
-    return [n for n, m in probe.named_modules() if isinstance(m, GatedLinear)]
+    """The Linears every variant gates (or adapts): sparsify's default choice (as the command line
+    gives PEFT the same ones), LLAMA_TARGETS on LLaMA."""
+    from finegates.sparsify import default_match
+
+    if model == "llama60m":
+        return [n for n, m in net.named_modules() if isinstance(m, nn.Linear) and n.rpartition(".")[2] in LLAMA_TARGETS]
+    return [n for n, m in net.named_modules() if isinstance(m, nn.Linear) and default_match(net, n)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,7 +228,7 @@ def build_variant(model: str, variant: str, inactive: float, seed: int = 0) -> n
     heads = [h for h in ("classifier", "pooler") if any(n.rpartition(".")[2] == h for n, _ in net.named_modules())]
     if variant in ("fg", "fg-gates"):
         lora = dict(lora_rank=LORA_RANK, lora_alpha=LORA_ALPHA) if variant == "fg" else {}
-        finegates.sparsify(net, target_sparsity=inactive, target_modules=[n for n in names], verbose=False, **lora)
+        finegates.sparsify(net, target_sparsity=inactive, target_modules=names, verbose=False, **lora)
         set_gate_pattern(net, inactive, seed)
     elif variant == "masked":
         for p in net.parameters():
