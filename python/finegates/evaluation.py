@@ -34,13 +34,17 @@ def classification_metrics(forward: Forward, batches, task: str, num_labels: int
 
 
 def lm_metrics(forward: Forward, batches, gather=_identity) -> Dict[str, float]:
-    """Token-weighted causal-LM loss over ``batches`` and its perplexity."""
+    """Token-weighted causal-LM loss over ``batches`` and its perplexity. Summed per sequence before
+    gathering: ``gather_for_metrics`` drops the sequences repeated to even out the processes' last
+    batches by their position along the first dimension, which per-batch sums would not have."""
     total, count = 0.0, 0
     for batch in batches:
-        out = forward(batch)
-        n = batch["labels"][:, 1:].numel()
-        loss, n = gather((out.loss.detach().float().reshape(1) * n, torch.tensor([n], device=out.loss.device)))
-        total += float(loss.sum())
+        logits = forward(batch).logits[:, :-1].float()
+        labels = batch["labels"][:, 1:]
+        token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none",
+                                                       ignore_index=-100)
+        loss, n = gather((token_loss.view(labels.shape).sum(1), (labels != -100).sum(1)))
+        total += float(loss.double().sum())
         count += int(n.sum())
     loss = total / max(count, 1)
     return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
