@@ -318,3 +318,16 @@ def test_inputs_inside_the_run_to_replace_are_refused(files, capsys):
                          "--overwrite"], "--model", "inside --output-dir")
     (out / "model").rmdir()
     assert _tree(out) == before
+
+
+@pytest.mark.parametrize("env, needles", [
+    ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, ["FSDP version 1", "--fsdp_version 2"]),
+    ({"ACCELERATE_USE_FSDP": "true"}, ["FSDP version 1"]),  # accelerate launch's default version
+    ({"ACCELERATE_USE_DEEPSPEED": "true"}, ["DeepSpeed is not supported"]),
+])
+def test_an_engine_the_run_cannot_honour_is_refused(env, needles, files, capsys, monkeypatch):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    out = files["tmp"] / "o"
+    _check(capsys, _ft(files, out), out, *needles)
+    assert not list(files["tmp"].glob(".o.*"))  # nor its lock

@@ -564,3 +564,34 @@ def test_manifest_attributes_are_covered_by_the_checksum(saved):
     (path / "finegates_compact.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match="modified after saving"):
         finegates.load_compact(path)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_dense_view_is_the_model_before_gates_on_the_same_weights(family):
+    """The dense model a compact one is timed against: no copy of any weight, the original outputs."""
+    torch.manual_seed(0)
+    model = build(family).eval()
+    ids, mask = inputs()
+    before = logits(model, ids, mask)
+    finegates.sparsify(model, target_sparsity=0.5, lora_rank=2, verbose=False)
+    random_gates(model, 0.4, seed=3)
+    dense = finegates.dense_view(model).eval()
+    assert not any(isinstance(m, GatedLinear) for m in dense.modules())
+    assert type(dense.get_submodule(_first_gated(model))).__name__ in ("Linear", "Conv1D")
+    shared = {p.data_ptr() for p in model.parameters()}
+    assert all(p.data_ptr() in shared for p in dense.parameters())
+    torch.testing.assert_close(logits(dense, ids, mask), before, rtol=0, atol=0)
+    assert any(isinstance(m, GatedLinear) for m in model.modules())  # the gated model is left as it was
+
+
+def _first_gated(model):
+    return next(n for n, m in model.named_modules() if isinstance(m, GatedLinear))
+
+
+@pytest.mark.parametrize("family", ["llama", "bert"])
+def test_layout_of_a_class_derived_from_a_block(family):
+    """FSDP2 shards a block by deriving a class from it (FSDPLlamaDecoderLayer): still the same layout."""
+    model = build(family)
+    block = next(m for m in model.modules() if layout_for(m) is not None)
+    derived = type("FSDP" + type(block).__name__, (type(block),), {})
+    assert layout_for(object.__new__(derived)) is layout_for(block)

@@ -18,7 +18,7 @@ from .loss import SparsitySchedule, sparsity_loss
 from .pooling import use_mean_pooling
 from .report import compression_report
 from .serialize import load_compact, save_compact
-from .sparsify import gated_layers, sparsify, trainable_parameters
+from .sparsify import dense_view, gated_layers, sparsify, trainable_parameters
 from .state import load_trainable_state, trainable_state_dict
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "GatedLinear",
     "set_backend",
     "sparsify",
+    "dense_view",
     "sparsity_loss",
     "SparsitySchedule",
     "compression_report",

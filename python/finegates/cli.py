@@ -9,7 +9,7 @@ The same command runs on one CPU/GPU or distributed, through Hugging Face Accele
 
     accelerate launch --num_processes 8 -m finegates finetune --task mnli ...     # DDP
     torchrun --nproc_per_node 8 -m finegates pretrain --config llama_1b ...       # DDP
-    accelerate launch --use_fsdp --num_processes 8 -m finegates pretrain ...      # FSDP (see docs/cli.md)
+    accelerate launch --use_fsdp --fsdp_version 2 --num_processes 8 -m finegates pretrain ...  # FSDP2 (docs/cli.md)
 
 Input the user can fix (unknown task, missing/malformed file, wrong column, bad range, missing
 model path, no network for a Hub name) ends with one ``finegates: error: ...`` line, exit code 2,
@@ -334,8 +334,9 @@ def _run_in(out: RunDir, args, argv) -> dict:
     """The run itself, once its output directory is decided (and held)."""
     _quiet_libraries()
 
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
+
+    from .distributed import engine, make_accelerator
 
     log_with = None
     try:
@@ -344,18 +345,11 @@ def _run_in(out: RunDir, args, argv) -> dict:
         log_with = "tensorboard"
     except ImportError:
         pass
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision, cpu=args.cpu,
-        log_with=log_with, project_dir=str(out.work),
-    )
+    accelerator = make_accelerator(args, log_with=log_with, project_dir=str(out.work))
     set_seed(args.seed)
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type == DistributedType.FSDP and not args.no_compact:
-        # Compaction needs the whole model in one process; under FSDP each process holds a shard.
-        accelerator.print("finegates: FSDP run: no compaction (each process holds a shard); metrics and checkpoints only")
-        args.no_compact = True
+    if accelerator.num_processes > 1:
+        accelerator.print(f"finegates: {accelerator.num_processes} processes, {engine(accelerator)} on "
+                          f"{accelerator.device.type} ({accelerator.state.backend})")
 
     def on_created():
         out.create(accelerator, args, argv)

@@ -101,6 +101,20 @@ class GatedLinear(nn.Module):
         self.kurtosis_tau: Optional[float] = None
         self.kurtosis_state = None  # (row weights, col weights, rows, cols) of the last training forward
 
+    def dense_module(self) -> nn.Module:
+        """The plain layer this one gates (``nn.Linear``, or ``Conv1D``) on the same weight and bias
+        Parameters, no copy: the dense model a compact one is timed against."""
+        with torch.device("meta"):
+            if self.transposed:
+                from transformers.pytorch_utils import Conv1D
+
+                plain = Conv1D(self.out_features, self.in_features)
+            else:
+                plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        plain.weight = self.weight
+        plain.bias = self.bias
+        return plain
+
     def dense_weight(self) -> Tensor:
         """The weight as (out, in), a view for Conv1D."""
         return self.weight.t() if self.transposed else self.weight

@@ -142,9 +142,14 @@ def register_layout(layout: BlockLayout, *, replace: bool = False) -> BlockLayou
 
 
 def layout_for(block: nn.Module) -> Optional[BlockLayout]:
-    """The registered layout of ``block``'s class (qualified name first, then bare name)."""
-    cls = type(block)
-    return _REGISTRY.get(f"{cls.__module__}.{cls.__qualname__}") or _REGISTRY.get(cls.__name__)
+    """The registered layout of ``block``'s class (qualified name first, then bare name), or of the
+    nearest class it derives from that has one: FSDP2 turns a sharded ``LlamaDecoderLayer`` into an
+    ``FSDPLlamaDecoderLayer`` derived from it, which must count as the block it shards."""
+    for cls in type(block).__mro__:
+        found = _REGISTRY.get(f"{cls.__module__}.{cls.__qualname__}") or _REGISTRY.get(cls.__name__)
+        if found is not None:
+            return found
+    return None
 
 
 def registered_layouts() -> Tuple[BlockLayout, ...]:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 from pathlib import Path
@@ -99,9 +98,6 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     lat_batch = latency_batch(val_ds, collate, args.latency_batch_size, "cpu")
     gated = args.method == "finegates"
-    # The dense reference for the latency ratio: a copy of the model before gates (main process only).
-    dense_model = copy.deepcopy(model) if (gated and not args.no_compact and accelerator.is_main_process) else None
-
     if gated:
         sparsify(model, target_sparsity=args.target_sparsity, lora_rank=args.lora_rank, lora_alpha=_lora_alpha(args),
                  kurtosis=args.kurtosis, gate_gradient=args.gate_gradient, verbose=False)
@@ -144,11 +140,11 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
     return _train_and_finish(
         args, accelerator, model, gated=gated, data=(train_ds, val_ds), collate_fn=collate, param_groups=groups,
         evaluate=evaluate, eval_compact=eval_compact, extra=extra, n_trainable=n_trainable, tokenizer=tokenizer,
-        dense_model=dense_model, lat_batch=lat_batch, out_dir=out_dir, resume_from=resume_from)
+        lat_batch=lat_batch, out_dir=out_dir, resume_from=resume_from)
 
 
 def _train_and_finish(args, accelerator, model, *, gated, data, collate_fn, param_groups, evaluate, eval_compact,
-                      extra, n_trainable, tokenizer, dense_model, lat_batch, out_dir, resume_from) -> Dict[str, Any]:
+                      extra, n_trainable, tokenizer, lat_batch, out_dir, resume_from) -> Dict[str, Any]:
     """Train, then on the main process compact, time and write the outputs (others return {})."""
     from .trainer import train
 
@@ -160,7 +156,7 @@ def _train_and_finish(args, accelerator, model, *, gated, data, collate_fn, para
     if not accelerator.is_main_process:
         return {}
     return finish_run(args, accelerator, result["model"], result, gated=gated, tokenizer=tokenizer,
-                      dense_model=dense_model, lat_batch=lat_batch, eval_compact=eval_compact, extra=extra,
+                      lat_batch=lat_batch, eval_compact=eval_compact, extra=extra,
                       out_dir=out_dir)
 
 
@@ -193,7 +189,6 @@ def _lm_run(args, accelerator, out_dir, resume_from, on_created, model, tokenize
             data):
     train_ds, val_ds = data
     lat_batch = latency_batch(val_ds, _lm_collate, args.latency_batch_size, "cpu")
-    dense_model = copy.deepcopy(model) if (not args.no_compact and accelerator.is_main_process) else None
     sparsify(model, target_sparsity=args.target_sparsity, train_weights=weight_lr is not None,
              train_bias=weight_lr is not None, kurtosis=args.kurtosis, gate_gradient=args.gate_gradient, verbose=False)
     if weight_lr is not None:  # from scratch: everything trains (embeddings, norms, head), not only gated layers
@@ -210,7 +205,7 @@ def _lm_run(args, accelerator, out_dir, resume_from, on_created, model, tokenize
     return _train_and_finish(
         args, accelerator, model, gated=True, data=data, collate_fn=_lm_collate, param_groups=groups,
         evaluate=lm_metrics, eval_compact=plain_evaluator(lm_metrics, val_ds, args.eval_batch_size, _lm_collate),
-        extra=extra, n_trainable=n_trainable, tokenizer=tokenizer, dense_model=dense_model, lat_batch=lat_batch,
+        extra=extra, n_trainable=n_trainable, tokenizer=tokenizer, lat_batch=lat_batch,
         out_dir=out_dir, resume_from=resume_from)
 
 

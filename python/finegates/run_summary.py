@@ -10,6 +10,7 @@ from typing import Any, Callable, Dict, Optional
 
 from torch import nn
 
+from .distributed import engine
 from .latency import measure_latency
 from .report import compression_report
 
@@ -24,6 +25,8 @@ def _training_metrics(result: Dict[str, Any], accelerator) -> Dict[str, Any]:
         m["eval_time_s"] = round(result["eval_time_s"], 3)
     m["trainable_params"] = result["trainable_params"]
     m["num_processes"] = accelerator.num_processes
+    m["engine"] = engine(accelerator)
+    m["device"] = accelerator.device.type
     if result.get("rank_divergence") is not None:
         m["rank_divergence"] = result["rank_divergence"]
     last = result.get("last_log") or {}
@@ -48,14 +51,17 @@ def _compression_metrics(model: nn.Module, out_dir: Path) -> Dict[str, Any]:
                                 "params_removable", "params_compact")}
 
 
-def _compact_metrics(model: nn.Module, dense_model: nn.Module, lat_batch, eval_compact: Optional[Callable],
-                     tokenizer, out_dir: Path, accelerator) -> Dict[str, Any]:
-    """Compacts ``model`` in place, evaluates and times it against ``dense_model``, saves it. The
+def _compact_metrics(model: nn.Module, lat_batch, eval_compact: Optional[Callable], tokenizer, out_dir: Path,
+                     accelerator) -> Dict[str, Any]:
+    """Compacts ``model`` in place, evaluates and times it against the dense model (the same weights
+    without gates, :func:`~finegates.sparsify.dense_view`), saves it. The
     compact model is evaluated under the run's autocast, as the gated model was, so that the two
     metrics compare (``--mixed-precision bf16``)."""
     from .compact import compact
     from .serialize import save_compact
+    from .sparsify import dense_view
 
+    dense_model = dense_view(model).eval()
     t = time.perf_counter()
     model_c = compact(model.eval(), progress=True).eval()
     m: Dict[str, Any] = {"compact_time_s": round(time.perf_counter() - t, 3),
@@ -75,7 +81,7 @@ def _compact_metrics(model: nn.Module, dense_model: nn.Module, lat_batch, eval_c
     return m
 
 
-def finish_run(args, accelerator, raw_model, result, *, gated, tokenizer, dense_model, lat_batch,
+def finish_run(args, accelerator, raw_model, result, *, gated, tokenizer, lat_batch,
                eval_compact, extra: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
     """Main process: compression report, plot, compaction, latency, compact model, metrics.json."""
     from .outputs import write_json
@@ -85,8 +91,7 @@ def finish_run(args, accelerator, raw_model, result, *, gated, tokenizer, dense_
     if gated:
         metrics.update(_compression_metrics(raw_model, out_dir))
     if gated and not args.no_compact:
-        metrics.update(_compact_metrics(raw_model, dense_model, lat_batch, eval_compact, tokenizer, out_dir,
-                                        accelerator))
+        metrics.update(_compact_metrics(raw_model, lat_batch, eval_compact, tokenizer, out_dir, accelerator))
     else:
         metrics["latency_ratio"] = None
     write_json(out_dir / "metrics.json", metrics)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import re
@@ -12,8 +13,8 @@ from torch import nn
 
 from .layers import GatedLinear, is_linear_like
 
-__all__ = ["sparsify", "trainable_parameters", "gated_layers", "default_match", "set_submodule", "param_groups",
-           "HEAD_NAMES"]
+__all__ = ["sparsify", "dense_view", "trainable_parameters", "gated_layers", "default_match", "set_submodule",
+           "param_groups", "HEAD_NAMES"]
 
 logger = logging.getLogger("finegates")
 
@@ -205,6 +206,14 @@ def sparsify(
     if verbose:
         print(msg)
     return model
+
+
+def dense_view(model: nn.Module) -> nn.Module:
+    """``model`` as it was before :func:`sparsify`: every gated Linear back to its plain layer, on the
+    same Parameters (no weight is copied; buffers and the rest of the module tree are)."""
+    memo = {id(p): p for p in model.parameters()}
+    memo.update({id(m): m.dense_module() for m in model.modules() if isinstance(m, GatedLinear)})
+    return copy.deepcopy(model, memo)
 
 
 def _check_reachable(model: nn.Module, target_sparsity: float) -> None:

@@ -25,7 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ import fg_kernels
 
 from .errors import UsageError
 from .budget import BudgetController, close_to_budget, with_recovery
+from .distributed import full_gates, full_model, meta_copy
 from .layers import GatedLinear, gates_open
 from .loss import BudgetObjective, ReferenceObjective, SparsitySchedule
 from .outputs import StepLog, follow_umask
@@ -188,7 +189,7 @@ def _save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, log: O
 def _rank_divergence(accelerator, params) -> Optional[float]:
     """Largest difference between processes of per-tensor checksums (sum, sum of |x|) of the
     trained parameters: 0.0 when the ranks stayed in sync; None on a single process."""
-    if accelerator.num_processes == 1:
+    if accelerator.num_processes == 1 or _sharded(accelerator):  # FSDP: one copy of each parameter, nothing to diverge
         return None
     sums = torch.stack([t for p in params for t in (p.detach().double().sum(), p.detach().double().abs().sum())])
     every = accelerator.gather(sums.unsqueeze(0).to(accelerator.device))
@@ -208,6 +209,7 @@ class _Loop:
     trainable: List[torch.Tensor]
     max_steps: int
     recovery_steps: int = 0
+    skeleton: Optional[nn.Module] = None  # under FSDP, the main process's parameterless copy of the model
 
 
 def _sparsity_objective(args, model: nn.Module, gated: bool):
@@ -267,11 +269,18 @@ def _prepare(args, accelerator, model, gated, train_dataset, eval_dataset, colla
     max_steps = args.max_steps if args.max_steps else args.epochs * steps_per_epoch
     recovery = _recovery_steps(args, gated, max_steps)
     scheduler = _scheduler(args, optimizer, max_steps, n_proc, recovery, _gate_groups(param_groups, model))
+    skeleton = meta_copy(model) if _sharded(accelerator) and accelerator.is_main_process else None
     objective, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
         objective, optimizer, train_dl, eval_dl, scheduler
     )
     trainable = [p for g in param_groups for p in g["params"]]
-    return _Loop(objective, optimizer, scheduler, train_dl, eval_dl, sampler, trainable, max_steps, recovery)
+    return _Loop(objective, optimizer, scheduler, train_dl, eval_dl, sampler, trainable, max_steps, recovery, skeleton)
+
+
+def _sharded(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
 def _recovery_steps(args, gated: bool, max_steps: int) -> int:
@@ -304,16 +313,26 @@ class _Means:
         self.sparsity += self.last_sparsity or 0.0
         self.n += 1
 
+    def across(self, accelerator) -> Tuple[float, float, float]:
+        """(loss, task loss, sparsity term) averaged over the micro-batches and over the processes
+        (each process's loss is over its own share of the global batch; every process calls it)."""
+        n = max(self.n, 1)
+        local = torch.tensor([self.loss / n, self.task / n, self.sparsity / n], dtype=torch.float64)
+        if accelerator.num_processes > 1:
+            local = accelerator.reduce(local.to(accelerator.device), reduction="mean").cpu()
+        return tuple(local.tolist())
 
-def _step_record(step, epoch, means: _Means, lam, loop: _Loop, raw_model, gates: "_GateControl") -> Dict[str, Any]:
-    """One row of train_log.csv (``sparsity_loss``: the objective's value, with the budget objective
-    the expected kept fraction; ``target_keep``: the kept fraction the objective aims at now)."""
-    n = max(means.n, 1)
+
+def _step_record(step, epoch, losses, lam, loop: _Loop, keep, gates: "_GateControl") -> Dict[str, Any]:
+    """One row of train_log.csv (``losses``: :meth:`_Means.across`; ``sparsity_loss``: the objective's
+    value, with the budget objective the expected kept fraction; ``keep``: the compact model's kept
+    fraction now; ``target_keep``: the kept fraction the objective aims at now)."""
+    loss, task, sparsity = losses
     gated = gates.gated
     return dict(
-        step=step, epoch=epoch, loss=means.loss / n, task_loss=means.task / n,
-        sparsity_loss=means.sparsity / n if gated else "", **{"lambda": lam},
-        keep_fraction=keep_fraction(raw_model) if gated else "",
+        step=step, epoch=epoch, loss=loss, task_loss=task,
+        sparsity_loss=sparsity if gated else "", **{"lambda": lam},
+        keep_fraction=keep if gated else "",
         target_keep=gates.target_keep(step) if gated else "", lr=loop.scheduler.get_last_lr()[-1],
     )
 
@@ -375,7 +394,15 @@ class _GateControl:
 
     def after_step(self, step: int, expected: Optional[float]) -> None:
         if self.controller is not None and not self.frozen and expected is not None:
-            self.controller.update(step, expected, self.raw_model)
+            with full_gates(self.raw_model):
+                self.controller.update(step, expected, self.raw_model)
+
+    def keep_fraction(self) -> Optional[float]:
+        """The compact model's kept fraction of the gated parameters now (every process calls it)."""
+        if not self.gated:
+            return None
+        with full_gates(self.raw_model):
+            return keep_fraction(self.raw_model)
 
     def target_keep(self, step: int) -> float:
         return self.controller.target_kept(step) if self.controller else self.reference_keep
@@ -393,7 +420,8 @@ def _freeze_gates(raw_model: nn.Module, controller: Optional[BudgetController], 
     keep their deterministic values (no noise; their learning rate is 0 from here, see
     :func:`_scheduler`), so the head and adapters adapt to the model compaction will keep."""
     if controller is not None and closing:
-        done = close_to_budget(raw_model, controller.target_sparsity)
+        with full_gates(raw_model):
+            done = close_to_budget(raw_model, controller.target_sparsity)
         accelerator.print(
             f"finegates: gates frozen at {100 * done['removed_fraction']:.2f}% removed ({done['newly_closed']} closed, "
             f"{done['reopened']} reopened at the freeze)"
@@ -463,9 +491,11 @@ def train(
             state.step = step
             gates.after_step(step, means.last_sparsity)
             bar.update(1)
-            if main and (step % args.logging_steps == 0 or step == loop.max_steps or step == 1):
-                last = _step_record(step, epoch, means, lam, loop, raw_model, gates)
-                _report(last, bar, log, accelerator, gated)
+            if step % args.logging_steps == 0 or step == loop.max_steps or step == 1:
+                keep, losses = gates.keep_fraction(), means.across(accelerator)
+                if main:
+                    last = _step_record(step, epoch, losses, lam, loop, keep, gates)
+                    _report(last, bar, log, accelerator, gated)
             means.reset()
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                 state.train_time += time.perf_counter() - t0
@@ -483,6 +513,8 @@ def train(
     metrics = _evaluate(loop, evaluate, accelerator)
     eval_time = time.perf_counter() - t_eval
     divergence = _rank_divergence(accelerator, loop.trainable)
+    if _sharded(accelerator):
+        raw_model = full_model(accelerator, loop.objective, loop.skeleton)
     accelerator.wait_for_everyone()
     return dict(model=raw_model, metrics=metrics, steps=step, rank_divergence=divergence,
                 train_time_s=state.train_time, eval_time_s=eval_time, last_log=last, max_steps=loop.max_steps)
