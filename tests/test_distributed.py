@@ -113,9 +113,13 @@ def test_fsdp_pretrain_matches_one_process_and_resumes(corpus, tmp_path):  # noq
     cfg.write_text(json.dumps(_llama_config().to_dict()))
     one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
     fsdp = _fsdp("LlamaDecoderLayer")
-    _run(["-m", "finegates"], _pretrain_args(cfg, corpus, one, 4))
+    _run(["-m", "finegates"], _pretrain_args(cfg, corpus, one, 4, "--checkpointing-steps", "6"))
     _run(fsdp, _pretrain_args(cfg, corpus, two, 2, "--checkpointing-steps", "3"))
     _same_run(one, two, "perplexity")
+    g_one, g_two = _gates(one / "checkpoints" / "step-6"), _fsdp_gates(two / "checkpoints" / "step-6")
+    assert g_one.keys() == g_two.keys() and g_one
+    assert max((g_one[k] - g_two[k]).abs().max().item() for k in g_one) <= 1e-4
+    assert max((g_one[k] - 1.0).abs().max().item() for k in g_one) > 0.05  # the gates trained
     # Stopped after 3 steps and resumed under FSDP: the uninterrupted run's log, gates and result.
     _run(fsdp, _pretrain_args(cfg, corpus, resumed, 2, "--checkpointing-steps", "3", "--max-steps", "3"))
     _run(fsdp, _pretrain_args(cfg, corpus, resumed, 2, "--checkpointing-steps", "3",
