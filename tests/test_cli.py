@@ -403,3 +403,17 @@ def test_reference_objective_reproduces_the_earlier_runs(tiny_bert, sst_small, t
     for key in ("loss", "sparsity", "lam"):
         assert got[key] == pytest.approx(_REFERENCE_RUN[key], rel=1e-5, abs=1e-7), key
     assert json.loads((out / "metrics.json").read_text())["accuracy"] == _REFERENCE_RUN["accuracy"]
+
+
+def test_lm_metrics_is_the_models_own_token_mean_loss():
+    """Per-sequence sums (what gets gathered across processes) give the model's own loss back."""
+    from finegates.evaluation import lm_metrics
+
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(_llama_config()).eval()
+    batches = [dict(input_ids=ids, labels=ids.clone()) for ids in (torch.randint(0, 30000, (3, 16)),
+                                                                    torch.randint(0, 30000, (1, 16)))]
+    with torch.no_grad():
+        losses = [model(**b).loss.item() for b in batches]
+        got = lm_metrics(lambda b: model(**b), batches)["eval_loss"]
+    assert abs(got - (3 * losses[0] + losses[1]) / 4) <= 1e-5

@@ -39,10 +39,11 @@ def lm_metrics(forward: Forward, batches, gather=_identity) -> Dict[str, float]:
     batches by their position along the first dimension, which per-batch sums would not have."""
     total, count = 0.0, 0
     for batch in batches:
-        logits = forward(batch).logits[:, :-1].float()
-        labels = batch["labels"][:, 1:]
-        token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none",
-                                                       ignore_index=-100)
+        logits = forward(batch).logits
+        # The next token's label at each position (the last predicts none): no shifted copy of the logits.
+        labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
+        token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                                       reduction="none", ignore_index=-100)
         loss, n = gather((token_loss.view(labels.shape).sum(1), (labels != -100).sum(1)))
         total += float(loss.double().sum())
         count += int(n.sum())
