@@ -104,7 +104,7 @@ def env_quick() -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Targets (issue text): fp32, 2 threads, medians, ratios from one run
+# Targets: fp32, 2 threads, medians, ratios from one run
 # --------------------------------------------------------------------------------------------
 
 CONDITIONS: Tuple[str, ...] = ("quiet", "loaded")  # loaded: one core held by a spinning process
