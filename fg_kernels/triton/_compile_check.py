@@ -1,12 +1,20 @@
 """Compiles the Triton kernels for an NVIDIA target without a GPU (Triton's bundled LLVM and
 ptxas), so that CI catches errors the interpreter cannot see (types that differ between the
-branches of an ``if``, layouts, shared-memory use) and reports register spills.
+branches of an ``if``, layouts, shared-memory use) and reports what the GPU will run.
 
-    python -m fg_kernels.triton._compile_check [--arch 90] [--quick] [--ptxas-report]
+    python -m fg_kernels.triton._compile_check [--arch 90] [--quick] [--ptxas-report] [--layouts] [--strict]
 
 Run it in a process where TRITON_INTERPRET is unset. Exit status 0 when every variant compiles.
 The signatures mimic what a launch on contiguous CUDA tensors specialises (unit strides as
 constants, 16-divisible pointers and sizes), so the generated code is the one a GPU would run.
+
+``--ptxas-report``: registers and stack from the compiled cubin (``cuobjdump``), spill bytes and
+serialized-wgmma warnings (C7515) from the ptxas this Triton uses for the arch. ``--layouts``: a line
+per tensor-of-pointers global access (source line, rank, thread layout from the TTGIR). A 2-D access
+that no thread holds a vector of (``sizePerThread`` all 1) has addresses the compiler could not prove
+contiguous: which way its lanes run is then the Triton version's choice (one lane per row under 3.6),
+so ``--strict`` fails on it, as on a spill or a C7515 (float64 variants, which serve gradcheck only,
+are reported but not counted).
 """
 
 from __future__ import annotations
@@ -40,6 +48,13 @@ F32_PTRS = ("val", "part", "vals")
 # ptxas findings that count as failures with --strict: register spills and serialized wgmma.
 SPILL = re.compile(r"([1-9][0-9]*) bytes spill (stores|loads)")
 SERIALIZED_WGMMA = "C7515"
+RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
+ACCESS = re.compile(r"tt\.(load|store) .*: tensor<([0-9x]+)x!tt\.ptr<(\w+)>, (#[\w.]+)[^>]*> loc\(#(loc\d*)\)")
+BLOCKED = re.compile(r"^(#blocked\d*) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], threadsPerWarp = "
+                     r"\[([\d, ]+)\], warpsPerCTA = \[[\d, ]+\], order = \[([\d, ]+)\]")
+LOC_FILE = re.compile(r'^#(loc\d*) = loc\("([^"]+)":(\d+):\d+\)')
+LOC_CALL = re.compile(r"^#(loc\d*) = loc\(callsite\(#(loc\d*) at #(loc\d*)\)\)")
+LOC_REF = re.compile(r"^#(loc\d*) = loc\(.*?#(loc\d*)")
 
 
 def _jit(k) -> JITFunction:
@@ -84,7 +99,7 @@ def _gmm_variants(tiles: dict):
     full = dict(epi, ROUTE=1, HAS_KVAL=True)
     compact = dict(epi, ROUTE=2, K_DYN=True, N_SCATTER=True, B_ROW_GATHER=False)
     dx = dict(HAS_BIAS=False, HAS_AUX=True)
-    lora = dict(HAS_NVAL=False, HAS_BIAS=False, HAS_LORA=False, BLOCK_N=16)
+    lora = dict(HAS_NVAL=False, HAS_BIAS=False, HAS_LORA=False, BLOCK_N=16, num_warps=4)  # a narrow tile: 4 warps
     return [
         ("forward, all open", "gmm_full_kernel", full),
         ("dx+dgc, all open", "gmm_full_kernel", dict(full, **dx)),
@@ -130,71 +145,144 @@ def _autotune_configs(km, kernel_name: str, dt: str):
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
 
+# (label suffix, dtype, dot precision): float32 as with TF32 allowed and as PyTorch's default ("ieee").
+PRECISIONS = (("bf16", "bf16", "ieee"), ("fp16", "fp16", "ieee"), ("fp32", "fp32", "tf32"),
+              ("fp32-ieee", "fp32", "ieee"), ("fp64", "fp64", "ieee"))
+
+
 def variants(quick: bool, all_configs: bool = False):
     """(label, kernel name, dtype, constexprs with launch options). By default the tiles of the
     launcher's fixed configurations (FG_TRITON_AUTOTUNE=0, float64); ``all_configs``: the GEMMs
     once per autotuning config too."""
     km = kernels(False)
     out = []
-    for dt in (("bf16",) if quick else ("bf16", "fp16", "fp32", "fp64")):
+    for tag, dt, prec in (PRECISIONS[:1] if quick else PRECISIONS):
         dtype = DTYPES[dt]
-        prec = "tf32" if dt == "fp32" else "ieee"
         gmm = _gmm_variants(dict(_gmm_fixed_config(km, 4096, dtype), DOT_PREC=prec))
         mtm = _mtm_variants(dict(_mtm_fixed_config(km, dtype), DOT_PREC=prec))
         if quick:
             gmm = [v for v in gmm if "lora" not in v[0] and "int64" not in v[0]]
         for label, name, consts in gmm + mtm:
-            out.append((f"{label} {dt}", name, dt, consts))
+            out.append((f"{label} {tag}", name, dt, consts))
             if all_configs and dt != "fp64" and "lora" not in label and "int64" not in label:
                 for cfg in _autotune_configs(km, name, dt):
-                    tag = "x".join(str(v) for v in cfg.values())
-                    out.append((f"{label} {dt} [{tag}]", name, dt, dict(consts, **cfg)))
-        out.append((f"bias/row-gate sums {dt}", "colsum_kernel", dt,
-                    dict(NEED_B=True, NEED_G=True, IDX64=False, BLOCK_M=32, BLOCK_N=128, num_warps=4)))
-        if dt != "fp64":
-            for label, name, consts in _pack_variants():
-                out.append((f"{label} {dt}", name, dt, consts))
+                    tiles = "x".join(str(v) for v in cfg.values())
+                    out.append((f"{label} {tag} [{tiles}]", name, dt, dict(consts, **cfg)))
+        if tag == dt:  # no dot: one variant per dtype
+            out.append((f"bias/row-gate sums {dt}", "colsum_kernel", dt,
+                        dict(NEED_B=True, NEED_G=True, IDX64=False, BLOCK_M=32, BLOCK_N=128, num_warps=4)))
+            if dt != "fp64":
+                for label, name, consts in _pack_variants():
+                    out.append((f"{label} {dt}", name, dt, consts))
     out.append(("gate metadata", "gate_meta_kernel", "fp32", dict(BLOCK=1024, num_warps=4)))
     return out
 
 
-def _ptxas_report(ptx: str, arch: int):
-    """(summary, problems) from ptxas -v on the PTX: registers, spill bytes, C7515 warnings."""
-    bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    for exe in ("ptxas-blackwell", "ptxas"):
-        path = os.path.join(bindir, exe)
-        if not os.path.exists(path):
-            continue
-        tmp = f"/tmp/fg_compile_check_{os.getpid()}.ptx"
-        with open(tmp, "w") as f:
-            f.write(ptx)
-        r = subprocess.run([path, f"-arch=sm_{arch}{'a' if arch >= 90 else ''}", "-v", tmp, "-o", "/dev/null"],
-                           capture_output=True, text=True)
+def _tool(name: str, arch: int) -> str:
+    """The path of the ptxas this Triton compiles ``arch`` with, or of its cuobjdump."""
+    from triton import knobs
+    from triton.backends.nvidia import compiler
+
+    if name == "ptxas":
+        return compiler.get_ptxas(arch).path
+    return knobs.nvidia.cuobjdump.path
+
+
+def _run_on(data, suffix: str, command) -> subprocess.CompletedProcess:
+    tmp = f"/tmp/fg_compile_check_{os.getpid()}{suffix}"
+    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    try:
+        return subprocess.run([*command, tmp], capture_output=True, text=True)
+    finally:
         os.unlink(tmp)
-        if r.returncode == 0:
-            regs = re.search(r"Used (\d+) registers", r.stderr)
-            spills = sorted({int(m.group(1)) for m in SPILL.finditer(r.stderr)})
-            problems = [f"spills {max(spills)} B"] if spills else []
-            if SERIALIZED_WGMMA in r.stderr:
-                problems.append("C7515 serialized wgmma")
-            summary = f"{regs.group(1) if regs else '?'} registers, " + (", ".join(problems) or "no spill")
-            return summary, problems
-    return "(no ptxas report)", []
+
+
+def _ptxas_report(compiled, arch: int):
+    """(summary, problems): registers and stack of the cubin, spills and C7515 from ptxas -v."""
+    r = _run_on(compiled.asm["ptx"], ".ptx", [_tool("ptxas", arch), f"-arch=sm_{arch}{'a' if arch >= 90 else ''}",
+                                              "-v", "-o", "/dev/null"])
+    if r.returncode != 0:
+        return f"(ptxas failed: {r.stderr.strip()[-300:]})", ["ptxas failed"]
+    spills = sorted({int(m.group(1)) for m in SPILL.finditer(r.stderr)})
+    problems = [f"spills {max(spills)} B"] if spills else []
+    if SERIALIZED_WGMMA in r.stderr:
+        problems.append("C7515 serialized wgmma")
+    res = RESOURCES.search(_run_on(compiled.asm["cubin"], ".cubin", [_tool("cuobjdump", arch),
+                                                                     "--dump-resource-usage"]).stdout)
+    regs = f"{res.group(1)} registers, stack {res.group(2)} B" if res else "(no cuobjdump report)"
+    return f"{regs}, " + (", ".join(problems) or "no spill"), problems
+
+
+def _source_lines(ttgir: str):
+    """#loc name -> "file:line" of the access, with the kernel's own line where it is in a helper."""
+    direct, calls, refs = {}, {}, {}
+    for line in ttgir.splitlines():
+        if m := LOC_FILE.match(line):
+            direct[m.group(1)] = f"{os.path.basename(m.group(2))}:{m.group(3)}"
+        elif m := LOC_CALL.match(line):
+            calls[m.group(1)] = (m.group(2), m.group(3))
+        elif m := LOC_REF.match(line):
+            refs[m.group(1)] = m.group(2)
+
+    def resolve(loc, outer: bool, depth=0):
+        if depth > 64 or loc is None:
+            return None
+        if loc in direct:
+            return direct[loc]
+        if loc in calls:
+            return resolve(calls[loc][1 if outer else 0], outer, depth + 1)
+        return resolve(refs.get(loc), outer, depth + 1)
+
+    def where(loc):
+        inner, outer = resolve(loc, False), resolve(loc, True)
+        return inner if inner == outer or outer is None else f"{inner} (called at {outer})"
+
+    return where
+
+
+def access_layouts(ttgir: str):
+    """(description, problem or None) per tensor-of-pointers global load and store of a kernel."""
+    blocked = {m.group(1): tuple(tuple(int(v) for v in m.group(i).split(",")) for i in (2, 3, 4))
+               for m in map(BLOCKED.match, ttgir.splitlines()) if m}
+    where = _source_lines(ttgir)
+    out = []
+    for m in ACCESS.finditer(ttgir):
+        op, shape, layout, loc = m.group(1), m.group(2), m.group(4), m.group(5)
+        rank = shape.count("x") + 1
+        at = where(loc) or loc
+        if layout not in blocked:  # a slice of another layout: a 1-D vector of indices or gate values
+            out.append((f"{op} {at} {shape} {layout.split('<')[0]} (1-D)", None))
+            continue
+        per_thread, lanes, order = blocked[layout]
+        desc = f"{op} {at} {shape} sizePerThread={list(per_thread)} threadsPerWarp={list(lanes)} order={list(order)}"
+        if rank == 1:
+            out.append((desc + ": 1-D, consecutive lanes on consecutive elements", None))
+        elif per_thread[order[0]] > 1:
+            out.append((desc + f": vectors along dim {order[0]}", None))
+        else:
+            problem = f"{op} {at}: addresses not provably contiguous, lanes along dim {order[0]} by the Triton version"
+            out.append((desc + ": lanes across rows" if order[0] != rank - 1 else desc + ": no vector", problem))
+    return out
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--quick", action="store_true", help="bfloat16 and the main launches only")
-    ap.add_argument("--ptxas-report", action="store_true", help="registers, spills and C7515 per variant")
+    ap.add_argument("--ptxas-report", action="store_true", help="registers, stack, spills and C7515 per variant")
+    ap.add_argument("--layouts", action="store_true", help="the thread layout of every gathered/scattered access")
     ap.add_argument("--all-configs", action="store_true", help="also every autotuning config of the GEMMs")
-    ap.add_argument("--strict", action="store_true", help="exit 1 on a spill or a C7515 (implies --ptxas-report)")
+    ap.add_argument("--strict", action="store_true",
+                    help="exit 1 on a spill, a C7515 or an access whose lanes the Triton version chooses "
+                         "(implies --ptxas-report and --layouts; float64 variants are not counted)")
     args = ap.parse_args(argv)
     if triton.knobs.runtime.interpret:
         print("unset TRITON_INTERPRET to compile kernels", file=sys.stderr)
         return 2
     km = kernels(False)
     target = GPUTarget("cuda", args.arch, 32)
+    print(f"triton {triton.__version__}, sm_{args.arch}, ptxas {_tool('ptxas', args.arch)}", flush=True)
     failures, flagged = 0, 0
     for label, name, dt, consts in variants(args.quick, args.all_configs):
         t = time.time()
@@ -204,14 +292,22 @@ def main(argv=None) -> int:
             failures += 1
             print(f"FAIL {label}: {type(err).__name__}: {str(err)[-2000:]}", flush=True)
             continue
-        extra = ""
+        problems, extra = [], ""
         if args.ptxas_report or args.strict:
-            summary, problems = _ptxas_report(c.asm["ptx"], args.arch)
-            flagged += bool(problems)
+            summary, found = _ptxas_report(c, args.arch)
+            problems += found
             extra = " | " + summary
-        print(f"ok   {label}: sm_{args.arch}, shared {c.metadata.shared} B, {time.time() - t:.1f}s{extra}", flush=True)
+        accesses = access_layouts(c.asm["ttgir"]) if (args.layouts or args.strict) else []
+        problems += [p for _, p in accesses if p]
+        counted = bool(problems) and dt != "fp64"
+        flagged += counted
+        mark = "FLAG" if counted else "ok  "
+        print(f"{mark} {label}: sm_{args.arch}, shared {c.metadata.shared} B, {time.time() - t:.1f}s{extra}", flush=True)
+        for desc, problem in accesses:
+            print(f"       {'!' if problem else ' '} {desc}", flush=True)
     if flagged:
-        print(f"{flagged} variant(s) with a spill or a serialized wgmma (C7515)", flush=True)
+        print(f"{flagged} variant(s) with a spill, a serialized wgmma (C7515) or an access whose lanes the "
+              "Triton version chooses", flush=True)
     return 1 if failures or (args.strict and flagged) else 0
 
 

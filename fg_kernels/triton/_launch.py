@@ -249,7 +249,7 @@ def _gmm_fixed_config(km: ModuleType, M: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float64:
         return dict(F64_GMM_CONFIG)
     if dtype == torch.float32:
-        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32, GROUP_M=8, num_warps=8, num_stages=3)
     bm = 128 if M > 64 else 64
     return dict(BLOCK_M=bm, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8 if bm == 128 else 4, num_stages=3)
 

@@ -66,6 +66,36 @@ def _off(i, IDX64: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(ptrs, mask, GATHERED: tl.constexpr):
+    """A 2-D tile (row-major, unit stride along a row); ``GATHERED``: its columns are gathered, and
+    it is loaded as one 1-D block of pointers.
+
+    Triton cannot prove a gathered row contiguous, so it chooses the lanes of a 2-D pointer tile by
+    version: one lane per row under 3.6 (32 cache lines per warp access), along the rows under 3.9.
+    A 1-D block in row-major order puts consecutive lanes on consecutive columns of a row under
+    every version. Contiguous tiles stay 2-D (their vectorised access is provable)."""
+    if GATHERED:
+        mask = tl.broadcast_to(mask, ptrs.shape)
+        flat = tl.load(tl.reshape(ptrs, [ptrs.numel]), mask=tl.reshape(mask, [ptrs.numel]), other=0.0)
+        tile = tl.reshape(flat, ptrs.shape)
+    else:
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_tile(ptrs, values, mask, SCATTERED: tl.constexpr):
+    """The store twin of :func:`_load_tile`: ``SCATTERED`` columns are written as one 1-D block."""
+    if SCATTERED:
+        mask = tl.broadcast_to(mask, ptrs.shape)
+        values = tl.broadcast_to(values, ptrs.shape)
+        tl.store(tl.reshape(ptrs, [ptrs.numel]), tl.reshape(values, [ptrs.numel]),
+                 mask=tl.reshape(mask, [ptrs.numel]))
+    else:
+        tl.store(ptrs, values, mask=mask)
+
+
+@triton.jit
 def _acc_zeros(ROWS: tl.constexpr, COLS: tl.constexpr, operand_ptr):
     """A zero accumulator: float64 for float64 operands, float32 otherwise."""
     if operand_ptr.dtype.element_ty == tl.float64:
@@ -215,7 +245,7 @@ def pack_kernel(
             else:
                 scol = _off(offs_j, IDX64)
             act = act_i[:, None] & act_j[None, :]
-            v = tl.load(src_ptr + (srow[:, None] * stride_sr + scol[None, :] * stride_sc), mask=act, other=0.0)
+            v = _load_tile(src_ptr + (srow[:, None] * stride_sr + scol[None, :] * stride_sc), act, COL_GATHER)
             # Gate products in the gate values' precision, rounded once by the store.
             if HAS_RVAL:
                 rv = tl.load(row_val_ptr + offs_i, mask=act_i, other=0.0)
@@ -299,8 +329,10 @@ def _epilogue(
     aux_ptr, stride_xm, stride_xk, part_ptr, stride_pm, alpha,
     HAS_NVAL: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr, HAS_AUX: tl.constexpr,
     STORE_OUT: tl.constexpr, IDX64: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_R: tl.constexpr,
+    SCATTERED: tl.constexpr,
 ):
-    """LoRA term, bias, column-gate partial sums, row gate and the (scattered) store of one tile."""
+    """LoRA term, bias, column-gate partial sums, row gate and the store of one tile; ``SCATTERED``:
+    the output columns ``ocol`` are a gate order (not contiguous)."""
     mask_m = offs_m < M
     if HAS_LORA:
         rows = _off(tl.minimum(offs_m, M - 1), IDX64)
@@ -315,8 +347,8 @@ def _epilogue(
         acc = acc + bias[None, :]
     orow = _off(offs_m, IDX64)
     if HAS_AUX:
-        xa = tl.load(aux_ptr + (orow[:, None] * stride_xm + ocol[None, :] * stride_xk),
-                     mask=mask_m[:, None] & act_p[None, :], other=0.0).to(acc.dtype)
+        xa = _load_tile(aux_ptr + (orow[:, None] * stride_xm + ocol[None, :] * stride_xk),
+                        mask_m[:, None] & act_p[None, :], SCATTERED).to(acc.dtype)
         part = tl.sum(tl.where(mask_m[:, None] & act_p[None, :], acc * xa, 0.0), axis=0)
         tl.store(part_ptr + (pid_m * stride_pm + ocol), part, mask=valid_p)
     if STORE_OUT:
@@ -325,8 +357,8 @@ def _epilogue(
             nv = tl.load(n_val_ptr + offs_p, mask=act_p, other=0.0)
             res = res * nv[None, :]
         res = tl.where(act_p[None, :], res, 0.0).to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + (orow[:, None] * stride_om + ocol[None, :] * stride_on), res,
-                 mask=mask_m[:, None] & valid_p[None, :])
+        _store_tile(out_ptr + (orow[:, None] * stride_om + ocol[None, :] * stride_on), res,
+                    mask_m[:, None] & valid_p[None, :], SCATTERED)
 
 
 @triton.jit(do_not_specialize=["r_lora", "alpha"])
@@ -361,7 +393,7 @@ def gmm_full_kernel(
                   out_ptr, stride_om, stride_on, n_val_ptr, bias_ptr,
                   t_ptr, stride_tm, stride_tr, lb_ptr, stride_lbn, stride_lbr, r_lora,
                   aux_ptr, stride_xm, stride_xk, part_ptr, stride_pm, alpha,
-                  HAS_NVAL, HAS_BIAS, HAS_LORA, HAS_AUX, STORE_OUT, IDX64, DOT_PREC, BLOCK_R)
+                  HAS_NVAL, HAS_BIAS, HAS_LORA, HAS_AUX, STORE_OUT, IDX64, DOT_PREC, BLOCK_R, False)
 
 
 @triton.jit(do_not_specialize=["k_len", "r_lora", "alpha"])
@@ -422,7 +454,7 @@ def gmm_compact_kernel(
               out_ptr, stride_om, stride_on, n_val_ptr, bias_ptr,
               t_ptr, stride_tm, stride_tr, lb_ptr, stride_lbn, stride_lbr, r_lora,
               aux_ptr, stride_xm, stride_xk, part_ptr, stride_pm, alpha,
-              HAS_NVAL, HAS_BIAS, HAS_LORA, HAS_AUX, STORE_OUT, IDX64, DOT_PREC, BLOCK_R)
+              HAS_NVAL, HAS_BIAS, HAS_LORA, HAS_AUX, STORE_OUT, IDX64, DOT_PREC, BLOCK_R, N_SCATTER)
 
 
 # --------------------------------------------------------------------------------------------
@@ -492,7 +524,7 @@ def mtm_kernel(
         # Output positions are read after the loop: kept live across it they cost registers.
         opos_p = _scatter_positions(p_order_ptr, offs_p, valid_p, P_SCATTER, IDX64)
         opos_q = _scatter_positions(q_order_ptr, offs_q, valid_q, Q_SCATTER, IDX64)
-        tl.store(out_ptr + (opos_p[:, None] * stride_op + opos_q[None, :] * stride_oq), acc, mask=out_mask)
+        _store_tile(out_ptr + (opos_p[:, None] * stride_op + opos_q[None, :] * stride_oq), acc, out_mask, Q_SCATTER)
 
 
 # --------------------------------------------------------------------------------------------
@@ -528,12 +560,12 @@ def colsum_kernel(
             offs_m = m0 + tl.arange(0, BLOCK_M)
             msk = (offs_m < m_end)[:, None] & act_p[None, :]
             om = _off(offs_m, IDX64)
-            d = tl.load(dy_ptr + (om[:, None] * stride_dm + col[None, :] * stride_dn), mask=msk, other=0.0)
+            d = _load_tile(dy_ptr + (om[:, None] * stride_dm + col[None, :] * stride_dn), msk, True)
             d = d.to(acc_b.dtype)
             if NEED_B:
                 acc_b += tl.sum(d, axis=0)
             if NEED_G:
-                yv = tl.load(y_ptr + (om[:, None] * stride_ym + col[None, :] * stride_yn), mask=msk, other=0.0)
+                yv = _load_tile(y_ptr + (om[:, None] * stride_ym + col[None, :] * stride_yn), msk, True)
                 acc_g += tl.sum(d * yv.to(acc_g.dtype), axis=0)
     if NEED_B:
         tl.store(part_b_ptr + (pid_s * stride_ps + col), acc_b, mask=valid_p)
