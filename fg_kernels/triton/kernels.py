@@ -444,17 +444,20 @@ def gmm_compact_kernel(
     acc = _k_loop(acc, a_ptr, rows * stride_am, stride_ak, b_ptr, brow * stride_bn, offs_p < N_FULL, stride_bk,
                   k_cnt_ptr, k_cnt, not B_ROW_GATHER, False, IDX64, DOT_PREC, BLOCK_K)
     # Output positions are read after the loop (kept live across it they cost registers), and
-    # one epilogue serves both kinds of tile (an inactive one has act_p all False).
-    ocol = _scatter_positions(n_order_ptr, offs_p, valid_p, N_SCATTER, IDX64)
-    if B_ROW_GATHER:
-        erow = _off(tl.load(n_brow_ptr + offs_p, mask=act_p, other=0), IDX64)
-    else:
-        erow = ocol
-    _epilogue(acc, pid_m, offs_m, M, offs_p, act_p, valid_p, ocol, erow,
-              out_ptr, stride_om, stride_on, n_val_ptr, bias_ptr,
-              t_ptr, stride_tm, stride_tr, lb_ptr, stride_lbn, stride_lbr, r_lora,
-              aux_ptr, stride_xm, stride_xk, part_ptr, stride_pm, alpha,
-              HAS_NVAL, HAS_BIAS, HAS_LORA, HAS_AUX, STORE_OUT, IDX64, DOT_PREC, BLOCK_R, N_SCATTER)
+    # one epilogue serves both kinds of tile (an inactive one has act_p all False and writes zeros).
+    # A program of the route not taken has no valid position: it skips the epilogue's loads, LoRA
+    # product and masked stores (the loop above already ran no step).
+    if pid_n * BLOCK_N < n_valid:
+        ocol = _scatter_positions(n_order_ptr, offs_p, valid_p, N_SCATTER, IDX64)
+        if B_ROW_GATHER:
+            erow = _off(tl.load(n_brow_ptr + offs_p, mask=act_p, other=0), IDX64)
+        else:
+            erow = ocol
+        _epilogue(acc, pid_m, offs_m, M, offs_p, act_p, valid_p, ocol, erow,
+                  out_ptr, stride_om, stride_on, n_val_ptr, bias_ptr,
+                  t_ptr, stride_tm, stride_tr, lb_ptr, stride_lbn, stride_lbr, r_lora,
+                  aux_ptr, stride_xm, stride_xk, part_ptr, stride_pm, alpha,
+                  HAS_NVAL, HAS_BIAS, HAS_LORA, HAS_AUX, STORE_OUT, IDX64, DOT_PREC, BLOCK_R, N_SCATTER)
 
 
 # --------------------------------------------------------------------------------------------
