@@ -48,7 +48,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from bench.common import BENCH_DIR, environment_record  # noqa: E402
+from bench.harness import BENCH_DIR, environment_record, hold_machine  # noqa: E402
 from bench.report import OtherLoad, _stats, time_interleaved  # noqa: E402
 
 RESULTS = BENCH_DIR / "RESULTS_GATHERED.md"
@@ -265,9 +265,7 @@ def main(argv=None) -> int:
     import fg_kernels  # noqa: F401
 
     if not args.no_lock:
-        import bench.bench_train_step as bts
-
-        bts.acquire_lock(log)
+        hold_machine("bench_gathered.py", log)
     shapes = QUICK_SHAPES if args.quick else SHAPES + (LARGE_SHAPES if args.large else ())
     if args.shapes:
         keep = [k.strip().lower() for k in args.shapes.split(",")]

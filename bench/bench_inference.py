@@ -67,13 +67,12 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from bench.common import BENCH_DIR, environment_record  # noqa: E402
+from bench.harness import BENCH_DIR, LOCK, environment_record, hold_machine  # noqa: E402
 from bench.report import OtherLoad, _stats, time_interleaved  # noqa: E402
 
 import finegates  # noqa: E402
 from fg_kernels.testing import rel_err  # noqa: E402
 
-LOCK = Path("/tmp/fg_bench.lock")
 RESULTS = BENCH_DIR / "RESULTS_INFERENCE.md"
 PLOT = BENCH_DIR / "results_inference.png"
 LLAMA_CONFIG = "llama_130m"  # a config shipped with finegates (finegates/configs)
@@ -576,11 +575,7 @@ def main(argv=None) -> int:
     models = tuple(args.models.split(",")) if args.models else (("minilm",) if args.quick else MODELS)
     batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else ((1,) if args.quick else BATCHES)
     if not args.no_lock:
-        from bench.bench_train_step import LOCK as _L  # same lock file
-        import bench.bench_train_step as bts
-
-        assert _L == LOCK
-        bts.acquire_lock(log)
+        hold_machine("bench_inference.py", log)
     import transformers
 
     env = environment_record("torch.ops.fg.gathered_linear")

@@ -45,13 +45,9 @@ each top-level event (an op called from Python, or an autograd node) counted in 
 from __future__ import annotations
 
 import argparse
-import atexit
-import datetime as _dt
 import json
 import os
-import platform
 import resource
-import signal
 import statistics
 import subprocess
 import sys
@@ -71,6 +67,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.append(str(REPO_ROOT))
 
 import finegates  # noqa: E402
+from bench.harness import LOCK, environment_record, hold_machine  # noqa: E402
 from finegates import Gates, GatedLinear  # noqa: E402
 from finegates.loss import BudgetObjective  # noqa: E402
 
@@ -81,7 +78,6 @@ THETA_CLOSED, THETA_OPEN = -5.0, 3.0
 VARIANTS = ("fg", "fg-gates", "masked", "lora")
 INACTIVE = (0.0, 0.4)  # fraction of every gated weight inactive
 MODELS = ("minilm", "llama60m")
-LOCK = Path("/tmp/fg_bench.lock")
 RESULTS = BENCH_DIR / "RESULTS_TRAIN.md"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LLAMA_BATCH, LLAMA_SEQ = 8, 256
@@ -431,18 +427,8 @@ def _labelled(record_function, f):
 # ------------------------------------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment() -> Dict[str, str]:
+def environment() -> Dict[str, object]:
+    """The machine record of bench/harness.py, with the model libraries' versions."""
     import transformers
 
     try:
@@ -451,10 +437,7 @@ def environment() -> Dict[str, str]:
         pv = peft.__version__
     except ImportError:
         pv = "not installed"
-    return {"cpu": _cpu_model(), "logical_cpus": str(os.cpu_count()), "threads": str(torch.get_num_threads()),
-            "torch": torch.__version__, "transformers": transformers.__version__, "peft": pv,
-            "python": platform.python_version(),
-            "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds")}
+    return dict(environment_record("torch.ops.fg.gated_linear"), transformers=transformers.__version__, peft=pv)
 
 
 # Targets: (model, numerator variant, inactive, bound) on the step-time ratio to lora.
@@ -557,27 +540,6 @@ def render(env, cmd, rows, memory, parts, checks, timing_params) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-def acquire_lock(log=print) -> None:
-    waited = False
-    while LOCK.exists():
-        if not waited:
-            log(f"waiting for {LOCK} ...")
-            waited = True
-        time.sleep(5)
-    LOCK.write_text(f"bench_train_step.py pid {os.getpid()}\n")
-
-    def release(*_):
-        try:
-            if LOCK.exists() and f"pid {os.getpid()}" in LOCK.read_text():
-                LOCK.unlink()
-        except OSError:
-            pass
-
-    atexit.register(release)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *a: (release(), sys.exit(130)))
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="few steps, no memory or breakdown (~3 min)")
@@ -597,7 +559,7 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"--models: unknown {unknown}, expected some of {MODELS}")
     if not args.no_lock:
-        acquire_lock()
+        hold_machine("bench_train_step.py")
     steps, warmup, mem_steps = args.steps or (3 if args.quick else 9), 1, 2
     t_start = time.perf_counter()
     checks = [check_fg_vs_masked(m) for m in models]

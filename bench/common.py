@@ -1,4 +1,4 @@
-"""What the benchmarks measure: shapes, gate patterns, the four variants and the machine record.
+"""What the op benchmarks measure: shapes, gate patterns and the four variants.
 
 Shared by ``bench/test_bench_ops.py`` (pytest-benchmark) and ``bench/report.py`` (the results
 table), so that both time exactly the same code. Definitions follow docs/design.md, "Measuring speed":
@@ -25,12 +25,8 @@ that depends on the gate values (fg's folded weight block) can be reused from th
 
 from __future__ import annotations
 
-import datetime as _dt
 import functools
-import importlib.util
 import os
-import platform
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -482,102 +478,6 @@ def estimated_seconds(shape: Shape, sparsity: float, variant: str, mode: str, gf
     f = (1.0 - sparsity) ** 2 if variant in ("compact-ideal", "fg") else 1.0
     gemms = 1 if mode == "fwd" else 2  # frozen weight: forward GEMM + grad_x GEMM
     return gemms * f * shape.gemm_flop() / (gflops * 1e9)
-
-
-# --------------------------------------------------------------------------------------------
-# Machine / version record
-# --------------------------------------------------------------------------------------------
-
-
-def _cpu_model() -> str:
-    model = None
-    extra = []
-    try:
-        with open("/proc/cpuinfo") as fh:
-            info = {}
-            for line in fh:
-                if ":" in line:
-                    k, v = line.split(":", 1)
-                    info.setdefault(k.strip(), v.strip())
-                elif info:
-                    break
-        model = info.get("model name")
-        if "cpu family" in info and "model" in info:
-            extra.append(f"family {info['cpu family']} model {info['model']}")
-        flags = set(info.get("flags", "").split())
-        isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-        if isa:
-            extra.append("/".join(isa))
-    except OSError:
-        pass
-    if not model:
-        try:
-            import cpuinfo  # py-cpuinfo
-
-            model = cpuinfo.get_cpu_info().get("brand_raw")
-        except Exception:  # noqa: BLE001
-            model = None
-    model = model or platform.processor() or platform.machine()
-    return model + (f" ({', '.join(extra)})" if extra else "")
-
-
-def _torch_config_lines():
-    keep = ("Math Kernel Library", "MKL-DNN", "oneDNN", "OpenMP", "CPU capability")
-    return [ln.strip(" -") for ln in torch.__config__.show().splitlines() if any(k in ln for k in keep)]
-
-
-def _git_commit() -> Optional[str]:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True, text=True, timeout=10,
-        )
-        if out.returncode != 0:
-            return None
-        dirty = subprocess.run(
-            ["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True, text=True, timeout=10,
-        ).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _fg_build_info():
-    """Compiled extension files of fg_kernels with their modification times (to see whether the
-    op timed is the latest build)."""
-    files = []
-    try:
-        spec = importlib.util.find_spec("fg_kernels")
-        dirs = list(spec.submodule_search_locations or []) if spec else []
-    except Exception:  # noqa: BLE001
-        dirs = []
-    for d in dirs:
-        for p in sorted(Path(d).glob("*.so")) + sorted(Path(d).glob("*.pyd")):
-            mtime = _dt.datetime.fromtimestamp(p.stat().st_mtime).astimezone().isoformat(timespec="seconds")
-            files.append({"file": str(p), "mtime": mtime})
-    return files
-
-
-def environment_record(op_name: Optional[str] = None) -> Dict[str, object]:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    return {
-        "cpu": _cpu_model(),
-        "logical_cpus": os.cpu_count(),
-        "usable_cpus": usable,
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "torch_config": _torch_config_lines(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
-        "fg_op": op_name,
-        "fg_build": _fg_build_info(),
-    }
 
 
 @functools.lru_cache(maxsize=None)

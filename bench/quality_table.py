@@ -140,9 +140,9 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown configuration(s) {unknown}")
     if names:
-        from bench.bench_train_step import acquire_lock
+        from bench.harness import hold_machine
 
-        acquire_lock(log)
+        hold_machine("quality_table.py", log)
     for name in names:
         for seed in (int(s) for s in args.seeds.split(",")):
             run_one(name, seed, args.steps, args.out)

@@ -44,6 +44,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
+from bench.harness import environment_record, hold_machine  # noqa: E402
 from bench.common import (  # noqa: E402
     BENCH_DIR,
     MODES,
@@ -53,7 +54,6 @@ from bench.common import (  # noqa: E402
     VARIANTS,
     check_fg,
     dtype_from_name,
-    environment_record,
     load_fg_op,
     make_callable,
     timing_scope,
@@ -552,6 +552,7 @@ def parse_args(argv=None):
     p.add_argument("--allow-reference", action="store_true",
                    help="let the reference stand in when the op is not built (harness testing; timings meaningless)")
     p.add_argument("--strict", action="store_true", help="exit 2 when a target is missed")
+    p.add_argument("--no-lock", action="store_true", help="do not wait for / hold the machine lock (bench/harness.py)")
     p.add_argument("--baseline", type=Path, default=None,
                    help="results.json of an earlier run (e.g. the previous build): adds a before/after section")
     args = p.parse_args(argv)
@@ -574,6 +575,8 @@ def main(argv=None) -> int:
             log("refusing --write-results with the reference standing in for the op")
             return 1
 
+    if not args.no_lock:
+        hold_machine("report.py", print)
     shapes, sparsities = selected_cases(args.quick)
     if args.shapes:
         keep = [s.strip() for s in args.shapes.split(",") if s.strip()]

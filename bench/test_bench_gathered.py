@@ -22,7 +22,7 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from bench.bench_gathered import QUICK_SHAPES, SHAPES, SPARSITIES, THREADS, check, make_callables, make_inputs  # noqa: E402
-from bench.test_bench_ops import _explicitly_requested  # noqa: E402
+from bench.harness import bench_guard  # noqa: E402
 
 _QUICK = os.environ.get("FG_BENCH_QUICK", "") not in ("", "0")
 _SHAPES = QUICK_SHAPES if _QUICK else SHAPES
@@ -32,12 +32,7 @@ _TARGET_S = float(os.environ.get("FG_BENCH_TARGET_S", "0.5"))
 
 @pytest.fixture(autouse=True)
 def _bench_guard(request):
-    if not _explicitly_requested(request.config):
-        pytest.skip("heavy benchmark: run `python -m pytest bench/test_bench_gathered.py --benchmark-only`")
-    prev = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(prev)
+    yield from bench_guard(request, THREADS)
 
 
 _cache = {}

@@ -33,7 +33,7 @@ from bench.bench_inference import (  # noqa: E402
     forward_fn,
     make_inputs,
 )
-from bench.test_bench_ops import _explicitly_requested  # noqa: E402
+from bench.harness import bench_guard  # noqa: E402
 
 _QUICK = os.environ.get("FG_BENCH_QUICK", "") not in ("", "0")
 _MODELS = ("minilm",) if _QUICK else MODELS
@@ -44,12 +44,7 @@ _VARIANTS = ("dense",) + tuple(f"{v}@{t:.1f}" for t in TARGETS for v in ("gated"
 
 @pytest.fixture(autouse=True)
 def _bench_guard(request):
-    if not _explicitly_requested(request.config):
-        pytest.skip("heavy benchmark: run `python -m pytest bench/test_bench_inference.py --benchmark-only`")
-    prev = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(prev)
+    yield from bench_guard(request, THREADS)
 
 
 _cache = {}

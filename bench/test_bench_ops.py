@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -41,8 +40,8 @@ from bench.common import (  # noqa: E402
     selected_cases,
     timing_scope,
 )
+from bench.harness import bench_guard  # noqa: E402
 
-_BENCH_DIR = Path(__file__).resolve().parent
 _THREADS = int(os.environ.get("FG_BENCH_THREADS", "2"))
 _TARGET_S = float(os.environ.get("FG_BENCH_TARGET_S", "1.0"))
 
@@ -57,31 +56,9 @@ def _cases():
                     yield pytest.param(shape, s, mode, variant, id=f"{shape.id}-s{s:.1f}-{mode}-{variant}")
 
 
-def _explicitly_requested(config) -> bool:
-    if os.environ.get("FG_BENCH", "") not in ("", "0"):
-        return True
-    for opt in ("benchmark_only", "benchmark_enable", "benchmark_disable"):
-        try:
-            if config.getoption(opt):
-                return True
-        except ValueError:
-            pass
-    for arg in config.args:
-        p = Path(str(arg).split("::", 1)[0])
-        p = (Path(config.invocation_params.dir) / p).resolve() if not p.is_absolute() else p.resolve()
-        if p == _BENCH_DIR or _BENCH_DIR in p.parents:
-            return True
-    return False
-
-
 @pytest.fixture(autouse=True)
 def _bench_guard(request):
-    if not _explicitly_requested(request.config):
-        pytest.skip("heavy benchmark: run `python -m pytest bench/test_bench_ops.py --benchmark-only`")
-    prev = torch.get_num_threads()
-    torch.set_num_threads(_THREADS)
-    yield
-    torch.set_num_threads(prev)
+    yield from bench_guard(request, _THREADS)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from bench.bench_train_step import (  # noqa: E402
     make_step,
     trainable_count,
 )
-from bench.test_bench_ops import _explicitly_requested  # noqa: E402
+from bench.harness import bench_guard  # noqa: E402
 
 _MODELS = [m for m in os.environ.get("FG_BENCH_MODELS", ",".join(MODELS)).split(",") if m]
 _ROUNDS = int(os.environ.get("FG_BENCH_TRAIN_ROUNDS", "3"))
@@ -39,12 +39,7 @@ _ROUNDS = int(os.environ.get("FG_BENCH_TRAIN_ROUNDS", "3"))
 
 @pytest.fixture(autouse=True)
 def _bench_guard(request):
-    if not _explicitly_requested(request.config):
-        pytest.skip("heavy benchmark: run `python -m pytest bench/test_bench_train_step.py --benchmark-only`")
-    prev = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    yield
-    torch.set_num_threads(prev)
+    yield from bench_guard(request, THREADS)
 
 
 @pytest.mark.parametrize("inactive", INACTIVE, ids=lambda f: f"inactive{f:.1f}")
