@@ -13,12 +13,20 @@ import fg_kernels
 
 from .gates import Gates
 
-__all__ = ["GatedLinear", "is_conv1d", "is_linear_like", "set_backend", "gates_open", "BACKENDS"]
+__all__ = ["GatedLinear", "is_conv1d", "is_linear_like", "set_backend", "set_submodule", "gates_open", "BACKENDS"]
 
 # "ops": fg::gated_linear, dispatched by device (C++ on CPU, Triton on CUDA).
 # "triton": fg_triton::gated_linear, the Triton kernels on any device (CPU tensors under
 # TRITON_INTERPRET=1), to check a whole model through them without a GPU. Same autograd.
 BACKENDS = ("ops", "triton")
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replaces the submodule at the dotted path ``name`` by ``new`` (how gates go on and compaction
+    swaps layers)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
 
 
 def is_conv1d(module: nn.Module) -> bool:

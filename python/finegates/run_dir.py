@@ -23,6 +23,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -36,7 +37,7 @@ try:
 except ImportError:  # pragma: no cover  (not on Windows: no lock there)
     fcntl = None
 
-__all__ = ["RunDir", "MARKER"]
+__all__ = ["RunDir", "MARKER", "CHECKPOINT_RE", "find_checkpoint"]
 
 MARKER = "finegates_run.json"  # written first into every output directory this tool creates
 
@@ -52,15 +53,19 @@ MAY_DIFFER = frozenset({
 INPUT_PATHS = ("model", "tokenizer", "config", "train_file", "validation_file", "dataset")
 
 
-def find_checkpoint(output_dir: Path) -> Optional[Path]:
-    from .trainer import find_checkpoint as find  # torch and accelerate load only when needed
+CHECKPOINT_RE = re.compile(r"^step-(\d+)$")  # OUTPUT_DIR/checkpoints/step-N, written by the training loop
 
-    return find(output_dir)
+
+def find_checkpoint(output_dir: Path) -> Optional[Path]:
+    """The latest complete ``checkpoints/step-N`` of a run, or None."""
+    ck = Path(output_dir) / "checkpoints"
+    if not ck.is_dir():
+        return None
+    steps = [(int(m.group(1)), p) for p in ck.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
+    return max(steps)[1] if steps else None
 
 
 def _checkpoint_step(checkpoint: Path) -> int:
-    from .trainer import CHECKPOINT_RE
-
     m = CHECKPOINT_RE.match(checkpoint.name)
     return int(m.group(1)) if m else 0
 
@@ -291,7 +296,7 @@ class RunDir:
             existed = work.exists()
             work.mkdir(parents=True, exist_ok=True)
             self.created = not existed or self.replace
-            from .outputs import write_json
+            from .files import write_json
 
             if not (work / MARKER).exists():
                 write_json(work / MARKER, dict(command=args.command, argv=list(argv), started=time.time()))

@@ -40,7 +40,8 @@ def _training_metrics(result: Dict[str, Any], accelerator) -> Dict[str, Any]:
 def _compression_metrics(model: nn.Module, out_dir: Path) -> Dict[str, Any]:
     """The compression report's totals (from the compaction plan: what the compact model has); its
     per-layer list goes to layers.json and the plot."""
-    from .outputs import plot_layers, write_json
+    from .files import write_json
+    from .outputs import plot_layers
 
     rep = compression_report(model)
     plot_layers(out_dir / "sparsity_per_layer.png", rep["layers"],
@@ -84,7 +85,7 @@ def _compact_metrics(model: nn.Module, lat_batch, eval_compact: Optional[Callabl
 def finish_run(args, accelerator, raw_model, result, *, gated, tokenizer, lat_batch,
                eval_compact, extra: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
     """Main process: compression report, plot, compaction, latency, compact model, metrics.json."""
-    from .outputs import write_json
+    from .files import write_json
 
     metrics: Dict[str, Any] = dict(extra)
     metrics.update(_training_metrics(result, accelerator))

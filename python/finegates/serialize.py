@@ -32,10 +32,9 @@ from torch import nn
 from .compact_attention import COMPACT_ATTRS
 from .compact_layers import GatheredLinear
 from .folding import COMPACTED
-from .layers import GatedLinear
-from .outputs import follow_umask
+from .layers import GatedLinear, set_submodule
+from .files import follow_umask
 from .pooling import CONFIG_KEY, use_mean_pooling
-from .sparsify import set_submodule
 
 __all__ = ["save_compact", "load_compact", "MANIFEST_NAME", "WEIGHTS_NAME"]
 

@@ -11,10 +11,10 @@ from typing import List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .layers import GatedLinear, is_linear_like
+from .layers import GatedLinear, is_linear_like, set_submodule
 
-__all__ = ["sparsify", "dense_view", "trainable_parameters", "gated_layers", "default_match", "set_submodule",
-           "param_groups", "HEAD_NAMES"]
+__all__ = ["sparsify", "dense_view", "trainable_parameters", "gated_layers", "default_match", "param_groups",
+           "HEAD_NAMES"]
 
 logger = logging.getLogger("finegates")
 
@@ -74,13 +74,6 @@ def _matcher(model: nn.Module, target_modules):
     if not suffixes:
         raise ValueError("target_modules is an empty list")
     return lambda name: any(name == s or name.endswith("." + s) for s in suffixes)
-
-
-def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replaces the submodule at the dotted path ``name`` by ``new``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def _refuse_tied(model: nn.Module, targets: List[str]) -> None:

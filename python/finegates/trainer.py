@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -38,15 +37,15 @@ from .budget import BudgetController, close_to_budget, with_recovery
 from .distributed import full_gates, full_model, meta_copy
 from .layers import GatedLinear, gates_open
 from .loss import BudgetObjective, ReferenceObjective, SparsitySchedule
-from .outputs import StepLog, follow_umask
+from .files import follow_umask
+from .outputs import StepLog
 from .report import keep_fraction
+from .run_dir import CHECKPOINT_RE
 from .sparsify import gated_layers
 
-__all__ = ["Objective", "EpochSampler", "TrainState", "train", "find_checkpoint", "CHECKPOINT_RE"]
+__all__ = ["Objective", "EpochSampler", "TrainState", "train"]
 
 RECOVERY_SHARE = 0.2  # the default recovery phase: the last fifth of the run
-
-CHECKPOINT_RE = re.compile(r"^step-(\d+)$")
 
 
 class Objective(nn.Module):
@@ -149,15 +148,6 @@ class TrainState:
     def load_state_dict(self, d: Dict[str, Any]) -> None:
         self.step = int(d["step"])
         self.train_time = float(d.get("train_time", 0.0))
-
-
-def find_checkpoint(output_dir: Path) -> Optional[Path]:
-    """The latest complete ``checkpoints/step-N`` of a run, or None."""
-    ck = Path(output_dir) / "checkpoints"
-    if not ck.is_dir():
-        return None
-    steps = [(int(m.group(1)), p) for p in ck.iterdir() if (m := CHECKPOINT_RE.match(p.name)) and p.is_dir()]
-    return max(steps)[1] if steps else None
 
 
 def _save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, log: Optional[StepLog]) -> Path:
