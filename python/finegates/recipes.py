@@ -57,7 +57,7 @@ def _lora_alpha(args, rank: Optional[int] = None) -> float:
 
 
 def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[str, Any]:
-    from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+    from transformers import DataCollatorWithPadding
 
     from .data_loading import BUNDLED_SST2, load_classification, tokenize_classification
 
@@ -75,14 +75,7 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
         args.task, args.train_file, args.validation_file, args.text_columns, args.label_column,
         header=not args.no_header,
     )
-    kw = dict(num_labels=num_labels)
-    if args.dtype != "float32":
-        kw["dtype"] = getattr(torch, args.dtype)
-    if label_names:
-        kw["id2label"] = dict(enumerate(label_names))
-        kw["label2id"] = {n: i for i, n in enumerate(label_names)}
-    with quiet_transformers():
-        model = from_pretrained(AutoModelForSequenceClassification.from_pretrained, model_name, "model", **kw)
+    model = _classifier(args, model_name, num_labels, label_names)
     pooling = _pooling(args, model_name)
     if pooling == "mean":
         try:
@@ -98,30 +91,7 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     lat_batch = latency_batch(val_ds, collate, args.latency_batch_size, "cpu")
     gated = args.method == "finegates"
-    if gated:
-        sparsify(model, target_sparsity=args.target_sparsity, lora_rank=args.lora_rank, lora_alpha=_lora_alpha(args),
-                 kurtosis=args.kurtosis, gate_gradient=args.gate_gradient, verbose=False)
-        groups = _param_groups(model, args.gate_lr, args.head_lr)
-    elif args.method == "dense":
-        # Full finetune: the pretrained weights at --learning-rate, the new head (and pooler) at --head-lr.
-        for p in model.parameters():
-            p.requires_grad_(True)
-        heads = _head_names(model)
-        head = [p for n, p in model.named_parameters() if any(f"{h}." in n for h in heads)]
-        ids = {id(p) for p in head}
-        body = [p for p in model.parameters() if id(p) not in ids]
-        groups = [dict(params=body, lr=args.learning_rate)] + ([dict(params=head, lr=args.head_lr)] if head else [])
-    else:  # lora (PEFT), the baseline of the quality table
-        from peft import LoraConfig, get_peft_model
-
-        # LoRA on the same Linears FineGates gates (inside the transformer blocks), head fully trained.
-        r = args.lora_rank or 8
-        cfg = LoraConfig(r=r, lora_alpha=_lora_alpha(args, r), lora_dropout=0.0,
-                         target_modules=[n for n, m in model.named_modules()
-                                         if isinstance(m, nn.Linear) and default_match(model, n)],
-                         modules_to_save=_head_names(model), task_type="SEQ_CLS")
-        model = get_peft_model(model, cfg)
-        groups = _param_groups(model, args.gate_lr, args.head_lr)
+    model, groups = _prepare_method(args, model)
     n_trainable = trainable_parameters(model)
     metric_name = main_metric(args.task, num_labels)
     accelerator.print(
@@ -141,6 +111,47 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
         args, accelerator, model, gated=gated, data=(train_ds, val_ds), collate_fn=collate, param_groups=groups,
         evaluate=evaluate, eval_compact=eval_compact, extra=extra, n_trainable=n_trainable, tokenizer=tokenizer,
         lat_batch=lat_batch, out_dir=out_dir, resume_from=resume_from)
+
+
+def _classifier(args, model_name: str, num_labels: int, label_names) -> nn.Module:
+    """The sequence classifier of ``model_name`` with a new head for the task's labels."""
+    from transformers import AutoModelForSequenceClassification
+
+    kw = dict(num_labels=num_labels)
+    if args.dtype != "float32":
+        kw["dtype"] = getattr(torch, args.dtype)
+    if label_names:
+        kw["id2label"] = dict(enumerate(label_names))
+        kw["label2id"] = {n: i for i, n in enumerate(label_names)}
+    with quiet_transformers():
+        return from_pretrained(AutoModelForSequenceClassification.from_pretrained, model_name, "model", **kw)
+
+
+def _prepare_method(args, model: nn.Module):
+    """(model, optimizer groups) for ``--method``: FineGates' gates (LoRA inside) and head; the
+    dense finetune (body at --learning-rate, head at --head-lr); or PEFT LoRA on the Linears
+    FineGates would gate, head fully trained (the baselines of the quality table)."""
+    if args.method == "finegates":
+        sparsify(model, target_sparsity=args.target_sparsity, lora_rank=args.lora_rank, lora_alpha=_lora_alpha(args),
+                 kurtosis=args.kurtosis, gate_gradient=args.gate_gradient, verbose=False)
+        return model, _param_groups(model, args.gate_lr, args.head_lr)
+    if args.method == "dense":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        heads = _head_names(model)
+        head = [p for n, p in model.named_parameters() if any(f"{h}." in n for h in heads)]
+        ids = {id(p) for p in head}
+        body = [p for p in model.parameters() if id(p) not in ids]
+        return model, [dict(params=body, lr=args.learning_rate)] + ([dict(params=head, lr=args.head_lr)] if head else [])
+    from peft import LoraConfig, get_peft_model
+
+    r = args.lora_rank or 8
+    cfg = LoraConfig(r=r, lora_alpha=_lora_alpha(args, r), lora_dropout=0.0,
+                     target_modules=[n for n, m in model.named_modules()
+                                     if isinstance(m, nn.Linear) and default_match(model, n)],
+                     modules_to_save=_head_names(model), task_type="SEQ_CLS")
+    model = get_peft_model(model, cfg)
+    return model, _param_groups(model, args.gate_lr, args.head_lr)
 
 
 def _train_and_finish(args, accelerator, model, *, gated, data, collate_fn, param_groups, evaluate, eval_compact,

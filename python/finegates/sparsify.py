@@ -93,21 +93,10 @@ def _refuse_tied(model: nn.Module, targets: List[str]) -> None:
 
 
 def sparsify(
-    model: nn.Module,
-    *,
-    target_sparsity: float,
-    target_modules: Optional[Union[str, Sequence[str]]] = None,
-    lora_rank: int = 0,
-    lora_alpha: Optional[float] = None,
-    train_weights: bool = False,
-    train_bias: bool = True,
-    trainable_modules: Optional[Sequence[str]] = None,
-    sigma: float = 0.1,
-    gate_dtype: torch.dtype = torch.float32,
-    kurtosis: bool = False,
-    kurtosis_tau: float = 100.0,
-    gate_gradient: str = "straight-through",
-    verbose: bool = True,
+    model: nn.Module, *, target_sparsity: float, target_modules: Optional[Union[str, Sequence[str]]] = None,
+    lora_rank: int = 0, lora_alpha: Optional[float] = None, train_weights: bool = False, train_bias: bool = True,
+    trainable_modules: Optional[Sequence[str]] = None, sigma: float = 0.1, gate_dtype: torch.dtype = torch.float32,
+    kurtosis: bool = False, kurtosis_tau: float = 100.0, gate_gradient: str = "straight-through", verbose: bool = True,
 ) -> nn.Module:
     """Replace the chosen Linear/Conv1D modules of ``model`` by :class:`GatedLinear`, in place.
 
@@ -131,6 +120,32 @@ def sparsify(
     It can be called again on other modules (e.g. attention and MLP with different targets): the
     layers gated by an earlier call keep training. Returns the model.
     """
+    ts = _check_options(target_sparsity, gate_gradient, sigma, lora_rank)
+    targets = _select_targets(model, target_modules)
+    _refuse_tied(model, targets)
+    _freeze_all_but_gated(model)
+    for n in targets:
+        base = model.get_submodule(n)
+        layer = GatedLinear(base, lora_rank=lora_rank, lora_alpha=lora_alpha, train_weight=train_weights, sigma=sigma,
+                            gate_dtype=gate_dtype, target_sparsity=ts,
+                            straight_through=gate_gradient == "straight-through")
+        layer.train(base.training)
+        if kurtosis:
+            layer.kurtosis_tau = float(kurtosis_tau)
+        set_submodule(model, n, layer)
+        if layer.bias is not None:
+            layer.bias.requires_grad_(bool(train_bias))
+    _unfreeze_head(model, train_weights, trainable_modules)
+    _check_reachable(model, ts)
+    msg = f"finegates.sparsify: gated {len(targets)} layers, trainable parameters: {trainable_parameters(model):,}"
+    logger.info(msg)
+    if verbose:
+        print(msg)
+    return model
+
+
+def _check_options(target_sparsity, gate_gradient: str, sigma, lora_rank) -> float:
+    """``sparsify``'s arguments checked, each refusal naming its argument; the target as a float."""
     ts = float(target_sparsity)
     if not (0.0 <= ts < 1.0) or ts != ts:
         raise ValueError(f"target_sparsity must lie in [0, 1), got {target_sparsity!r}")
@@ -140,10 +155,14 @@ def sparsify(
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
     if isinstance(lora_rank, bool) or int(lora_rank) != lora_rank or lora_rank < 0:
         raise ValueError(f"lora_rank must be an integer >= 0, got {lora_rank!r}")
+    return ts
+
+
+def _select_targets(model: nn.Module, target_modules) -> List[str]:
+    """The names of the not-yet-gated Linear/Conv1D modules ``target_modules`` selects (at least one)."""
     match = _matcher(model, target_modules)
-    targets: List[str] = [
-        n for n, m in model.named_modules() if n and is_linear_like(m) and not isinstance(m, GatedLinear) and match(n)
-    ]
+    targets = [n for n, m in model.named_modules()
+               if n and is_linear_like(m) and not isinstance(m, GatedLinear) and match(n)]
     already = [n for n, m in model.named_modules() if n and isinstance(m, GatedLinear) and match(n)]
     if not targets and already:
         raise ValueError(
@@ -155,50 +174,29 @@ def sparsify(
             f"sparsify: no nn.Linear/Conv1D module matched target_modules={target_modules!r}"
             + (" (default: Linears inside the transformer blocks, i.e. below an nn.ModuleList)" if target_modules is None else "")
         )
-    _refuse_tied(model, targets)
-    # what an earlier call made trainable (gates, LoRA, biases of its layers) stays trainable
+    return targets
+
+
+def _freeze_all_but_gated(model: nn.Module) -> None:
+    """Everything frozen except what an earlier call made trainable (gates, LoRA, biases of its layers)."""
     earlier = [p for _, m in gated_layers(model) for p in m.parameters() if p.requires_grad]
     for p in model.parameters():
         p.requires_grad_(False)
     for p in earlier:
         p.requires_grad_(True)
-    for n in targets:
-        base = model.get_submodule(n)
-        layer = GatedLinear(
-            base,
-            lora_rank=lora_rank,
-            lora_alpha=lora_alpha,
-            train_weight=train_weights,
-            sigma=sigma,
-            gate_dtype=gate_dtype,
-            target_sparsity=ts,
-            straight_through=gate_gradient == "straight-through",
-        )
-        layer.train(base.training)
-        if kurtosis:
-            layer.kurtosis_tau = float(kurtosis_tau)
-        set_submodule(model, n, layer)
-        if layer.bias is not None:
-            layer.bias.requires_grad_(bool(train_bias))
-    # Task head.
-    names = {n.rpartition(".")[2]: None for n, _ in model.named_modules()}
-    head = list(_TASK_HEADS)
-    if "classifier" in names:
-        head.append("pooler")  # BERT-style classifiers read the pooler (frozen pooler => chance level)
-    if train_weights:
-        head.append("lm_head")
+
+
+def _unfreeze_head(model: nn.Module, train_weights: bool, trainable_modules) -> None:
+    """The task head trains: classifier/score/qa_outputs, the pooler a classifier reads (a frozen
+    pooler leaves BERT-style classifiers at chance level), ``lm_head`` with ``train_weights``, and
+    every module named in ``trainable_modules``."""
+    names = {n.rpartition(".")[2] for n, _ in model.named_modules()}
+    head = list(_TASK_HEADS) + (["pooler"] if "classifier" in names else []) + (["lm_head"] if train_weights else [])
     head += list(trainable_modules or [])
     for n, m in model.named_modules():
         if n and any(n == s or n.endswith("." + s) for s in head) and not isinstance(m, GatedLinear):
             for p in m.parameters():
                 p.requires_grad_(True)
-    _check_reachable(model, ts)
-    total = trainable_parameters(model)
-    msg = f"finegates.sparsify: gated {len(targets)} layers, trainable parameters: {total:,}"
-    logger.info(msg)
-    if verbose:
-        print(msg)
-    return model
 
 
 def dense_view(model: nn.Module) -> nn.Module:

@@ -443,8 +443,6 @@ def train(
     ``evaluate(forward, eval_dataloader, gather=...) -> dict`` computes the metrics, gathering
     every process's predictions with ``gather``. Returns the metrics plus ``steps``,
     ``train_time_s`` and the last logged values."""
-    from tqdm.auto import tqdm
-
     loop = _prepare(args, accelerator, model, gated, train_dataset, eval_dataset, collate_fn, param_groups)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
@@ -454,60 +452,82 @@ def train(
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         accelerator.print(f"finegates: resumed from {resume_from} (step {state.step})")
-    ga = args.gradient_accumulation_steps
-    steps_per_epoch = max(1, math.ceil(len(loop.train_dl) / ga))
-    raw_model = accelerator.unwrap_model(loop.objective).model
-    main = accelerator.is_main_process
-    log = StepLog(Path(output_dir) / "train_log.csv", resume_step=state.step if resume_from else None) if main else None
-    bar = tqdm(total=loop.max_steps, initial=state.step, disable=not main, desc="train", dynamic_ncols=True)
-    step = state.step
-    epoch = step // steps_per_epoch
-    skip = (step % steps_per_epoch) * ga
-    last: Dict[str, Any] = {}
-    means = _Means()
-    t0 = time.perf_counter()
-    while step < loop.max_steps:
-        loop.train_dl.set_epoch(epoch)
-        loop.sampler.set_epoch(epoch)
-        dl = accelerator.skip_first_batches(loop.train_dl, skip) if skip else loop.train_dl
-        skip = 0
-        loop.objective.train()
-        for batch in dl:
-            lam = gates.before_step(step)
-            means.add(*_train_step(loop, batch, lam, args, accelerator))
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            state.step = step
-            gates.after_step(step, means.last_sparsity)
-            bar.update(1)
-            if step % args.logging_steps == 0 or step == loop.max_steps or step == 1:
-                keep, losses = gates.keep_fraction(), means.across(accelerator)
-                if main:
-                    last = _step_record(step, epoch, losses, lam, loop, keep, gates)
-                    _report(last, bar, log, accelerator, gated)
-            means.reset()
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                state.train_time += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                _save_checkpoint(accelerator, output_dir, step, args.keep_checkpoints, log)
-            if step >= loop.max_steps:
-                break
-        epoch += 1
-    gates.finish(step)
-    state.train_time += time.perf_counter() - t0
-    bar.close()
-    if main:
-        log.flush()
+    steps = _Steps(args, accelerator, loop, gates, state, Path(output_dir), resumed=resume_from is not None)
+    step = steps.run()
     t_eval = time.perf_counter()
     metrics = _evaluate(loop, evaluate, accelerator)
     eval_time = time.perf_counter() - t_eval
     divergence = _rank_divergence(accelerator, loop.trainable)
+    raw_model = accelerator.unwrap_model(loop.objective).model
     if _sharded(accelerator):
         raw_model = full_model(accelerator, loop.objective, loop.skeleton)
     accelerator.wait_for_everyone()
     return dict(model=raw_model, metrics=metrics, steps=step, rank_divergence=divergence,
-                train_time_s=state.train_time, eval_time_s=eval_time, last_log=last, max_steps=loop.max_steps)
+                train_time_s=state.train_time, eval_time_s=eval_time, last_log=steps.last, max_steps=loop.max_steps)
+
+
+class _Steps:
+    """The optimizer steps of a run, from where it starts (or resumes) to ``max_steps``, and what
+    follows each: the gates' update, the log (every process takes part: the losses are averaged and
+    the gates gathered), the checkpoint. Resuming mid-epoch skips the batches already seen."""
+
+    def __init__(self, args, accelerator, loop: _Loop, gates: _GateControl, state: TrainState, output_dir: Path,
+                 resumed: bool):
+        from tqdm.auto import tqdm
+
+        self.args, self.accelerator, self.loop, self.gates, self.state = args, accelerator, loop, gates, state
+        self.output_dir = output_dir
+        self.main = accelerator.is_main_process
+        self.log = StepLog(output_dir / "train_log.csv", resume_step=state.step if resumed else None) if self.main else None
+        self.bar = tqdm(total=loop.max_steps, initial=state.step, disable=not self.main, desc="train", dynamic_ncols=True)
+        self.last: Dict[str, Any] = {}
+        self.means = _Means()
+
+    def run(self) -> int:
+        """Trains to ``max_steps``; returns the last step. The training time excludes checkpointing."""
+        loop, ga = self.loop, self.args.gradient_accumulation_steps
+        steps_per_epoch = max(1, math.ceil(len(loop.train_dl) / ga))
+        step = self.state.step
+        epoch, skip = step // steps_per_epoch, (step % steps_per_epoch) * ga
+        self.t0 = time.perf_counter()
+        while step < loop.max_steps:
+            loop.train_dl.set_epoch(epoch)
+            loop.sampler.set_epoch(epoch)
+            batches = self.accelerator.skip_first_batches(loop.train_dl, skip) if skip else loop.train_dl
+            skip = 0
+            loop.objective.train()
+            for batch in batches:
+                lam = self.gates.before_step(step)
+                self.means.add(*_train_step(loop, batch, lam, self.args, self.accelerator))
+                if not self.accelerator.sync_gradients:
+                    continue
+                step += 1
+                self._after_step(step, epoch, lam)
+                if step >= loop.max_steps:
+                    break
+            epoch += 1
+        self.gates.finish(step)
+        self.state.train_time += time.perf_counter() - self.t0
+        self.bar.close()
+        if self.main:
+            self.log.flush()
+        return step
+
+    def _after_step(self, step: int, epoch: int, lam: float) -> None:
+        args = self.args
+        self.state.step = step
+        self.gates.after_step(step, self.means.last_sparsity)
+        self.bar.update(1)
+        if step % args.logging_steps == 0 or step == self.loop.max_steps or step == 1:
+            keep, losses = self.gates.keep_fraction(), self.means.across(self.accelerator)
+            if self.main:
+                self.last = _step_record(step, epoch, losses, lam, self.loop, keep, self.gates)
+                _report(self.last, self.bar, self.log, self.accelerator, self.gates.gated)
+        self.means.reset()
+        if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+            self.state.train_time += time.perf_counter() - self.t0
+            _save_checkpoint(self.accelerator, self.output_dir, step, args.keep_checkpoints, self.log)
+            self.t0 = time.perf_counter()
 
 
 def _evaluate(loop: _Loop, evaluate: Callable, accelerator) -> Dict[str, Any]:
