@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench/gpu_check.sh OUTDIR -- the one-shot GPU check of fg_kernels on a cold, offline CUDA machine
-# (H100/H200): build, quick CUDA tests, quick benchmark, summary, in at most 7 minutes wall.
+# (H100/H200): build, quick CUDA tests, quick benchmark, summary, in at most 5 minutes wall.
 #
 #     bash bench/gpu_check.sh OUTDIR        # from any directory; on the device machine: ... "$OUT"
 #
@@ -26,9 +26,10 @@
 #   4. summary  stage status and times, test counts, failed tests, the ratio table. -> summary.txt
 # OUTDIR gets these 7 files and nothing else (the device tool returns at most 8 files).
 #
-# Time budget (GPU_CHECK_TOTAL_S, default 400 s, for everything): build at most 150 s (expect
-# ~1 min); tests get what is left minus 170 s kept for the benchmark (at most 240 s); the benchmark
-# gets what is left then (at most 240 s). A stage over its time gets SIGINT (pytest and the
+# Time budget (GPU_CHECK_TOTAL_S, default 300 s, for everything: with a machine start it leaves room
+# for a second run in a 15-minute device budget): build at most 100 s (expect ~1 min); tests get what
+# is left minus 130 s kept for the benchmark (at most 120 s); the benchmark gets what is left then
+# (at most 150 s). A stage over its time gets SIGINT (pytest and the
 # benchmark then still write what they have), SIGKILL 15 s later.
 #
 # The full CUDA suite and the full benchmark, after this (same machine, warm Triton cache; see
@@ -58,11 +59,11 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$REPO:$REPO/python${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS=${MAX_JOBS:-16}
 
-TOTAL_S=${GPU_CHECK_TOTAL_S:-400}
-BUILD_CAP_S=150
-TEST_CAP_S=240
-BENCH_CAP_S=240
-BENCH_RESERVE_S=170
+TOTAL_S=${GPU_CHECK_TOTAL_S:-300}
+BUILD_CAP_S=100
+TEST_CAP_S=120
+BENCH_CAP_S=150
+BENCH_RESERVE_S=130
 GRACE_S=15            # SIGINT at the limit, SIGKILL this much later
 WORKERS=${GPU_CHECK_WORKERS:-8}
 
