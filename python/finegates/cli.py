@@ -64,6 +64,15 @@ _nonneg_float = _number(float, lo=0)
 def _common(p: argparse.ArgumentParser, *, batch: int, lr_default: float, gate_lr: float, lam: float,
             target: float, epochs: int, max_steps: Optional[int], sched: str, warmup: int,
             sp_start: int = 0, sp_warmup: int = 0, sp_ramp: str = "linear", recovery: Optional[int] = 0) -> None:
+    """The options every command has, with the command's own defaults."""
+    _output_options(p)
+    _sparsity_options(p, gate_lr=gate_lr, lam=lam, target=target, sp_start=sp_start, sp_warmup=sp_warmup,
+                      sp_ramp=sp_ramp, recovery=recovery)
+    _training_options(p, batch=batch, epochs=epochs, max_steps=max_steps, sched=sched, warmup=warmup)
+    _checkpoint_options(p)
+
+
+def _output_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default=None,
                    help="where metrics.json, train_log.csv, the plot, checkpoints and the compact model go "
@@ -74,6 +83,10 @@ def _common(p: argparse.ArgumentParser, *, batch: int, lr_default: float, gate_l
     g.add_argument("--latency-batch-size", type=_positive_int, default=32,
                    help="examples of the fixed evaluation batch used to time dense vs compact (default 32)")
     g.add_argument("--logging-steps", type=_positive_int, default=10, help="log every N optimizer steps")
+
+
+def _sparsity_options(p: argparse.ArgumentParser, *, gate_lr: float, lam: float, target: float, sp_start: int,
+                      sp_warmup: int, sp_ramp: str, recovery: Optional[int]) -> None:
     g = p.add_argument_group("sparsity")
     g.add_argument("--target-sparsity", type=_number(float, lo=0.0, hi=1.0, hi_open=True), default=target,
                    help="fraction of the gated layers' parameters the compact model removes, in [0, 1) (with "
@@ -114,6 +127,10 @@ def _common(p: argparse.ArgumentParser, *, batch: int, lr_default: float, gate_l
                    help="softmax temperature of the self-distillation (default 2)")
     p.set_defaults(reference_lambda=lam)
     g.add_argument("--kurtosis", action="store_true", help="kurtosis-weighted sparsity loss (reference --kurt)")
+
+
+def _training_options(p: argparse.ArgumentParser, *, batch: int, epochs: int, max_steps: Optional[int], sched: str,
+                      warmup: int) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=_positive_int, default=batch, help=f"per-device training batch size (default {batch})")
     g.add_argument("--eval-batch-size", type=_positive_int, default=64)
@@ -131,6 +148,9 @@ def _common(p: argparse.ArgumentParser, *, batch: int, lr_default: float, gate_l
                    help="dtype of the model's (frozen) weights; gates stay float32")
     g.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="accelerate autocast")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
+
+
+def _checkpoint_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpointing-steps", type=_nonneg_int, default=0,
                    help="save an accelerate checkpoint every N optimizer steps into OUTPUT_DIR/checkpoints/step-N (0 = never)")
