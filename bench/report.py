@@ -567,16 +567,37 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     command = " ".join(["python"] + [shlex.quote(a) for a in (sys.argv if argv is None else ["bench/report.py", *argv])])
     torch.set_num_threads(args.threads)
-    dtype = dtype_from_name(args.dtype)
     op, op_name = load_fg_op(allow_reference=args.allow_reference)
     if op_name == REFERENCE_NAME:
         log("WARNING: timing the REFERENCE as fg (op not built): the numbers mean nothing.")
         if args.write_results:
             log("refusing --write-results with the reference standing in for the op")
             return 1
-
     if not args.no_lock:
         hold_machine("report.py", print)
+    grid = _grid(args)
+    if grid is None:
+        log("nothing to run (check --shapes / --sparsities / --modes / --conditions)")
+        return 1
+    env = environment_record(op_name)
+    log(f"# {env['cpu']}, {env['threads']} threads, torch {env['torch']}, op: {op_name}")
+    for b in env["fg_build"]:
+        log(f"#   {b['file']} built {b['mtime']}")
+    t_start = time.perf_counter()
+    cases = _run_grid(grid, op, args)
+    table = render_table(cases)
+    print(table)
+    misses = [c for c in cases if c["status"] == "MISS"]
+    _print_findings(cases, misses)
+    log(f"total {time.perf_counter() - t_start:.0f} s")
+    _write_outputs(cases, env, args, command, table)
+    if any(c["status"] == "WRONG" for c in cases):
+        return 1
+    return 2 if args.strict and misses else 0
+
+
+def _grid(args):
+    """(shapes, sparsities, modes, conditions) the options select, or None when one is empty or unknown."""
     shapes, sparsities = selected_cases(args.quick)
     if args.shapes:
         keep = [s.strip() for s in args.shapes.split(",") if s.strip()]
@@ -587,14 +608,14 @@ def main(argv=None) -> int:
     conditions = tuple(c for c in args.conditions.split(",") if c)
     if (not shapes or not sparsities or not modes or any(m not in MODES for m in modes) or not conditions
             or any(c not in CONDITIONS for c in conditions)):
-        log("nothing to run (check --shapes / --sparsities / --modes / --conditions)")
-        return 1
+        return None
+    return shapes, sparsities, modes, conditions
 
-    env = environment_record(op_name)
-    log(f"# {env['cpu']}, {env['threads']} threads, torch {env['torch']}, op: {op_name}")
-    for b in env["fg_build"]:
-        log(f"#   {b['file']} built {b['mtime']}")
 
+def _run_grid(grid, op, args) -> list:
+    """Every case of the grid, one input set per (shape, sparsity), with a progress line each."""
+    shapes, sparsities, modes, conditions = grid
+    dtype = dtype_from_name(args.dtype)
     total = len(shapes) * len(sparsities) * len(modes) * len(conditions)
     cases = []
     t_start = time.perf_counter()
@@ -611,12 +632,11 @@ def main(argv=None) -> int:
                     log(_progress_line(c, len(cases), total, time.perf_counter() - t0, time.perf_counter() - t_start))
             del inp
             gc.collect()
+    return cases
 
-    table = render_table(cases)
-    print(table)
-    n_wrong = sum(c["status"] == "WRONG" for c in cases)
-    misses = [c for c in cases if c["status"] == "MISS"]
-    noisy = [c for c in cases if c["spread"] > NOISY]
+
+def _print_findings(cases, misses) -> None:
+    """Missed targets (with the floor note where the masked form sets it), busy and noisy cases."""
     if misses:
         print("\nMissed targets:")
         for c in misses:
@@ -632,10 +652,13 @@ def main(argv=None) -> int:
         log(f"WARNING: other processes used > {100 * BUSY:.0f}% of the CPUs during {len(busy)} case(s): "
             + ", ".join(f"{c['shape']} s={c['sparsity']:.1f} {c['mode']} {c['condition']} ({100 * c['other_load']:.0f}%)"
                         for c in busy))
+    noisy = [c for c in cases if c["spread"] > NOISY]
     if noisy:
         log(f"note: {len(noisy)} case(s) with interquartile spread > {100 * NOISY:.0f}% (noisy machine?)")
-    log(f"total {time.perf_counter() - t_start:.0f} s")
 
+
+def _write_outputs(cases, env, args, command: str, table: str) -> None:
+    """results.json, results.md and the plot under --out; with --write-results bench/RESULTS.md too."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     title = (f"fg::gated_linear, {args.dtype}, {env['threads']} threads, torch {env['torch']}, "
@@ -648,18 +671,11 @@ def main(argv=None) -> int:
     baseline = json.loads(args.baseline.read_text()) if args.baseline else None
     (out / "results.md").write_text(render_results_md(cases, env, args, command, table, plot_path.name, baseline))
     log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {plot_path}")
-
     if args.write_results:
         shutil.copyfile(plot_path, BENCH_DIR / "results_cpu.png")
         (BENCH_DIR / "RESULTS.md").write_text(
             render_results_md(cases, env, args, command, table, "results_cpu.png", baseline))
         log(f"wrote {BENCH_DIR / 'RESULTS.md'} and {BENCH_DIR / 'results_cpu.png'}")
-
-    if n_wrong:
-        return 1
-    if args.strict and misses:
-        return 2
-    return 0
 
 
 if __name__ == "__main__":
