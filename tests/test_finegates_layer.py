@@ -177,6 +177,30 @@ def test_sparsify_lora_and_train_weights_flags():
     assert torch.count_nonzero(model[0].lora_b) == 0 and torch.count_nonzero(model[0].lora_a) > 0
 
 
+def test_sparsify_takes_a_config_that_saves_and_loads(tmp_path):
+    config = finegates.FineGatesConfig(target_sparsity=0.2, target_modules=("0", "2"), lora_rank=4,
+                                       train_weights=True, train_bias=False, gate_dtype="float64")
+    path = tmp_path / "finegates_config.json"
+    config.save(path)
+    loaded = finegates.FineGatesConfig.load(path)
+    assert loaded == config and loaded.gate_dtype is torch.float64 and loaded.target_modules == ["0", "2"]
+    torch.manual_seed(0)
+    a = finegates.sparsify(mlp(), loaded, verbose=False)
+    torch.manual_seed(0)
+    b = finegates.sparsify(mlp(), verbose=False, **config.to_dict())
+    assert {n: p.requires_grad for n, p in a.named_parameters()} == {n: p.requires_grad for n, p in b.named_parameters()}
+    assert a[0].row_gates.theta.dtype == torch.float64 and a[0].lora_rank == 4
+    with pytest.raises(TypeError, match="not both"):
+        finegates.sparsify(mlp(), config, lora_rank=2)
+    with pytest.raises(ValueError, match="unknown fields"):
+        finegates.FineGatesConfig.from_dict({**config.to_dict(), "lora_dropout": 0.1})
+    for bad, field in (({"target_sparsity": 1.0}, "target_sparsity"), ({"sigma": float("nan")}, "sigma"),
+                       ({"lora_rank": 2.5}, "lora_rank"), ({"gate_dtype": "int8"}, "gate_dtype"),
+                       ({"gate_gradient": "magic"}, "gate_gradient")):
+        with pytest.raises(ValueError, match=field):
+            finegates.FineGatesConfig(**{"target_sparsity": 0.3, **bad})
+
+
 def test_sparsify_never_adds_bias():
     model = finegates.sparsify(mlp(bias=False), target_sparsity=0.1, target_modules=["0"], verbose=False)
     assert model[0].bias is None and "0.bias" not in model.state_dict()

@@ -18,6 +18,7 @@ from .loss import SparsitySchedule, sparsity_loss
 from .pooling import use_mean_pooling
 from .report import compression_report
 from .serialize import load_compact, save_compact
+from .config import FineGatesConfig
 from .sparsify import dense_view, gated_layers, sparsify, trainable_parameters
 from .state import load_trainable_state, trainable_state_dict
 
@@ -26,6 +27,7 @@ __all__ = [
     "GatedLinear",
     "set_backend",
     "sparsify",
+    "FineGatesConfig",
     "dense_view",
     "sparsity_loss",
     "SparsitySchedule",

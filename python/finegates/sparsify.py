@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import re
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional
 
-import torch
 from torch import nn
 
+from .config import GATE_GRADIENTS, FineGatesConfig  # noqa: F401  (GATE_GRADIENTS: the command line's choices)
 from .layers import GatedLinear, is_linear_like, set_submodule
 
 __all__ = ["sparsify", "dense_view", "trainable_parameters", "gated_layers", "default_match", "param_groups",
@@ -20,7 +19,6 @@ logger = logging.getLogger("finegates")
 
 # Names of task-head modules (last name component); never gated by default.
 HEAD_NAMES = ("classifier", "score", "qa_outputs", "lm_head", "pooler", "cls", "embed_out", "output_projection")
-GATE_GRADIENTS = ("straight-through", "clamp")
 _TASK_HEADS = ("classifier", "score", "qa_outputs")
 _EXCLUDE_PARTS = ("embed", "embeddings", "wte", "wpe") + HEAD_NAMES
 
@@ -92,13 +90,12 @@ def _refuse_tied(model: nn.Module, targets: List[str]) -> None:
             )
 
 
-def sparsify(
-    model: nn.Module, *, target_sparsity: float, target_modules: Optional[Union[str, Sequence[str]]] = None,
-    lora_rank: int = 0, lora_alpha: Optional[float] = None, train_weights: bool = False, train_bias: bool = True,
-    trainable_modules: Optional[Sequence[str]] = None, sigma: float = 0.1, gate_dtype: torch.dtype = torch.float32,
-    kurtosis: bool = False, kurtosis_tau: float = 100.0, gate_gradient: str = "straight-through", verbose: bool = True,
-) -> nn.Module:
+def sparsify(model: nn.Module, config: Optional[FineGatesConfig] = None, *, verbose: bool = True,
+             **options) -> nn.Module:
     """Replace the chosen Linear/Conv1D modules of ``model`` by :class:`GatedLinear`, in place.
+
+    ``config`` (:class:`~finegates.config.FineGatesConfig`) or its fields as keyword ``options``
+    (``sparsify(model, target_sparsity=0.4, lora_rank=8)``), not both.
 
     Selection: ``target_modules`` is a list of name suffixes (``"query"`` matches
     ``"...attention.self.query"``) or a regex matched against the full qualified name (PEFT style).
@@ -120,42 +117,30 @@ def sparsify(
     It can be called again on other modules (e.g. attention and MLP with different targets): the
     layers gated by an earlier call keep training. Returns the model.
     """
-    ts = _check_options(target_sparsity, gate_gradient, sigma, lora_rank)
-    targets = _select_targets(model, target_modules)
+    if config is not None and options:
+        raise TypeError(f"sparsify: pass a FineGatesConfig or its fields as keywords, not both (got {sorted(options)})")
+    c = config if config is not None else FineGatesConfig(**options)
+    targets = _select_targets(model, c.target_modules)
     _refuse_tied(model, targets)
     _freeze_all_but_gated(model)
     for n in targets:
         base = model.get_submodule(n)
-        layer = GatedLinear(base, lora_rank=lora_rank, lora_alpha=lora_alpha, train_weight=train_weights, sigma=sigma,
-                            gate_dtype=gate_dtype, target_sparsity=ts,
-                            straight_through=gate_gradient == "straight-through")
+        layer = GatedLinear(base, lora_rank=c.lora_rank, lora_alpha=c.lora_alpha, train_weight=c.train_weights,
+                            sigma=c.sigma, gate_dtype=c.gate_dtype, target_sparsity=c.target_sparsity,
+                            straight_through=c.gate_gradient == "straight-through")
         layer.train(base.training)
-        if kurtosis:
-            layer.kurtosis_tau = float(kurtosis_tau)
+        if c.kurtosis:
+            layer.kurtosis_tau = float(c.kurtosis_tau)
         set_submodule(model, n, layer)
         if layer.bias is not None:
-            layer.bias.requires_grad_(bool(train_bias))
-    _unfreeze_head(model, train_weights, trainable_modules)
-    _check_reachable(model, ts)
+            layer.bias.requires_grad_(bool(c.train_bias))
+    _unfreeze_head(model, c.train_weights, c.trainable_modules)
+    _check_reachable(model, c.target_sparsity)
     msg = f"finegates.sparsify: gated {len(targets)} layers, trainable parameters: {trainable_parameters(model):,}"
     logger.info(msg)
     if verbose:
         print(msg)
     return model
-
-
-def _check_options(target_sparsity, gate_gradient: str, sigma, lora_rank) -> float:
-    """``sparsify``'s arguments checked, each refusal naming its argument; the target as a float."""
-    ts = float(target_sparsity)
-    if not (0.0 <= ts < 1.0) or ts != ts:
-        raise ValueError(f"target_sparsity must lie in [0, 1), got {target_sparsity!r}")
-    if gate_gradient not in GATE_GRADIENTS:
-        raise ValueError(f"gate_gradient must be one of {GATE_GRADIENTS}, got {gate_gradient!r}")
-    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-    if isinstance(lora_rank, bool) or int(lora_rank) != lora_rank or lora_rank < 0:
-        raise ValueError(f"lora_rank must be an integer >= 0, got {lora_rank!r}")
-    return ts
 
 
 def _select_targets(model: nn.Module, target_modules) -> List[str]:
