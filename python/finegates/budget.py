@@ -101,11 +101,15 @@ class BudgetController:
             return 0.0
         return self.lam + self.penalty * self.error
 
+    def measures(self, step: int) -> bool:
+        """Whether the update after ``step`` counts the exact kept fraction (reads every gate)."""
+        return step % self.measure_every == 0
+
     def update(self, step: int, expected: float, model: Optional[nn.Module]) -> float:
         """After optimizer step ``step``: the kept fraction (exact every ``measure_every`` steps and
         where ``model`` is given, else the expected one shifted by the last exact offset), the error
         against the target, and the multiplier. Returns the estimate of the kept fraction."""
-        if model is not None and step % self.measure_every == 0:
+        if model is not None and self.measures(step):
             self.kept = kept_fraction(model)
             self.offset = self.kept - expected
         else:

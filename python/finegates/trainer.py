@@ -383,9 +383,13 @@ class _GateControl:
         return self.controller.weight(step) if self.controller else self.lam_of(step)
 
     def after_step(self, step: int, expected: Optional[float]) -> None:
-        if self.controller is not None and not self.frozen and expected is not None:
-            with full_gates(self.raw_model):
-                self.controller.update(step, expected, self.raw_model)
+        if self.controller is None or self.frozen or expected is None:
+            return
+        if not self.controller.measures(step):  # an estimated step reads no gate: nothing to gather
+            self.controller.update(step, expected, None)
+            return
+        with full_gates(self.raw_model):
+            self.controller.update(step, expected, self.raw_model)
 
     def keep_fraction(self) -> Optional[float]:
         """The compact model's kept fraction of the gated parameters now (every process calls it)."""
