@@ -27,7 +27,7 @@ import pytest
 import torch
 
 import finegates
-from test_cli import _llama_config, corpus, sst_small, tiny_bert, tiny_llama  # noqa: F401  (fixtures)
+from test_cli import _gates, _llama_config, corpus, sst_small, tiny_bert, tiny_llama  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.distributed
 
@@ -174,12 +174,6 @@ def test_fsdp_version_1_is_refused_before_anything_is_written(corpus, tmp_path):
     said = [line for line in (r.stdout + r.stderr).splitlines() if "finegates pretrain: error:" in line]
     assert len(said) == 1 and "--fsdp_version 2" in said[0], said
     assert not out.exists() and not list(tmp_path.glob(".never*"))
-
-
-def _gates(ckpt: Path):
-    from safetensors.torch import load_file
-
-    return {k: v for k, v in load_file(ckpt / "model.safetensors").items() if k.endswith("gates.theta")}
 
 
 def test_ddp_two_processes_match_one(tiny_bert, sst_small, tmp_path):  # noqa: F811

@@ -27,7 +27,7 @@ from typing import List, Optional
 from .errors import UsageError
 from .glue import GLUE_TASKS
 from .loss import OBJECTIVES
-from .sparsify import GATE_GRADIENTS
+from .config import GATE_GRADIENTS
 from .run_dir import RunDir
 
 __all__ = ["main", "build_parser", "DEFAULT_OUTPUT_ROOT"]

@@ -9,7 +9,7 @@ from typing import List, Optional
 
 from torch import nn
 
-from .config import GATE_GRADIENTS, FineGatesConfig  # noqa: F401  (GATE_GRADIENTS: the command line's choices)
+from .config import FineGatesConfig
 from .layers import GatedLinear, is_linear_like, set_submodule
 
 __all__ = ["sparsify", "dense_view", "trainable_parameters", "gated_layers", "default_match", "param_groups",
