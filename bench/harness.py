@@ -42,12 +42,7 @@ def hold_machine(owner: str, log: Callable[[str], None] = print) -> None:
     except BlockingIOError:
         fh.seek(0)
         log(f"waiting for {LOCK} (held by {fh.read().strip() or 'another benchmark'}) ...")
-        while True:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                time.sleep(5)
+        fcntl.flock(fh, fcntl.LOCK_EX)  # blocks until the holder ends
     fh.seek(0)
     fh.truncate()
     fh.write(f"{owner} pid {os.getpid()}\n")
