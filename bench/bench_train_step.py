@@ -69,6 +69,7 @@ if str(REPO_ROOT) not in sys.path:
 import finegates  # noqa: E402
 from bench.harness import LOCK, environment_record, hold_machine  # noqa: E402
 from finegates import Gates, GatedLinear  # noqa: E402
+from finegates.layers import set_submodule  # noqa: E402
 from finegates.loss import BudgetObjective  # noqa: E402
 
 THREADS = 2
@@ -212,9 +213,7 @@ def set_gate_pattern(net: nn.Module, inactive: float, seed: int = 0, sigma: Opti
 
 def _replace(net: nn.Module, names: List[str], make: Callable[[nn.Linear], nn.Module]) -> None:
     for n in names:
-        parent_name, _, child = n.rpartition(".")
-        parent = net.get_submodule(parent_name)
-        setattr(parent, child, make(getattr(parent, child)))
+        set_submodule(net, n, make(net.get_submodule(n)))
 
 
 def build_variant(model: str, variant: str, inactive: float, seed: int = 0) -> nn.Module:
