@@ -49,7 +49,7 @@ F32_PTRS = ("val", "part", "vals")
 SPILL = re.compile(r"([1-9][0-9]*) bytes spill (stores|loads)")
 SERIALIZED_WGMMA = "C7515"
 RESOURCES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
-ACCESS = re.compile(r"tt\.(load|store) .*: tensor<([0-9x]+)x!tt\.ptr<(\w+)>, (#[\w.]+)[^>]*> loc\(#(loc\d*)\)")
+ACCESS = re.compile(r"tt\.(load|store) .*: tensor<([0-9x]+)x!tt\.ptr<(\w+)>, (#.+)> loc\(#(loc\d*)\)")
 BLOCKED = re.compile(r"^(#blocked\d*) = #ttg\.blocked<\{sizePerThread = \[([\d, ]+)\], threadsPerWarp = "
                      r"\[([\d, ]+)\], warpsPerCTA = \[[\d, ]+\], order = \[([\d, ]+)\]")
 LOC_FILE = re.compile(r'^#(loc\d*) = loc\("([^"]+)":(\d+):\d+\)')
@@ -251,8 +251,8 @@ def access_layouts(ttgir: str):
         op, shape, layout, loc = m.group(1), m.group(2), m.group(4), m.group(5)
         rank = shape.count("x") + 1
         at = where(loc) or loc
-        if layout not in blocked:  # a slice of another layout: a 1-D vector of indices or gate values
-            out.append((f"{op} {at} {shape} {layout.split('<')[0]} (1-D)", None))
+        if layout not in blocked:  # a slice of another layout: a vector of indices or gate values
+            out.append((f"{op} {at} {shape} {layout}" + (" (1-D)" if rank == 1 else " (not a blocked layout)"), None))
             continue
         per_thread, lanes, order = blocked[layout]
         desc = f"{op} {at} {shape} sizePerThread={list(per_thread)} threadsPerWarp={list(lanes)} order={list(order)}"
