@@ -123,10 +123,10 @@ def _gate_vectors(model: nn.Module):
 
 
 @contextlib.contextmanager
-def full_gates(model: nn.Module) -> Iterator[None]:
+def full_gates(model: nn.Module, write_back: bool = False) -> Iterator[None]:
     """Every gate vector of ``model`` whole for the duration (FSDP2 shards gathered; a no-op
-    otherwise); values set meanwhile go back into each process's shard. Under FSDP2 every process
-    must enter (the gather is collective)."""
+    otherwise); with ``write_back``, values set meanwhile go back into each process's shard. Under
+    FSDP2 every process must enter (the gather is collective)."""
     from torch.distributed.tensor import DTensor, distribute_tensor
 
     sharded = [(g, g.theta) for g in _gate_vectors(model) if isinstance(g.theta, DTensor)]
@@ -137,8 +137,9 @@ def full_gates(model: nn.Module) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for g, shard in sharded:
-                whole = g._parameters["theta"].detach()
-                shard.copy_(distribute_tensor(whole, shard.device_mesh, shard.placements, src_data_rank=None))
+                if write_back:
+                    whole = g._parameters["theta"].detach()
+                    shard.copy_(distribute_tensor(whole, shard.device_mesh, shard.placements, src_data_rank=None))
                 g._parameters["theta"] = shard
 
 

@@ -414,7 +414,7 @@ def _freeze_gates(raw_model: nn.Module, controller: Optional[BudgetController], 
     keep their deterministic values (no noise; their learning rate is 0 from here, see
     :func:`_scheduler`), so the head and adapters adapt to the model compaction will keep."""
     if controller is not None and closing:
-        with full_gates(raw_model):
+        with full_gates(raw_model, write_back=True):
             done = close_to_budget(raw_model, controller.target_sparsity)
         accelerator.print(
             f"finegates: gates frozen at {100 * done['removed_fraction']:.2f}% removed ({done['newly_closed']} closed, "
