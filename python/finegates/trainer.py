@@ -244,6 +244,9 @@ def _adamw(param_groups, weight_decay: float, accelerator) -> torch.optim.AdamW:
 
 def _prepare(args, accelerator, model, gated, train_dataset, eval_dataset, collate_fn, param_groups) -> _Loop:
     """Data loaders (shuffled by EpochSampler's own generator), AdamW, the LR schedule, all prepared."""
+    # Before the objective hooks the gated layers: a copy made after would carry copies of the hooks,
+    # and through them of the objective itself.
+    skeleton = meta_copy(model) if _sharded(accelerator) and accelerator.is_main_process else None
     sampler = EpochSampler(len(train_dataset), args.seed)
     train_dl = DataLoader(
         train_dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_fn,
@@ -259,7 +262,6 @@ def _prepare(args, accelerator, model, gated, train_dataset, eval_dataset, colla
     max_steps = args.max_steps if args.max_steps else args.epochs * steps_per_epoch
     recovery = _recovery_steps(args, gated, max_steps)
     scheduler = _scheduler(args, optimizer, max_steps, n_proc, recovery, _gate_groups(param_groups, model))
-    skeleton = meta_copy(model) if _sharded(accelerator) and accelerator.is_main_process else None
     objective, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
         objective, optimizer, train_dl, eval_dl, scheduler
     )
