@@ -111,13 +111,17 @@ class GatedLinear : public torch::autograd::Function<GatedLinear> {
     Mask mask;
     for (size_t i = 0; i < mask.size(); ++i) mask[i] = (bits >> i) & 1;
     auto opt = [](const at::Tensor& t) { return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt; };
+    const bool create_graph = at::GradMode::is_enabled();
+    // The kernels write into outputs (mm out=); under create_graph their inputs require grad, which
+    // out= variants refuse. The results get their Error node below instead.
+    at::NoGradGuard no_grad;
     auto g = op.call(grads[0], opt(saved[0]), saved[1], saved[2], saved[3], opt(saved[4]), opt(saved[5]),
                      ctx->saved_data["lora_scale"].toDouble(), opt(saved[6]), mask);
     const std::array<at::Tensor, 7> all{std::get<0>(g), std::get<1>(g), std::get<2>(g), std::get<3>(g),
                                         std::get<4>(g), std::get<5>(g), std::get<6>(g)};
     variable_list out(8);  // one per forward argument; lora_scale gets none
     for (size_t i = 0; i < mask.size(); ++i) out[i] = mask[i] ? all[i] : at::Tensor();
-    if (at::GradMode::is_enabled()) {  // create_graph=True
+    if (create_graph) {
       variable_list sources(saved);
       sources.push_back(grads[0]);
       refuse_double_backward(out, sources);

@@ -484,14 +484,17 @@ def test_grads_accumulate_into_leaves(backend, seed):
         assert_matches(t.grad, 2 * getattr(ref_leaves, n).grad, grad=True, what=f"accumulated grad {n}")
 
 
+@pytest.mark.parametrize("shape", [dict(lora_rank=2), dict(bias=False, row_sparsity=0.0, col_sparsity=0.0)],
+                         ids=["lora-gaps", "open-no-lora"])
 @pytest.mark.parametrize("backend", backend_params())
-def test_double_backward_is_refused_by_name(backend, seed):
+def test_double_backward_is_refused_by_name(backend, shape, seed):
     """The backward kernels are differentiable once. create_graph=True still gives the exact first
     gradients (a gradient penalty's value is right); a second backward through them raises the
-    contract's error instead of reading a second derivative of 0."""
+    contract's error instead of reading a second derivative of 0. Every gate open is its own case:
+    the backward then writes dx by a GEMM into its output, which grad mode refuses."""
     from fg_kernels.contract import DOUBLE_BACKWARD_ERROR
 
-    inp = make_gated_inputs(seed, (6,), 14, 10, lora_rank=2, device=backend.device)
+    inp = make_gated_inputs(seed, (6,), 14, 10, device=backend.device, **shape)
     leaves = inp.map(lambda n, t: t.clone().requires_grad_())
     names = ("x", "row_gate", "col_gate")
     first = torch.autograd.grad(op_fn(backend)(leaves).square().sum(), [getattr(leaves, n) for n in names],
