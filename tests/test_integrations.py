@@ -88,8 +88,15 @@ def test_trainer_budget_lands_on_the_target(tmp_path):
     assert trainer.lr_scheduler.get_last_lr()[-1] == 0.0  # the gates' group, stopped
 
 
+def _lm_data(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (n, 12), generator=g)
+    return [dict(input_ids=ids[i], attention_mask=torch.ones(12, dtype=torch.long), labels=ids[i]) for i in range(n)]
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
 @pytest.mark.parametrize("objective", ["budget", "reference"])
-def test_gradient_accumulation_weights_the_sparsity_term_once(tmp_path, objective, monkeypatch):
+def test_gradient_accumulation_weights_the_sparsity_term_once(tmp_path, objective, family, monkeypatch):
     """One optimizer step of batch 8 moves the gates as 2 accumulated micro-batches of 4 do (only
     the gates train, on the sparsity term alone): it is added once per step, not per micro-batch."""
     import finegates.integrations as integrations
@@ -104,14 +111,15 @@ def test_gradient_accumulation_weights_the_sparsity_term_once(tmp_path, objectiv
     monkeypatch.setattr(transformers.Trainer, "compute_loss", no_task_gradient)
     moved = []
     for batch, accumulate in ((8, 1), (4, 2)):
-        model = build("bert")
+        model = build(family)
         finegates.sparsify(model, target_sparsity=0.4, verbose=False)
         before = [p.detach().clone() for n, p in model.named_parameters() if n.endswith("gates.theta")]
         args = _args(tmp_path, max_steps=1, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulate,
                      learning_rate=0.0, optim="sgd", lr_scheduler_type="constant")
         kw = dict(sparsity_objective="reference", sparsity_lambda=100.0) if objective == "reference" else \
             dict(budget_penalty=1000.0)
-        trainer = FineGatesTrainer(model=model, args=args, train_dataset=_data(8), gate_lr=1.0, **kw)
+        data = _lm_data(8) if family == "llama" else _data(8)
+        trainer = FineGatesTrainer(model=model, args=args, train_dataset=data, gate_lr=1.0, **kw)
         if objective == "budget":
             trainer.controller.error = 0.1  # a fixed weight for the one step
         trainer.train()
