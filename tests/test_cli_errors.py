@@ -186,7 +186,7 @@ def test_labels_that_are_not_classes_or_numbers(files, capsys):
                      .replace('"label": 0', '"label": false'))
     _check(capsys, _ft(files, out, "--train-file", str(bools), "--validation-file", good),
            out, "--train-file", "bools.jsonl", "'label' is true in data row 1", "class name")
-    for row, value, shown in ((3, [1], "[1]"), (2, {"y": 1}, '{"y": 1}'), (6, None, "null")):
+    for row, value, shown in ((3, [1], "[1]"), (2, {"y": 1}, '{"y": 1}'), (6, None, "null"), (4, True, "true")):
         bad = _jsonl_with(files, f"bad_label_{row}.jsonl", row, label=value)
         _check(capsys, _ft(files, out, "--train-file", str(bad), "--validation-file", good),
                out, "--train-file", bad.name, f"is {shown} in data row {row}")

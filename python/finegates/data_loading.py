@@ -64,7 +64,8 @@ def _read_frame(path, what: str, header: bool):
         elif suffix == ".csv":
             df = pd.read_csv(p, keep_default_na=False, on_bad_lines="error", header=0 if header else None)
         else:
-            df = pd.read_json(p, lines=(suffix == ".jsonl"), encoding="utf-8-sig")  # a BOM, as for csv
+            # a BOM as for csv; each cell keeps its JSON type (pandas' inference read a stray true as 1)
+            df = pd.read_json(p, lines=(suffix == ".jsonl"), encoding="utf-8-sig", dtype=False)
     except Exception as e:  # pandas raises many types for a malformed file
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"{what} {str(path)!r} is not a readable {suffix[1:]} table ({msg})") from None
