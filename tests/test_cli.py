@@ -344,6 +344,26 @@ def test_bf16_autocast_with_lora_on_cpu(tiny_bert, sst_small, tmp_path, monkeypa
     assert len(set(autocast_on)) == 1 and autocast_on[0], autocast_on  # gated and compact batches alike
 
 
+def test_a_trained_head_of_another_size_is_replaced(tiny_bert, sst_small, tmp_path, capsys):
+    """A checkpoint finetuned for 2 classes on data with 3: a new 3-way head, said once (transformers
+    refuses the size mismatch with a traceback); the same number of classes keeps the trained head."""
+    ckpt = tmp_path / "two_way"
+    transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2).save_pretrained(ckpt)
+    _tokenizer().save_pretrained(ckpt)
+    three = []
+    for f in sst_small:
+        g = tmp_path / f.name
+        rows = f.read_text().splitlines()
+        g.write_text("\n".join([rows[0]] + [r[:-1] + str(i % 3) for i, r in enumerate(rows[1:])]) + "\n")
+        three.append(g)
+    out = tmp_path / "three"
+    capsys.readouterr()
+    assert main(_ft_args(ckpt, three, out, "--max-steps", "1", "--no-compact")) == 0
+    assert "has 2 labels and the data 3 classes; it is replaced" in capsys.readouterr().out
+    assert main(_ft_args(ckpt, sst_small, tmp_path / "two", "--max-steps", "1", "--no-compact")) == 0
+    assert "replaced" not in capsys.readouterr().out
+
+
 def test_headerless_tables_by_column_position(tiny_bert, sst_small, tmp_path, capsys):
     files = []
     for f in sst_small:  # the same data without its header row

@@ -75,7 +75,7 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
         args.task, args.train_file, args.validation_file, args.text_columns, args.label_column,
         header=not args.no_header,
     )
-    model = _classifier(args, model_name, num_labels, label_names)
+    model = _classifier(args, model_name, num_labels, label_names, say=accelerator.print)
     pooling = _pooling(args, model_name)
     if pooling == "mean":
         try:
@@ -113,11 +113,11 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
         lat_batch=lat_batch, out_dir=out_dir, resume_from=resume_from)
 
 
-def _classifier(args, model_name: str, num_labels: int, label_names) -> nn.Module:
+def _classifier(args, model_name: str, num_labels: int, label_names, say=print) -> nn.Module:
     """The sequence classifier of ``model_name`` with a new head for the task's labels."""
     from transformers import AutoModelForSequenceClassification
 
-    kw = dict(num_labels=num_labels)
+    kw = dict(num_labels=num_labels, **_replaced_head(model_name, num_labels, say))
     if args.dtype != "float32":
         kw["dtype"] = getattr(torch, args.dtype)
     if label_names:
@@ -125,6 +125,22 @@ def _classifier(args, model_name: str, num_labels: int, label_names) -> nn.Modul
         kw["label2id"] = {n: i for i, n in enumerate(label_names)}
     with quiet_transformers():
         return from_pretrained(AutoModelForSequenceClassification.from_pretrained, model_name, "model", **kw)
+
+
+def _replaced_head(model_name: str, num_labels: int, say) -> Dict[str, Any]:
+    """A checkpoint already finetuned for another number of classes gets a new head, and says so
+    (transformers refuses the size mismatch with a traceback); its own head for the same number
+    of classes is kept."""
+    from transformers import AutoConfig
+
+    with quiet_transformers():
+        config = from_pretrained(AutoConfig.from_pretrained, model_name, "model config")
+    trained_head = any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or ())
+    if not trained_head or config.num_labels == num_labels:
+        return {}
+    say(f"finegates: the classification head of {model_name!r} has {config.num_labels} labels and the data "
+        f"{num_labels} classes; it is replaced by a new one")
+    return dict(ignore_mismatched_sizes=True)
 
 
 def _prepare_method(args, model: nn.Module):
