@@ -437,3 +437,43 @@ def test_lm_metrics_is_the_models_own_token_mean_loss():
         losses = [model(**b).loss.item() for b in batches]
         got = lm_metrics(lambda b: model(**b), batches)["eval_loss"]
     assert abs(got - (3 * losses[0] + losses[1]) / 4) <= 1e-5
+
+
+@pytest.mark.parametrize("command", ["finetune", "posttrain", "pretrain"])
+def test_train_options_are_the_parsed_arguments(command):
+    """Every TrainOptions field is a flag of every command (none falls back to a default unseen),
+    and each takes the parsed value."""
+    import dataclasses
+
+    from finegates.cli import build_parser
+    from finegates.train_options import TrainOptions
+
+    required = ["--model", "m"] if command == "posttrain" else []
+    ns = build_parser().parse_args([command, *required, "--batch-size", "3", "--seed", "7", "--logging-steps", "5"])
+    missing = [f.name for f in dataclasses.fields(TrainOptions) if not hasattr(ns, f.name)]
+    assert not missing, f"{command} has no flag for {missing}"
+    ns.sparsity_lambda = 2.5
+    opts = TrainOptions.from_namespace(ns)
+    assert (opts.batch_size, opts.seed, opts.logging_steps, opts.sparsity_lambda) == (3, 7, 5, 2.5)
+
+
+@pytest.mark.parametrize("field,value,expected", [
+    ("batch_size", 0, "an integer >= 1"), ("max_steps", 2.5, "None or an integer >= 1"),
+    ("target_sparsity", 1.0, r"a fraction in \[0, 1\)"), ("sparsity_objective", "lagrange", "one of budget, reference"),
+    ("recovery_lr", -0.1, r"a fraction in \[0, 1\]"),
+])
+def test_train_options_refuse_bad_values_by_name(field, value, expected):
+    from finegates.train_options import TrainOptions
+
+    with pytest.raises(ValueError, match=rf"TrainOptions\.{field} must be {expected}, got"):
+        TrainOptions(**{field: value})
+
+
+def test_the_training_loop_takes_train_options_only():
+    import argparse
+
+    from finegates.trainer import train
+
+    with pytest.raises(TypeError, match="TrainOptions.from_namespace"):
+        train(argparse.Namespace(batch_size=2), None, torch.nn.Linear(2, 2), gated=False, train_dataset=[],
+              eval_dataset=[], collate_fn=None, param_groups=[], evaluate=None, output_dir=".")

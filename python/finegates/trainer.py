@@ -42,6 +42,7 @@ from .outputs import StepLog
 from .report import keep_fraction
 from .run_dir import CHECKPOINT_RE
 from .sparsify import gated_layers
+from .train_options import TrainOptions
 
 __all__ = ["Objective", "EpochSampler", "TrainState", "train"]
 
@@ -202,11 +203,11 @@ class _Loop:
     skeleton: Optional[nn.Module] = None  # under FSDP, the main process's parameterless copy of the model
 
 
-def _sparsity_objective(args, model: nn.Module, gated: bool):
+def _sparsity_objective(opts: TrainOptions, model: nn.Module, gated: bool):
     if not gated:
         return None
-    if getattr(args, "sparsity_objective", "budget") == "reference":
-        return ReferenceObjective(kurtosis=bool(getattr(args, "kurtosis", False)))
+    if opts.sparsity_objective == "reference":
+        return ReferenceObjective(kurtosis=opts.kurtosis)
     return BudgetObjective(model)
 
 
@@ -215,19 +216,19 @@ def _gate_groups(param_groups: List[Dict[str, Any]], model: nn.Module) -> set:
     return {i for i, g in enumerate(param_groups) if g["params"] and all(id(p) in thetas for p in g["params"])}
 
 
-def _scheduler(args, optimizer, max_steps: int, n_proc: int, recovery: int, gate_groups: set):
+def _scheduler(opts: TrainOptions, optimizer, max_steps: int, n_proc: int, recovery: int, gate_groups: set):
     """The LR schedule (per process step, accelerate's convention); with a recovery phase the main
     schedule ends at the freeze and the recovery schedule of :func:`finegates.budget.with_recovery`
     follows."""
     from transformers import get_scheduler
 
     main_steps = max_steps - recovery
-    base = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.warmup_steps * n_proc,
+    base = get_scheduler(opts.lr_scheduler, optimizer, num_warmup_steps=opts.warmup_steps * n_proc,
                          num_training_steps=main_steps * n_proc)
     if not recovery:
         return base
     return with_recovery(optimizer, base, main_steps * n_proc, recovery * n_proc,
-                         float(getattr(args, "recovery_lr", 0.5)), gate_groups)
+                         opts.recovery_lr, gate_groups)
 
 
 def _adamw(param_groups, weight_decay: float, accelerator) -> torch.optim.AdamW:
@@ -242,26 +243,26 @@ def _adamw(param_groups, weight_decay: float, accelerator) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups, weight_decay=weight_decay, fused=fused or None)
 
 
-def _prepare(args, accelerator, model, gated, train_dataset, eval_dataset, collate_fn, param_groups) -> _Loop:
+def _prepare(opts: TrainOptions, accelerator, model, gated, train_dataset, eval_dataset, collate_fn, param_groups) -> _Loop:
     """Data loaders (shuffled by EpochSampler's own generator), AdamW, the LR schedule, all prepared."""
     # Before the objective hooks the gated layers: a copy made after would carry copies of the hooks,
     # and through them of the objective itself.
     skeleton = meta_copy(model) if _sharded(accelerator) and accelerator.is_main_process else None
-    sampler = EpochSampler(len(train_dataset), args.seed)
+    sampler = EpochSampler(len(train_dataset), opts.seed)
     train_dl = DataLoader(
-        train_dataset, batch_size=args.batch_size, sampler=sampler, collate_fn=collate_fn,
-        generator=torch.Generator().manual_seed(args.seed),
+        train_dataset, batch_size=opts.batch_size, sampler=sampler, collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(opts.seed),
     )
-    eval_dl = DataLoader(eval_dataset, batch_size=args.eval_batch_size, shuffle=False, collate_fn=collate_fn)
-    objective = Objective(model, _sparsity_objective(args, model, gated), getattr(args, "distill_weight", 0.0),
-                          getattr(args, "distill_temperature", 1.0))
-    optimizer = _adamw(param_groups, args.weight_decay, accelerator)
+    eval_dl = DataLoader(eval_dataset, batch_size=opts.eval_batch_size, shuffle=False, collate_fn=collate_fn)
+    objective = Objective(model, _sparsity_objective(opts, model, gated), opts.distill_weight,
+                          opts.distill_temperature)
+    optimizer = _adamw(param_groups, opts.weight_decay, accelerator)
     n_proc = accelerator.num_processes
-    batches_per_epoch = math.ceil(len(train_dataset) / (args.batch_size * n_proc))
-    steps_per_epoch = max(1, math.ceil(batches_per_epoch / args.gradient_accumulation_steps))
-    max_steps = args.max_steps if args.max_steps else args.epochs * steps_per_epoch
-    recovery = _recovery_steps(args, gated, max_steps)
-    scheduler = _scheduler(args, optimizer, max_steps, n_proc, recovery, _gate_groups(param_groups, model))
+    batches_per_epoch = math.ceil(len(train_dataset) / (opts.batch_size * n_proc))
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / opts.gradient_accumulation_steps))
+    max_steps = opts.max_steps if opts.max_steps else opts.epochs * steps_per_epoch
+    recovery = _recovery_steps(opts, gated, max_steps)
+    scheduler = _scheduler(opts, optimizer, max_steps, n_proc, recovery, _gate_groups(param_groups, model))
     objective, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
         objective, optimizer, train_dl, eval_dl, scheduler
     )
@@ -275,11 +276,11 @@ def _sharded(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
-def _recovery_steps(args, gated: bool, max_steps: int) -> int:
+def _recovery_steps(opts: TrainOptions, gated: bool, max_steps: int) -> int:
     """``--recovery-steps``; None: a fifth of the run (``RECOVERY_SHARE``)."""
     if not gated:
         return 0
-    recovery = getattr(args, "recovery_steps", 0)
+    recovery = opts.recovery_steps
     if recovery is None:
         return int(max_steps * RECOVERY_SHARE)
     if recovery >= max_steps:
@@ -340,14 +341,14 @@ def _report(record, bar, log: StepLog, accelerator, gated: bool) -> None:
         accelerator.log({k: v for k, v in record.items() if v != "" and k != "step"}, step=record["step"])
 
 
-def _train_step(loop: _Loop, batch, lam: float, args, accelerator):
+def _train_step(loop: _Loop, batch, lam: float, opts: TrainOptions, accelerator):
     """Forward (task + lambda * sparsity), backward and, at an accumulation boundary, the update."""
     with accelerator.accumulate(loop.objective):
         out, sp = loop.objective(batch)
         loss = out.loss + lam * sp if sp is not None else out.loss
         accelerator.backward(loss)
-        if accelerator.sync_gradients and args.max_grad_norm:
-            accelerator.clip_grad_norm_(loop.trainable, args.max_grad_norm)
+        if accelerator.sync_gradients and opts.max_grad_norm:
+            accelerator.clip_grad_norm_(loop.trainable, opts.max_grad_norm)
         loop.optimizer.step()
         loop.scheduler.step()
         loop.optimizer.zero_grad()
@@ -360,17 +361,17 @@ class _GateControl:
     (exact closure to the budget, then no noise and no learning rate) at ``max_steps -
     recovery_steps``, or after the last step when there is no recovery phase."""
 
-    def __init__(self, args, loop: _Loop, raw_model: nn.Module, gated: bool, accelerator):
+    def __init__(self, opts: TrainOptions, loop: _Loop, raw_model: nn.Module, gated: bool, accelerator):
         self.gated, self.raw_model, self.accelerator = gated, raw_model, accelerator
-        budget = gated and getattr(args, "sparsity_objective", "budget") == "budget"
+        budget = gated and opts.sparsity_objective == "budget"
         self.controller = BudgetController(
-            args.target_sparsity, start=args.sparsity_start, ramp_steps=args.sparsity_warmup,
-            multiplier_lr=getattr(args, "budget_multiplier_lr", 1.0), penalty=getattr(args, "budget_penalty", 50.0),
+            opts.target_sparsity, start=opts.sparsity_start, ramp_steps=opts.sparsity_warmup,
+            multiplier_lr=opts.budget_multiplier_lr, penalty=opts.budget_penalty,
         ) if budget else None
         self.lam_of = None if budget or not gated else SparsitySchedule(
-            args.sparsity_lambda, start_step=args.sparsity_start, warmup_steps=args.sparsity_warmup,
-            shape=getattr(args, "sparsity_ramp", "linear"))
-        self.reference_keep = 1.0 - float(getattr(args, "target_sparsity", 0.0))
+            opts.sparsity_lambda, start_step=opts.sparsity_start, warmup_steps=opts.sparsity_warmup,
+            shape=opts.sparsity_ramp)
+        self.reference_keep = 1.0 - opts.target_sparsity
         self.freeze_at = loop.max_steps - loop.recovery_steps if gated and loop.recovery_steps else None
         self.frozen = False
 
@@ -428,7 +429,7 @@ def _freeze_gates(raw_model: nn.Module, controller: Optional[BudgetController], 
 
 
 def train(
-    args,
+    opts: TrainOptions,
     accelerator,
     model: nn.Module,
     *,
@@ -443,22 +444,23 @@ def train(
 ) -> Dict[str, Any]:
     """Train ``model`` (already sparsified when ``gated``) and evaluate it at the end.
 
-    ``args`` holds the shared options (batch_size, eval_batch_size, gradient_accumulation_steps,
-    epochs, max_steps, sparsity_lambda, sparsity_start, sparsity_warmup, kurtosis, lr_scheduler,
-    warmup_steps, max_grad_norm, seed, logging_steps, checkpointing_steps, keep_checkpoints).
+    ``opts`` (:class:`~finegates.train_options.TrainOptions`) holds what the loop reads.
     ``evaluate(forward, eval_dataloader, gather=...) -> dict`` computes the metrics, gathering
     every process's predictions with ``gather``. Returns the metrics plus ``steps``,
     ``train_time_s`` and the last logged values."""
-    loop = _prepare(args, accelerator, model, gated, train_dataset, eval_dataset, collate_fn, param_groups)
+    if not isinstance(opts, TrainOptions):
+        raise TypeError(f"train: opts must be a TrainOptions (TrainOptions.from_namespace(args) for parsed "
+                        f"arguments), got {type(opts).__name__}")
+    loop = _prepare(opts, accelerator, model, gated, train_dataset, eval_dataset, collate_fn, param_groups)
     state = TrainState()
     accelerator.register_for_checkpointing(state)
-    gates = _GateControl(args, loop, accelerator.unwrap_model(loop.objective).model, gated, accelerator)
+    gates = _GateControl(opts, loop, accelerator.unwrap_model(loop.objective).model, gated, accelerator)
     if gates.controller is not None:
         accelerator.register_for_checkpointing(gates.controller)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         accelerator.print(f"finegates: resumed from {resume_from} (step {state.step})")
-    steps = _Steps(args, accelerator, loop, gates, state, Path(output_dir), resumed=resume_from is not None)
+    steps = _Steps(opts, accelerator, loop, gates, state, Path(output_dir), resumed=resume_from is not None)
     step = steps.run()
     t_eval = time.perf_counter()
     metrics = _evaluate(loop, evaluate, accelerator)
@@ -477,11 +479,11 @@ class _Steps:
     follows each: the gates' update, the log (every process takes part: the losses are averaged and
     the gates gathered), the checkpoint. Resuming mid-epoch skips the batches already seen."""
 
-    def __init__(self, args, accelerator, loop: _Loop, gates: _GateControl, state: TrainState, output_dir: Path,
+    def __init__(self, opts: TrainOptions, accelerator, loop: _Loop, gates: _GateControl, state: TrainState, output_dir: Path,
                  resumed: bool):
         from tqdm.auto import tqdm
 
-        self.args, self.accelerator, self.loop, self.gates, self.state = args, accelerator, loop, gates, state
+        self.opts, self.accelerator, self.loop, self.gates, self.state = opts, accelerator, loop, gates, state
         self.output_dir = output_dir
         self.main = accelerator.is_main_process
         self.log = StepLog(output_dir / "train_log.csv", resume_step=state.step if resumed else None) if self.main else None
@@ -491,7 +493,7 @@ class _Steps:
 
     def run(self) -> int:
         """Trains to ``max_steps``; returns the last step. The training time excludes checkpointing."""
-        loop, ga = self.loop, self.args.gradient_accumulation_steps
+        loop, ga = self.loop, self.opts.gradient_accumulation_steps
         steps_per_epoch = max(1, math.ceil(len(loop.train_dl) / ga))
         step = self.state.step
         epoch, skip = step // steps_per_epoch, (step % steps_per_epoch) * ga
@@ -504,7 +506,7 @@ class _Steps:
             loop.objective.train()
             for batch in batches:
                 lam = self.gates.before_step(step)
-                self.means.add(*_train_step(loop, batch, lam, self.args, self.accelerator))
+                self.means.add(*_train_step(loop, batch, lam, self.opts, self.accelerator))
                 if not self.accelerator.sync_gradients:
                     continue
                 step += 1
@@ -520,19 +522,19 @@ class _Steps:
         return step
 
     def _after_step(self, step: int, epoch: int, lam: float) -> None:
-        args = self.args
+        opts = self.opts
         self.state.step = step
         self.gates.after_step(step, self.means.last_sparsity)
         self.bar.update(1)
-        if step % args.logging_steps == 0 or step == self.loop.max_steps or step == 1:
+        if step % opts.logging_steps == 0 or step == self.loop.max_steps or step == 1:
             keep, losses = self.gates.keep_fraction(), self.means.across(self.accelerator)
             if self.main:
                 self.last = _step_record(step, epoch, losses, lam, self.loop, keep, self.gates)
                 _report(self.last, self.bar, self.log, self.accelerator, self.gates.gated)
         self.means.reset()
-        if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+        if opts.checkpointing_steps and step % opts.checkpointing_steps == 0:
             self.state.train_time += time.perf_counter() - self.t0
-            _save_checkpoint(self.accelerator, self.output_dir, step, args.keep_checkpoints, self.log)
+            _save_checkpoint(self.accelerator, self.output_dir, step, opts.keep_checkpoints, self.log)
             self.t0 = time.perf_counter()
 
 
