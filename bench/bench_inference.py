@@ -113,7 +113,7 @@ def build_dense(name: str, seed: int = 0) -> nn.Module:
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=2, local_files_only=True, dtype=torch.float32)
     elif name in ("llama130m", "llama130m_prefill"):
-        from finegates.loading import resolve_config
+        from finegates.app.model_loading import resolve_config
 
         cfg = json.loads(resolve_config(LLAMA_CONFIG).read_text())
         cfg.pop("transformers_version", None)

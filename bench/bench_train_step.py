@@ -98,7 +98,7 @@ def per_dim(inactive: float) -> float:
 def llama_config():
     from transformers import LlamaConfig
 
-    from finegates.loading import resolve_config
+    from finegates.app.model_loading import resolve_config
 
     cfg = json.loads(resolve_config("llama_60m").read_text())
     for k in ("architectures", "transformers_version", "max_sequence_length"):
@@ -119,7 +119,7 @@ def build_base(model: str, seed: int = 0) -> nn.Module:
     else:
         from transformers import AutoModelForSequenceClassification
 
-        from finegates.loading import default_minilm_path, quiet_transformers
+        from finegates.app.model_loading import default_minilm_path, quiet_transformers
 
         with quiet_transformers():
             net = AutoModelForSequenceClassification.from_pretrained(default_minilm_path(), num_labels=2)
@@ -134,8 +134,8 @@ def make_batch(model: str, seed: int = 0) -> Dict[str, Tensor]:
         return {"input_ids": ids, "labels": ids}
     from transformers import AutoTokenizer
 
-    from finegates.data_loading import BUNDLED_SST2
-    from finegates.loading import default_minilm_path
+    from finegates.app.data_loading import BUNDLED_SST2
+    from finegates.app.model_loading import default_minilm_path
 
     lines = (BUNDLED_SST2 / "train.tsv").read_text().splitlines()[1:1 + MINILM_BATCH]
     sentences, labels = zip(*(line.rsplit("\t", 1) for line in lines))

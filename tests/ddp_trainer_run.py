@@ -13,7 +13,7 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).parent))
 import finegates  # noqa: E402
-import finegates.serialize  # noqa: E402
+import finegates.compaction.serialize  # noqa: E402
 from families import build, inputs, logits  # noqa: E402
 from finegates.integrations import FineGatesTrainer  # noqa: E402
 from test_integrations import _data  # noqa: E402
@@ -22,8 +22,8 @@ from test_integrations import _data  # noqa: E402
 def main(out: Path) -> None:
     rank = int(os.environ["RANK"])
     saves = []
-    real_save = finegates.serialize.save_compact
-    finegates.serialize.save_compact = lambda *a, **kw: (saves.append(str(a[1])), real_save(*a, **kw))[1]
+    real_save = finegates.compaction.serialize.save_compact
+    finegates.compaction.serialize.save_compact = lambda *a, **kw: (saves.append(str(a[1])), real_save(*a, **kw))[1]
     torch.manual_seed(0)
     model = build("bert")
     finegates.sparsify(model, target_sparsity=0.5, lora_rank=2, verbose=False)

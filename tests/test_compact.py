@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers", reason="transformers is a tes
 
 from families import FAMILIES, build, gated, inputs, logits, params, random_gates, rel, set_gates  # noqa: E402
 from families import _decoder  # noqa: E402
-from finegates.layouts import layout_for  # noqa: E402
+from finegates.compaction.layouts import layout_for  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,7 +178,7 @@ def test_load_refuses_a_different_config(saved):
 
 def _edit_manifest(path, checksum: bool = True, **fields):
     """Sets manifest fields as a hand edit would; ``checksum``: with a checksum recomputed to match."""
-    from finegates.serialize import _manifest_digest
+    from finegates.compaction.serialize import _manifest_digest
 
     m = json.loads((path / "finegates_compact.json").read_text())
     m.update(fields)
@@ -465,7 +465,7 @@ def test_unknown_block_mlp_with_nonzero_act_at_zero_keeps_closed_up_rows():
 
 
 def test_registered_layout_shrinks_heads_without_a_warning(monkeypatch):
-    from finegates import layouts
+    from finegates.compaction import layouts
 
     monkeypatch.setattr(layouts, "_REGISTRY", dict(layouts._REGISTRY))
     finegates.register_layout(finegates.BlockLayout(
@@ -485,7 +485,7 @@ def test_registered_layout_shrinks_heads_without_a_warning(monkeypatch):
 
 
 def test_mismatched_layout_falls_back_and_says_why(monkeypatch):
-    from finegates import layouts
+    from finegates.compaction import layouts
 
     monkeypatch.setattr(layouts, "_REGISTRY", dict(layouts._REGISTRY))
     finegates.register_layout(finegates.BlockLayout(

@@ -12,7 +12,7 @@ import torch
 
 import finegates
 from finegates import GatedLinear, GatheredLinear
-from finegates.layouts import layout_for
+from finegates.compaction.layouts import layout_for
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency of finegates")
 
@@ -120,7 +120,7 @@ def test_tied_model_refuses_corrupt_foreign_and_mismatched(tmp_path):
 def test_weights_mismatch_names_missing_and_unexpected_keys(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from finegates.serialize import _manifest_digest
+    from finegates.compaction.serialize import _manifest_digest
 
     model = gated("llama", 0.4, seed=15)
     finegates.compact(model)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from finegates.cli import main
+from finegates.app.cli import main
 from test_cli import _ft_args, _steps, sst_small, tiny_bert  # noqa: F401  (fixtures)
 from test_cli_errors import _error_line
 
@@ -83,9 +83,9 @@ def test_one_output_directory_holds_one_live_run(tiny_bert, sst_small, tmp_path,
 
 def test_a_directory_in_an_unwritable_parent_is_locked_itself(tmp_path, monkeypatch):
     """No lock file can sit next to it there, so the directory itself carries the flock."""
-    from finegates.cli import build_parser
-    from finegates.errors import UsageError
-    from finegates.run_dir import RunDir
+    from finegates.app.cli import build_parser
+    from finegates.app.errors import UsageError
+    from finegates.app.run_dir import RunDir
 
     out = tmp_path / "run"
     out.mkdir()

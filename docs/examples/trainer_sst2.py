@@ -16,9 +16,9 @@ import numpy as np
 import transformers
 
 import finegates
-from finegates.data_loading import BUNDLED_SST2, read_table
+from finegates.app.data_loading import BUNDLED_SST2, read_table
 from finegates.integrations import FineGatesTrainer
-from finegates.loading import default_minilm_path
+from finegates.app.model_loading import default_minilm_path
 
 
 def main(argv=None) -> dict:

@@ -9,15 +9,15 @@
 
 from fg_kernels import __version__  # one version for the package fg-kernels
 
-from .compact import compact
-from .compact_layers import GatheredLinear
+from .compaction.compact import compact
+from .compaction.modules import GatheredLinear
 from .gates import Gates
 from .layers import GatedLinear, set_backend
-from .layouts import AttentionLayout, BlockLayout, MLPLayout, register_layout, registered_layouts
+from .compaction.layouts import AttentionLayout, BlockLayout, MLPLayout, register_layout, registered_layouts
 from .loss import SparsitySchedule, sparsity_loss
 from .pooling import use_mean_pooling
 from .report import compression_report
-from .serialize import load_compact, save_compact
+from .compaction.serialize import load_compact, save_compact
 from .config import FineGatesConfig
 from .sparsify import dense_view, gated_layers, sparsify, trainable_parameters
 from .state import load_trainable_state, trainable_state_dict

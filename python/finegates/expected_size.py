@@ -24,12 +24,12 @@ from typing import Callable, Dict, List, Mapping, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .compact import paired_blocks
-from .compact_attention import head_projections
-from .compact_mlp import activation_of, act_keeps_zero, up_projections
-from .folding import COUNTING, LayoutMismatch
+from .compaction.compact import paired_blocks
+from .compaction.attention import head_projections
+from .compaction.mlp import activation_of, act_keeps_zero, up_projections
+from .compaction.folding import COUNTING, LayoutMismatch
 from .layers import GatedLinear
-from .layouts import BlockLayout, layout_for
+from .compaction.layouts import BlockLayout, layout_for
 
 __all__ = ["ExpectedSize", "KeepProbabilities", "keep_probabilities"]
 
@@ -167,6 +167,6 @@ class ExpectedSize:
 
 
 def _recognised(block: nn.Module):
-    from .compact_mlp import recognise_mlp
+    from .compaction.mlp import recognise_mlp
 
     return recognise_mlp(block)

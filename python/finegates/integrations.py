@@ -184,8 +184,8 @@ class FineGatesTrainer(Trainer):
     def compact_and_save(self, path=None, tokenizer=None):
         """Compacts the trained model in place (eval mode, no gates left) and, with ``path``, writes
         it with :func:`finegates.save_compact` (main process only). Returns the compact model."""
-        from .compact import compact
-        from .serialize import save_compact
+        from .compaction.compact import compact
+        from .compaction.serialize import save_compact
 
         self.accelerator.wait_for_everyone()
         model = compact(self.accelerator.unwrap_model(self.model).eval())

@@ -1,6 +1,6 @@
 """``compression_report``: what compaction removes given the current (eval) gates.
 
-The numbers come from :func:`finegates.compact.compact_size`, the plan :func:`finegates.compact`
+The numbers come from :func:`finegates.compaction.compact.compact_size`, the plan :func:`finegates.compact`
 executes, only counted: a dimension two layers share (an MLP unit, a head dim) is removed once
 either side closes it, head sizes are uniform per layer, widths are padded where compaction pads.
 So ``params_compact`` is the parameter count of the compact model, exactly.
@@ -13,7 +13,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .compact import compact_size
+from .compaction.compact import compact_size
 from .gates import Gates
 from .layers import GatedLinear
 
@@ -45,7 +45,7 @@ def _layer_params(m: GatedLinear) -> int:
 def compression_report(model: nn.Module, *, masks: Optional[Mapping[GatedLinear, Tuple[Tensor, Tensor]]] = None,
                        portable: bool = False) -> Dict[str, Any]:
     """The compact model's size, from the compaction plan (``masks``/``portable`` as in
-    :func:`finegates.compact.compact_size`).
+    :func:`finegates.compaction.compact.compact_size`).
 
     ``params_total``: the model's parameters without gates and LoRA (the dense model);
     ``params_gated``: weights and biases of the gated layers; ``params_removable``: what

@@ -12,7 +12,7 @@ from .errors import UsageError
 __all__ = ["CONFIG_DIR", "looks_like_path", "from_pretrained", "load_tokenizer", "resolve_config",
            "default_minilm_path", "quiet_transformers", "first_line"]
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 def looks_like_path(name: str) -> bool:

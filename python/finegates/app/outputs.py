@@ -9,7 +9,7 @@ import io
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
-from .files import atomic_write_bytes
+from ..files import atomic_write_bytes
 
 __all__ = ["StepLog", "plot_layers", "LOG_FIELDS"]
 

@@ -20,8 +20,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from .compact_layers import GatheredLinear
-from .layers import GatedLinear, is_linear_like
+from .modules import GatheredLinear
+from ..layers import GatedLinear, is_linear_like
 
 # compact(portable=True): every layer a stock nn.Linear, zero-filled where a gather or scatter would be.
 PORTABLE: contextvars.ContextVar = contextvars.ContextVar("finegates_portable_compact", default=False)

@@ -2,7 +2,7 @@
 tables, the bundled SST-2 sample, and text corpora tokenized and packed into fixed-length blocks.
 
 Every problem the user can fix (missing file, unreadable file, wrong column, no network) raises
-:class:`~finegates.errors.UsageError` with a message that says what to do.
+:class:`~finegates.app.errors.UsageError` with a message that says what to do.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 # SST-2 sample shipped with the package (see data/sst2/PROVENANCE.md).
-BUNDLED_SST2 = Path(__file__).resolve().parent / "data" / "sst2"
+BUNDLED_SST2 = Path(__file__).resolve().parent.parent / "data" / "sst2"
 TABLE_SUFFIXES = (".tsv", ".csv", ".jsonl", ".json")
 
 

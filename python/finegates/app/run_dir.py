@@ -296,7 +296,7 @@ class RunDir:
             existed = work.exists()
             work.mkdir(parents=True, exist_ok=True)
             self.created = not existed or self.replace
-            from .files import write_json
+            from ..files import write_json
 
             if not (work / MARKER).exists():
                 write_json(work / MARKER, dict(command=args.command, argv=list(argv), started=time.time()))

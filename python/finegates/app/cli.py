@@ -26,8 +26,8 @@ from typing import List, Optional
 
 from .errors import UsageError
 from .glue import GLUE_TASKS
-from .loss import OBJECTIVES
-from .config import GATE_GRADIENTS
+from ..loss import OBJECTIVES
+from ..config import GATE_GRADIENTS
 from .run_dir import RunDir
 
 __all__ = ["main", "build_parser", "DEFAULT_OUTPUT_ROOT"]
@@ -341,14 +341,14 @@ def run(args, argv, parser: argparse.ArgumentParser) -> dict:
             raise UsageError("give a text corpus: --dataset NAME or local files with --train-file")
         _check_data_files(args)
         if args.command == "pretrain":
-            from .loading import resolve_config
+            from .model_loading import resolve_config
 
             resolve_config(args.config)
     _check_dtype(args)
     _check_sparsity(args)
     model = getattr(args, "model", None)
     if model:
-        from .loading import looks_like_path
+        from .model_loading import looks_like_path
 
         if looks_like_path(model) and not Path(model).expanduser().exists():
             raise UsageError(f"model path {model!r} does not exist; pass an existing directory or a Hub model name")

@@ -33,15 +33,15 @@ from torch.utils.data import DataLoader, Sampler
 import fg_kernels
 
 from .errors import UsageError
-from .budget import BudgetController, close_to_budget, with_recovery
+from ..budget import BudgetController, close_to_budget, with_recovery
 from .distributed import full_gates, full_model, meta_copy
-from .layers import GatedLinear, gates_open
-from .loss import BudgetObjective, ReferenceObjective, SparsitySchedule
-from .files import follow_umask
+from ..layers import GatedLinear, gates_open
+from ..loss import BudgetObjective, ReferenceObjective, SparsitySchedule
+from ..files import follow_umask
 from .outputs import StepLog
-from .report import keep_fraction
+from ..report import keep_fraction
 from .run_dir import CHECKPOINT_RE
-from .sparsify import gated_layers
+from ..sparsify import gated_layers
 from .train_options import TrainOptions
 
 __all__ = ["Objective", "EpochSampler", "TrainState", "train"]
@@ -444,7 +444,7 @@ def train(
 ) -> Dict[str, Any]:
     """Train ``model`` (already sparsified when ``gated``) and evaluate it at the end.
 
-    ``opts`` (:class:`~finegates.train_options.TrainOptions`) holds what the loop reads.
+    ``opts`` (:class:`~finegates.app.train_options.TrainOptions`) holds what the loop reads.
     ``evaluate(forward, eval_dataloader, gather=...) -> dict`` computes the metrics, gathering
     every process's predictions with ``gather``. Returns the metrics plus ``steps``,
     ``train_time_s`` and the last logged values."""

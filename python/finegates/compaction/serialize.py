@@ -29,12 +29,12 @@ from typing import Any, Dict, Optional, Union
 import torch
 from torch import nn
 
-from .compact_attention import COMPACT_ATTRS
-from .compact_layers import GatheredLinear
+from .attention import COMPACT_ATTRS
+from .modules import GatheredLinear
 from .folding import COMPACTED
-from .layers import GatedLinear, set_submodule
-from .files import follow_umask
-from .pooling import CONFIG_KEY, use_mean_pooling
+from ..layers import GatedLinear, set_submodule
+from ..files import follow_umask
+from ..pooling import CONFIG_KEY, use_mean_pooling
 
 __all__ = ["save_compact", "load_compact", "MANIFEST_NAME", "WEIGHTS_NAME"]
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .errors import UsageError
-from .loading import first_line
+from .model_loading import first_line
 
 __all__ = ["launch_world_size", "make_accelerator", "engine", "full_gates", "meta_copy", "full_model"]
 
@@ -117,7 +117,7 @@ def engine(accelerator) -> str:
 
 
 def _gate_vectors(model: nn.Module):
-    from .gates import Gates
+    from ..gates import Gates
 
     return [m for m in model.modules() if isinstance(m, Gates)]
 

@@ -2,9 +2,9 @@
 
 Every gated Linear is replaced by its active block with the eval gates (and LoRA) folded into the
 weight. Where two layers meet on a dimension that no residual connection reads, the dimension
-itself shrinks and no gather or scatter is left: the MLP intermediate (:mod:`.compact_mlp`) and
-attention heads and per-head dims (:mod:`.compact_attention`). Which modules meet where is data: the
-block's :class:`~finegates.layouts.BlockLayout` (BERT, RoBERTa, DistilBERT, GPT-2, GPT-NeoX, OPT,
+itself shrinks and no gather or scatter is left: the MLP intermediate (:mod:`.mlp`) and
+attention heads and per-head dims (:mod:`.attention`). Which modules meet where is data: the
+block's :class:`~finegates.compaction.layouts.BlockLayout` (BERT, RoBERTa, DistilBERT, GPT-2, GPT-NeoX, OPT,
 LLaMA, Mistral, Qwen2, Qwen3, Gemma 1-3, Phi-3 are built in; :func:`finegates.register_layout` adds
 more). A block without one still gets its MLP shrunk when it is recognised from its modules alone.
 
@@ -22,10 +22,10 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
-from .compact_attention import COMPACT_ATTRS, compact_attention
-from .compact_mlp import compact_mlp, recognise_mlp
+from .attention import COMPACT_ATTRS, compact_attention
+from .mlp import compact_mlp, recognise_mlp
 from .folding import COUNTING, PORTABLE, LayerCount, LayoutMismatch, Rewrites, fold, residual_layer
-from .layers import GatedLinear
+from ..layers import GatedLinear
 from .layouts import BlockLayout, layout_for
 
 __all__ = ["compact", "compact_size", "paired_blocks", "COMPACT_ATTRS"]

@@ -12,7 +12,7 @@ from torch import nn
 
 from .distributed import engine
 from .latency import measure_latency
-from .report import compression_report
+from ..report import compression_report
 
 __all__ = ["finish_run"]
 
@@ -40,7 +40,7 @@ def _training_metrics(result: Dict[str, Any], accelerator) -> Dict[str, Any]:
 def _compression_metrics(model: nn.Module, out_dir: Path) -> Dict[str, Any]:
     """The compression report's totals (from the compaction plan: what the compact model has); its
     per-layer list goes to layers.json and the plot."""
-    from .files import write_json
+    from ..files import write_json
     from .outputs import plot_layers
 
     rep = compression_report(model)
@@ -58,9 +58,9 @@ def _compact_metrics(model: nn.Module, lat_batch, eval_compact: Optional[Callabl
     without gates, :func:`~finegates.sparsify.dense_view`), saves it. The
     compact model is evaluated under the run's autocast, as the gated model was, so that the two
     metrics compare (``--mixed-precision bf16``)."""
-    from .compact import compact
-    from .serialize import save_compact
-    from .sparsify import dense_view
+    from ..compaction.compact import compact
+    from ..compaction.serialize import save_compact
+    from ..sparsify import dense_view
 
     dense_model = dense_view(model).eval()
     t = time.perf_counter()
@@ -85,7 +85,7 @@ def _compact_metrics(model: nn.Module, lat_batch, eval_compact: Optional[Callabl
 def finish_run(args, accelerator, raw_model, result, *, gated, tokenizer, lat_batch,
                eval_compact, extra: Dict[str, Any], out_dir: Path) -> Dict[str, Any]:
     """Main process: compression report, plot, compaction, latency, compact model, metrics.json."""
-    from .files import write_json
+    from ..files import write_json
 
     metrics: Dict[str, Any] = dict(extra)
     metrics.update(_training_metrics(result, accelerator))

@@ -1,5 +1,5 @@
 """The three workflows behind the command line: build the model and the data, train with
-:func:`finegates.trainer.train`, then compact, time and write the outputs.
+:func:`finegates.app.trainer.train`, then compact, time and write the outputs.
 
 ``finetune``  GLUE-style sequence classification; gates on the encoder, task head trainable
               (``--method dense|lora`` give the baselines of the quality table).
@@ -21,11 +21,11 @@ from .errors import UsageError
 from .evaluation import classification_metrics, lm_metrics, plain_evaluator
 from .glue import main_metric
 from .latency import latency_batch
-from .loading import (default_minilm_path, first_line, from_pretrained, load_tokenizer, quiet_transformers,
+from .model_loading import (default_minilm_path, first_line, from_pretrained, load_tokenizer, quiet_transformers,
                       resolve_config)
-from .pooling import pooling_of_checkpoint, use_mean_pooling
+from ..pooling import pooling_of_checkpoint, use_mean_pooling
 from .run_summary import finish_run
-from .sparsify import default_match, param_groups, sparsify, trainable_parameters
+from ..sparsify import default_match, param_groups, sparsify, trainable_parameters
 
 __all__ = ["finetune", "posttrain", "pretrain"]
 

@@ -1,6 +1,6 @@
 """What the training loop reads: one typed, frozen record instead of the command line's namespace.
 
-:func:`finegates.trainer.train` takes a :class:`TrainOptions`; the command line builds one from its
+:func:`finegates.app.trainer.train` takes a :class:`TrainOptions`; the command line builds one from its
 parsed arguments with :meth:`TrainOptions.from_namespace` (each field is the flag of the same name,
 ``--batch-size`` -> ``batch_size``, documented in docs/cli.md). The defaults are the command line's.
 """
