@@ -173,21 +173,7 @@ def _stats(xs):
 def run_case(inp, mode, op, args, condition="quiet", check=None):
     """Times one (shape, sparsity, mode) under one condition; ``check`` reuses an earlier
     correctness check of the same inputs and mode."""
-    shape = inp.shape
-    case = {
-        "shape": shape.label,
-        "shape_id": shape.id,
-        "model": shape.model,
-        "tokens": shape.m,
-        "in_features": shape.k,
-        "out_features": shape.n,
-        "sparsity": inp.sparsity,
-        "active_rows": inp.active_rows,
-        "active_cols": inp.active_cols,
-        "active_fraction": inp.active_fraction,
-        "mode": mode,
-        "condition": condition,
-    }
+    case = _case_record(inp, mode, condition)
     check = check_fg(inp, op, mode) if check is None else check
     case["check"] = check
     variants = [v for v in VARIANTS if v != "fg" or check["ok"]]
@@ -203,45 +189,62 @@ def run_case(inp, mode, op, args, condition="quiet", check=None):
     case["times_ms"] = {v: [t * 1e3 for t in ts] for v, ts in times.items()}
     st = {v: _stats(ts) for v, ts in case["times_ms"].items()}
     case["stats_ms"] = st
-    med = {v: s["median"] for v, s in st.items()}
-    case["median_ms"] = med
+    case["median_ms"] = {v: s["median"] for v, s in st.items()}
     case["spread"] = max((s["p75"] - s["p25"]) / s["median"] for s in st.values())
+    case["ratios"], case["paired_ratios"] = _ratios(case["median_ms"], case["times_ms"])
+    _judge(case, inp, mode, condition)
+    return case
 
-    ratios = {}
-    paired = {}
-    if "fg" in med:
-        ratios["fg/compact-ideal"] = med["fg"] / med["compact-ideal"]
-        ratios["fg/dense"] = med["fg"] / med["dense"]
-        ratios["masked/fg"] = med["masked"] / med["fg"]
-        ratios["masked/compact-ideal"] = med["masked"] / med["compact-ideal"]
-        # Same-round ratios (robust to drift), for the record.
-        tm = case["times_ms"]
-        paired["fg/compact-ideal"] = statistics.median(a / b for a, b in zip(tm["fg"], tm["compact-ideal"]))
-        paired["fg/dense"] = statistics.median(a / b for a, b in zip(tm["fg"], tm["dense"]))
-        paired["masked/fg"] = statistics.median(a / b for a, b in zip(tm["masked"], tm["fg"]))
-        paired["masked/compact-ideal"] = statistics.median(
-            a / b for a, b in zip(tm["masked"], tm["compact-ideal"]))
-    case["ratios"] = ratios
-    case["paired_ratios"] = paired
 
-    tg = targets(mode, inp.sparsity, inp.active_fraction, shape.m, condition)
+def _case_record(inp, mode: str, condition: str) -> dict:
+    shape = inp.shape
+    return {
+        "shape": shape.label,
+        "shape_id": shape.id,
+        "model": shape.model,
+        "tokens": shape.m,
+        "in_features": shape.k,
+        "out_features": shape.n,
+        "sparsity": inp.sparsity,
+        "active_rows": inp.active_rows,
+        "active_cols": inp.active_cols,
+        "active_fraction": inp.active_fraction,
+        "mode": mode,
+        "condition": condition,
+    }
+
+
+def _ratios(med: dict, times_ms: dict):
+    """Each of ``RATIOS`` as a ratio of medians, and as the median of same-round ratios (robust
+    to drift, for the record); none without an fg timing."""
+    if "fg" not in med:
+        return {}, {}
+    pairs = [name.split("/") for name in RATIOS]
+    ratios = {f"{a}/{b}": med[a] / med[b] for a, b in pairs}
+    paired = {f"{a}/{b}": statistics.median(x / y for x, y in zip(times_ms[a], times_ms[b])) for a, b in pairs}
+    return ratios, paired
+
+
+def _judge(case: dict, inp, mode: str, condition: str) -> None:
+    """The case's targets, its status (PASS, MISS or WRONG) and whether a masked/fg miss is one
+    that even compact-ideal cannot reach (see FLOOR_NOTE)."""
+    ratios = case["ratios"]
+    tg = targets(mode, inp.sparsity, inp.active_fraction, inp.shape.m, condition)
     case["targets"] = {
         name: {"op": op_, "bound": bound, "value": ratios.get(name),
                "pass": (meets(ratios[name], (op_, bound)) if name in ratios else False)}
         for name, (op_, bound) in tg.items()
     }
-    if not check["ok"]:
+    if not case["check"]["ok"]:
         case["status"] = "WRONG"
     else:
         missed = [n for n, t in case["targets"].items() if not t["pass"]]
         case["status"] = "PASS" if not missed else "MISS"
         case["missed"] = missed
-    # masked/fg targets that even compact-ideal cannot reach (see FLOOR_NOTE).
     t_mf = case["targets"].get("masked/fg")
     case["floor_limited"] = bool(
         t_mf and "masked/compact-ideal" in ratios and not meets(ratios["masked/compact-ideal"], (t_mf["op"], t_mf["bound"]))
     )
-    return case
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,57 +400,58 @@ def _summary(cases, condition) -> str:
     return f"{condition}: {n['PASS']} PASS, {n['MISS']} MISS, {n['WRONG']} WRONG of {len(cs)} cases"
 
 
+RESULTS_INTRO = [
+    "# Benchmark results: `fg::gated_linear` on CPU",
+    "",
+    "Generated by `bench/report.py --write-results`; do not edit by hand (rerun the command below).",
+    "",
+    "Other benchmarks: [RESULTS_INFERENCE.md](RESULTS_INFERENCE.md) (dense vs compacted models, "
+    "`bench/bench_inference.py`), [RESULTS_GATHERED.md](RESULTS_GATHERED.md) (`fg::gathered_linear`, "
+    "`bench/bench_gathered.py`), [RESULTS_TRAIN.md](RESULTS_TRAIN.md) (training step), "
+    "[RESULTS_GPU.md](RESULTS_GPU.md).",
+    "",
+]
+
+WHAT_IS_COMPARED = [
+    "## What is compared",
+    "",
+    "- `dense`: `F.linear(x, W, b)`.",
+    "- `masked`: `F.linear(x * g_c, W, b) * g_r`, the reference FineGates computation.",
+    "- `compact-ideal`: the same computation on tensors gathered before timing: `x[:, C] * g_c[C]` "
+    "(fwd; `x[:, C]` and `g_c[C]` as separate leaves for fwd+bwd), `W[R][:, C]`, `b[R]`, `g_r[R]`.",
+    "- `fg`: `torch.ops.fg.gated_linear(x, W, b, g_r, g_c)`.",
+    "",
+    "`fwd`: forward under `no_grad`. `fwd_bwd`: forward + `autograd.grad` for x, bias and both gates "
+    "(weight frozen) with a fixed random `grad_out`. Gates: exactly round(s·N) rows and round(s·K) "
+    "columns zeroed at random (seeded), other gate values uniform in (0.5, 1]. `R×C active` is the "
+    "realised |R|×|C|. fg is checked against compact-ideal scattered to full size before timing "
+    "(relative error < 1e-4 for fp32); a wrong result gets no timing.",
+    "",
+    "`fwd` keeps the same gates every call (evaluation, inference: fg may reuse its gate-folded weight "
+    "block inside `fg_kernels.frozen_weights()`, as an evaluation does); `fwd_bwd` alternates two draws of the gate values "
+    "with the same zeros on every call, as a training step does, so fg folds the weight every call.",
+    "",
+    "Targets (fp32, 2 threads), quiet machine: fwd `fg ≤ 1.05 × compact-ideal` for s ≥ 0.2 at 2048 tokens "
+    "and `≤ 1.10` at 128 and 512 tokens, `fg ≤ 1.03 × dense` at s = 0; fwd+bwd `fg ≤ 1.10 × compact-ideal`; "
+    "both `masked / fg ≥ 0.9 / ((1-s_r)(1-s_c))`. One core busy (`loaded`), s ≥ 0.4: fwd "
+    "`fg ≤ 1.25 × compact-ideal`, fwd+bwd `≤ 1.30`, both `masked / fg ≥ 1.5`. "
+    "A missed target is in **bold**. `masked/compact-ideal` (no target) is the best `masked/fg` a "
+    "gathered kernel can reach. `spread` is the largest interquartile range / median of the "
+    "four variants in that case; `other load` is the share of all CPUs that other processes "
+    f"used while the case was timed (above {100 * BUSY:.0f}% in **bold**: the timings are disturbed).",
+    "",
+]
+
+
 def render_results_md(cases, env, args, command, table, plot_name, baseline=None) -> str:
-    rows = _env_rows(env, args, command, len(cases))
     noisy = [c for c in cases if c["spread"] > NOISY]
-    out = [
-        "# Benchmark results: `fg::gated_linear` on CPU",
-        "",
-        "Generated by `bench/report.py --write-results`; do not edit by hand (rerun the command below).",
-        "",
-        "Other benchmarks: [RESULTS_INFERENCE.md](RESULTS_INFERENCE.md) (dense vs compacted models, "
-        "`bench/bench_inference.py`), [RESULTS_GATHERED.md](RESULTS_GATHERED.md) (`fg::gathered_linear`, "
-        "`bench/bench_gathered.py`), [RESULTS_TRAIN.md](RESULTS_TRAIN.md) (training step), "
-        "[RESULTS_GPU.md](RESULTS_GPU.md).",
-        "",
-    ]
+    out = list(RESULTS_INTRO)
     if (args.quick or args.shapes or args.sparsities or args.modes != ",".join(MODES)
             or args.conditions != ",".join(CONDITIONS)):
         out += ["**Subset run** (not the full grid of shapes, sparsities and modes).", ""]
+    out += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in _env_rows(env, args, command, len(cases))]
+    out += ["", *WHAT_IS_COMPARED]
     out += [
-        "| | |",
-        "|---|---|",
-    ]
-    out += [f"| {k} | {v} |" for k, v in rows]
-    out += [
-        "",
-        "## What is compared",
-        "",
-        "- `dense`: `F.linear(x, W, b)`.",
-        "- `masked`: `F.linear(x * g_c, W, b) * g_r`, the reference FineGates computation.",
-        "- `compact-ideal`: the same computation on tensors gathered before timing: `x[:, C] * g_c[C]` "
-        "(fwd; `x[:, C]` and `g_c[C]` as separate leaves for fwd+bwd), `W[R][:, C]`, `b[R]`, `g_r[R]`.",
-        "- `fg`: `torch.ops.fg.gated_linear(x, W, b, g_r, g_c)`.",
-        "",
-        "`fwd`: forward under `no_grad`. `fwd_bwd`: forward + `autograd.grad` for x, bias and both gates "
-        "(weight frozen) with a fixed random `grad_out`. Gates: exactly round(s·N) rows and round(s·K) "
-        "columns zeroed at random (seeded), other gate values uniform in (0.5, 1]. `R×C active` is the "
-        "realised |R|×|C|. fg is checked against compact-ideal scattered to full size before timing "
-        "(relative error < 1e-4 for fp32); a wrong result gets no timing.",
-        "",
-        "`fwd` keeps the same gates every call (evaluation, inference: fg may reuse its gate-folded weight "
-        "block inside `fg_kernels.frozen_weights()`, as an evaluation does); `fwd_bwd` alternates two draws of the gate values "
-        "with the same zeros on every call, as a training step does, so fg folds the weight every call.",
-        "",
-        "Targets (fp32, 2 threads), quiet machine: fwd `fg ≤ 1.05 × compact-ideal` for s ≥ 0.2 at 2048 tokens "
-        "and `≤ 1.10` at 128 and 512 tokens, `fg ≤ 1.03 × dense` at s = 0; fwd+bwd `fg ≤ 1.10 × compact-ideal`; "
-        "both `masked / fg ≥ 0.9 / ((1-s_r)(1-s_c))`. One core busy (`loaded`), s ≥ 0.4: fwd "
-        "`fg ≤ 1.25 × compact-ideal`, fwd+bwd `≤ 1.30`, both `masked / fg ≥ 1.5`. "
-        "A missed target is in **bold**. `masked/compact-ideal` (no target) is the best `masked/fg` a "
-        "gathered kernel can reach. `spread` is the largest interquartile range / median of the "
-        "four variants in that case; `other load` is the share of all CPUs that other processes "
-        f"used while the case was timed (above {100 * BUSY:.0f}% in **bold**: the timings are disturbed).",
-        "",
         "Summary: " + "; ".join(_summary(cases, cond) for cond in CONDITIONS if any(
             c.get("condition", "quiet") == cond for c in cases))
         + (f"; {len(noisy)} case(s) with spread > {100 * NOISY:.0f}%." if noisy else "."),
@@ -457,6 +461,16 @@ def render_results_md(cases, env, args, command, table, plot_name, baseline=None
         table,
         "",
     ]
+    out += _caveats(cases, noisy)
+    out += [f"![ratios vs sparsity]({plot_name})", ""]
+    if baseline:
+        out += render_baseline(cases, baseline)
+    return "\n".join(out)
+
+
+def _caveats(cases, noisy) -> list:
+    """Paragraphs for what makes the table less certain: floor-limited targets, other load, noise."""
+    out = []
     if any(c.get("floor_limited") and "masked/fg" in c.get("missed", []) for c in cases):
         out += [FLOOR_NOTE, ""]
     busy = _busy(cases)
@@ -468,13 +482,7 @@ def render_results_md(cases, env, args, command, table, plot_name, baseline=None
         out += [f"Noise: {len(noisy)} of {len(cases)} cases have a spread above {100 * NOISY:.0f}% "
                 f"(largest {100 * max(c['spread'] for c in cases):.0f}%); ratios of medians are less "
                 "certain there.", ""]
-    out += [
-        f"![ratios vs sparsity]({plot_name})",
-        "",
-    ]
-    if baseline:
-        out += render_baseline(cases, baseline)
-    return "\n".join(out)
+    return out
 
 
 def _case_key(c):
