@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -48,8 +47,9 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from bench.harness import BENCH_DIR, environment_record, hold_machine  # noqa: E402
-from bench.report import OtherLoad, _stats, time_interleaved  # noqa: E402
+from bench.harness import (  # noqa: E402
+    BENCH_DIR, OtherLoad, environment_record, hold_machine, stats, time_interleaved, timing_flags, command_line,
+)
 
 RESULTS = BENCH_DIR / "RESULTS_GATHERED.md"
 THREADS = 2
@@ -150,7 +150,7 @@ def run_case(shape: GShape, s: float, args) -> Dict[str, object]:
     with OtherLoad() as load:
         times, rounds = time_interleaved(fns, args.warmup, args.budget, args.min_rounds, args.max_rounds)
     tm = {k: [v * 1e3 for v in ts] for k, ts in times.items()}
-    st = {k: _stats(v) for k, v in tm.items()}
+    st = {k: stats(v) for k, v in tm.items()}
     med = {k: v["median"] for k, v in st.items()}
     bar = bars(med)
     ratios = {m: med[f"fg[{m}]"] / bar[m] for m in MODES}
@@ -244,13 +244,9 @@ def parse_args(argv=None):
     p.add_argument("--write-results", action="store_true", help=f"rewrite {RESULTS.name}")
     p.add_argument("--shapes", default=None, help="comma-separated substrings of shape labels to keep")
     p.add_argument("--sparsities", default=None)
-    p.add_argument("--budget", type=float, default=None, help="seconds per case (default 2, quick 1)")
-    p.add_argument("--min-rounds", type=int, default=7)
-    p.add_argument("--max-rounds", type=int, default=400)
-    p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS}: this CPU)")
-    p.add_argument("--no-lock", action="store_true")
+    timing_flags(p, budget_help="seconds per case (default 2, quick 1)", min_rounds=7, max_rounds=400, warmup=2,
+                 threads=THREADS)
     p.add_argument("--out", type=Path, default=BENCH_DIR / "out")
     args = p.parse_args(argv)
     if args.budget is None:
@@ -260,7 +256,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    command = " ".join(["python"] + [shlex.quote(a) for a in (sys.argv if argv is None else ["bench/bench_gathered.py", *argv])])
+    command = command_line("bench/bench_gathered.py", argv)
     torch.set_num_threads(args.threads)
     import fg_kernels  # noqa: F401
 

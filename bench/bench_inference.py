@@ -55,11 +55,10 @@ import copy
 import gc
 import json
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -67,8 +66,9 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from bench.harness import BENCH_DIR, LOCK, environment_record, hold_machine  # noqa: E402
-from bench.report import OtherLoad, _stats, time_interleaved  # noqa: E402
+from bench.harness import (  # noqa: E402
+    BENCH_DIR, OtherLoad, environment_record, hold_machine, stats, time_interleaved, timing_flags, command_line,
+)
 
 import finegates  # noqa: E402
 from fg_kernels.testing import rel_err  # noqa: E402
@@ -305,7 +305,7 @@ def run_case(name: str, batch: int, dense, per_target, args) -> Dict[str, object
         for t, (_, compact, _, _) in per_target.items():
             case["breakdown"][f"compact@{t:.1f}"] = breakdown(compact, inputs, names)
     case["times_ms"] = {k: [v * 1e3 for v in ts] for k, ts in times.items()}
-    st = {k: _stats(v) for k, v in case["times_ms"].items()}
+    st = {k: stats(v) for k, v in case["times_ms"].items()}
     case["stats_ms"] = st
     case["median_ms"] = {k: s["median"] for k, s in st.items()}
     case["spread"] = max((s["p75"] - s["p25"]) / s["median"] for s in st.values())
@@ -546,15 +546,11 @@ def parse_args(argv=None):
     p.add_argument("--write-results", action="store_true", help=f"rewrite {RESULTS.name} and {PLOT.name}")
     p.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
     p.add_argument("--batches", default=None, help="comma-separated, default 1,8")
-    p.add_argument("--budget", type=float, default=None, help="seconds of timed rounds per case (default 25, quick 5)")
-    p.add_argument("--min-rounds", type=int, default=None, help="default 5 (quick 3)")
-    p.add_argument("--max-rounds", type=int, default=200)
-    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=THREADS, help=f"torch threads (default {THREADS}: this CPU)")
+    timing_flags(p, budget_help="seconds of timed rounds per case (default 25, quick 5)", min_rounds=None,
+                 min_rounds_help="default 5 (quick 3)", max_rounds=200, warmup=1, threads=THREADS)
     p.add_argument("--no-gated", action="store_true", help="skip timing the gated variant")
     p.add_argument("--no-breakdown", action="store_true", help="skip the per-part time breakdown")
-    p.add_argument("--no-lock", action="store_true", help=f"do not wait for / create {LOCK}")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "out")
     p.add_argument("--from-json", type=Path, default=None,
                    help="only re-render the table/plot from a results_inference.json of an earlier run")
@@ -568,7 +564,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    command = " ".join(["python"] + [shlex.quote(a) for a in (sys.argv if argv is None else ["bench/bench_inference.py", *argv])])
+    command = command_line("bench/bench_inference.py", argv)
     torch.set_num_threads(args.threads)
     if args.from_json:
         return render_all(json.loads(Path(args.from_json).read_text()), args)

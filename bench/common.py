@@ -1,6 +1,6 @@
 """What the op benchmarks measure: shapes, gate patterns and the four variants.
 
-Shared by ``bench/test_bench_ops.py`` (pytest-benchmark) and ``bench/report.py`` (the results
+Shared by ``bench/test_bench_ops.py`` (pytest-benchmark) and ``bench/bench_ops.py`` (the results
 table), so that both time exactly the same code. Definitions follow docs/design.md, "Measuring speed":
 
 ``dense``
@@ -26,6 +26,7 @@ that depends on the gate values (fg's folded weight block) can be reused from th
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 import sys
 from dataclasses import dataclass

@@ -12,12 +12,19 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import fcntl
+import gc
+import math
 import importlib.util
 import os
 import platform
+import statistics
 import subprocess
+import shlex
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional
@@ -26,7 +33,7 @@ import torch
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-LOCK = Path("/tmp/fg_bench.lock")
+LOCK = Path(tempfile.gettempdir()) / "fg_bench.lock"
 
 _held = None  # the open lock file while this process holds the machine
 
@@ -123,10 +130,7 @@ def _fg_build_info():
 
 
 def environment_record(op_name: Optional[str] = None) -> Dict[str, object]:
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
+    usable = usable_cpus()
     return {
         "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
@@ -175,3 +179,125 @@ def bench_guard(request, threads: int):
     torch.set_num_threads(threads)
     yield
     torch.set_num_threads(prev)
+
+
+def usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class OtherLoad:
+    """CPU time used by *other* processes while a block runs, as a fraction of all CPUs' time
+    (from /proc/stat minus this process's own CPU time): an objective noise indicator on a
+    shared machine. ``fraction`` is None where /proc/stat is unavailable."""
+
+    def __init__(self):
+        self.fraction = None
+
+    @staticmethod
+    def _busy_s():
+        try:
+            with open("/proc/stat") as fh:
+                f = [int(v) for v in fh.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal ...
+        busy = f[0] + f[1] + f[2] + f[5] + f[6] + (f[7] if len(f) > 7 else 0)
+        return busy / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self):
+        self._b0, self._t0, self._w0 = self._busy_s(), os.times(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        b1, t1, w1 = self._busy_s(), os.times(), time.perf_counter()
+        if self._b0 is None or b1 is None:
+            return False
+        own = (t1.user - self._t0.user) + (t1.system - self._t0.system)
+        ncpu = usable_cpus()
+        wall = max(w1 - self._w0, 1e-9)
+        self.fraction = max(0.0, ((b1 - self._b0) - own) / (wall * ncpu))
+        return False
+
+
+class Spinner:
+    """A process that spins on one core while the block runs (the ``loaded`` condition)."""
+
+    def __enter__(self):
+        # Spins until this process is gone, even when it is killed without cleaning up.
+        spin = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(100000): pass\n"
+        self._proc = subprocess.Popen([sys.executable, "-c", spin])
+        time.sleep(0.3)  # let it start and take its core
+        return self
+
+    def __exit__(self, *exc):
+        self._proc.kill()
+        self._proc.wait()
+        return False
+
+
+def _run_once(fn) -> float:
+    t0 = time.perf_counter()
+    out = fn()
+    t1 = time.perf_counter()
+    del out  # freed outside the timed region
+    return t1 - t0
+
+
+def time_interleaved(fns, warmup: int, budget_s: float, min_rounds: int, max_rounds: int):
+    """``({name: [seconds per round]}, rounds)``; every round runs every fn once, rotating order."""
+    names = list(fns)
+    round_s = None
+    for _ in range(max(1, warmup)):
+        round_s = sum(_run_once(fns[n]) for n in names)
+    rounds = int(min(max_rounds, max(min_rounds, math.ceil(budget_s / max(round_s, 1e-6)))))
+    times = {n: [] for n in names}
+    gc_was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            k = r % len(names)
+            for n in names[k:] + names[:k]:
+                times[n].append(_run_once(fns[n]))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times, rounds
+
+
+def stats(xs) -> Dict[str, float]:
+    """Median, quartiles and extremes of one variant's per-round times."""
+    xs = sorted(xs)
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) >= 2 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "p25": q[0], "p75": q[2], "min": xs[0], "max": xs[-1]}
+
+
+def timing_flags(p: argparse.ArgumentParser, *, budget_help: str, min_rounds: Optional[int], max_rounds: int,
+                 warmup: int, threads: int, min_rounds_help: Optional[str] = None,
+                 warmup_help: str = "warm-up rounds per case") -> None:
+    """The flags every CPU benchmark takes (--budget, --min-rounds, --max-rounds, --warmup,
+    --threads, --no-lock), with that script's defaults."""
+    p.add_argument("--budget", type=float, default=None, help=budget_help)
+    p.add_argument("--min-rounds", type=int, default=min_rounds, help=min_rounds_help)
+    p.add_argument("--max-rounds", type=int, default=max_rounds)
+    p.add_argument("--warmup", type=int, default=warmup, help=warmup_help)
+    p.add_argument("--threads", type=int, default=threads, help=f"torch threads (default {threads}: this CPU)")
+    p.add_argument("--no-lock", action="store_true", help=f"do not wait for / hold the machine lock ({LOCK})")
+
+
+def shown_path(arg: str) -> str:
+    """A path as a reader of the results can use it: relative to the repository inside it, else only
+    its name (one machine's folders mean nothing elsewhere); other arguments unchanged."""
+    if not arg.startswith("/"):
+        return arg
+    p = Path(arg)
+    try:
+        return str(p.resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return "…/" + p.name
+
+
+def command_line(script: str, argv=None) -> str:
+    """The command that made a result, as recorded beside it (paths by :func:`shown_path`)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return " ".join(["python", script] + [shlex.quote(shown_path(a)) for a in args])

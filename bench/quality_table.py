@@ -70,6 +70,8 @@ CONFIGS: Dict[str, tuple] = {
                                 ["--target-sparsity", "0.4", "--recovery-steps", "0"]),
     "fg-budget-40-distill": ("... 40%, self-distillation from the model with its gates open (weight 1, T 2)",
                              ["--target-sparsity", "0.4", "--distill-weight", "1.0"]),
+    "fg-budget-40-noise0": ("... 40%, no gate noise in training (--gate-noise 0)",
+                            ["--target-sparsity", "0.4", "--gate-noise", "0"]),
     "lora-linear-mean-1000": ("PEFT LoRA r=8 as `lora-linear-mean`, 1,000 steps", ["--method", "lora", *LINEAR, "--pooling", "mean"], 1000),
     "fg-budget-40-1000": ("FineGates, size budget, 40% requested, 1,000 steps", ["--target-sparsity", "0.4"], 1000),
     "fg-reference-22": ("FineGates, the reference's per-layer objective, t = 0.22 (the earlier default run)",

@@ -22,7 +22,6 @@ import torch
 pytest.importorskip("pytest_benchmark")
 
 from bench.bench_gathered import QUICK_SHAPES, SHAPES, SPARSITIES, THREADS, check, make_callables, make_inputs  # noqa: E402
-from bench.harness import bench_guard  # noqa: E402
 
 _QUICK = os.environ.get("FG_BENCH_QUICK", "") not in ("", "0")
 _SHAPES = QUICK_SHAPES if _QUICK else SHAPES
@@ -30,9 +29,7 @@ _VARIANTS = ("dense", "compact-ideal", "gather", "scatter", "write", "fg[rc]", "
 _TARGET_S = float(os.environ.get("FG_BENCH_TARGET_S", "0.5"))
 
 
-@pytest.fixture(autouse=True)
-def _bench_guard(request):
-    yield from bench_guard(request, THREADS)
+BENCH_THREADS = THREADS  # the guard in bench/conftest.py runs every case with these
 
 
 _cache = {}

@@ -33,7 +33,6 @@ from bench.bench_inference import (  # noqa: E402
     forward_fn,
     make_inputs,
 )
-from bench.harness import bench_guard  # noqa: E402
 
 _QUICK = os.environ.get("FG_BENCH_QUICK", "") not in ("", "0")
 _MODELS = ("minilm",) if _QUICK else MODELS
@@ -42,9 +41,7 @@ _ROUNDS = int(os.environ.get("FG_BENCH_INFER_ROUNDS", "3" if _QUICK else "5"))
 _VARIANTS = ("dense",) + tuple(f"{v}@{t:.1f}" for t in TARGETS for v in ("gated", "compact"))
 
 
-@pytest.fixture(autouse=True)
-def _bench_guard(request):
-    yield from bench_guard(request, THREADS)
+BENCH_THREADS = THREADS  # the guard in bench/conftest.py runs every case with these
 
 
 _cache = {}

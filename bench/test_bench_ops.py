@@ -6,7 +6,7 @@
 
 Parametrised over shape x sparsity x mode x variant (see bench/common.py for the definitions);
 one benchmark group per (shape, sparsity, mode), so pytest-benchmark's table compares the four
-variants side by side. Ratios for the results table come from ``bench/report.py``, which times the
+variants side by side. Ratios for the results table come from ``bench/bench_ops.py``, which times the
 variants interleaved in one process; this suite is the per-variant view.
 
 Environment: ``FG_BENCH_QUICK=1`` quick subset; ``FG_BENCH_THREADS`` (default 2);
@@ -40,7 +40,6 @@ from bench.common import (  # noqa: E402
     selected_cases,
     timing_scope,
 )
-from bench.harness import bench_guard  # noqa: E402
 
 _THREADS = int(os.environ.get("FG_BENCH_THREADS", "2"))
 _TARGET_S = float(os.environ.get("FG_BENCH_TARGET_S", "1.0"))
@@ -56,9 +55,7 @@ def _cases():
                     yield pytest.param(shape, s, mode, variant, id=f"{shape.id}-s{s:.1f}-{mode}-{variant}")
 
 
-@pytest.fixture(autouse=True)
-def _bench_guard(request):
-    yield from bench_guard(request, _THREADS)
+BENCH_THREADS = _THREADS  # the guard in bench/conftest.py runs every case with these
 
 
 @pytest.fixture(scope="module")

@@ -31,15 +31,12 @@ from bench.bench_train_step import (  # noqa: E402
     make_step,
     trainable_count,
 )
-from bench.harness import bench_guard  # noqa: E402
 
 _MODELS = [m for m in os.environ.get("FG_BENCH_MODELS", ",".join(MODELS)).split(",") if m]
 _ROUNDS = int(os.environ.get("FG_BENCH_TRAIN_ROUNDS", "3"))
 
 
-@pytest.fixture(autouse=True)
-def _bench_guard(request):
-    yield from bench_guard(request, THREADS)
+BENCH_THREADS = THREADS  # the guard in bench/conftest.py runs every case with these
 
 
 @pytest.mark.parametrize("inactive", INACTIVE, ids=lambda f: f"inactive{f:.1f}")

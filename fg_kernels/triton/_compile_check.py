@@ -24,6 +24,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 
 import triton
@@ -189,8 +190,8 @@ def _tool(name: str, arch: int) -> str:
 
 
 def _run_on(data, suffix: str, command) -> subprocess.CompletedProcess:
-    tmp = f"/tmp/fg_compile_check_{os.getpid()}{suffix}"
-    with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+    fd, tmp = tempfile.mkstemp(prefix="fg_compile_check_", suffix=suffix)
+    with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as f:
         f.write(data)
     try:
         return subprocess.run([*command, tmp], capture_output=True, text=True)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Time dense / masked / compact-ideal / fg in one process and render the results table and plot.
 
-    python bench/report.py --quick                 # RoBERTa 768->3072, s in {0, 0.4}: CI, README
-    python bench/report.py --write-results         # full grid -> bench/RESULTS.md + bench/results_cpu.png
+    python bench/bench_ops.py --quick                 # RoBERTa 768->3072, s in {0, 0.4}: CI, README
+    python bench/bench_ops.py --write-results         # full grid -> bench/RESULTS.md + bench/results_cpu.png
 
 For every (shape, sparsity, mode) the four variants run on the same inputs, interleaved: a warm-up
 round, then rounds in which each variant runs once (the order rotates every round), until the
@@ -29,12 +29,9 @@ import contextlib
 import gc
 import json
 import math
-import os
 import re
-import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -44,7 +41,10 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from bench.harness import environment_record, hold_machine  # noqa: E402
+from bench.harness import (  # noqa: E402
+    OtherLoad, Spinner, command_line, environment_record, hold_machine, shown_path, stats, time_interleaved,
+    timing_flags, usable_cpus,
+)
 from bench.common import (  # noqa: E402
     BENCH_DIR,
     MODES,
@@ -74,97 +74,6 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-class OtherLoad:
-    """CPU time used by *other* processes while a block runs, as a fraction of all CPUs' time
-    (from /proc/stat minus this process's own CPU time): an objective noise indicator on a
-    shared machine. ``fraction`` is None where /proc/stat is unavailable."""
-
-    def __init__(self):
-        self.fraction = None
-
-    @staticmethod
-    def _busy_s():
-        try:
-            with open("/proc/stat") as fh:
-                f = [int(v) for v in fh.readline().split()[1:]]
-        except (OSError, ValueError):
-            return None
-        # user nice system idle iowait irq softirq steal ...
-        busy = f[0] + f[1] + f[2] + f[5] + f[6] + (f[7] if len(f) > 7 else 0)
-        return busy / os.sysconf("SC_CLK_TCK")
-
-    def __enter__(self):
-        self._b0, self._t0, self._w0 = self._busy_s(), os.times(), time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        b1, t1, w1 = self._busy_s(), os.times(), time.perf_counter()
-        if self._b0 is None or b1 is None:
-            return False
-        own = (t1.user - self._t0.user) + (t1.system - self._t0.system)
-        ncpu = _usable_cpus()
-        wall = max(w1 - self._w0, 1e-9)
-        self.fraction = max(0.0, ((b1 - self._b0) - own) / (wall * ncpu))
-        return False
-
-
-class Spinner:
-    """A process that spins on one core while the block runs (the ``loaded`` condition)."""
-
-    def __enter__(self):
-        # Spins until this process is gone, even when it is killed without cleaning up.
-        spin = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(100000): pass\n"
-        self._proc = subprocess.Popen([sys.executable, "-c", spin])
-        time.sleep(0.3)  # let it start and take its core
-        return self
-
-    def __exit__(self, *exc):
-        self._proc.kill()
-        self._proc.wait()
-        return False
-
-
-# --------------------------------------------------------------------------------------------
-# Timing
-# --------------------------------------------------------------------------------------------
-
-
-def _run_once(fn) -> float:
-    t0 = time.perf_counter()
-    out = fn()
-    t1 = time.perf_counter()
-    del out  # freed outside the timed region
-    return t1 - t0
-
-
-def time_interleaved(fns, warmup: int, budget_s: float, min_rounds: int, max_rounds: int):
-    """``({name: [seconds per round]}, rounds)``; every round runs every fn once, rotating order."""
-    names = list(fns)
-    round_s = None
-    for _ in range(max(1, warmup)):
-        round_s = sum(_run_once(fns[n]) for n in names)
-    rounds = int(min(max_rounds, max(min_rounds, math.ceil(budget_s / max(round_s, 1e-6)))))
-    times = {n: [] for n in names}
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        for r in range(rounds):
-            k = r % len(names)
-            for n in names[k:] + names[:k]:
-                times[n].append(_run_once(fns[n]))
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return times, rounds
-
-
-def _stats(xs):
-    xs = sorted(xs)
-    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) >= 2 else [xs[0]] * 3
-    return {"median": statistics.median(xs), "p25": q[0], "p75": q[2], "min": xs[0], "max": xs[-1]}
-
-
 # --------------------------------------------------------------------------------------------
 # One case
 # --------------------------------------------------------------------------------------------
@@ -183,11 +92,11 @@ def run_case(inp, mode, op, args, condition="quiet", check=None):
     case["other_load"] = load.fraction
     # Load beyond what the condition itself adds (the spinner's core), for the noise flag.
     if load.fraction is not None:
-        own = 1.0 / _usable_cpus() if condition == "loaded" else 0.0
+        own = 1.0 / usable_cpus() if condition == "loaded" else 0.0
         case["extra_load"] = max(0.0, load.fraction - own)
     case["rounds"] = rounds
     case["times_ms"] = {v: [t * 1e3 for t in ts] for v, ts in times.items()}
-    st = {v: _stats(ts) for v, ts in case["times_ms"].items()}
+    st = {v: stats(ts) for v, ts in case["times_ms"].items()}
     case["stats_ms"] = st
     case["median_ms"] = {v: s["median"] for v, s in st.items()}
     case["spread"] = max((s["p75"] - s["p25"]) / s["median"] for s in st.values())
@@ -268,10 +177,6 @@ def _fmt_ratio(case, name):
         return txt
     bound = f"{'≤' if t['op'] == '<=' else '≥'}{t['bound']:.2f}"
     return f"{txt} ({bound})" if t["pass"] else f"**{txt}** ({bound})"
-
-
-def _usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _fmt_load(c):
@@ -403,7 +308,7 @@ def _summary(cases, condition) -> str:
 RESULTS_INTRO = [
     "# Benchmark results: `fg::gated_linear` on CPU",
     "",
-    "Generated by `bench/report.py --write-results`; do not edit by hand (rerun the command below).",
+    "Generated by `bench/bench_ops.py --write-results`; do not edit by hand (rerun the command below).",
     "",
     "Other benchmarks: [RESULTS_INFERENCE.md](RESULTS_INFERENCE.md) (dense vs compacted models, "
     "`bench/bench_inference.py`), [RESULTS_GATHERED.md](RESULTS_GATHERED.md) (`fg::gathered_linear`, "
@@ -489,6 +394,10 @@ def _case_key(c):
     return (c["shape_id"], round(c["sparsity"], 3), c["mode"], c.get("condition", "quiet"))
 
 
+def _shown_command(command: str) -> str:
+    return " ".join(shown_path(a) for a in command.split(" "))
+
+
 def render_baseline(cases, baseline) -> list:
     """A section comparing fg with an earlier run (``--baseline results.json``) case by case:
     ``fg/compact-ideal`` of each run (each normalised within its own run, so machine drift between
@@ -504,7 +413,8 @@ def render_baseline(cases, baseline) -> list:
     lines = [
         "## Against the baseline",
         "",
-        f"Baseline: `{baseline.get('command', '?')}` at {env.get('date', '?')}, op {build}. `fg/compact-ideal` "
+        f"Baseline: `{_shown_command(baseline.get('command', '?'))}` at {env.get('date', '?')}, op {build}. "
+        "`fg/compact-ideal` "
         "is normalised within each run (compact-ideal is the same code in both), so it compares the op "
         "across runs; `fg after/before` is the op's own median time ratio (also moved by the machine).",
         "",
@@ -544,14 +454,11 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="RoBERTa 768->3072 at sparsity 0 and 0.4 only (~1 min)")
     p.add_argument("--write-results", action="store_true", help="rewrite bench/RESULTS.md and bench/results_cpu.png")
     p.add_argument("--out", type=Path, default=BENCH_DIR / "out", help="output folder (default bench/out)")
-    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--budget", type=float, default=None,
-                   help="seconds of timed rounds per (shape, sparsity, mode, machine state) case (default 8, quick 4)")
-    p.add_argument("--min-rounds", type=int, default=None, help="default 7, quick 7")
-    p.add_argument("--max-rounds", type=int, default=1000)
-    p.add_argument("--warmup", type=int, default=1, help="warm-up rounds per case (after the correctness check)")
+    timing_flags(p, budget_help="seconds of timed rounds per (shape, sparsity, mode, machine state) case (default 8, "
+                 "quick 4)", min_rounds=None, min_rounds_help="default 7, quick 7", max_rounds=1000, warmup=1, threads=2,
+                 warmup_help="warm-up rounds per case (after the correctness check)")
     p.add_argument("--shapes", default=None, help="comma-separated substrings of shape ids to keep, e.g. 768to3072")
     p.add_argument("--sparsities", default=None, help="comma-separated sparsities, e.g. 0,0.4")
     p.add_argument("--modes", default=",".join(MODES), help="fwd,fwd_bwd")
@@ -560,7 +467,6 @@ def parse_args(argv=None):
     p.add_argument("--allow-reference", action="store_true",
                    help="let the reference stand in when the op is not built (harness testing; timings meaningless)")
     p.add_argument("--strict", action="store_true", help="exit 2 when a target is missed")
-    p.add_argument("--no-lock", action="store_true", help="do not wait for / hold the machine lock (bench/harness.py)")
     p.add_argument("--baseline", type=Path, default=None,
                    help="results.json of an earlier run (e.g. the previous build): adds a before/after section")
     args = p.parse_args(argv)
@@ -573,7 +479,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    command = " ".join(["python"] + [shlex.quote(a) for a in (sys.argv if argv is None else ["bench/report.py", *argv])])
+    command = command_line("bench/bench_ops.py", argv)
     torch.set_num_threads(args.threads)
     op, op_name = load_fg_op(allow_reference=args.allow_reference)
     if op_name == REFERENCE_NAME:
@@ -582,7 +488,7 @@ def main(argv=None) -> int:
             log("refusing --write-results with the reference standing in for the op")
             return 1
     if not args.no_lock:
-        hold_machine("report.py", print)
+        hold_machine("bench_ops.py", print)
     grid = _grid(args)
     if grid is None:
         log("nothing to run (check --shapes / --sparsities / --modes / --conditions)")
