@@ -7,9 +7,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 for _k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
@@ -477,3 +474,16 @@ def test_the_training_loop_takes_train_options_only():
     with pytest.raises(TypeError, match="TrainOptions.from_namespace"):
         train(argparse.Namespace(batch_size=2), None, torch.nn.Linear(2, 2), gated=False, train_dataset=[],
               eval_dataset=[], collate_fn=None, param_groups=[], evaluate=None, output_dir=".")
+
+
+def test_gate_noise_reaches_every_gate(tiny_bert):
+    """--gate-noise sets the training noise of every gate (0: deterministic gates in training)."""
+    from finegates.app import recipes
+    from finegates.app.cli import build_parser
+
+    for flag, sigma in ((["--gate-noise", "0"], 0.0), ([], 0.1)):
+        args = build_parser().parse_args(["finetune", "--model", str(tiny_bert), *flag])
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+        model, _ = recipes._prepare_method(args, model)
+        sigmas = {g.sigma for _, layer in finegates.gated_layers(model) for g in (layer.row_gates, layer.col_gates)}
+        assert sigmas == {sigma}

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import finegates
-from finegates import GatedLinear
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test dependency of finegates")
 

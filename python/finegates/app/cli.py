@@ -110,6 +110,9 @@ def _sparsity_options(p: argparse.ArgumentParser, *, gate_lr: float, lam: float,
                    help="shape of the reference's lambda ramp: linear, or cubic 1 - (1 - t)^3 (the budget's target "
                         f"always ramps cubically) (default {sp_ramp})")
     g.add_argument("--gate-lr", type=_nonneg_float, default=gate_lr, help=f"learning rate of the gate logits (default {gate_lr})")
+    g.add_argument("--gate-noise", type=_nonneg_float, default=0.1,
+                   help="standard deviation of the noise added to each gate in training forwards (0 = none; "
+                        "evaluation and compaction never use it) (default 0.1)")
     g.add_argument("--gate-gradient", default="straight-through", choices=list(GATE_GRADIENTS),
                    help="straight-through: the task's gradient reaches gates at the top of their clamp; clamp: the "
                         "reference (no gradient there) (default straight-through)")

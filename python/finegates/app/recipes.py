@@ -149,6 +149,7 @@ def _prepare_method(args, model: nn.Module):
     FineGates would gate, head fully trained (the baselines of the quality table)."""
     if args.method == "finegates":
         sparsify(model, target_sparsity=args.target_sparsity, lora_rank=args.lora_rank, lora_alpha=_lora_alpha(args),
+                 sigma=args.gate_noise,
                  kurtosis=args.kurtosis, gate_gradient=args.gate_gradient, verbose=False)
         return model, _param_groups(model, args.gate_lr, args.head_lr)
     if args.method == "dense":
@@ -217,7 +218,7 @@ def _lm_run(args, accelerator, out_dir, resume_from, on_created, model, tokenize
             data):
     train_ds, val_ds = data
     lat_batch = latency_batch(val_ds, _lm_collate, args.latency_batch_size, "cpu")
-    sparsify(model, target_sparsity=args.target_sparsity, train_weights=weight_lr is not None,
+    sparsify(model, target_sparsity=args.target_sparsity, train_weights=weight_lr is not None, sigma=args.gate_noise,
              train_bias=weight_lr is not None, kurtosis=args.kurtosis, gate_gradient=args.gate_gradient, verbose=False)
     if weight_lr is not None:  # from scratch: everything trains (embeddings, norms, head), not only gated layers
         for p in model.parameters():
