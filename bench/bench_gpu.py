@@ -202,7 +202,7 @@ def _measure(shapes, sparsities, modes, dtype, args, do_bench, results: list) ->
             torch.cuda.empty_cache()
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[1])
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
@@ -212,48 +212,26 @@ def main(argv=None) -> int:
     ap.add_argument("--rep", type=int, default=100, help="do_bench repetition time (ms)")
     ap.add_argument("--markdown", type=Path, default=None, help="also write the tables as markdown here")
     ap.add_argument("--json", type=Path, default=None, help="also write raw results as JSON here")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
+
+def _missing_requirement():
+    """Why this machine cannot run the benchmark (None when it can), and do_bench when it can."""
     if not torch.cuda.is_available():
-        print("bench_gpu.py: needs a CUDA device (torch.cuda.is_available() is False); nothing measured.")
-        return 2
+        return "needs a CUDA device (torch.cuda.is_available() is False); nothing measured.", None
     try:
-        import triton
         from triton.testing import do_bench
     except ImportError:
-        print("bench_gpu.py: triton is not installed; the CUDA kernels of fg are Triton kernels.")
-        return 2
+        return "triton is not installed; the CUDA kernels of fg are Triton kernels.", None
     import fg_kernels
     from fg_kernels import cuda_registration
 
     if not fg_kernels.library_loaded() or not cuda_registration.register():
-        print("bench_gpu.py: fg_kernels is not built or its CUDA kernels are not registered.")
-        return 2
+        return "fg_kernels is not built or its CUDA kernels are not registered.", None
+    return None, do_bench
 
-    dtype = DTYPES[args.dtype]
-    shapes = (SHAPES[1],) if args.quick else SHAPES
-    sparsities = (0.0, 0.4) if args.quick else SPARSITIES
-    modes = [m for m in args.modes.split(",") if m]
-    dev = torch.cuda.get_device_name()
-    header = (f"device: {dev}; torch {torch.__version__}; triton {triton.__version__}; python "
-              f"{platform.python_version()}; dtype {args.dtype}; tokens {args.tokens}; medians of do_bench; "
-              f"compact-ideal zero-padded to a multiple of {COMPACT_PAD}")
-    print(header, flush=True)
-    results = []
-    status, stopped = 0, ""
-    try:
-        _measure(shapes, sparsities, modes, dtype, args, do_bench, results)
-    except KeyboardInterrupt:  # e.g. a time limit (timeout -s INT): keep the rows measured so far
-        status, stopped = 130, "interrupted"
-    except Exception:  # a kernel error: report it, but still write the rows measured so far
-        import traceback
 
-        traceback.print_exc()
-        status, stopped = 1, "stopped by an error (see the log)"
-    if stopped:
-        print(f"bench_gpu.py: {stopped} after {len(results)} rows", flush=True)
-        header += f"; INCOMPLETE: {stopped} after {len(results)} rows"
-
+def render_tables(header: str, results, modes) -> str:
     lines = [header, ""]
     for mode in modes:
         lines += [f"### {mode}", "",
@@ -269,7 +247,46 @@ def main(argv=None) -> int:
                 f"{r['masked/fg']:.2f} | {r['fg_err']:.1e} | {r['target']}: {'met' if r['meets'] else 'MISSED'} |"
             )
         lines.append("")
-    table = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def _measure_all(shapes, sparsities, modes, dtype, args, do_bench, results):
+    """Runs the grid into ``results``; ``(exit status, why it stopped early or "")``: the rows
+    measured before an interruption or a kernel error are kept."""
+    try:
+        _measure(shapes, sparsities, modes, dtype, args, do_bench, results)
+    except KeyboardInterrupt:  # e.g. a time limit (timeout -s INT)
+        return 130, "interrupted"
+    except Exception:  # a kernel error: report it, keep what was measured
+        import traceback
+
+        traceback.print_exc()
+        return 1, "stopped by an error (see the log)"
+    return 0, ""
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    missing, do_bench = _missing_requirement()
+    if missing:
+        print(f"bench_gpu.py: {missing}")
+        return 2
+    import triton
+
+    dtype = DTYPES[args.dtype]
+    shapes = (SHAPES[1],) if args.quick else SHAPES
+    sparsities = (0.0, 0.4) if args.quick else SPARSITIES
+    modes = [m for m in args.modes.split(",") if m]
+    header = (f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; triton {triton.__version__}; "
+              f"python {platform.python_version()}; dtype {args.dtype}; tokens {args.tokens}; medians of do_bench; "
+              f"compact-ideal zero-padded to a multiple of {COMPACT_PAD}")
+    print(header, flush=True)
+    results = []
+    status, stopped = _measure_all(shapes, sparsities, modes, dtype, args, do_bench, results)
+    if stopped:
+        print(f"bench_gpu.py: {stopped} after {len(results)} rows", flush=True)
+        header += f"; INCOMPLETE: {stopped} after {len(results)} rows"
+    table = render_tables(header, results, modes)
     print()
     print(table)
     if args.markdown:

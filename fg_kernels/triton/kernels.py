@@ -443,10 +443,9 @@ def gmm_compact_kernel(
     acc = _acc_zeros(BLOCK_M, BLOCK_N, a_ptr)
     acc = _k_loop(acc, a_ptr, rows * stride_am, stride_ak, b_ptr, brow * stride_bn, offs_p < N_FULL, stride_bk,
                   k_cnt_ptr, k_cnt, not B_ROW_GATHER, False, IDX64, DOT_PREC, BLOCK_K)
-    # Output positions are read after the loop (kept live across it they cost registers), and
-    # one epilogue serves both kinds of tile (an inactive one has act_p all False and writes zeros).
-    # A program of the route not taken has no valid position: it skips the epilogue's loads, LoRA
-    # product and masked stores (the loop above already ran no step).
+    # Positions are read after the loop (live across it they cost registers); one epilogue serves
+    # active and inactive tiles (act_p all False: zeros). A program of the route not taken has no
+    # valid position and skips the epilogue's loads, LoRA product and stores (its loop ran no step).
     if pid_n * BLOCK_N < n_valid:
         ocol = _scatter_positions(n_order_ptr, offs_p, valid_p, N_SCATTER, IDX64)
         if B_ROW_GATHER:
