@@ -204,7 +204,7 @@ def _seed_for(*parts) -> int:
     return h
 
 
-def make_gate(n: int, sparsity: float, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
+def exact_zeros_gate(n: int, sparsity: float, generator: torch.Generator, dtype: torch.dtype) -> Tensor:
     """Exactly ``round(sparsity * n)`` zeros at random positions; other values uniform in (0.5, 1]."""
     n_zero = int(round(sparsity * n))
     values = 1.0 - 0.5 * torch.rand(n, generator=generator, dtype=torch.float64)  # (0.5, 1]
@@ -223,8 +223,8 @@ def make_inputs(shape: Shape, sparsity: float, dtype: torch.dtype = torch.float3
     grad_out = torch.randn(shape.m, shape.n, generator=g, dtype=torch.float32).to(dtype)
 
     gg = torch.Generator().manual_seed(_seed_for(seed, shape.k, shape.n, shape.m, float(sparsity)))
-    row_gate = make_gate(shape.n, sparsity, gg, dtype)
-    col_gate = make_gate(shape.k, sparsity, gg, dtype)
+    row_gate = exact_zeros_gate(shape.n, sparsity, gg, dtype)
+    col_gate = exact_zeros_gate(shape.k, sparsity, gg, dtype)
     row_idx = torch.nonzero(row_gate).flatten()
     col_idx = torch.nonzero(col_gate).flatten()
 
@@ -240,8 +240,8 @@ def make_inputs(shape: Shape, sparsity: float, dtype: torch.dtype = torch.float3
         return t.detach().requires_grad_(True)
 
     # A second draw of the gate values with the same zeros (fwd_bwd alternates the two).
-    row_gate_b = torch.where(row_gate != 0, make_gate(shape.n, 0.0, gg, dtype), torch.zeros((), dtype=dtype))
-    col_gate_b = torch.where(col_gate != 0, make_gate(shape.k, 0.0, gg, dtype), torch.zeros((), dtype=dtype))
+    row_gate_b = torch.where(row_gate != 0, exact_zeros_gate(shape.n, 0.0, gg, dtype), torch.zeros((), dtype=dtype))
+    col_gate_b = torch.where(col_gate != 0, exact_zeros_gate(shape.k, 0.0, gg, dtype), torch.zeros((), dtype=dtype))
     gate_leaves = tuple(
         (leaf(r), leaf(c), leaf(r.index_select(0, row_idx).contiguous()), leaf(c.index_select(0, col_idx).contiguous()))
         for r, c in ((row_gate, col_gate), (row_gate_b, col_gate_b))

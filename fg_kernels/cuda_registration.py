@@ -1,4 +1,4 @@
-"""Registers the Triton kernels (``fg_kernels.triton.KERNELS``) for the CUDA dispatch key of the
+"""Registers the Triton kernels (``fg_kernels.triton.OP_KERNELS``) for the CUDA dispatch key of the
 ``fg`` ops.
 
 The schemas, the CPU kernels (C++), the fake kernels and the autograd are registered elsewhere
@@ -69,11 +69,11 @@ def register(force: bool = False) -> bool:
                       "or the fg-kernels[triton] extra)")
             return False
         try:
-            from .triton import KERNELS
+            from .triton import OP_KERNELS
         except ImportError as err:
             _warn(f"the Triton kernels failed to import ({err})")
             return False
-        for op, kernel in KERNELS.items():
+        for op, kernel in OP_KERNELS.items():
             torch.library.register_kernel(f"fg::{op}", "cuda", kernel)
         _registered = True
         return True

@@ -92,7 +92,7 @@ def _kernel_objects():
 
     from fg_kernels.triton import _launch
 
-    km = _launch.kernels(False)
+    km = _launch.kernel_module(False)
     found = {}
     for name in sorted(vars(km)):
         obj = getattr(km, name)

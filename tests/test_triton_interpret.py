@@ -57,7 +57,7 @@ def test_active_counts_are_runtime_arguments(interpret):
     """Counts and index lists are pointers to device data, never tl.constexpr; the compiled
     kernels do not specialise on the scalars that can vary per pattern, and autotuning keys are
     full sizes, a token bucket and flags."""
-    km = _launch.kernels(interpret)
+    km = _launch.kernel_module(interpret)
     for name in KERNEL_NAMES:
         fn = _raw_fn(getattr(km, name))
         params = inspect.signature(fn).parameters
@@ -106,7 +106,7 @@ def test_launch_arguments_do_not_depend_on_the_pattern(monkeypatch, seed):
     """Every launch of every kernel, over forward + backward, gets the same grid, the same
     non-tensor arguments (the compile cache key: constexprs and scalar specialisations) and the
     same tensor dtypes and shapes for 8 different gate patterns, from all-zero to all-one."""
-    km = _launch.kernels(True)
+    km = _launch.kernel_module(True)
     log = []
 
     def spy(name, kernel):

@@ -31,31 +31,31 @@ import torch
 
 from .._library import library_loaded, require_library
 from ..registration import define_namespace
-from ._launch import kernels
+from ._launch import kernel_module
 from .gated_linear import gated_linear_backward, gated_linear_forward
 from .gathered_linear import gathered_linear_forward
 
 __all__ = [
     "NAMESPACE",
-    "KERNELS",
+    "OP_KERNELS",
     "gated_linear",
     "gated_linear_forward",
     "gated_linear_backward",
     "gathered_linear",
     "gathered_linear_forward",
-    "kernels",
+    "kernel_module",
 ]
 
 NAMESPACE = "fg_triton"
 # The kernel of each fg op (by op name), as registered for fg's CUDA key and fg_triton's keys.
-KERNELS = {
+OP_KERNELS = {
     "gated_linear": gated_linear_forward,
     "gated_linear_backward": gated_linear_backward,
     "gathered_linear": gathered_linear_forward,
 }
 
 # The schemas come from the compiled fg library: without it, the ops below raise its rebuild hint.
-_LIBRARY = define_namespace(NAMESPACE, KERNELS, ("CPU", "CUDA")) if library_loaded() else None
+_LIBRARY = define_namespace(NAMESPACE, OP_KERNELS, ("CPU", "CUDA")) if library_loaded() else None
 
 
 def _registered_op(name: str, summary: str):

@@ -34,7 +34,7 @@ from triton.runtime.jit import JITFunction
 
 import torch
 
-from ._launch import PACK_CONFIG, _gmm_fixed_config, _mtm_fixed_config, kernels
+from ._launch import PACK_CONFIG, _gmm_fixed_config, _mtm_fixed_config, kernel_module
 
 UNIT_STRIDES = {
     "gmm_full_kernel": ("stride_ak", "stride_bk", "stride_on", "stride_tr", "stride_lbr", "stride_xk"),
@@ -155,7 +155,7 @@ def variants(quick: bool, all_configs: bool = False):
     """(label, kernel name, dtype, constexprs with launch options). By default the tiles of the
     launcher's fixed configurations (FG_TRITON_AUTOTUNE=0, float64); ``all_configs``: the GEMMs
     once per autotuning config too."""
-    km = kernels(False)
+    km = kernel_module(False)
     out = []
     for tag, dt, prec in (PRECISIONS[:1] if quick else PRECISIONS):
         dtype = DTYPES[dt]
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     if triton.knobs.runtime.interpret:
         print("unset TRITON_INTERPRET to compile kernels", file=sys.stderr)
         return 2
-    km = kernels(False)
+    km = kernel_module(False)
     target = GPUTarget("cuda", args.arch, 32)
     print(f"triton {triton.__version__}, sm_{args.arch}, ptxas {_tool('ptxas', args.arch)}", flush=True)
     failures, flagged = 0, 0

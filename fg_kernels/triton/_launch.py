@@ -48,7 +48,7 @@ def _interpret_mode(on: bool):
             rt.__dict__["interpret"] = saved_knob
 
 
-def kernels(interpret: bool) -> ModuleType:
+def kernel_module(interpret: bool) -> ModuleType:
     """The kernel module, compiled (``interpret=False``) or interpreted, loaded once each."""
     interpret = bool(interpret)
     with _LOCK:
@@ -78,12 +78,6 @@ def _stdlib_is_interpreted() -> bool:
     return isinstance(tl.zeros, InterpretedFunction)
 
 
-def interpreter_usable() -> bool:
-    """True when this process can run Triton kernels in the interpreter (TRITON_INTERPRET=1 was
-    set before triton was first imported)."""
-    return _stdlib_is_interpreted()
-
-
 def use_interpreter(device: torch.device) -> bool:
     """CUDA tensors run compiled kernels unless TRITON_INTERPRET=1; any other device (the CPU in
     CI) runs the interpreter."""
@@ -101,7 +95,7 @@ def launch_context(device: torch.device):
                 "imported triton without it); use CUDA tensors, or set TRITON_INTERPRET=1 at start-up"
             )
         with _interpret_mode(True):
-            yield kernels(True)
+            yield kernel_module(True)
     else:
         if _stdlib_is_interpreted():
             raise RuntimeError(
@@ -109,7 +103,7 @@ def launch_context(device: torch.device):
                 "only run the interpreter; unset TRITON_INTERPRET to run compiled kernels on CUDA"
             )
         with torch.cuda.device(device):
-            yield kernels(False)
+            yield kernel_module(False)
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -1,4 +1,4 @@
-"""Triton kernels of the ``fg`` ops. Never imported directly: ``_launch.kernels(interpret)`` loads
+"""Triton kernels of the ``fg`` ops. Never imported directly: ``_launch.kernel_module(interpret)`` loads
 this file as a module instance, compiled (``@triton.jit`` -> JITFunction) or for the interpreter
 (``TRITON_INTERPRET=1`` -> InterpretedFunction), because ``triton.jit`` decides which at
 decoration time. (triton's own ``tl.*`` helpers are decorated once, when triton is imported, so a

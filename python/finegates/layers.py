@@ -13,12 +13,12 @@ import fg_kernels
 
 from .gates import Gates
 
-__all__ = ["GatedLinear", "is_conv1d", "is_linear_like", "set_backend", "set_submodule", "gates_open", "BACKENDS"]
+__all__ = ["GatedLinear", "is_conv1d", "is_linear_like", "set_backend", "set_submodule", "gates_open", "LAYER_BACKENDS"]
 
 # "ops": fg::gated_linear, dispatched by device (C++ on CPU, Triton on CUDA).
 # "triton": fg_triton::gated_linear, the Triton kernels on any device (CPU tensors under
 # TRITON_INTERPRET=1), to check a whole model through them without a GPU. Same autograd.
-BACKENDS = ("ops", "triton")
+LAYER_BACKENDS = ("ops", "triton")
 
 
 def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -182,8 +182,8 @@ class GatedLinear(nn.Module):
 
 def set_backend(model: nn.Module, backend: str) -> nn.Module:
     """Selects how every ``GatedLinear`` in ``model`` computes: ``"ops"`` (default) or ``"triton"``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in LAYER_BACKENDS:
+        raise ValueError(f"backend must be one of {LAYER_BACKENDS}, got {backend!r}")
     for m in model.modules():
         if isinstance(m, GatedLinear):
             m.backend = backend
