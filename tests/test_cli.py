@@ -108,6 +108,8 @@ def test_finetune_end_to_end(tiny_bert, sst_small, tmp_path, capsys):
     assert abs(m["removed_fraction_of_gated"] - 0.5) <= 0.03  # up to the MLP's width padding of this tiny model
     assert (out / "sparsity_per_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*.tmp"))
+    opts = finegates.TrainOptions.load(out / "train_options.json")  # what the loop read, kept with the run
+    assert (opts.max_steps, opts.target_sparsity, opts.logging_steps) == (6, 0.5, 2)
     compact = finegates.load_compact(out / "compact")
     assert not any(isinstance(x, finegates.GatedLinear) for x in compact.modules())
     n_compact = sum(p.numel() for p in compact.parameters())
@@ -443,7 +445,7 @@ def test_train_options_are_the_parsed_arguments(command):
     import dataclasses
 
     from finegates.app.cli import build_parser
-    from finegates.app.train_options import TrainOptions
+    from finegates.config import TrainOptions
 
     required = ["--model", "m"] if command == "posttrain" else []
     ns = build_parser().parse_args([command, *required, "--batch-size", "3", "--seed", "7", "--logging-steps", "5"])
@@ -460,7 +462,7 @@ def test_train_options_are_the_parsed_arguments(command):
     ("recovery_lr", -0.1, r"a fraction in \[0, 1\]"),
 ])
 def test_train_options_refuse_bad_values_by_name(field, value, expected):
-    from finegates.app.train_options import TrainOptions
+    from finegates.config import TrainOptions
 
     with pytest.raises(ValueError, match=rf"TrainOptions\.{field} must be {expected}, got"):
         TrainOptions(**{field: value})

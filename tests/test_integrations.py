@@ -147,3 +147,27 @@ def test_the_documented_trainer_example_runs(tmp_path):
     metrics = example.main(["--max-steps", "2", "--output-dir", str(tmp_path / "run")])
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
     assert finegates.load_compact(tmp_path / "run" / "compact") is not None
+
+
+def test_trainer_takes_its_sparsity_settings_from_train_options(tmp_path):
+    """options=TrainOptions(...) sets what the keywords of the same name set; both at once, or a
+    recovery left to the command line's default (None), are refused by name."""
+    from finegates import TrainOptions
+
+    opts = TrainOptions(sparsity_objective="reference", sparsity_lambda=3.0, sparsity_start=2, sparsity_warmup=4,
+                        recovery_steps=1, recovery_lr=0.25)
+    made = []
+    for kw in (dict(options=opts), dict(sparsity_objective="reference", sparsity_lambda=3.0, sparsity_start=2,
+                                        sparsity_warmup=4, recovery_steps=1, recovery_lr=0.25)):
+        model = build("bert")
+        finegates.sparsify(model, target_sparsity=0.4, verbose=False)
+        t = FineGatesTrainer(model=model, args=_args(tmp_path, max_steps=8), train_dataset=_data(8), **kw)
+        made.append((type(t.objective).__name__, t.sparsity_schedule(6), t.recovery_steps, t.recovery_lr))
+    assert made[0] == made[1] == ("ReferenceObjective", made[1][1], 1, 0.25) and made[0][1] > 0
+    model = build("bert")
+    finegates.sparsify(model, target_sparsity=0.4, verbose=False)
+    with pytest.raises(TypeError, match=r"not both \(got \['sparsity_lambda'\]\)"):
+        FineGatesTrainer(model=model, args=_args(tmp_path), train_dataset=_data(8), options=opts, sparsity_lambda=1.0)
+    with pytest.raises(ValueError, match="options.recovery_steps must be a number of steps"):
+        FineGatesTrainer(model=model, args=_args(tmp_path), train_dataset=_data(8),
+                         options=TrainOptions(recovery_steps=None))

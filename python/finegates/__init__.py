@@ -18,7 +18,7 @@ from .loss import SparsitySchedule, sparsity_loss
 from .pooling import use_mean_pooling
 from .report import compression_report
 from .compaction.serialize import load_compact, save_compact
-from .config import FineGatesConfig
+from .config import FineGatesConfig, TrainOptions
 from .sparsify import dense_view, gated_layers, sparsify, trainable_parameters
 from .state import load_trainable_state, trainable_state_dict
 
@@ -28,6 +28,7 @@ __all__ = [
     "set_backend",
     "sparsify",
     "FineGatesConfig",
+    "TrainOptions",
     "dense_view",
     "sparsity_loss",
     "SparsitySchedule",

@@ -1,5 +1,6 @@
-"""``FineGatesConfig``: what :func:`finegates.sparsify` puts on a model, as one object that can be
-printed, compared, saved next to a run and loaded again (as PEFT's ``LoraConfig`` is)."""
+"""The typed configs: ``FineGatesConfig``, what :func:`finegates.sparsify` puts on a model, and
+``TrainOptions``, what a training run reads; each one object that can be printed, compared, saved
+next to a run and loaded again (as PEFT's ``LoraConfig`` is)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-__all__ = ["FineGatesConfig", "GATE_GRADIENTS"]
+__all__ = ["FineGatesConfig", "TrainOptions", "GATE_GRADIENTS"]
 
 GATE_GRADIENTS = ("straight-through", "clamp")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -88,3 +89,91 @@ class FineGatesConfig:
     @classmethod
     def load(cls, path: Union[str, Path]) -> "FineGatesConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+_CHOICES = {"sparsity_objective": ("budget", "reference"), "sparsity_ramp": ("linear", "cubic")}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    """What a training run reads besides the model: the command line's training loop all of it
+    (built from the parsed arguments, each field the flag of the same name, ``--batch-size`` ->
+    ``batch_size``; the defaults are the command line's), :class:`finegates.integrations.FineGatesTrainer`
+    the sparsity fields. ``max_steps`` None trains ``epochs`` epochs; ``recovery_steps`` None is the
+    last fifth of the run; ``sparsity_lambda`` weighs the reference objective only (the budget
+    objective learns its multiplier)."""
+
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    lr_scheduler: str = "linear"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0
+    seed: int = 42
+    target_sparsity: float = 0.0
+    sparsity_objective: str = "budget"
+    sparsity_lambda: float = 0.0
+    sparsity_start: int = 0
+    sparsity_warmup: int = 0
+    sparsity_ramp: str = "linear"
+    budget_multiplier_lr: float = 1.0
+    budget_penalty: float = 50.0
+    kurtosis: bool = False
+    recovery_steps: Optional[int] = 0
+    recovery_lr: float = 0.5
+    distill_weight: float = 0.0
+    distill_temperature: float = 1.0
+    logging_steps: int = 50
+    checkpointing_steps: int = 0
+    keep_checkpoints: int = 2
+
+    def __post_init__(self):
+        for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "epochs", "logging_steps"):
+            _require(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1, "an integer >= 1")
+        for name in ("warmup_steps", "sparsity_start", "sparsity_warmup", "checkpointing_steps", "keep_checkpoints"):
+            _require(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 0, "an integer >= 0")
+        for name in ("max_steps", "recovery_steps"):
+            v = getattr(self, name)
+            _require(self, name, v is None or (isinstance(v, int) and v >= (1 if name == "max_steps" else 0)),
+                     "None or an integer >= " + ("1" if name == "max_steps" else "0"))
+        _require(self, "target_sparsity", 0.0 <= self.target_sparsity < 1.0, "a fraction in [0, 1)")
+        _require(self, "recovery_lr", 0.0 <= self.recovery_lr <= 1.0, "a fraction in [0, 1]")
+        _require(self, "distill_temperature", self.distill_temperature > 0, "a number > 0")
+        for name, allowed in _CHOICES.items():
+            _require(self, name, getattr(self, name) in allowed, "one of " + ", ".join(allowed))
+
+    @classmethod
+    def from_namespace(cls, namespace: Any) -> "TrainOptions":
+        """The fields the namespace has (a command's parsed arguments); the others keep their defaults."""
+        present = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
+        if present.get("sparsity_lambda") is None:
+            present.pop("sparsity_lambda", None)
+        return cls(**present)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "TrainOptions":
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"TrainOptions: unknown fields {unknown}")
+        return cls(**d)
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Writes the options as JSON (atomically), as a run directory keeps them."""
+        from .files import write_json
+
+        write_json(Path(path), self.to_dict())
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> "TrainOptions":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _require(options: "TrainOptions", name: str, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"TrainOptions.{name} must be {expected}, got {getattr(options, name)!r}")

@@ -14,7 +14,9 @@ recovery_steps`` (or after the last step) the gates close exactly to it; ``spars
 in their own optimizer group (``gate_lr``, no weight decay) beside the rest (``args.learning_rate``),
 and ``lambda``, ``sparsity_loss`` and ``keep_fraction`` in the Trainer's own logs. Distribution,
 mixed precision, gradient accumulation and checkpoints are the Trainer's (Accelerate underneath);
-the sparsity term is scaled like the task loss under gradient accumulation.
+the sparsity term is scaled like the task loss under gradient accumulation. The sparsity settings
+are keywords of the same name or, as one object, ``options=finegates.TrainOptions(...)`` (the
+command line's record of a run; its other fields are the ``TrainingArguments``' business).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from transformers import Trainer, TrainerCallback
 import fg_kernels
 
 from .budget import BudgetController, close_to_budget, with_recovery
+from .config import TrainOptions
 from .layers import GatedLinear
 from .loss import OBJECTIVES, BudgetObjective, ReferenceObjective, SparsitySchedule
 from .report import keep_fraction
@@ -48,13 +51,32 @@ class _AfterStep(TrainerCallback):
         self.trainer._freeze(closing=True)
 
 
+# The Trainer's sparsity settings (keywords of the same name, or the fields of a TrainOptions), in
+# the order __init__ unpacks them, with their defaults.
+_SPARSITY_DEFAULTS = dict(sparsity_objective="budget", sparsity_lambda=5.0, sparsity_start=0, sparsity_warmup=0,
+                          sparsity_ramp="linear", budget_penalty=50.0, budget_multiplier_lr=1.0, recovery_steps=0,
+                          recovery_lr=0.5, kurtosis=False)
+
+
+def _sparsity_settings(options: TrainOptions) -> dict:
+    if not isinstance(options, TrainOptions):
+        raise TypeError(f"FineGatesTrainer: options must be a finegates.TrainOptions, got {type(options).__name__}")
+    if options.recovery_steps is None:
+        raise ValueError("FineGatesTrainer: options.recovery_steps must be a number of steps (None, a fifth of the "
+                         "run, is the command line's)")
+    return {k: getattr(options, k) for k in _SPARSITY_DEFAULTS}
+
+
 class FineGatesTrainer(Trainer):
     """``transformers.Trainer`` for a model with FineGates (:func:`finegates.sparsify` first)."""
 
-    def __init__(self, *args, sparsity_objective: str = "budget", sparsity_lambda: float = 5.0,
-                 sparsity_start: int = 0, sparsity_warmup: int = 0, sparsity_ramp: str = "linear",
-                 budget_penalty: float = 50.0, budget_multiplier_lr: float = 1.0, recovery_steps: int = 0,
-                 recovery_lr: float = 0.5, gate_lr: float = 0.05, kurtosis: bool = False, **kwargs):
+    def __init__(self, *args, options: Optional[TrainOptions] = None, gate_lr: float = 0.05, **kwargs):
+        given = {k: kwargs.pop(k) for k in _SPARSITY_DEFAULTS if k in kwargs}
+        if options is not None and given:
+            raise TypeError(f"FineGatesTrainer: pass options or its sparsity fields, not both (got {sorted(given)})")
+        settings = _sparsity_settings(options) if options is not None else {**_SPARSITY_DEFAULTS, **given}
+        (sparsity_objective, sparsity_lambda, sparsity_start, sparsity_warmup, sparsity_ramp, budget_penalty,
+         budget_multiplier_lr, recovery_steps, recovery_lr, kurtosis) = settings.values()
         super().__init__(*args, **kwargs)
         layers = [m for _, m in gated_layers(self.model)]
         if not layers:

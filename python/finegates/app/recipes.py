@@ -174,11 +174,14 @@ def _prepare_method(args, model: nn.Module):
 def _train_and_finish(args, accelerator, model, *, gated, data, collate_fn, param_groups, evaluate, eval_compact,
                       extra, n_trainable, tokenizer, lat_batch, out_dir, resume_from) -> Dict[str, Any]:
     """Train, then on the main process compact, time and write the outputs (others return {})."""
-    from .train_options import TrainOptions
+    from ..config import TrainOptions
     from .trainer import train
 
     train_ds, val_ds = data
-    result = train(TrainOptions.from_namespace(args), accelerator, model, gated=gated, train_dataset=train_ds, eval_dataset=val_ds,
+    options = TrainOptions.from_namespace(args)
+    if accelerator.is_main_process:
+        options.save(out_dir / "train_options.json")
+    result = train(options, accelerator, model, gated=gated, train_dataset=train_ds, eval_dataset=val_ds,
                    collate_fn=collate_fn, param_groups=param_groups, evaluate=evaluate, output_dir=out_dir,
                    resume_from=resume_from)
     result["trainable_params"] = n_trainable

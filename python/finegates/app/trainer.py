@@ -42,7 +42,7 @@ from .outputs import StepLog
 from ..report import keep_fraction
 from .run_dir import CHECKPOINT_RE
 from ..sparsify import gated_layers
-from .train_options import TrainOptions
+from ..config import TrainOptions
 
 __all__ = ["Objective", "EpochSampler", "TrainState", "train"]
 
@@ -444,7 +444,7 @@ def train(
 ) -> Dict[str, Any]:
     """Train ``model`` (already sparsified when ``gated``) and evaluate it at the end.
 
-    ``opts`` (:class:`~finegates.app.train_options.TrainOptions`) holds what the loop reads.
+    ``opts`` (:class:`~finegates.config.TrainOptions`) holds what the loop reads.
     ``evaluate(forward, eval_dataloader, gather=...) -> dict`` computes the metrics, gathering
     every process's predictions with ``gather``. Returns the metrics plus ``steps``,
     ``train_time_s`` and the last logged values."""
