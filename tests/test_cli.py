@@ -414,7 +414,7 @@ def test_reference_objective_reproduces_the_earlier_runs(tiny_bert, sst_small, t
     argv = _ft_args(tiny_bert, sst_small, out, "--sparsity-objective", "reference", "--gate-gradient", "clamp",
                     "--sparsity-lambda", "10", "--target-sparsity", "0.3", "--logging-steps", "1",
                     "--sparsity-start", "2", "--sparsity-warmup", "3", "--lora-rank", "2", "--max-steps", "12",
-                    "--no-compact")
+                    "--gate-noise", "0.1", "--no-compact")
     assert main(argv) == 0
     rows = list(csv.DictReader(open(out / "train_log.csv")))
     got = dict(loss=[float(r["loss"]) for r in rows], sparsity=[float(r["sparsity_loss"]) for r in rows],
@@ -483,7 +483,7 @@ def test_gate_noise_reaches_every_gate(tiny_bert):
     from finegates.app import recipes
     from finegates.app.cli import build_parser
 
-    for flag, sigma in ((["--gate-noise", "0"], 0.0), ([], 0.1)):
+    for flag, sigma in ((["--gate-noise", "0.1"], 0.1), ([], 0.0)):  # finetune's default: no noise
         args = build_parser().parse_args(["finetune", "--model", str(tiny_bert), *flag])
         model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
         model, _ = recipes._prepare_method(args, model)
