@@ -18,8 +18,33 @@ GATE_GRADIENTS = ("straight-through", "clamp")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class _JsonRecord:
+    """JSON round trip of a config dataclass: ``to_dict`` (its own where a field needs a name),
+    ``from_dict`` refusing unknown fields, atomic ``save`` and ``load``."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]):
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown fields {unknown}")
+        return cls(**d)
+
+    def save(self, path: Union[str, Path]) -> None:
+        """Writes the record as JSON (atomically)."""
+        from .files import write_json
+
+        write_json(Path(path), self.to_dict())
+
+    @classmethod
+    def load(cls, path: Union[str, Path]):
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
 @dataclasses.dataclass(frozen=True)
-class FineGatesConfig:
+class FineGatesConfig(_JsonRecord):
     """The options of :func:`finegates.sparsify`; every value is checked when the config is made.
 
     ``target_sparsity``: the fraction of the gated layers' parameters the compact model removes, in
@@ -73,33 +98,17 @@ class FineGatesConfig:
         d["gate_dtype"] = str(self.gate_dtype).removeprefix("torch.")
         return d
 
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "FineGatesConfig":
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"FineGatesConfig: unknown fields {unknown}")
-        return cls(**d)
-
-    def save(self, path: Union[str, Path]) -> None:
-        """Writes the config as JSON (atomically)."""
-        from .files import write_json
-
-        write_json(Path(path), self.to_dict())
-
-    @classmethod
-    def load(cls, path: Union[str, Path]) -> "FineGatesConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 _CHOICES = {"sparsity_objective": ("budget", "reference"), "sparsity_ramp": ("linear", "cubic")}
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainOptions:
+class TrainOptions(_JsonRecord):
     """What a training run reads besides the model: the command line's training loop all of it
     (built from the parsed arguments, each field the flag of the same name, ``--batch-size`` ->
-    ``batch_size``; the defaults are the command line's), :class:`finegates.integrations.FineGatesTrainer`
-    the sparsity fields. ``max_steps`` None trains ``epochs`` epochs; ``recovery_steps`` None is the
+    ``batch_size``; the command line sets every field, its defaults are per command),
+    :class:`finegates.integrations.FineGatesTrainer` the sparsity fields. ``max_steps`` None trains ``epochs`` epochs; ``recovery_steps`` None is the
     last fifth of the run; ``sparsity_lambda`` weighs the reference objective only (the budget
     objective learns its multiplier)."""
 
@@ -152,26 +161,6 @@ class TrainOptions:
         if present.get("sparsity_lambda") is None:
             present.pop("sparsity_lambda", None)
         return cls(**present)
-
-    def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainOptions":
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"TrainOptions: unknown fields {unknown}")
-        return cls(**d)
-
-    def save(self, path: Union[str, Path]) -> None:
-        """Writes the options as JSON (atomically), as a run directory keeps them."""
-        from .files import write_json
-
-        write_json(Path(path), self.to_dict())
-
-    @classmethod
-    def load(cls, path: Union[str, Path]) -> "TrainOptions":
-        return cls.from_dict(json.loads(Path(path).read_text()))
 
 
 def _require(options: "TrainOptions", name: str, ok: bool, expected: str) -> None:
