@@ -21,6 +21,7 @@ command line's record of a run; its other fields are the ``TrainingArguments``' 
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -51,8 +52,8 @@ class _AfterStep(TrainerCallback):
         self.trainer._freeze(closing=True)
 
 
-# The Trainer's sparsity settings (keywords of the same name, or the fields of a TrainOptions), in
-# the order __init__ unpacks them, with their defaults.
+# The Trainer's sparsity settings (keywords of the same name, or the fields of a TrainOptions) and
+# their defaults.
 _SPARSITY_DEFAULTS = dict(sparsity_objective="budget", sparsity_lambda=5.0, sparsity_start=0, sparsity_warmup=0,
                           sparsity_ramp="linear", budget_penalty=50.0, budget_multiplier_lr=1.0, recovery_steps=0,
                           recovery_lr=0.5, kurtosis=False)
@@ -75,31 +76,30 @@ class FineGatesTrainer(Trainer):
         if options is not None and given:
             raise TypeError(f"FineGatesTrainer: pass options or its sparsity fields, not both (got {sorted(given)})")
         settings = _sparsity_settings(options) if options is not None else {**_SPARSITY_DEFAULTS, **given}
-        (sparsity_objective, sparsity_lambda, sparsity_start, sparsity_warmup, sparsity_ramp, budget_penalty,
-         budget_multiplier_lr, recovery_steps, recovery_lr, kurtosis) = settings.values()
+        s = SimpleNamespace(**settings)
         super().__init__(*args, **kwargs)
         layers = [m for _, m in gated_layers(self.model)]
         if not layers:
             raise ValueError("FineGatesTrainer: the model has no gated layer; call finegates.sparsify(model, ...) first")
-        if sparsity_objective not in OBJECTIVES:
-            raise ValueError(f"FineGatesTrainer: sparsity_objective must be one of {OBJECTIVES}, got {sparsity_objective!r}")
-        if int(recovery_steps) != recovery_steps or recovery_steps < 0:
-            raise ValueError(f"FineGatesTrainer: recovery_steps must be an integer >= 0, got {recovery_steps!r}")
+        if s.sparsity_objective not in OBJECTIVES:
+            raise ValueError(f"FineGatesTrainer: sparsity_objective must be one of {OBJECTIVES}, got {s.sparsity_objective!r}")
+        if int(s.recovery_steps) != s.recovery_steps or s.recovery_steps < 0:
+            raise ValueError(f"FineGatesTrainer: recovery_steps must be an integer >= 0, got {s.recovery_steps!r}")
         self.gate_lr = float(gate_lr)
-        self.recovery_steps, self.recovery_lr = int(recovery_steps), float(recovery_lr)
+        self.recovery_steps, self.recovery_lr = int(s.recovery_steps), float(s.recovery_lr)
         self.controller: Optional[BudgetController] = None
-        if sparsity_objective == "budget":
-            if kurtosis:
+        if s.sparsity_objective == "budget":
+            if s.kurtosis:
                 raise ValueError("FineGatesTrainer: kurtosis weights the reference objective (sparsity_objective='reference')")
             targets = {m.target_sparsity for m in layers}
             if len(targets) != 1:
                 raise ValueError(f"FineGatesTrainer: the budget needs one target_sparsity, the gated layers have {sorted(targets)}")
             self.objective = BudgetObjective(self.model)
-            self.controller = BudgetController(targets.pop(), start=sparsity_start, ramp_steps=sparsity_warmup,
-                                               multiplier_lr=budget_multiplier_lr, penalty=budget_penalty)
+            self.controller = BudgetController(targets.pop(), start=s.sparsity_start, ramp_steps=s.sparsity_warmup,
+                                               multiplier_lr=s.budget_multiplier_lr, penalty=s.budget_penalty)
         else:
-            self.objective = ReferenceObjective(kurtosis)
-            self.sparsity_schedule = SparsitySchedule(sparsity_lambda, sparsity_start, sparsity_warmup, sparsity_ramp)
+            self.objective = ReferenceObjective(s.kurtosis)
+            self.sparsity_schedule = SparsitySchedule(s.sparsity_lambda, s.sparsity_start, s.sparsity_warmup, s.sparsity_ramp)
         self._layers = [m for m in layers if m.target_sparsity is not None]
         self._last_sparsity: Optional[float] = None
         self._last_lambda = 0.0
