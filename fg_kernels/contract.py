@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "FLOAT_DTYPES", "INDEX_DTYPES", "GRAD_SLOTS", "BackwardPlan", "backward_plan",
@@ -240,12 +241,39 @@ def check_gathered_linear(
         )
 
 
+# Index lists whose values were checked, by identity: the key says which values, bound and rule
+# were checked. A compact layer's index buffers never change, so a GPU reads them back once per
+# layer and never again (no host sync per call, and a warmed-up model can be captured in a CUDA
+# graph). Weak: the cache holds no tensor alive.
+_CHECKED_INDEX_LISTS: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
+def _index_key(idx: Tensor, bound: int, distinct: bool) -> Optional[tuple]:
+    """What a check of ``idx`` covered: its memory, its version (an in-place write bumps it),
+    its length, the bound and whether distinct values were required. None for an inference
+    tensor (it has no version counter: it is checked at every call)."""
+    if idx.is_inference():
+        return None
+    return (idx.data_ptr(), idx._version, idx.numel(), idx.stride(), bound, distinct)
+
+
 def check_index_values(idx: Tensor, bound: int, name: str, what: str, distinct: bool = False) -> None:
     """Every value of an index list in ``[0, bound)`` and, with ``distinct`` (``row_idx``: each
-    output written once, so the gradient of every output goes to one row), no value twice. Reads
-    the values: one host sync on a GPU."""
+    output written once, so the gradient of every output goes to one row), no value twice.
+    Reads the values (one host sync on a GPU) the first time a tensor is seen; later calls with
+    the same tensor, unchanged since (same memory and version), pass without reading. A write
+    through ``.data`` escapes the version counter: a changed index list must be a new tensor or
+    be written in place through the tensor itself. Inference tensors are read at every call."""
     if idx.numel() == 0:
         return
+    key = _index_key(idx, bound, distinct)
+    if key is not None and _CHECKED_INDEX_LISTS.get(idx) == key:
+        return
+    torch._check_value(
+        not (idx.is_cuda and torch.cuda.is_current_stream_capturing()),
+        lambda: f"{name} is seen for the first time inside a CUDA graph capture: its values must be checked on "
+        "the host first; run the model once before capturing it",
+    )
     lo, hi = (int(v) for v in torch.stack([idx.min(), idx.max()]).tolist())
     torch._check_index(lo >= 0 and hi < bound,
                        lambda: f"{name} values must lie in [0, {bound}) ({what}), got range [{lo}, {hi}]")
@@ -254,6 +282,8 @@ def check_index_values(idx: Tensor, bound: int, name: str, what: str, distinct: 
         twice = values[counts > 1]
         torch._check_value(twice.numel() == 0, lambda: f"{name} values must be distinct (each output is written "
                            f"once), got {int(twice[0])} more than once")
+    if key is not None:
+        _CHECKED_INDEX_LISTS[idx] = key
 
 
 # --------------------------------------------------------------------------------------------

@@ -217,6 +217,68 @@ def test_cuda_graph_capture_follows_new_patterns(seed):
         assert torch.equal(out, _call(inp)), sparsity
 
 
+def _compact_mlp(seed):
+    """A two-layer compact model on the GPU: scattered output, then a gathered input."""
+    from finegates.compaction.modules import GatheredLinear
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(96, generator=gen)[:60].sort().values
+    cols = torch.randperm(80, generator=gen)[:50]
+    up = GatheredLinear.from_block(torch.randn(60, 80, generator=gen), torch.randn(60, generator=gen), rows, None,
+                                   in_features=80, out_features=96)
+    down = GatheredLinear.from_block(torch.randn(40, 50, generator=gen), None, None, cols,
+                                     in_features=80, out_features=40)
+    return torch.nn.Sequential(up, torch.nn.GELU(), torch.nn.Linear(96, 80), down).to(DEV, torch.bfloat16)
+
+
+def test_compact_model_no_host_synchronisation(seed):
+    """A compact model checks its index lists once: later forwards never wait for the device."""
+    model = _compact_mlp(seed)
+    x = torch.randn(32, 80, device=DEV, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model(x)  # compile, autotune and the one check of each index list
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            model(x)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+
+def test_compact_model_cuda_graph_capture(seed):
+    """A warmed-up compact model is captured in a CUDA graph and replays new inputs exactly."""
+    model = _compact_mlp(seed)
+    x = torch.randn(32, 80, device=DEV, dtype=torch.bfloat16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(s):
+        for _ in range(2):
+            model(x)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(g):
+        out = model(x)
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.cuda.synchronize()
+        with torch.no_grad():
+            assert torch.equal(out, model(x))
+
+
+def test_unchecked_index_list_in_capture_is_refused(seed):
+    """An index list first seen inside a capture cannot be read back: a named error, not a hang."""
+    model = _compact_mlp(seed)
+    x = torch.randn(32, 80, device=DEV, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model(x)
+    model[0].row_idx = model[0].row_idx.clone()  # a new tensor: not checked yet
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="row_idx is seen for the first time inside a CUDA graph capture"):
+        with torch.no_grad(), torch.cuda.graph(g):
+            model(x)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_second_device(seed):
     inp = make_gated_inputs(seed, (33,), 40, 30, lora_rank=2, device="cuda:1")

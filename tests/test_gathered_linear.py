@@ -259,6 +259,47 @@ def test_int32_indices(which, backend, seed):
     assert torch.equal(out, expect)
 
 
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("name,value,match", [
+    ("row_idx", 25, r"row_idx values must lie in \[0, 25\)"),
+    ("col_idx", -1, r"col_idx values must lie in \[0, 19\)"),
+    ("row_idx", "repeat", r"row_idx values must be distinct"),
+], ids=["row-high", "col-negative", "row-repeated"])
+def test_index_list_written_after_a_call_is_checked_again(name, value, match, backend, seed):
+    """Index values are checked once per tensor (no host sync per call on a GPU), and again after
+    an in-place write: a layer whose indices went bad after a first call is refused, not run."""
+    inp = make_gathered_inputs(seed, (4,), 25, 19, row_spec="unsorted", col_spec="unsorted", device=backend.device)
+    op(inp, backend)
+    op(inp, backend)
+    idx = getattr(inp, name)
+    idx[1] = idx[0] if value == "repeat" else value
+    with pytest.raises(BAD_INPUT_ERRORS, match=match):
+        op(inp, backend)
+
+
+def test_index_values_read_once_per_tensor(monkeypatch):
+    """The shared check reads an unchanged index list once; a new bound or a write reads it again."""
+    from fg_kernels import contract
+
+    reads = []
+    real_unique = torch.unique
+    monkeypatch.setattr(torch, "unique", lambda *a, **k: reads.append(1) or real_unique(*a, **k))
+    idx = torch.tensor([3, 0, 2])
+    for _ in range(3):
+        contract.check_index_values(idx, 4, "row_idx", "out_features", distinct=True)
+    assert len(reads) == 1
+    contract.check_index_values(idx, 5, "row_idx", "out_features", distinct=True)
+    assert len(reads) == 2
+    idx[0] = 1
+    contract.check_index_values(idx, 5, "row_idx", "out_features", distinct=True)
+    assert len(reads) == 3
+    with torch.inference_mode():
+        frozen = torch.tensor([1, 0])
+    for _ in range(2):
+        contract.check_index_values(frozen, 2, "row_idx", "out_features", distinct=True)
+    assert len(reads) == 5, "an inference tensor has no version counter: it is read at every call"
+
+
 @pytest.mark.parametrize("backend", backend_params(COMPILED))
 def test_python_wrapper_matches_op(backend, seed):
     inp = make_gathered_inputs(seed, (2, 5), 21, 18, row_spec="unsorted", col_spec="unsorted", device=backend.device)
