@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench/gpu_check.sh OUTDIR -- the one-shot GPU check of fg_kernels on a cold, offline CUDA machine
-# (H100/H200): build, quick CUDA tests, quick benchmark, summary, in at most 5 minutes wall.
+# (H100/H200): build, quick CUDA tests, quick benchmark, probe, memcheck, summary, in at most 5 minutes wall.
 #
 #     bash bench/gpu_check.sh OUTDIR        # from any directory; on the device machine: ... "$OUT"
 #
@@ -22,14 +22,20 @@
 #             pytest-timeout per test when installed.           -> tests_quick.log, junit_quick.xml
 #   3. bench  python3 bench/bench_gpu.py --quick (autotune ON, what users run): 4096->11008,
 #             8192 tokens, bf16, s = 0 and 0.4, fwd and fwd+bwd.
+#             TRITON_PRINT_AUTOTUNING=1: each tuning's choice and time in bench.log.
 #                                          -> bench.log, RESULTS_GPU_quick.md, results_gpu_quick.json
-#   4. summary  stage status and times, test counts, failed tests, the ratio table. -> summary.txt
-# OUTDIR gets these 7 files and nothing else (the device tool returns at most 8 files).
+#   4. probe  python3 bench/gpu_probe.py: versions (triton, its ptxas, driver), per-kernel times from
+#             torch.profiler (fg fwd and fwd+bwd at s = 0 and 0.4), the autotuner's choices and
+#             timings, the packed GEMM alone vs cuBLAS, the pack kernel's bandwidth, peak memory;
+#             then, when compute-sanitizer exists, memcheck of a tiny pass through every route.
+#                                                                                    -> probe.md
+#   5. summary  stage status and times, test counts, failed tests, the ratio table. -> summary.txt
+# OUTDIR gets these 8 files and nothing else (the device tool returns at most 8 files).
 #
 # Time budget (GPU_CHECK_TOTAL_S, default 300 s, for everything: with a machine start it leaves room
-# for a second run in a 15-minute device budget): build at most 100 s (expect ~1 min); tests get what
-# is left minus 130 s kept for the benchmark (at most 120 s); the benchmark gets what is left then
-# (at most 150 s). A stage over its time gets SIGINT (pytest and the
+# for a second run in a 15-minute device budget): build at most 90 s (expect ~1 min); tests at most
+# 80 s, keeping 175 s for what follows; the benchmark at most 100 s, keeping 75 s; the probe at most
+# 45 s, keeping 30 s for memcheck. A stage over its time gets SIGINT (pytest and the
 # benchmark then still write what they have), SIGKILL 15 s later.
 #
 # The full CUDA suite and the full benchmark, after this (same machine, warm Triton cache; see
@@ -60,17 +66,20 @@ export PYTHONPATH="$REPO:$REPO/python${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS=${MAX_JOBS:-16}
 
 TOTAL_S=${GPU_CHECK_TOTAL_S:-300}
-BUILD_CAP_S=100
-TEST_CAP_S=120
-BENCH_CAP_S=150
-BENCH_RESERVE_S=130
+BUILD_CAP_S=90
+TEST_CAP_S=80
+BENCH_CAP_S=100
+PROBE_CAP_S=45
+BENCH_RESERVE_S=175   # kept after the tests for the benchmark, the probe and memcheck
+PROBE_RESERVE_S=75    # kept after the benchmark for the probe and memcheck
+MEMCHECK_RESERVE_S=30 # kept after the probe for memcheck
 GRACE_S=15            # SIGINT at the limit, SIGKILL this much later
 WORKERS=${GPU_CHECK_WORKERS:-8}
 
 T0=$SECONDS
 SUMMARY="$OUTDIR/summary.txt"
 # Nothing stale from an earlier run in OUTDIR may pass for this run's results.
-for f in summary.txt build.log tests_quick.log junit_quick.xml bench.log RESULTS_GPU_quick.md results_gpu_quick.json; do
+for f in summary.txt build.log tests_quick.log junit_quick.xml bench.log RESULTS_GPU_quick.md results_gpu_quick.json probe.md; do
     rm -f "$OUTDIR/$f"
 done
 : >"$SUMMARY"
@@ -129,7 +138,7 @@ EOF
 # ------------------------------------------------------------------------------------------------
 # 1. build the C++ extension in place
 # ------------------------------------------------------------------------------------------------
-say "1/3 build (log: build.log)"
+say "1/4 build (log: build.log)"
 t=$SECONDS
 {
     echo "== $PY setup.py build_ext --inplace (MAX_JOBS=$MAX_JOBS)"
@@ -201,7 +210,7 @@ if "$PY" -c 'import pytest_timeout' >/dev/null 2>&1; then
     PYTEST_OPTS+=(--timeout=150)
 fi
 TEST_T_LIMIT=$(min "$TEST_CAP_S" "$(( $(left) - BENCH_RESERVE_S - GRACE_S - 10 ))")
-say "2/3 quick CUDA tests, limit ${TEST_T_LIMIT}s (log: tests_quick.log)"
+say "2/4 quick CUDA tests, limit ${TEST_T_LIMIT}s (log: tests_quick.log)"
 t=$SECONDS
 {
     echo "== FG_TRITON_AUTOTUNE=0 $PY -m pytest ${QUICK_TESTS[*]} ${PYTEST_OPTS[*]}"
@@ -222,11 +231,11 @@ say "tests: $(status_word "$TEST_RC") in ${TEST_T}s"
 # ------------------------------------------------------------------------------------------------
 # 3. quick benchmark (autotune on)
 # ------------------------------------------------------------------------------------------------
-BENCH_T_LIMIT=$(min "$BENCH_CAP_S" "$(( $(left) - GRACE_S - 5 ))")
-say "3/3 quick benchmark, limit ${BENCH_T_LIMIT}s (log: bench.log)"
+BENCH_T_LIMIT=$(min "$BENCH_CAP_S" "$(( $(left) - PROBE_RESERVE_S - GRACE_S ))")
+say "3/4 quick benchmark, limit ${BENCH_T_LIMIT}s (log: bench.log)"
 t=$SECONDS
 set -o pipefail
-FG_TRITON_AUTOTUNE=1 limited "$BENCH_T_LIMIT" "$PY" bench/bench_gpu.py --quick \
+FG_TRITON_AUTOTUNE=1 TRITON_PRINT_AUTOTUNING=1 limited "$BENCH_T_LIMIT" "$PY" bench/bench_gpu.py --quick \
     --markdown "$OUTDIR/RESULTS_GPU_quick.md" --json "$OUTDIR/results_gpu_quick.json" 2>&1 | tee "$OUTDIR/bench.log"
 BENCH_RC=$?
 set +o pipefail
@@ -234,7 +243,36 @@ BENCH_T=$(( SECONDS - t ))
 say "bench: $(status_word "$BENCH_RC") in ${BENCH_T}s"
 
 # ------------------------------------------------------------------------------------------------
-# 4. summary
+# 4. probe (what the ratio table cannot say), then memcheck of every route
+# ------------------------------------------------------------------------------------------------
+PROBE_T_LIMIT=$(min "$PROBE_CAP_S" "$(( $(left) - MEMCHECK_RESERVE_S - GRACE_S ))")
+say "4/4 probe, limit ${PROBE_T_LIMIT}s (report: probe.md)"
+t=$SECONDS
+FG_TRITON_AUTOTUNE=1 limited "$PROBE_T_LIMIT" "$PY" bench/gpu_probe.py --markdown "$OUTDIR/probe.md" \
+    >"$OUTDIR/probe.err" 2>&1
+PROBE_RC=$?
+SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
+{
+    [ "$PROBE_RC" -ne 0 ] && { echo "## probe output (last lines; rc=$PROBE_RC)"; echo; tail -n 20 "$OUTDIR/probe.err"; echo; }
+    echo "## compute-sanitizer memcheck of a tiny pass through every route"
+    echo
+    if [ -n "$SANITIZER" ]; then
+        # No caching allocator: every tensor is its own allocation, so an access past one is seen.
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 FG_TRITON_AUTOTUNE=0 limited "$(( $(left) - GRACE_S - 5 ))" \
+            "$SANITIZER" --tool memcheck --error-exitcode 3 "$PY" bench/gpu_probe.py --tiny-pass 2>&1 | tail -n 25
+        MEMCHECK_RC=${PIPESTATUS[0]}
+        echo "memcheck rc=$MEMCHECK_RC"
+    else
+        echo "compute-sanitizer not found: not run"
+        MEMCHECK_RC=0
+    fi
+} >>"$OUTDIR/probe.md" 2>&1
+rm -f "$OUTDIR/probe.err"
+PROBE_T=$(( SECONDS - t ))
+say "probe: $(status_word "$PROBE_RC"), memcheck: $(status_word "${MEMCHECK_RC:-0}") in ${PROBE_T}s"
+
+# ------------------------------------------------------------------------------------------------
+# 5. summary
 # ------------------------------------------------------------------------------------------------
 {
     echo
@@ -242,6 +280,7 @@ say "bench: $(status_word "$BENCH_RC") in ${BENCH_T}s"
     echo "build  $(status_word "$BUILD_RC") in ${BUILD_T}s"
     echo "tests  $(status_word "$TEST_RC") in ${TEST_T}s (limit ${TEST_T_LIMIT}s)"
     echo "bench  $(status_word "$BENCH_RC") in ${BENCH_T}s (limit ${BENCH_T_LIMIT}s)"
+    echo "probe  $(status_word "$PROBE_RC"), memcheck $(status_word "${MEMCHECK_RC:-0}"), in ${PROBE_T}s (limit ${PROBE_T_LIMIT}s)"
     echo "total  $(( SECONDS - T0 ))s"
     echo
     echo "== quick CUDA tests"
@@ -297,7 +336,7 @@ EOF
 } 2>&1 | tee -a "$SUMMARY"
 
 RC=0
-for r in "$BUILD_RC" "$TEST_RC" "$BENCH_RC"; do
+for r in "$BUILD_RC" "$TEST_RC" "$BENCH_RC" "$PROBE_RC" "${MEMCHECK_RC:-0}"; do
     [ "$r" -ne 0 ] && RC=1
 done
 say "done: exit $RC; files in $OUTDIR: $(ls "$OUTDIR" | tr '\n' ' ')"
