@@ -32,6 +32,7 @@ CONST = ["--lr-scheduler", "constant", "--warmup-steps", "0"]
 # name -> (what it changes, arguments[, optimizer steps]). Every run also gets --max-steps (the row's steps,
 # else --steps) and --seed S; runs without gates also --no-compact.
 A8, A16 = ["--lora-alpha", "8"], ["--lora-alpha", "16"]  # LoRA scale 1 (the old FineGates default) or 2 (PEFT's)
+GATES_NOW = ["--gate-noise", "0", "--gate-lr", "0.02"]  # the finetune defaults now, pinned: a later default leaves these rows as run
 CONFIGS: Dict[str, tuple] = {
     "dense-const-cls": ("dense full finetune, constant lr, CLS pooling", ["--method", "dense", *CONST, "--pooling", "cls"]),
     "dense-linear-mean": ("dense full finetune, warm-up + linear decay, mean pooling", ["--method", "dense", *LINEAR, "--pooling", "mean"]),
@@ -75,19 +76,19 @@ CONFIGS: Dict[str, tuple] = {
     "fg-budget-40-noise0-distill": ("... 40%, no gate noise, self-distillation (weight 1, T 2)",
                                     ["--target-sparsity", "0.4", "--gate-noise", "0", "--distill-weight", "1.0", "--gate-lr", "0.05"]),
     "fg-budget-40-noise0-glr02": ("... 40%, no gate noise, gate lr 0.02 (the defaults now)",
-                                  ["--target-sparsity", "0.4", "--gate-noise", "0", "--gate-lr", "0.02"]),
+                                  ["--target-sparsity", "0.4", *GATES_NOW]),
     "fg-budget-40-noise0-glr01": ("... 40%, no gate noise, gate lr 0.01",
                                   ["--target-sparsity", "0.4", "--gate-noise", "0", "--gate-lr", "0.01"]),
     "fg-budget-40-glr02": ("... 40%, gate lr 0.02, gate noise 0.1",
                            ["--target-sparsity", "0.4", "--gate-lr", "0.02", "--gate-noise", "0.1"]),
     "fg-budget-50-noise0-glr02": ("FineGates, size budget, 50% requested, the defaults now",
-                                  ["--target-sparsity", "0.5", "--gate-noise", "0", "--gate-lr", "0.02"]),
+                                  ["--target-sparsity", "0.5", *GATES_NOW]),
     "fg-budget-40-rec200": ("... 40%, the defaults now, the last 200 steps in recovery (freeze at step 300)",
-                            ["--target-sparsity", "0.4", "--gate-noise", "0", "--gate-lr", "0.02", "--recovery-steps", "200"]),
+                            ["--target-sparsity", "0.4", *GATES_NOW, "--recovery-steps", "200"]),
     "fg-budget-40-reclr1": ("... 40%, the defaults now, recovery at the full peak learning rate (--recovery-lr 1)",
-                            ["--target-sparsity", "0.4", "--gate-noise", "0", "--gate-lr", "0.02", "--recovery-lr", "1.0"]),
+                            ["--target-sparsity", "0.4", *GATES_NOW, "--recovery-lr", "1.0"]),
     "fg-budget-40-glr02-distill": ("... 40%, the defaults now, self-distillation (weight 1, T 2)",
-                                   ["--target-sparsity", "0.4", "--gate-noise", "0", "--gate-lr", "0.02", "--distill-weight", "1.0"]),
+                                   ["--target-sparsity", "0.4", *GATES_NOW, "--distill-weight", "1.0"]),
     "fg-budget-0": ("... nothing requested (target 0): the adapter inside open gates, in the same loop",
                     ["--target-sparsity", "0"]),
     "lora-linear-mean-1000": ("PEFT LoRA r=8 as `lora-linear-mean`, 1,000 steps", ["--method", "lora", *LINEAR, "--pooling", "mean"], 1000),
