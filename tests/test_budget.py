@@ -236,3 +236,75 @@ def test_self_distillation_teacher_is_the_model_with_its_gates_open():
     by_hand = (p_t * (p_t.log() - torch.log_softmax(s_logits / 2.0, -1))).sum(-1).mean() * 4.0
     torch.testing.assert_close(objective.distillation(s_logits, t_logits), by_hand)
     assert float(by_hand) > 1e-3
+
+
+def _one_layer(rows: int = 5, cols: int = 7, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    model = finegates.sparsify(nn.Sequential(nn.Linear(cols, rows, bias=False)), target_sparsity=0.3,
+                               target_modules=["0"], sigma=0.0, verbose=False)
+    with torch.no_grad():  # values inside the clamp (and one row closed), so every open gate has a gradient
+        model[0].row_gates.theta.copy_(torch.linspace(-1.5, 0.5, rows))
+        model[0].col_gates.theta.copy_(torch.linspace(-0.3, 0.4, cols))
+    return model.train()
+
+
+def _taylor(model: nn.Module, x: torch.Tensor):
+    """(g * dL/dg)^2 of L = sum(y), y = g_r * ((x * g_c) @ W^T), worked out by hand."""
+    layer = model[0]
+    w, gr, gc = layer.weight.detach(), layer.row_gates.eval_values().detach(), layer.col_gates.eval_values().detach()
+    d_rows = ((x * gc) @ w.t()).sum(0)
+    d_cols = x.sum(0) * (gr @ w)
+    return (gr * d_rows).square(), (gc * d_cols).square()
+
+
+def test_saliency_is_the_squared_taylor_estimate_averaged():
+    from finegates.saliency import GateSaliency
+
+    model = _one_layer()
+    sal = GateSaliency(model, beta=0.75)
+    xs = [torch.randn(4, 7), torch.randn(3, 7)]
+    for x in xs:
+        model(x).sum().backward()
+    (r1, c1), (r2, c2) = (_taylor(model, x) for x in xs)
+    rows, cols = sal.scores[0]
+    torch.testing.assert_close(rows, 0.25 * (0.75 * r1 + r2))
+    torch.testing.assert_close(cols, 0.25 * (0.75 * c1 + c2))
+    assert bool((rows[:2] == 0).all()) and bool((rows[2:] > 0).all())  # the two closed rows score 0
+    torch.testing.assert_close(sal.ranking(), torch.cat((rows / 7, cols / 5)))
+    sal.stop()
+    model(xs[0]).sum().backward()
+    assert torch.equal(sal.scores[0][0], rows)  # stopped: no more gathering
+
+
+def test_saliency_ignores_no_grad_forwards_and_survives_a_checkpoint():
+    from finegates.saliency import GateSaliency
+
+    model = _one_layer()
+    sal = GateSaliency(model)
+    with torch.no_grad():
+        model(torch.randn(2, 7))
+    assert all(bool((s == 0).all()) for s in sal.scores[0])
+    model(torch.randn(2, 7)).sum().backward()
+    again = GateSaliency(_one_layer(seed=1))
+    again.load_state_dict(sal.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(again.scores[0], sal.scores[0]))
+    with pytest.raises(ValueError, match="beta must lie in"):
+        GateSaliency(model, beta=1.0)
+
+
+def test_close_to_budget_by_rank_closes_the_lowest_ranked():
+    torch.manual_seed(0)
+    model = finegates.sparsify(nn.Sequential(nn.Linear(10, 10, bias=False)), target_sparsity=0.5,
+                               target_modules=["0"], verbose=False)
+    layer = model[0]
+    with torch.no_grad():
+        layer.row_gates.theta.copy_(torch.linspace(2, 1, 10))  # values fall along the rows...
+        layer.col_gates.theta.fill_(3.0)
+    rank = torch.cat((torch.tensor([5.0, 0.1, 5.0, 0.2] + [5.0] * 6), torch.full((10,), 9.0)))
+    done = close_to_budget(model, 0.2, rank=rank)  # ...but the rank closes rows 1 and 3
+    assert done["removed_fraction"] == pytest.approx(0.2) and done["newly_closed"] == 2
+    assert (layer.row_gates.eval_values() > 0).tolist() == [True, False, True, False] + [True] * 6
+    with pytest.raises(ValueError, match="rank must hold 20 finite numbers"):
+        close_to_budget(model, 0.2, rank=torch.ones(19))
+    with pytest.raises(ValueError, match="rank must hold 20 finite numbers.*NaN"):
+        close_to_budget(model, 0.2, rank=torch.full((20,), float("nan")))

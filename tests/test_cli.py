@@ -378,12 +378,13 @@ def test_headerless_tables_by_column_position(tiny_bert, sst_small, tmp_path, ca
     assert m["steps"] == 1 and 0.0 <= m["accuracy"] <= 1.0
 
 
-def test_recovery_steps_freeze_the_gates_at_the_end(tiny_bert, sst_small, tmp_path):
-    """--recovery-steps N: at the freeze the gates close exactly to the budget, then their logits
-    stop moving for the last N steps while the rest still trains."""
+@pytest.mark.parametrize("closure_rank", ["value", "saliency"])
+def test_recovery_steps_freeze_the_gates_at_the_end(tiny_bert, sst_small, tmp_path, closure_rank):
+    """--recovery-steps N: at the freeze the gates close exactly to the budget (ranked by value or
+    by task saliency), then their logits stop moving for the last N steps while the rest still trains."""
     out = tmp_path / "rec"
     argv = _ft_args(tiny_bert, sst_small, out, "--max-steps", "7", "--recovery-steps", "3", "--checkpointing-steps", "1",
-                    "--keep-checkpoints", "0", "--no-compact", "--lora-rank", "2")
+                    "--keep-checkpoints", "0", "--no-compact", "--lora-rank", "2", "--closure-rank", closure_rank)
     assert main(argv) == 0
     from safetensors.torch import load_file
 
@@ -459,13 +460,20 @@ def test_train_options_are_the_parsed_arguments(command):
 @pytest.mark.parametrize("field,value,expected", [
     ("batch_size", 0, "an integer >= 1"), ("max_steps", 2.5, "None or an integer >= 1"),
     ("target_sparsity", 1.0, r"a fraction in \[0, 1\)"), ("sparsity_objective", "lagrange", "one of budget, reference"),
-    ("recovery_lr", -0.1, r"a fraction in \[0, 1\]"),
+    ("recovery_lr", -0.1, r"a fraction in \[0, 1\]"), ("closure_rank", "taylor", "one of value, saliency"),
 ])
 def test_train_options_refuse_bad_values_by_name(field, value, expected):
     from finegates.config import TrainOptions
 
     with pytest.raises(ValueError, match=rf"TrainOptions\.{field} must be {expected}, got"):
         TrainOptions(**{field: value})
+
+
+def test_train_options_refuse_a_saliency_closure_without_the_budget():
+    from finegates.config import TrainOptions
+
+    with pytest.raises(ValueError, match=r"TrainOptions\.closure_rank must be 'value' with the reference objective"):
+        TrainOptions(sparsity_objective="reference", closure_rank="saliency")
 
 
 def test_the_training_loop_takes_train_options_only():

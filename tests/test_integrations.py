@@ -73,14 +73,19 @@ def test_logged_lambda_is_the_one_each_step_trained_with(tmp_path):
     assert [h["lambda"] for h in logs] == [0.0, 5.0, 10.0, 10.0]
 
 
-def test_trainer_budget_lands_on_the_target(tmp_path):
+@pytest.mark.parametrize("closure_rank", ["value", "saliency"])
+def test_trainer_budget_lands_on_the_target(tmp_path, closure_rank):
     """The default objective: the multiplier grows while the model is too large, the gates stop at
-    the freeze (closed exactly to the budget) and the compact model removes what was asked."""
+    the freeze (closed exactly to the budget, ranked by value or by task saliency) and the compact
+    model removes what was asked."""
     model = build("bert")
     finegates.sparsify(model, target_sparsity=0.4, lora_rank=2, verbose=False)
     trainer = FineGatesTrainer(model=model, args=_args(tmp_path, max_steps=16), train_dataset=_data(),
-                               sparsity_start=2, sparsity_warmup=6, recovery_steps=4, gate_lr=0.3)
+                               sparsity_start=2, sparsity_warmup=6, recovery_steps=4, gate_lr=0.3,
+                               closure_rank=closure_rank)
     trainer.train()
+    if closure_rank == "saliency":
+        assert trainer.saliency._handles == [] and float(trainer.saliency.ranking().sum()) > 0
     logs = [h for h in trainer.state.log_history if "keep_fraction" in h]
     assert logs[0]["lambda"] > 0 and logs[-1]["lambda"] == 0.0  # frozen for the last steps
     rep = finegates.compression_report(model)

@@ -15,7 +15,8 @@ ramps from the dense model to the request, so which gates close is decided by th
 whole ramp, and the layers share one budget: a layer gives more where its parameters matter less.
 
 At the freeze step :func:`close_to_budget` makes the final decision exactly: every gate is ranked by
-its eval value ``tanh(theta) + 0.5`` and the k lowest are closed, k the count whose compact model is
+its eval value ``tanh(theta) + 0.5`` (or by its task saliency, :mod:`finegates.saliency`) and the k
+lowest are closed, k the count whose compact model is
 nearest the request (binary search over the exact size). After it the gates stop.
 """
 
@@ -144,15 +145,23 @@ _SCAN = 24  # closures tried on each side of the binary search's answer
 
 
 @torch.no_grad()
-def close_to_budget(model: nn.Module, target_sparsity: float) -> Dict[str, Any]:
+def close_to_budget(model: nn.Module, target_sparsity: float, rank: Optional[Tensor] = None) -> Dict[str, Any]:
     """Closes the lowest gates so the compact model removes the fraction of the gated layers'
-    parameters nearest ``target_sparsity``; the others open. Sets the logits (closed: at most
-    ``atanh(-0.5)``; reopened: the eval value mirrored to ``|v|``) and returns
-    ``dict(closed, reopened, newly_closed, removed_fraction)``."""
+    parameters nearest ``target_sparsity``; the others open. Gates are ranked by their eval value,
+    or by ``rank`` where given (one number per gate, higher keeps, in the order of the layers' rows
+    then columns, e.g. :meth:`finegates.saliency.GateSaliency.ranking`; ties broken by value). Sets
+    the logits (closed: at most ``atanh(-0.5)``; reopened: the eval value mirrored to ``|v|``) and
+    returns ``dict(closed, reopened, newly_closed, removed_fraction)``."""
     layers = [m for m in model.modules() if isinstance(m, GatedLinear)]
     sizes = [(m, m.out_features, m.in_features) for m in layers]
     values = torch.cat([torch.cat((m.row_gates.mu(), m.col_gates.mu())).float().cpu() + 0.5 for m in layers])
     order = torch.argsort(values, stable=True)
+    if rank is not None:
+        rank = rank.detach().float().cpu().reshape(-1)
+        if rank.numel() != values.numel() or not torch.isfinite(rank).all():
+            raise ValueError(f"close_to_budget: rank must hold {values.numel()} finite numbers (one per gate), got "
+                             f"{rank.numel()}" + ("" if rank.numel() != values.numel() else " with NaN or inf"))
+        order = order[torch.argsort(rank[order], stable=True)]
 
     def removed(k: int) -> float:
         return 1.0 - kept_fraction(model, _masks_closing(order, k, sizes))

@@ -100,7 +100,8 @@ class FineGatesConfig(_JsonRecord):
 
 
 
-_CHOICES = {"sparsity_objective": ("budget", "reference"), "sparsity_ramp": ("linear", "cubic")}
+_CHOICES = {"sparsity_objective": ("budget", "reference"), "sparsity_ramp": ("linear", "cubic"),
+            "closure_rank": ("value", "saliency")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +134,7 @@ class TrainOptions(_JsonRecord):
     kurtosis: bool = False
     recovery_steps: Optional[int] = 0
     recovery_lr: float = 0.5
+    closure_rank: str = "value"
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
     logging_steps: int = 50
@@ -153,6 +155,8 @@ class TrainOptions(_JsonRecord):
         _require(self, "distill_temperature", self.distill_temperature > 0, "a number > 0")
         for name, allowed in _CHOICES.items():
             _require(self, name, getattr(self, name) in allowed, "one of " + ", ".join(allowed))
+        _require(self, "closure_rank", self.closure_rank == "value" or self.sparsity_objective == "budget",
+                 "'value' with the reference objective (it has no exact closure to rank)")
 
     @classmethod
     def from_namespace(cls, namespace: Any) -> "TrainOptions":

@@ -34,6 +34,7 @@ from .config import TrainOptions
 from .layers import GatedLinear
 from .loss import OBJECTIVES, BudgetObjective, ReferenceObjective, SparsitySchedule
 from .report import keep_fraction
+from .saliency import CLOSURE_RANKS, GateSaliency
 from .sparsify import gated_layers, param_groups
 
 __all__ = ["FineGatesTrainer"]
@@ -56,7 +57,7 @@ class _AfterStep(TrainerCallback):
 # their defaults.
 _SPARSITY_DEFAULTS = dict(sparsity_objective="budget", sparsity_lambda=5.0, sparsity_start=0, sparsity_warmup=0,
                           sparsity_ramp="linear", budget_penalty=50.0, budget_multiplier_lr=1.0, recovery_steps=0,
-                          recovery_lr=0.5, kurtosis=False)
+                          recovery_lr=0.5, kurtosis=False, closure_rank="value")
 
 
 def _sparsity_settings(options: TrainOptions) -> dict:
@@ -100,6 +101,12 @@ class FineGatesTrainer(Trainer):
         else:
             self.objective = ReferenceObjective(s.kurtosis)
             self.sparsity_schedule = SparsitySchedule(s.sparsity_lambda, s.sparsity_start, s.sparsity_warmup, s.sparsity_ramp)
+        if s.closure_rank not in CLOSURE_RANKS:
+            raise ValueError(f"FineGatesTrainer: closure_rank must be one of {CLOSURE_RANKS}, got {s.closure_rank!r}")
+        if s.closure_rank == "saliency" and self.controller is None:
+            raise ValueError("FineGatesTrainer: closure_rank='saliency' ranks the budget's exact closure; the reference "
+                             "objective has none")
+        self.saliency = GateSaliency(self.model) if s.closure_rank == "saliency" else None
         self._layers = [m for m in layers if m.target_sparsity is not None]
         self._last_sparsity: Optional[float] = None
         self._last_lambda = 0.0
@@ -179,8 +186,9 @@ class FineGatesTrainer(Trainer):
         if self._frozen:
             return
         raw = self.accelerator.unwrap_model(self.model)
+        rank = self.saliency.final_ranking(self.accelerator) if self.saliency is not None else None
         if self.controller is not None and closing:
-            close_to_budget(raw, self.controller.target_sparsity)
+            close_to_budget(raw, self.controller.target_sparsity, rank=rank)
         for m in raw.modules():
             if isinstance(m, GatedLinear):
                 m.row_gates.sigma = m.col_gates.sigma = 0.0

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Optional
+from collections import OrderedDict
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 import fg_kernels
 
@@ -108,6 +110,15 @@ class GatedLinear(nn.Module):
         # Kurtosis weighting (reference --kurt), enabled by sparsify(kurtosis=True).
         self.kurtosis_tau: Optional[float] = None
         self.kurtosis_state = None  # (row weights, col weights, rows, cols) of the last training forward
+        self._gate_hooks: "OrderedDict[int, Callable]" = OrderedDict()
+
+    def register_gate_hook(self, hook: Callable[["GatedLinear", Tensor, Tensor], None]) -> RemovableHandle:
+        """``hook(layer, row, col)`` is called in every forward with the gate values it computes
+        with (before any cast), e.g. to register a gradient hook on them. Returns a handle whose
+        ``remove()`` takes it off."""
+        handle = RemovableHandle(self._gate_hooks)
+        self._gate_hooks[handle.id] = hook
+        return handle
 
     def dense_module(self) -> nn.Module:
         """The plain layer this one gates (``nn.Linear``, or ``Conv1D``) on the same weight and bias
@@ -137,6 +148,8 @@ class GatedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         row, col = self.gate_values()
+        for hook in self._gate_hooks.values():
+            hook(self, row, col)
         if not (x.dtype == torch.bfloat16 and row.dtype == torch.float32):
             row = row.to(x.dtype)
             col = col.to(x.dtype)

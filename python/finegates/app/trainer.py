@@ -40,6 +40,7 @@ from ..loss import BudgetObjective, ReferenceObjective, SparsitySchedule
 from ..files import follow_umask
 from .outputs import StepLog
 from ..report import keep_fraction
+from ..saliency import GateSaliency
 from .run_dir import CHECKPOINT_RE
 from ..sparsify import gated_layers
 from ..config import TrainOptions
@@ -374,13 +375,14 @@ class _GateControl:
         self.reference_keep = 1.0 - opts.target_sparsity
         self.freeze_at = loop.max_steps - loop.recovery_steps if gated and loop.recovery_steps else None
         self.frozen = False
+        self.saliency = GateSaliency(raw_model) if budget and opts.closure_rank == "saliency" else None
 
     def before_step(self, step: int) -> float:
         if not self.gated:
             return 0.0
         if self.freeze_at is not None and step >= self.freeze_at:
             if not self.frozen:
-                _freeze_gates(self.raw_model, self.controller, step == self.freeze_at, self.accelerator)
+                _freeze_gates(self.raw_model, self.controller, step == self.freeze_at, self.accelerator, self.saliency)
                 self.frozen = True
             return 0.0
         return self.controller.weight(step) if self.controller else self.lam_of(step)
@@ -407,18 +409,21 @@ class _GateControl:
     def finish(self, step: int) -> None:
         """Without a recovery phase the budget's exact closure comes after the last step."""
         if self.controller is not None and not self.frozen:
-            _freeze_gates(self.raw_model, self.controller, True, self.accelerator)
+            _freeze_gates(self.raw_model, self.controller, True, self.accelerator, self.saliency)
             self.frozen = True
 
 
-def _freeze_gates(raw_model: nn.Module, controller: Optional[BudgetController], closing: bool, accelerator) -> None:
+def _freeze_gates(raw_model: nn.Module, controller: Optional[BudgetController], closing: bool, accelerator,
+                  saliency: Optional[GateSaliency] = None) -> None:
     """The recovery phase (``--recovery-steps``): with the budget objective the gates are first closed
-    exactly to the requested size (``closing``: not again when resuming past the freeze); then they
-    keep their deterministic values (no noise; their learning rate is 0 from here, see
+    exactly to the requested size (``closing``: not again when resuming past the freeze), ranked by
+    ``saliency`` where given (averaged over the processes, so that all close the same gates); then
+    they keep their deterministic values (no noise; their learning rate is 0 from here, see
     :func:`_scheduler`), so the head and adapters adapt to the model compaction will keep."""
+    rank = saliency.final_ranking(accelerator) if saliency is not None else None
     if controller is not None and closing:
         with full_gates(raw_model, write_back=True):
-            done = close_to_budget(raw_model, controller.target_sparsity)
+            done = close_to_budget(raw_model, controller.target_sparsity, rank=rank)
         accelerator.print(
             f"finegates: gates frozen at {100 * done['removed_fraction']:.2f}% removed ({done['newly_closed']} closed, "
             f"{done['reopened']} reopened at the freeze)"
@@ -457,6 +462,8 @@ def train(
     gates = _GateControl(opts, loop, accelerator.unwrap_model(loop.objective).model, gated, accelerator)
     if gates.controller is not None:
         accelerator.register_for_checkpointing(gates.controller)
+    if gates.saliency is not None:
+        accelerator.register_for_checkpointing(gates.saliency)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         accelerator.print(f"finegates: resumed from {resume_from} (step {state.step})")

@@ -1,0 +1,89 @@
+"""Task saliency of the gates: which gates the task needs, for the budget's exact closure to rank by.
+
+A gate's value ``g`` scales its row or column; closing it sets ``g`` to 0. The first-order Taylor
+estimate of the loss change is ``-g * dL/dg``, and its square averaged over batches (Molchanov et
+al., "Importance Estimation for Neural Network Pruning", 2019) is the saliency::
+
+    score <- beta * score + (1 - beta) * (g * dL/dg)^2      (after every training backward)
+
+``dL/dg`` is read from a hook on the gate values themselves, so it is the task's gradient alone (the
+sparsity objective reaches the logits through the keep probabilities, not through ``g``). A closed
+gate (``g = 0``) scores 0. :meth:`GateSaliency.ranking` divides each score by the number of weights
+the gate spans, so that the closure removes the parameters that cost the task least per parameter.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Dict, List
+
+import torch
+from torch import Tensor, nn
+
+from .layers import GatedLinear
+
+__all__ = ["GateSaliency", "CLOSURE_RANKS"]
+
+# How the exact closure orders the gates: by their value tanh(theta) + 0.5, or by task saliency.
+CLOSURE_RANKS = ("value", "saliency")
+
+
+class GateSaliency:
+    """Gathers the saliency of every gate of ``model``'s GatedLinear layers from its training
+    backwards until :meth:`stop`. ``state_dict`` / ``load_state_dict`` carry it through checkpoints."""
+
+    def __init__(self, model: nn.Module, beta: float = 0.99):
+        if not (math.isfinite(beta) and 0.0 <= beta < 1.0):
+            raise ValueError(f"GateSaliency: beta must lie in [0, 1), got {beta!r}")
+        self.beta = float(beta)
+        self.layers: List[GatedLinear] = [m for m in model.modules() if isinstance(m, GatedLinear)]
+        if not self.layers:
+            raise ValueError("GateSaliency: the model has no GatedLinear layer")
+        self.scores: List[List[Tensor]] = [
+            [torch.zeros(m.out_features, dtype=torch.float32, device=m.weight.device),
+             torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)] for m in self.layers]
+        self._handles = [m.register_gate_hook(functools.partial(self._observe, i)) for i, m in enumerate(self.layers)]
+
+    def _observe(self, index: int, layer: GatedLinear, row: Tensor, col: Tensor) -> None:
+        for side, values in enumerate((row, col)):
+            if values.requires_grad:
+                values.register_hook(functools.partial(self._accumulate, index, side, values.detach()))
+
+    @torch.no_grad()
+    def _accumulate(self, index: int, side: int, values: Tensor, grad: Tensor) -> None:
+        taylor = (values.float() * grad.float()).square_()
+        self.scores[index][side].mul_(self.beta).add_(taylor, alpha=1.0 - self.beta)
+
+    def stop(self) -> None:
+        """No more gathering (the gates are frozen): the hooks go, the scores stay."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def ranking(self) -> Tensor:
+        """Every gate's score per weight it spans, flat on the CPU in the order of
+        :func:`finegates.budget.close_to_budget` (layers in module order, rows then columns)."""
+        return torch.cat([torch.cat((rows / m.in_features, cols / m.out_features)).cpu()
+                          for m, (rows, cols) in zip(self.layers, self.scores)])
+
+    def final_ranking(self, accelerator=None) -> Tensor:
+        """For the closure at the freeze: stops gathering and returns :meth:`ranking`, averaged over
+        ``accelerator``'s processes where there are several (each saw its own batches; all must
+        close the same gates). Every process must call it."""
+        self.stop()
+        rank = self.ranking()
+        if accelerator is not None and accelerator.num_processes > 1:
+            rank = accelerator.reduce(rank.to(accelerator.device), reduction="mean").cpu()
+        return rank
+
+    def state_dict(self) -> Dict[str, Any]:
+        return dict(beta=self.beta, scores=[[s.cpu() for s in pair] for pair in self.scores])
+
+    def load_state_dict(self, d: Dict[str, Any]) -> None:
+        if len(d["scores"]) != len(self.scores):
+            raise ValueError(f"GateSaliency: the checkpoint has {len(d['scores'])} layers' scores, the model "
+                             f"{len(self.scores)} gated layers")
+        for pair, saved in zip(self.scores, d["scores"]):
+            for s, v in zip(pair, saved):
+                s.copy_(v)
