@@ -19,7 +19,8 @@ Variants, on the same weights and inputs:
 
 ``fg``
     ``finegates.sparsify(lora_rank=8, lora_alpha=16)``: gates and LoRA inside them, loss = task loss
-    + 0.1 x the default size-budget objective (``BudgetObjective``, as the training loop adds it).
+    + 0.1 x the default size-budget objective, through the training loop's own forward
+    (``finegates.app.trainer.Objective``: every gate sampled in one batched pass, then the model).
 ``fg-gates``
     the same without LoRA (gates only, as pretraining and the reference's "gates only" runs).
 ``masked``
@@ -70,6 +71,7 @@ import finegates  # noqa: E402
 from bench.harness import LOCK, environment_record, hold_machine  # noqa: E402
 from finegates import Gates, GatedLinear  # noqa: E402
 from finegates.layers import set_submodule  # noqa: E402
+from finegates.app.trainer import Objective  # noqa: E402
 from finegates.loss import BudgetObjective  # noqa: E402
 
 THREADS = 2
@@ -249,21 +251,23 @@ def make_step(variant: str, net: nn.Module, batch: Dict[str, Tensor]) -> Callabl
     from torch.profiler import record_function
 
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3, fused=True)
-    objective = BudgetObjective(net) if variant.startswith("fg") else None
-    layers = [m for m in net.modules() if isinstance(m, GatedLinear)]
+    objective = Objective(net, BudgetObjective(net)) if variant.startswith("fg") else None
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        loss = net(**batch).loss
-        with record_function("sparsity+gates"):  # a label for breakdown()
-            if objective is not None:
-                loss = loss + LAMBDA * objective.combine({m: objective.term(m) for m in layers})
-            elif variant == "masked":
-                loss = loss + LAMBDA * masked_sparsity_loss(net)
+        if objective is not None:  # the training loop's forward: gates sampled in one pass, the budget term
+            out, sp = objective(batch)
+            loss = out.loss + LAMBDA * sp
+        else:
+            loss = net(**batch).loss
+            if variant == "masked":
+                with record_function("sparsity+gates"):  # a label for breakdown()
+                    loss = loss + LAMBDA * masked_sparsity_loss(net)
         loss.backward()
         opt.step()
         return float(loss.detach())
 
+    step.objective = objective  # for breakdown() to label the gate sampling and the budget term
     return step
 
 
@@ -399,8 +403,12 @@ def breakdown(model: str, variant: str, inactive: float, steps: int = 3, seed: i
         step()
     gated = [m for m in net.modules() if isinstance(m, GatedLinear)]
     originals = {m: m.gate_values for m in gated}
-    for m in gated:  # label the gate sampling of every layer
+    for m in gated:  # label the gate sampling of every layer (where the layers sample themselves)
         m.gate_values = (lambda f: lambda: _labelled(record_function, f))(originals[m])
+    if step.objective is not None:  # ... and the batched sampling and the budget term
+        for owner, name in ((step.objective._gate_batch, "sample"), (step.objective.sparsity, "combine")):
+            f = getattr(owner, name)
+            setattr(owner, name, (lambda f: lambda *a: _labelled(record_function, lambda: f(*a)))(f))
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
             step()

@@ -89,6 +89,8 @@ CONFIGS: Dict[str, tuple] = {
                             ["--target-sparsity", "0.4", *GATES_NOW, "--recovery-lr", "1.0"]),
     "fg-budget-40-glr02-distill": ("... 40%, the defaults now, self-distillation (weight 1, T 2)",
                                    ["--target-sparsity", "0.4", *GATES_NOW, "--distill-weight", "1.0"]),
+    "fg-budget-20-glr02": ("... 20%, the defaults now", ["--target-sparsity", "0.2", *GATES_NOW]),
+    "fg-budget-60-glr02": ("... 60%, the defaults now", ["--target-sparsity", "0.6", *GATES_NOW]),
     "fg-budget-40-saliency": ("... 40%, the defaults now, the exact closure ranked by task saliency (--closure-rank saliency)",
                               ["--target-sparsity", "0.4", *GATES_NOW, "--closure-rank", "saliency"]),
     "fg-budget-50-saliency": ("... 50%, the defaults now, the exact closure ranked by task saliency",

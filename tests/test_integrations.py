@@ -106,7 +106,7 @@ def test_gradient_accumulation_weights_the_sparsity_term_once(tmp_path, objectiv
     the gates train, on the sparsity term alone): it is added once per step, not per micro-batch."""
     import finegates.integrations as integrations
 
-    monkeypatch.setattr(integrations, "close_to_budget", lambda model, target: None)  # only the step's movement
+    monkeypatch.setattr(integrations, "close_to_budget", lambda model, target, rank=None: None)  # only the step's movement
     task_loss = transformers.Trainer.compute_loss
 
     def no_task_gradient(self, model, inputs, return_outputs=False, num_items_in_batch=None):

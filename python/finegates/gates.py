@@ -16,7 +16,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Gates"]
+__all__ = ["Gates", "sample_values", "keep_probability"]
+
+
+def raise_if_nan(theta: Tensor) -> None:
+    """NaN logits are an error (a host sync on GPU: callers there check every so many calls)."""
+    if torch.isnan(theta).any():
+        raise ValueError("Gates: the gate logits theta contain NaN (training diverged?); gate values are undefined")
+
+
+def sample_values(mu: Tensor, sigma, straight_through: bool) -> Tensor:
+    """Training gate values ``clamp(mu + 0.5 + eps, 0, 1)``, ``eps ~ N(0, sigma^2)`` (``sigma`` a
+    number, or a tensor of ``mu``'s shape); the gradient rule at the clamp's top as the module
+    docstring says."""
+    noisy = isinstance(sigma, Tensor) or sigma > 0
+    v = mu + 0.5 + torch.randn_like(mu) * sigma if noisy else mu + 0.5
+    if straight_through:
+        return torch.clamp(v, min=0.0) - torch.clamp(v.detach() - 1.0, min=0.0)
+    return torch.clamp(v, 0.0, 1.0)
+
+
+def keep_probability(mu: Tensor) -> Tensor:
+    """``P(g > 0) = 1 - Phi((-0.5 - mu) / 0.5) = Phi(2 mu + 1)`` (the second form is two fewer ops)."""
+    return torch.special.ndtr(mu.mul(2.0).add_(1.0))
 
 
 class Gates(nn.Module):
@@ -62,10 +84,7 @@ class Gates(nn.Module):
             self._calls = getattr(self, "_calls", 0) + 1
             if self._calls % self.CUDA_CHECK_EVERY != 1:
                 return
-        if torch.isnan(self.theta).any():
-            raise ValueError(
-                "Gates: the gate logits theta contain NaN (training diverged?); gate values are undefined"
-            )
+        raise_if_nan(self.theta)
 
     def values(self) -> Tensor:
         """Sampled gate values in training mode, deterministic ``clamp(mu + 0.5, 0, 1)`` in eval."""
@@ -73,10 +92,7 @@ class Gates(nn.Module):
         mu = self.mu()
         if not self.training:
             return torch.clamp(mu + 0.5, 0.0, 1.0)
-        v = mu + 0.5 + torch.randn_like(mu) * self.sigma if self.sigma > 0 else mu + 0.5
-        if self.straight_through:
-            return torch.clamp(v, min=0.0) - torch.clamp(v.detach() - 1.0, min=0.0)
-        return torch.clamp(v, 0.0, 1.0)
+        return sample_values(mu, self.sigma, self.straight_through)
 
     def eval_values(self) -> Tensor:
         """Deterministic gate values regardless of the module's mode."""
@@ -84,9 +100,8 @@ class Gates(nn.Module):
         return torch.clamp(self.mu() + 0.5, 0.0, 1.0)
 
     def keep_probability(self) -> Tensor:
-        """``P(g > 0) = 1 - Phi((-0.5 - mu) / 0.5) = Phi(2 mu + 1)`` per gate (differentiable in theta;
-        the second form is two fewer ops per gate vector and step)."""
-        return torch.special.ndtr(self.mu().mul(2.0).add_(1.0))
+        """``P(g > 0)`` per gate (differentiable in theta), :func:`keep_probability`."""
+        return keep_probability(self.mu())
 
     @torch.no_grad()
     def active(self) -> Tensor:

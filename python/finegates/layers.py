@@ -111,6 +111,7 @@ class GatedLinear(nn.Module):
         self.kurtosis_tau: Optional[float] = None
         self.kurtosis_state = None  # (row weights, col weights, rows, cols) of the last training forward
         self._gate_hooks: "OrderedDict[int, Callable]" = OrderedDict()
+        self.sampled_gates: Optional[tuple] = None  # (row, col) set by finegates.gate_batch for one forward
 
     def register_gate_hook(self, hook: Callable[["GatedLinear", Tensor, Tensor], None]) -> RemovableHandle:
         """``hook(layer, row, col)`` is called in every forward with the gate values it computes
@@ -139,11 +140,14 @@ class GatedLinear(nn.Module):
         return self.weight.t() if self.transposed else self.weight
 
     def gate_values(self):
-        """(row, col) gate values, sampled in this order when training; all ones inside
-        :func:`gates_open` (the teacher of self-distillation: no gate noise drawn)."""
+        """(row, col) gate values, sampled in this order when training (or sampled for this forward
+        by :class:`finegates.gate_batch.GateBatch`); all ones inside :func:`gates_open` (the teacher
+        of self-distillation: no gate noise drawn)."""
         if self.gates_forced_open:
             ones = torch.ones((), dtype=self.row_gates.theta.dtype, device=self.row_gates.theta.device)
             return ones.expand(self.out_features), ones.expand(self.in_features)
+        if self.sampled_gates is not None and self.training:
+            return self.sampled_gates
         return self.row_gates.values(), self.col_gates.values()
 
     def forward(self, x: Tensor) -> Tensor:

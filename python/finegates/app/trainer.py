@@ -39,6 +39,7 @@ from ..layers import GatedLinear, gates_open
 from ..loss import BudgetObjective, ReferenceObjective, SparsitySchedule
 from ..files import follow_umask
 from .outputs import StepLog
+from ..gate_batch import GateBatch
 from ..report import keep_fraction
 from ..saliency import GateSaliency
 from .run_dir import CHECKPOINT_RE
@@ -55,7 +56,9 @@ class Objective(nn.Module):
 
     ``sparsity`` (:class:`~finegates.loss.BudgetObjective` or :class:`~finegates.loss.ReferenceObjective`)
     gets each layer's term from a forward hook while that layer runs: under FSDP a layer's gate
-    logits are only materialised during its own forward."""
+    logits are only materialised during its own forward. Elsewhere a training forward samples every
+    gate in one batched pass first (:class:`~finegates.gate_batch.GateBatch`), and the budget reads
+    its keep probabilities from there."""
 
     def __init__(self, model: nn.Module, sparsity=None, distill_weight: float = 0.0, distill_temperature: float = 1.0):
         super().__init__()
@@ -65,6 +68,8 @@ class Objective(nn.Module):
         self.gated = sparsity is not None
         self._terms: Optional[Dict[nn.Module, Any]] = None
         self._layers: List[GatedLinear] = []
+        self._gate_batch = GateBatch(model) if sparsity is not None else None
+        self._batch_usable: Optional[bool] = None
         if sparsity is not None:
             reference = isinstance(sparsity, ReferenceObjective)
             for m in model.modules():
@@ -95,22 +100,38 @@ class Objective(nn.Module):
         t_log = torch.log_softmax(teacher.float().flatten(0, -2) / t, -1)
         return torch.nn.functional.kl_div(s_log, t_log, log_target=True, reduction="batchmean") * t * t
 
+    def _sample_gates(self) -> Optional[Dict[nn.Module, Any]]:
+        """In a training forward, every gate sampled in one batched pass (where the model allows it:
+        :class:`~finegates.gate_batch.GateBatch`); returns the keep probabilities, or None when the
+        layers sample themselves."""
+        if self._gate_batch is None or not (self.training and torch.is_grad_enabled()):
+            return None
+        if self._batch_usable is None:  # decided at the first training forward: after FSDP has sharded
+            self._batch_usable = self._gate_batch.usable()
+        return self._gate_batch.sample() if self._batch_usable else None
+
     def forward(self, batch: Dict[str, torch.Tensor], with_sparsity: bool = True):
         want = self.gated and with_sparsity
         distill = want and self.distill_weight > 0 and self.training
         teacher = self._teacher_logits(batch) if distill else None
-        self._terms = {} if want else None
+        probs = self._sample_gates()
+        from_batch = want and probs is not None and isinstance(self.sparsity, BudgetObjective)
+        self._terms = {} if want and not from_batch else None
         try:
             out = self.model(**batch)
             if teacher is not None:
                 out.loss = out.loss + self.distill_weight * self.distillation(out.logits, teacher)
             sp = None
-            if want:
+            if from_batch:
+                sp = self.sparsity.combine(probs)
+            elif want:
                 if len(self._terms) != len(self._layers):  # some gated layer did not run: read them all
                     self._terms = {m: self.sparsity.term(m) for m in self._layers}
                 sp = self.sparsity.combine(self._terms)
         finally:
             self._terms = None
+            if probs is not None:
+                self._gate_batch.clear()
         return out, sp
 
 
