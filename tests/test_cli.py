@@ -474,6 +474,8 @@ def test_train_options_refuse_a_saliency_closure_without_the_budget():
 
     with pytest.raises(ValueError, match=r"TrainOptions\.closure_rank must be 'value' with the reference objective"):
         TrainOptions(sparsity_objective="reference", closure_rank="saliency")
+    assert TrainOptions().closure_rank == "saliency"  # the default: saliency with the budget...
+    assert TrainOptions(sparsity_objective="reference").closure_rank == "value"  # ...value with the reference
 
 
 def test_the_training_loop_takes_train_options_only():

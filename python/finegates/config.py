@@ -104,6 +104,15 @@ _CHOICES = {"sparsity_objective": ("budget", "reference"), "sparsity_ramp": ("li
             "closure_rank": ("value", "saliency")}
 
 
+def default_closure_rank(closure_rank: Optional[str], sparsity_objective: str) -> Optional[str]:
+    """``closure_rank`` None: task saliency with the budget objective (it closes to the requested
+    size at 1-2 points more accuracy than ranking by gate value on MiniLM/SST-2), ``"value"``
+    with the reference objective (which has no exact closure); a given value unchanged."""
+    if closure_rank is not None:
+        return closure_rank
+    return "saliency" if sparsity_objective == "budget" else "value"
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainOptions(_JsonRecord):
     """What a training run reads besides the model: the command line's training loop all of it
@@ -134,7 +143,7 @@ class TrainOptions(_JsonRecord):
     kurtosis: bool = False
     recovery_steps: Optional[int] = 0
     recovery_lr: float = 0.5
-    closure_rank: str = "value"
+    closure_rank: Optional[str] = None  # None: default_closure_rank
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
     logging_steps: int = 50
@@ -153,6 +162,7 @@ class TrainOptions(_JsonRecord):
         _require(self, "target_sparsity", 0.0 <= self.target_sparsity < 1.0, "a fraction in [0, 1)")
         _require(self, "recovery_lr", 0.0 <= self.recovery_lr <= 1.0, "a fraction in [0, 1]")
         _require(self, "distill_temperature", self.distill_temperature > 0, "a number > 0")
+        object.__setattr__(self, "closure_rank", default_closure_rank(self.closure_rank, self.sparsity_objective))
         for name, allowed in _CHOICES.items():
             _require(self, name, getattr(self, name) in allowed, "one of " + ", ".join(allowed))
         _require(self, "closure_rank", self.closure_rank == "value" or self.sparsity_objective == "budget",

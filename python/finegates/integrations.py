@@ -30,7 +30,7 @@ from transformers import Trainer, TrainerCallback
 import fg_kernels
 
 from .budget import BudgetController, close_to_budget, with_recovery
-from .config import TrainOptions
+from .config import TrainOptions, default_closure_rank
 from .layers import GatedLinear
 from .loss import OBJECTIVES, BudgetObjective, ReferenceObjective, SparsitySchedule
 from .report import keep_fraction
@@ -57,7 +57,7 @@ class _AfterStep(TrainerCallback):
 # their defaults.
 _SPARSITY_DEFAULTS = dict(sparsity_objective="budget", sparsity_lambda=5.0, sparsity_start=0, sparsity_warmup=0,
                           sparsity_ramp="linear", budget_penalty=50.0, budget_multiplier_lr=1.0, recovery_steps=0,
-                          recovery_lr=0.5, kurtosis=False, closure_rank="value")
+                          recovery_lr=0.5, kurtosis=False, closure_rank=None)
 
 
 def _sparsity_settings(options: TrainOptions) -> dict:
@@ -101,6 +101,7 @@ class FineGatesTrainer(Trainer):
         else:
             self.objective = ReferenceObjective(s.kurtosis)
             self.sparsity_schedule = SparsitySchedule(s.sparsity_lambda, s.sparsity_start, s.sparsity_warmup, s.sparsity_ramp)
+        s.closure_rank = default_closure_rank(s.closure_rank, s.sparsity_objective)
         if s.closure_rank not in CLOSURE_RANKS:
             raise ValueError(f"FineGatesTrainer: closure_rank must be one of {CLOSURE_RANKS}, got {s.closure_rank!r}")
         if s.closure_rank == "saliency" and self.controller is None:

@@ -124,10 +124,10 @@ def _sparsity_options(p: argparse.ArgumentParser, *, gate_lr: float, lam: float,
     g.add_argument("--recovery-lr", type=_number(float, lo=0.0, hi=1.0, hi_open=False), default=0.5,
                    help="learning rate of the recovery phase, as a fraction of the peak, decaying linearly to 0 "
                         "(default 0.5)")
-    g.add_argument("--closure-rank", default="value", choices=["value", "saliency"],
+    g.add_argument("--closure-rank", default=None, choices=["value", "saliency"],
                    help="budget objective: how the exact closure at the freeze ranks the gates: by value, or by task "
                         "saliency (the squared first-order Taylor estimate (g * dL/dg)^2 per weight, averaged over "
-                        "the training steps before the freeze) (default value)")
+                        "the training steps before the freeze) (default saliency; value with the reference objective)")
     g.add_argument("--distill-weight", type=_nonneg_float, default=0.0,
                    help="self-distillation: weight of the KL divergence from the same model with its gates open (one "
                         "extra no-grad forward per step) (default 0: off)")
