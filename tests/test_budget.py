@@ -151,11 +151,16 @@ def test_close_to_budget_lands_within_one_unit(family, target):
     assert sum(p.numel() for p in model.parameters()) == rep["params_compact"]
 
 
-def test_close_to_budget_closes_the_lowest_gates():
+def _ten_by_ten():
+    """One gated 10 x 10 Linear (no bias): each row or column is 10% of the gated parameters."""
     torch.manual_seed(0)
     model = finegates.sparsify(nn.Sequential(nn.Linear(10, 10, bias=False)), target_sparsity=0.5,
                                target_modules=["0"], verbose=False)
-    layer = model[0]
+    return model, model[0]
+
+
+def test_close_to_budget_closes_the_lowest_gates():
+    model, layer = _ten_by_ten()
     with torch.no_grad():
         layer.row_gates.theta.copy_(torch.linspace(-2, 2, 10))  # rows 0..3 closed (tanh < -0.5)
         layer.col_gates.theta.fill_(3.0)
@@ -293,10 +298,7 @@ def test_saliency_ignores_no_grad_forwards_and_survives_a_checkpoint():
 
 
 def test_close_to_budget_by_rank_closes_the_lowest_ranked():
-    torch.manual_seed(0)
-    model = finegates.sparsify(nn.Sequential(nn.Linear(10, 10, bias=False)), target_sparsity=0.5,
-                               target_modules=["0"], verbose=False)
-    layer = model[0]
+    model, layer = _ten_by_ten()
     with torch.no_grad():
         layer.row_gates.theta.copy_(torch.linspace(2, 1, 10))  # values fall along the rows...
         layer.col_gates.theta.fill_(3.0)

@@ -100,17 +100,25 @@ class FineGatesConfig(_JsonRecord):
 
 
 
-_CHOICES = {"sparsity_objective": ("budget", "reference"), "sparsity_ramp": ("linear", "cubic"),
-            "closure_rank": ("value", "saliency")}
+_CHOICES = {"sparsity_objective": ("budget", "reference"), "sparsity_ramp": ("linear", "cubic")}
+
+# How the budget's exact closure orders the gates: by their value tanh(theta) + 0.5, or by task saliency.
+CLOSURE_RANKS = ("value", "saliency")
 
 
-def default_closure_rank(closure_rank: Optional[str], sparsity_objective: str) -> Optional[str]:
-    """``closure_rank`` None: task saliency with the budget objective (it closes to the requested
-    size at 1-2 points more accuracy than ranking by gate value on MiniLM/SST-2), ``"value"``
-    with the reference objective (which has no exact closure); a given value unchanged."""
-    if closure_rank is not None:
-        return closure_rank
-    return "saliency" if sparsity_objective == "budget" else "value"
+def closure_rank_for(closure_rank: Optional[str], sparsity_objective: str, owner: str) -> str:
+    """The closure rank a run uses: None is task saliency with the budget objective (it closes to
+    the requested size at 1-2 points more accuracy than ranking by gate value on MiniLM/SST-2) and
+    ``"value"`` with the reference objective (which has no exact closure to rank). ValueError,
+    naming ``owner`` (e.g. ``"TrainOptions."``), for anything else or saliency without the budget."""
+    if closure_rank is None:
+        return "saliency" if sparsity_objective == "budget" else "value"
+    if closure_rank not in CLOSURE_RANKS:
+        raise ValueError(f"{owner}closure_rank must be one of {', '.join(CLOSURE_RANKS)}, got {closure_rank!r}")
+    if closure_rank == "saliency" and sparsity_objective != "budget":
+        raise ValueError(f"{owner}closure_rank must be 'value' with the reference objective (it has no exact "
+                         f"closure to rank), got {closure_rank!r}")
+    return closure_rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +151,7 @@ class TrainOptions(_JsonRecord):
     kurtosis: bool = False
     recovery_steps: Optional[int] = 0
     recovery_lr: float = 0.5
-    closure_rank: Optional[str] = None  # None: default_closure_rank
+    closure_rank: Optional[str] = None  # None: closure_rank_for's default
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
     logging_steps: int = 50
@@ -162,11 +170,10 @@ class TrainOptions(_JsonRecord):
         _require(self, "target_sparsity", 0.0 <= self.target_sparsity < 1.0, "a fraction in [0, 1)")
         _require(self, "recovery_lr", 0.0 <= self.recovery_lr <= 1.0, "a fraction in [0, 1]")
         _require(self, "distill_temperature", self.distill_temperature > 0, "a number > 0")
-        object.__setattr__(self, "closure_rank", default_closure_rank(self.closure_rank, self.sparsity_objective))
         for name, allowed in _CHOICES.items():
             _require(self, name, getattr(self, name) in allowed, "one of " + ", ".join(allowed))
-        _require(self, "closure_rank", self.closure_rank == "value" or self.sparsity_objective == "budget",
-                 "'value' with the reference objective (it has no exact closure to rank)")
+        object.__setattr__(self, "closure_rank", closure_rank_for(self.closure_rank, self.sparsity_objective,
+                                                                  "TrainOptions."))
 
     @classmethod
     def from_namespace(cls, namespace: Any) -> "TrainOptions":

@@ -21,7 +21,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import Tensor, nn
 
-from .gates import Gates, keep_probability, raise_if_nan, sample_values
+from .gates import Gates, check_finite, keep_probability, sample_values
 from .layers import GatedLinear
 
 __all__ = ["GateBatch"]
@@ -35,7 +35,6 @@ class GateBatch:
         self.layers: List[GatedLinear] = [m for m in model.modules() if isinstance(m, GatedLinear)]
         self.vectors: List[Gates] = [g for m in self.layers for g in (m.row_gates, m.col_gates)]
         self.sizes = [g.size for g in self.vectors]
-        self._calls = 0
 
     def usable(self) -> bool:
         """Every logit a plain tensor (no FSDP shard), all on one device in one dtype, one gradient rule."""
@@ -57,9 +56,7 @@ class GateBatch:
         """Samples every gate (training values) into its layer and returns ``{layer: (row keep
         probabilities, column keep probabilities)}`` for the sparsity objective."""
         theta = torch.cat([g.theta for g in self.vectors])
-        self._calls += 1
-        if not torch.compiler.is_compiling() and (not theta.is_cuda or self._calls % Gates.CUDA_CHECK_EVERY == 1):
-            raise_if_nan(theta)
+        check_finite(self, theta)
         mu = torch.tanh(theta)
         values = sample_values(mu, self._sigma(mu), self.vectors[0].straight_through).split(self.sizes)
         keep = keep_probability(mu).split(self.sizes)

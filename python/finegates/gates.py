@@ -19,8 +19,17 @@ from torch import Tensor, nn
 __all__ = ["Gates", "sample_values", "keep_probability"]
 
 
-def raise_if_nan(theta: Tensor) -> None:
-    """NaN logits are an error (a host sync on GPU: callers there check every so many calls)."""
+def check_finite(owner, theta: Tensor) -> None:
+    """NaN logits are an error (DESIGN: "NaN gates are an error in the layer"). The check costs a
+    host sync on GPU, so there it runs every ``Gates.CUDA_CHECK_EVERY`` calls of ``owner`` (which
+    counts them); under ``torch.compile`` it is skipped (a data-dependent branch would break the
+    graph) and the NaN shows in the loss instead."""
+    if torch.compiler.is_compiling():
+        return
+    if theta.is_cuda:
+        owner._calls = getattr(owner, "_calls", 0) + 1
+        if owner._calls % Gates.CUDA_CHECK_EVERY != 1:
+            return
     if torch.isnan(theta).any():
         raise ValueError("Gates: the gate logits theta contain NaN (training diverged?); gate values are undefined")
 
@@ -74,17 +83,7 @@ class Gates(nn.Module):
     CUDA_CHECK_EVERY = 64
 
     def _check_finite(self) -> None:
-        """NaN logits are an error (DESIGN: "NaN gates are an error in the layer"). The check costs
-        a host sync on GPU, so there it runs every ``CUDA_CHECK_EVERY`` calls; under
-        ``torch.compile`` it is skipped (a data-dependent branch would break the graph) and the
-        NaN shows in the loss instead."""
-        if torch.compiler.is_compiling():
-            return
-        if self.theta.is_cuda:
-            self._calls = getattr(self, "_calls", 0) + 1
-            if self._calls % self.CUDA_CHECK_EVERY != 1:
-                return
-        raise_if_nan(self.theta)
+        check_finite(self, self.theta)
 
     def values(self) -> Tensor:
         """Sampled gate values in training mode, deterministic ``clamp(mu + 0.5, 0, 1)`` in eval."""

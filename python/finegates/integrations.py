@@ -30,11 +30,11 @@ from transformers import Trainer, TrainerCallback
 import fg_kernels
 
 from .budget import BudgetController, close_to_budget, with_recovery
-from .config import TrainOptions, default_closure_rank
+from .config import TrainOptions, closure_rank_for
 from .layers import GatedLinear
 from .loss import OBJECTIVES, BudgetObjective, ReferenceObjective, SparsitySchedule
 from .report import keep_fraction
-from .saliency import CLOSURE_RANKS, GateSaliency
+from .saliency import GateSaliency
 from .sparsify import gated_layers, param_groups
 
 __all__ = ["FineGatesTrainer"]
@@ -101,13 +101,8 @@ class FineGatesTrainer(Trainer):
         else:
             self.objective = ReferenceObjective(s.kurtosis)
             self.sparsity_schedule = SparsitySchedule(s.sparsity_lambda, s.sparsity_start, s.sparsity_warmup, s.sparsity_ramp)
-        s.closure_rank = default_closure_rank(s.closure_rank, s.sparsity_objective)
-        if s.closure_rank not in CLOSURE_RANKS:
-            raise ValueError(f"FineGatesTrainer: closure_rank must be one of {CLOSURE_RANKS}, got {s.closure_rank!r}")
-        if s.closure_rank == "saliency" and self.controller is None:
-            raise ValueError("FineGatesTrainer: closure_rank='saliency' ranks the budget's exact closure; the reference "
-                             "objective has none")
-        self.saliency = GateSaliency(self.model) if s.closure_rank == "saliency" else None
+        closure_rank = closure_rank_for(s.closure_rank, s.sparsity_objective, "FineGatesTrainer: ")
+        self.saliency = GateSaliency(self.model) if closure_rank == "saliency" else None
         self._layers = [m for m in layers if m.target_sparsity is not None]
         self._last_sparsity: Optional[float] = None
         self._last_lambda = 0.0

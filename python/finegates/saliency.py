@@ -23,10 +23,7 @@ from torch import Tensor, nn
 
 from .layers import GatedLinear
 
-__all__ = ["GateSaliency", "CLOSURE_RANKS"]
-
-# How the exact closure orders the gates: by their value tanh(theta) + 0.5, or by task saliency.
-CLOSURE_RANKS = ("value", "saliency")
+__all__ = ["GateSaliency"]
 
 
 class GateSaliency:

@@ -27,7 +27,7 @@ from typing import List, Optional
 from .errors import UsageError
 from .glue import GLUE_TASKS
 from ..loss import OBJECTIVES
-from ..config import GATE_GRADIENTS
+from ..config import CLOSURE_RANKS, GATE_GRADIENTS
 from .run_dir import RunDir
 
 __all__ = ["main", "build_parser", "DEFAULT_OUTPUT_ROOT"]
@@ -124,7 +124,7 @@ def _sparsity_options(p: argparse.ArgumentParser, *, gate_lr: float, lam: float,
     g.add_argument("--recovery-lr", type=_number(float, lo=0.0, hi=1.0, hi_open=False), default=0.5,
                    help="learning rate of the recovery phase, as a fraction of the peak, decaying linearly to 0 "
                         "(default 0.5)")
-    g.add_argument("--closure-rank", default=None, choices=["value", "saliency"],
+    g.add_argument("--closure-rank", default=None, choices=list(CLOSURE_RANKS),
                    help="budget objective: how the exact closure at the freeze ranks the gates: by value, or by task "
                         "saliency (the squared first-order Taylor estimate (g * dL/dg)^2 per weight, averaged over "
                         "the training steps before the freeze) (default saliency; value with the reference objective)")
