@@ -270,6 +270,7 @@ def test_saliency_is_the_squared_taylor_estimate_averaged():
     xs = [torch.randn(4, 7), torch.randn(3, 7)]
     for x in xs:
         model(x).sum().backward()
+        sal.step()
     (r1, c1), (r2, c2) = (_taylor(model, x) for x in xs)
     rows, cols = sal.scores[0]
     torch.testing.assert_close(rows, 0.25 * (0.75 * r1 + r2))
@@ -277,8 +278,30 @@ def test_saliency_is_the_squared_taylor_estimate_averaged():
     assert bool((rows[:2] == 0).all()) and bool((rows[2:] > 0).all())  # the two closed rows score 0
     torch.testing.assert_close(sal.ranking(), torch.cat((rows / 7, cols / 5)))
     sal.stop()
+    before = rows.clone()
     model(xs[0]).sum().backward()
-    assert torch.equal(sal.scores[0][0], rows)  # stopped: no more gathering
+    sal.step()
+    assert torch.equal(sal.scores[0][0], before * 0.75)  # stopped: no more gathering, a step only decays
+
+
+def test_saliency_scores_a_step_as_its_whole_batch():
+    """Micro-batches of one step (accumulation, or the processes of a data-parallel run) add their
+    g * dL/dg before it is squared: two halves score as the whole batch does in one backward."""
+    from finegates.saliency import GateSaliency
+
+    x = torch.randn(6, 7)
+    halves, whole = _one_layer(), _one_layer()
+    by_halves, by_whole = GateSaliency(halves, beta=0.5), GateSaliency(whole, beta=0.5)
+    for part in x.split(3):
+        halves(part).sum().backward()
+    by_halves.step()
+    whole(x).sum().backward()
+    by_whole.step()
+    rows, cols = _taylor(whole, x)
+    for got, want in zip(by_halves.scores[0], (rows, cols)):
+        torch.testing.assert_close(got, 0.5 * want)
+    summed_squares = sum(_taylor(whole, part)[0] for part in x.split(3))
+    assert not torch.allclose(0.5 * summed_squares, by_halves.scores[0][0])  # squaring each half would differ
 
 
 def test_saliency_ignores_no_grad_forwards_and_survives_a_checkpoint():
@@ -290,6 +313,8 @@ def test_saliency_ignores_no_grad_forwards_and_survives_a_checkpoint():
         model(torch.randn(2, 7))
     assert all(bool((s == 0).all()) for s in sal.scores[0])
     model(torch.randn(2, 7)).sum().backward()
+    sal.step()
+    assert bool((sal.scores[0][1] > 0).all())
     again = GateSaliency(_one_layer(seed=1))
     again.load_state_dict(sal.state_dict())
     assert all(torch.equal(a, b) for a, b in zip(again.scores[0], sal.scores[0]))

@@ -170,6 +170,8 @@ class FineGatesTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def _after_step(self, step: int) -> None:
+        if self.saliency is not None and not self._frozen:
+            self.saliency.step(self.accelerator)
         freeze = self._freeze_at()
         if freeze is not None and step >= freeze:
             self._freeze(closing=step == freeze)

@@ -4,10 +4,13 @@ A gate's value ``g`` scales its row or column; closing it sets ``g`` to 0. The f
 estimate of the loss change is ``-g * dL/dg``, and its square averaged over batches (Molchanov et
 al., "Importance Estimation for Neural Network Pruning", 2019) is the saliency::
 
-    score <- beta * score + (1 - beta) * (g * dL/dg)^2      (after every training backward)
+    score <- beta * score + (1 - beta) * (g * dL/dg)^2      (once per optimizer step)
 
 ``dL/dg`` is read from a hook on the gate values themselves, so it is the task's gradient alone (the
-sparsity objective reaches the logits through the keep probabilities, not through ``g``). A closed
+sparsity objective reaches the logits through the keep probabilities, not through ``g``). The
+linear term ``g * dL/dg`` is summed over a step's micro-batches and averaged over the processes
+before it is squared (:meth:`GateSaliency.step`), so the score is that of the whole step's batch:
+two processes, or two accumulated halves, score as one process on the full batch does. A closed
 gate (``g = 0``) scores 0. :meth:`GateSaliency.ranking` divides each score by the number of weights
 the gate spans, so that the closure removes the parameters that cost the task least per parameter.
 """
@@ -40,6 +43,7 @@ class GateSaliency:
         self.scores: List[List[Tensor]] = [
             [torch.zeros(m.out_features, dtype=torch.float32, device=m.weight.device),
              torch.zeros(m.in_features, dtype=torch.float32, device=m.weight.device)] for m in self.layers]
+        self._step_taylor: List[List[Tensor]] = [[torch.zeros_like(s) for s in pair] for pair in self.scores]
         self._handles = [m.register_gate_hook(functools.partial(self._observe, i)) for i, m in enumerate(self.layers)]
 
     def _observe(self, index: int, layer: GatedLinear, row: Tensor, col: Tensor) -> None:
@@ -49,8 +53,22 @@ class GateSaliency:
 
     @torch.no_grad()
     def _accumulate(self, index: int, side: int, values: Tensor, grad: Tensor) -> None:
-        taylor = (values.float() * grad.float()).square_()
-        self.scores[index][side].mul_(self.beta).add_(taylor, alpha=1.0 - self.beta)
+        self._step_taylor[index][side].add_(values.float() * grad.float())
+
+    @torch.no_grad()
+    def step(self, accelerator=None) -> None:
+        """After an optimizer step (every process calls it): the step's summed ``g * dL/dg``,
+        averaged over ``accelerator``'s processes where there are several, enters the scores
+        squared."""
+        flat = torch.cat([t for pair in self._step_taylor for t in pair])
+        if accelerator is not None and accelerator.num_processes > 1:
+            flat = accelerator.reduce(flat.to(accelerator.device), reduction="mean").to(flat.device)
+        offset = 0
+        for pair, taylor in zip(self.scores, self._step_taylor):
+            for score, t in zip(pair, taylor):
+                score.mul_(self.beta).add_(flat[offset:offset + t.numel()].square(), alpha=1.0 - self.beta)
+                t.zero_()
+                offset += t.numel()
 
     def stop(self) -> None:
         """No more gathering (the gates are frozen): the hooks go, the scores stay."""
@@ -65,13 +83,15 @@ class GateSaliency:
                           for m, (rows, cols) in zip(self.layers, self.scores)])
 
     def final_ranking(self, accelerator=None) -> Tensor:
-        """For the closure at the freeze: stops gathering and returns :meth:`ranking`, averaged over
-        ``accelerator``'s processes where there are several (each saw its own batches; all must
-        close the same gates). Every process must call it."""
+        """For the closure at the freeze: stops gathering and returns :meth:`ranking`, the main
+        process's where there are several (their scores agree up to rounding; all must close the
+        same gates). Every process must call it."""
         self.stop()
         rank = self.ranking()
         if accelerator is not None and accelerator.num_processes > 1:
-            rank = accelerator.reduce(rank.to(accelerator.device), reduction="mean").cpu()
+            from accelerate.utils import broadcast
+
+            rank = broadcast(rank.to(accelerator.device), from_process=0).cpu()
         return rank
 
     def state_dict(self) -> Dict[str, Any]:

@@ -409,6 +409,8 @@ class _GateControl:
         return self.controller.weight(step) if self.controller else self.lam_of(step)
 
     def after_step(self, step: int, expected: Optional[float]) -> None:
+        if self.saliency is not None and not self.frozen:
+            self.saliency.step(self.accelerator)
         if self.controller is None or self.frozen or expected is None:
             return
         if not self.controller.measures(step):  # an estimated step reads no gate: nothing to gather
