@@ -145,7 +145,8 @@ def render(out: Path) -> str:
             "| compact = gated accuracy | train time s |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, (what, *_) in CONFIGS.items():
-        ms = [json.loads(p.read_text()) for p in sorted(out.glob(f"{name}-s*/metrics.json"))]
+        ms = [json.loads(p.read_text()) for p in sorted(out.glob(f"{name}-s*/metrics.json"))
+              if p.parent.name[len(name) + 2:].isdigit()]  # not another configuration named name-s...
         if not ms:
             continue
         acc = [m["accuracy"] for m in ms]
