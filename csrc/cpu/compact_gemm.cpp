@@ -1,6 +1,8 @@
 // CPU building blocks: gathers, scatters and the blocked GEMM + fused epilogue.
 #include "compact_gemm.h"
 
+#include "trace.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -316,12 +318,16 @@ void scatter_rows_cols(const at::Tensor& src, const Active& rows, const Active& 
   });
 }
 
-// Up to kOneBlock tokens a layer runs as one block with a multi-threaded BLAS call (per-thread
-// blocks measured 5-15% slower at 512 tokens: each thread's BLAS packs the whole weight); above,
-// blocks of kTokenBlock are shared out by for_token_blocks. Smaller blocks make each thread's BLAS
-// re-pack the weight too often, larger ones let the compact result fall out of cache before the
+// A layer runs as one block with a multi-threaded BLAS call up to kOneBlock tokens, and also while
+// there would be fewer than kBlocksPerThread blocks of kTokenBlock per thread: per-thread blocks make
+// each thread's BLAS pack the whole weight, and with one or two blocks per thread nothing balances a
+// thread that falls behind (at 528 and 768 tokens on 2 threads, 2 and 3 blocks measured 0.5-1 ms
+// slower per forward + backward of a 384x1536 layer than one block; at 1024, 4 blocks ~5% faster).
+// Above, blocks of kTokenBlock are shared out by for_token_blocks. Smaller blocks make each thread's
+// BLAS re-pack the weight too often, larger ones let the compact result fall out of cache before the
 // scatter reads it and leave fewer blocks to balance a busy core with.
 constexpr int64_t kOneBlock = 512;
+constexpr int64_t kBlocksPerThread = 2;
 constexpr int64_t kTokenBlock = 256;
 
 bool fold_lora(at::ScalarType dtype, int64_t M, const Active& rows, const Active& cols, bool reused) {
@@ -341,14 +347,15 @@ int64_t row_grain(int64_t row_elems) {
 int64_t token_block(int64_t M) {
   static const int64_t env_block = [] {
     const char* s = std::getenv("FG_CPU_BLOCK_M");
-    return s ? std::atoll(s) : int64_t{-1};
+    return s && *s ? std::atoll(s) : int64_t{-1};
   }();
-  if (env_block == 0 || (env_block < 0 && M <= kOneBlock)) return std::max<int64_t>(M, 1);
-  const int64_t bm = env_block > 0 ? env_block : kTokenBlock;
-  if (env_block > 0) return std::min<int64_t>(bm, std::max<int64_t>(M, 1));
+  if (env_block > 0) return std::min<int64_t>(env_block, std::max<int64_t>(M, 1));
   // Blocks of equal size: a ragged last block of a few tokens runs its GEMM far below speed
   // (16 of 528 tokens measured at half the per-token rate of the others).
-  const int64_t n = (M + bm - 1) / bm;
+  const int64_t n = (M + kTokenBlock - 1) / kTokenBlock;
+  const bool one = env_block == 0 || M <= kOneBlock ||
+                   (at::get_num_threads() > 1 && n < kBlocksPerThread * at::get_num_threads());
+  if (one) return std::max<int64_t>(M, 1);
   return (M + n - 1) / n;
 }
 
@@ -365,6 +372,7 @@ void compact_linear_forward(const at::Tensor& x2, const CompactLinear& p, at::Te
   const bool lora = p.lora_a_c.defined() && nC > 0;
   const at::Tensor wt = p.weight_c.t();
   auto gemm = [&](const at::Tensor& xb, at::Tensor& hb, bool with_bias) {
+    FG_TRACE("fg::cpu::gemm");
     const int64_t mb = xb.size(0);
     if (nC == 0) {
       // Every input column removed: the GEMM contributes nothing, only the bias remains.
@@ -392,9 +400,13 @@ void compact_linear_forward(const at::Tensor& x2, const CompactLinear& p, at::Te
   // scatter into the active output columns, zeros elsewhere).
   for_token_blocks(M, token_block(M), [&](int64_t m0, int64_t mb) {
     at::Tensor xb = mb == M ? x2 : x2.narrow(0, m0, mb);
-    if (!cols.all) xb = gather_cols(xb, cols, {});
+    if (!cols.all) {
+      FG_TRACE("fg::cpu::gather_x");
+      xb = gather_cols(xb, cols, {});
+    }
     at::Tensor hb = at::empty({mb, ldh}, out.options());
     gemm(xb, hb, false);
+    FG_TRACE("fg::cpu::epilogue");
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fg_epilogue", [&] {
       const scalar_t* b = p.bias_c.defined() ? p.bias_c.data_ptr<scalar_t>() : nullptr;
       scatter_block<scalar_t>(hb.data_ptr<scalar_t>(), ldh, mb, rows, nullptr, b,

@@ -6,6 +6,7 @@
 #include "../checks.h"
 #include "compact_gemm.h"
 #include "ops_cpu.h"
+#include "trace.h"
 #include "weight_cache.h"
 
 namespace fg {
@@ -32,6 +33,7 @@ at::Tensor gated_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   at::Tensor out = at::empty(out_shape(x, N), x.options());
   at::Tensor out2 = out.view({x2.size(0), N});
 
+  FG_TRACE("fg::cpu::forward");
   GateSet rg = gate_set(row_gate);
   GateSet cg = gate_set(col_gate);
   pad_for_gemm(rg.active);
@@ -43,6 +45,7 @@ at::Tensor gated_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   p.cols = &cg.active;
   p.rows = &rg.active;
   if (rg.active.size() > 0 && x2.size(0) > 0) {
+    FG_TRACE("fg::cpu::fold");
     const LoraTerm lora = lora_term(lora_a, lora_b, lora_scale, rg, cg, x2.size(0));
     p.weight_c = folded_block(weight, rg, cg, Reuse::kFrozenScopeOnly, lora.fold ? &lora : nullptr);
     if (bias.has_value()) p.bias_c = gather_vec(*bias, rg.active, rg.values);

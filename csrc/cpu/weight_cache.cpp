@@ -1,6 +1,8 @@
 // The per-weight cache of folded weight blocks (see weight_cache.h).
 #include "weight_cache.h"
 
+#include "trace.h"
+
 #include <c10/util/intrusive_ptr.h>
 
 #include <array>
@@ -171,6 +173,7 @@ bool cacheable(const at::Tensor& weight, const LoraTerm* lora) {
 }
 
 at::Tensor build_block(const at::Tensor& weight, const GateSet& rows, const GateSet& cols, const LoraTerm* lora) {
+  FG_TRACE("fg::cpu::build_block");
   at::Tensor block = gather_block(weight, rows.active, cols.active, rows.values, cols.values);
   if (lora == nullptr) return block;
   if (block.is_same(weight)) return at::addmm(weight, lora->b_f, lora->a_f, 1.0, lora->scale);
