@@ -366,6 +366,32 @@ def measure_memory(model: str, variant: str, inactive: float, steps: int = 2) ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# The default run end to end: ``finegates finetune`` against ``--method lora``, the same steps.
+END_TO_END_METHODS = ("finegates", "lora")
+END_TO_END_TARGET = 0.90
+
+
+def finetune_train_time(method: str, out_dir: Path, extra=()) -> float:
+    """``train_time_s`` of one ``finegates finetune --method METHOD`` run (the offline default)."""
+    cmd = [sys.executable, "-m", "finegates", "finetune", "--method", method, "--output-dir", str(out_dir), *extra]
+    subprocess.run(cmd, check=True, cwd=str(REPO_ROOT), stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return float(json.loads((out_dir / "metrics.json").read_text())["train_time_s"])
+
+
+def end_to_end(rounds: int, log=print) -> Dict[str, List[float]]:
+    """Train seconds per method over ``rounds`` rounds, the methods alternating within each round."""
+    import tempfile
+
+    times: Dict[str, List[float]] = {m: [] for m in END_TO_END_METHODS}
+    with tempfile.TemporaryDirectory(prefix="fg-e2e-") as tmp:
+        for r in range(rounds):
+            for method in END_TO_END_METHODS:
+                times[method].append(finetune_train_time(method, Path(tmp) / f"{method}-{r}"))
+                log(f"  end to end round {r + 1}/{rounds}: {method} {times[method][-1]:.1f} s")
+    return times
+
+
 # Parts of a step, by the name of a top-level profiler event (first match wins).
 PARTS = (
     ("gated op forward (fg::gated_linear)", ("fg::gated_linear",)),
@@ -514,7 +540,34 @@ def breakdown_table(parts: Dict) -> List[str]:
     return L
 
 
-def render(env, cmd, rows, memory, parts, checks, timing_params) -> str:
+LINEAR_PARTS = ("Linear forward (base, LoRA, heads)", "Linear backward (base, LoRA, heads)")
+
+
+def bound_lines(parts: Dict, inactive: float = 0.4) -> List[str]:
+    """The lowest fg/lora ratio a gated op could give: LoRA's step with its Linear parts (heads
+    included, so the bound is generous) scaled to the active area and every other part unchanged."""
+    out = []
+    for (model, v), lora in sorted(parts.items()):
+        if v != "lora":
+            continue
+        total, linear = sum(lora.values()), sum(lora.get(n, 0.0) for n in LINEAR_PARTS)
+        bound = (total - inactive * linear) / total
+        out.append(f"- {model}: LoRA's Linears are {linear:.0f} of {total:.0f} ms; with them at {1 - inactive:.0%} "
+                   f"of their time and every other part unchanged, fg/lora = {bound:.3f}")
+    return out
+
+
+def end_to_end_lines(e2e: Dict[str, List[float]]) -> List[str]:
+    fg, lora = statistics.median(e2e["finegates"]), statistics.median(e2e["lora"])
+    L = ["| method | train time per run (s) | median (s) |", "|---|---|---|"]
+    for m in END_TO_END_METHODS:
+        L.append(f"| {m} | " + ", ".join(f"{t:.1f}" for t in e2e[m]) + f" | {statistics.median(e2e[m]):.1f} |")
+    L += ["", f"- finegates / lora train time: {fg / lora:.3f} (target <= {END_TO_END_TARGET:.2f}): "
+          f"**{'PASS' if fg / lora <= END_TO_END_TARGET else 'MISS'}**"]
+    return L
+
+
+def render(env, cmd, rows, memory, parts, checks, timing_params, e2e=None) -> str:
     L = ["# Training-step benchmark: FineGates vs the masked reference vs PEFT LoRA", "",
          "Written by `bench/bench_train_step.py --write-results`. Do not edit by hand; the definitions "
          "(models, variants, gate patterns, what a step is) are the script's docstring.", "",
@@ -533,7 +586,14 @@ def render(env, cmd, rows, memory, parts, checks, timing_params) -> str:
               "torch.profiler over 3 steps; each top-level event (an op called from Python, or an autograd "
               "node with everything it runs) counted in the first part its name matches. The profiler "
               "adds a fixed cost per op, so totals exceed the timed steps.", ""] + breakdown_table(parts)
+    if e2e:
+        L += ["", "## End to end: `finegates finetune` against `finegates finetune --method lora`", "",
+              f"The offline default run (500 steps of 16 on the bundled SST-2 sample), {len(e2e['lora'])} "
+              "round(s), the methods alternating; `train_time_s` of each run's metrics.json (training "
+              "only, no evaluation or compaction).", ""] + end_to_end_lines(e2e)
     L += ["", "## Targets", ""] + target_lines(rows, memory)
+    if parts:
+        L += ["", "What the step-time targets allow (from the LoRA breakdown above):", ""] + bound_lines(parts)
     L += ["", "## Correctness", ""]
     for c in checks:
         L.append(f"- {c['model']}, {c['inactive']:.0%} inactive, sigma = 0: task loss fg-gates "
@@ -553,6 +613,8 @@ def main(argv=None) -> int:
     ap.add_argument("--write-results", action="store_true", help=f"write {RESULTS.relative_to(REPO_ROOT)}")
     ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     ap.add_argument("--steps", type=int, default=None, help="timed steps per case")
+    ap.add_argument("--end-to-end-rounds", type=int, default=None,
+                    help="rounds of finegates finetune vs --method lora (default 2, 0 with --quick)")
     ap.add_argument("--no-lock", action="store_true", help=f"do not wait for / create {LOCK}")
     ap.add_argument("--_memory-worker", nargs=4, metavar=("MODEL", "VARIANT", "F", "STEPS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -580,11 +642,16 @@ def main(argv=None) -> int:
                     print(f"  memory {m} {v} f={f}: peak {memory[(m, v, f)]['peak_kb'] / 1024:.0f} MB", flush=True)
             for v in ("fg", "lora"):
                 parts[(m, v)] = breakdown(m, v, 0.4)
+    rounds = args.end_to_end_rounds if args.end_to_end_rounds is not None else (0 if args.quick else 2)
+    if rounds < 0:
+        ap.error(f"--end-to-end-rounds: expected 0 or more, got {rounds}")
+    e2e = end_to_end(rounds, log=lambda s: print(s, flush=True)) if rounds else None
     cmd = "python bench/bench_train_step.py" + (" --quick" if args.quick else "") + \
         (f" --models {args.models}" if args.models != ",".join(MODELS) else "") + \
-        (f" --steps {args.steps}" if args.steps else "") + (" --write-results" if args.write_results else "")
+        (f" --steps {args.steps}" if args.steps else "") + \
+        (f" --end-to-end-rounds {args.end_to_end_rounds}" if args.end_to_end_rounds is not None else "") + (" --write-results" if args.write_results else "")
     text = render(environment(), cmd, ratio_rows(timing), memory, parts, checks,
-                  {"steps": steps, "warmup": warmup, "mem_steps": mem_steps})
+                  {"steps": steps, "warmup": warmup, "mem_steps": mem_steps}, e2e)
     print("\n" + text)
     print(f"(total {time.perf_counter() - t_start:.0f} s)")
     if args.write_results:
