@@ -36,8 +36,9 @@ and round(d*k) random columns closed (theta = -5), the rest open (theta = +3), s
 on, with d = 1 - sqrt(1 - f) so that a fraction f of every gated weight is inactive (f = 0.4:
 22.5% of rows and of columns, 60% of the GEMM area left).
 
-Step time: median over the timed steps, the variants interleaved round by round within each
-(model, f), so the ratios come from one run. Peak memory: a fresh subprocess per (model, variant,
+Step time: median over the timed steps, the variants interleaved round by round (the order rotated
+every round, each timed step right after an untimed one of its own variant) within each (model, f),
+so the ratios come from one run. Peak memory: a fresh subprocess per (model, variant,
 f) builds the model, records the RSS, resets the peak counter (``/proc/self/clear_refs`` = 5), runs
 2 steps and reads ``VmHWM``. Breakdown: ``torch.profiler`` over a few steps of fg and lora at f = 0.4,
 each top-level event (an op called from Python, or an autograd node) counted in one part.
@@ -295,9 +296,21 @@ def check_fg_vs_masked(model: str, inactive: float = 0.4, seed: int = 0) -> Dict
             "loss_rel_err": rel, "ok": rel < 1e-4}
 
 
+def rotated(items, r: int) -> list:
+    """``items`` rotated left by ``r`` (round r's order)."""
+    items = list(items)
+    k = r % len(items)
+    return items[k:] + items[:k]
+
+
 def time_case(model: str, inactive: float, steps: int, warmup: int, variants=VARIANTS, seed: int = 0,
               log=print) -> Dict[str, Dict[str, object]]:
-    """Median step time per variant at one (model, inactive), variants interleaved round by round."""
+    """Median step time per variant at one (model, inactive), variants interleaved round by round.
+
+    Each variant's timed step follows an untimed step of its own: the first step after another
+    variant's pays for reshaping the heap (glibc hands freed memory back to the OS, and every step
+    faults some 1 GB of pages in again on LLaMA-60M), up to 0.3 s of a 1.7 s step in this
+    benchmark, charged to whichever variant came next. The order also rotates every round."""
     batch = make_batch(model, seed)
     nets = {v: build_variant(model, v, inactive, seed) for v in variants}
     stepfn = {v: make_step(v, nets[v], batch) for v in variants}
@@ -306,7 +319,8 @@ def time_case(model: str, inactive: float, steps: int, warmup: int, variants=VAR
             stepfn[v]()
     times: Dict[str, List[float]] = {v: [] for v in variants}
     for r in range(steps):
-        for v in variants:
+        for v in rotated(variants, r):
+            stepfn[v]()
             t0 = time.perf_counter()
             stepfn[v]()
             times[v].append(time.perf_counter() - t0)
@@ -576,7 +590,8 @@ def render(env, cmd, rows, memory, parts, checks, timing_params, e2e=None) -> st
          f"- Versions: torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}, python {env['python']}",
          f"- Date: {env['date']}",
          f"- Step time: median of {timing_params['steps']} timed steps after {timing_params['warmup']} warm-up "
-         "step(s), the variants interleaved round by round within each (model, inactive fraction)", "",
+         "step(s), the variants interleaved round by round within each (model, inactive fraction), their "
+         "order rotated every round, each timed step right after an untimed one of the same variant", "",
          "## Step time", ""] + time_table(rows)
     L += ["", "## Peak memory", "",
           f"Fresh subprocess per case, {timing_params['mem_steps']} steps, method: "
