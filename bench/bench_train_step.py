@@ -259,6 +259,7 @@ def make_step(variant: str, net: nn.Module, batch: Dict[str, Tensor]) -> Callabl
         if objective is not None:  # the training loop's forward: gates sampled in one pass, the budget term
             out, sp = objective(batch)
             loss = out.loss + LAMBDA * sp
+            del out  # the logits, as in the training loop: not kept through the backward
         else:
             loss = net(**batch).loss
             if variant == "masked":

@@ -367,14 +367,16 @@ def _train_step(loop: _Loop, batch, lam: float, opts: TrainOptions, accelerator)
     """Forward (task + lambda * sparsity), backward and, at an accumulation boundary, the update."""
     with accelerator.accumulate(loop.objective):
         out, sp = loop.objective(batch)
-        loss = out.loss + lam * sp if sp is not None else out.loss
+        task_loss = out.loss
+        loss = task_loss + lam * sp if sp is not None else task_loss
+        del out  # the logits (vocabulary-sized for a causal LM) need not live through the backward
         accelerator.backward(loss)
         if accelerator.sync_gradients and opts.max_grad_norm:
             accelerator.clip_grad_norm_(loop.trainable, opts.max_grad_norm)
         loop.optimizer.step()
         loop.scheduler.step()
         loop.optimizer.zero_grad()
-    return loss, out.loss, sp
+    return loss, task_loss, sp
 
 
 class _GateControl:
