@@ -180,7 +180,7 @@ _GENERIC_SCRIPT = r"""
 import sys, torch, fg_kernels
 from fg_kernels.testing import make_gate
 out = {}
-for seed, (n, k, s) in enumerate([(67, 45, 0.4), (128, 96, 0.0), (33, 130, 0.7), (50, 17, 1.0)]):
+for seed, (n, k, s) in enumerate([(67, 45, 0.4), (128, 96, 0.0), (33, 130, 0.7), (50, 17, 1.0), (80, 64, 0.05)]):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(3, 11, k, generator=g, requires_grad=True)
     w = torch.randn(n, k, generator=g)
@@ -191,6 +191,11 @@ for seed, (n, k, s) in enumerate([(67, 45, 0.4), (128, 96, 0.0), (33, 130, 0.7),
         y = torch.ops.fg.gated_linear(x, w, b, gr, gc)
         grads = torch.autograd.grad(y, (x, b, gr, gc), torch.randn(y.shape, generator=torch.Generator().manual_seed(9)))
     out[seed] = [y.detach()] + list(grads)
+    a = (torch.randn(3, k, generator=g) * 0.3).requires_grad_(True)
+    lb = (torch.randn(n, 3, generator=g) * 0.3).requires_grad_(True)
+    y = torch.ops.fg.gated_linear(x, w, b, gr, gc, a, lb, 0.7)
+    grads = torch.autograd.grad(y, (x, b, gr, gc, a, lb), torch.randn(y.shape, generator=torch.Generator().manual_seed(9)))
+    out[(seed, "lora")] = [y.detach()] + list(grads)
     idx = gr.detach().nonzero().flatten()
     with torch.no_grad():
         out[(seed, "gathered")] = torch.ops.fg.gathered_linear(x.detach(), w[idx][:, gc.detach() != 0].contiguous(),
@@ -206,13 +211,15 @@ def _run_generic(tmp_path: Path, env_extra: dict) -> dict:
     return torch.load(path)
 
 
-@pytest.mark.parametrize("env", [{"FG_CPU_SIMD": "0", "FG_CPU_WEIGHT_CACHE_MB": "0"}, {"FG_CPU_BLOCK_M": "7"}],
-                         ids=["scalar-no-cache", "blocks-of-7-tokens"])
+@pytest.mark.parametrize("env", [{"FG_CPU_SIMD": "0", "FG_CPU_WEIGHT_CACHE_MB": "0"}, {"FG_CPU_BLOCK_M": "7"},
+                                 {"FG_CPU_WHOLE_BELOW": "1"}, {"FG_CPU_WHOLE_BELOW": "0"}],
+                         ids=["scalar-no-cache", "blocks-of-7-tokens", "sets-kept-whole", "sets-always-gathered"])
 def test_generic_paths_match_the_default_ones(tmp_path, env):
     """FG_CPU_SIMD=0 and FG_CPU_WEIGHT_CACHE_MB=0 force the scalar gathers/scatters and a fold per
     call; FG_CPU_BLOCK_M=7 splits 33 tokens into blocks shared out in one parallel region (the last
-    one ragged). The results must equal the default paths' (AVX-512 where the CPU has it, cache
-    on, one block)."""
+    one ragged); FG_CPU_WHOLE_BELOW=1 keeps every partial set whole (closed entries as zero gates in
+    the GEMM), 0 gathers every one. The results must equal the default paths' (AVX-512 where the
+    CPU has it, cache on, one block, sets under 10% closed kept whole)."""
     default = _run_generic(tmp_path, {})
     other = _run_generic(tmp_path, env)
     assert default.keys() == other.keys()
@@ -292,3 +299,35 @@ def test_a_training_step_leaves_no_block_in_the_cache():
     assert fg_kernels.cpu_weight_cache_bytes() > 0
     y.sum().backward()
     assert fg_kernels.cpu_weight_cache_bytes() == 0
+
+
+def test_a_nearly_open_layer_runs_whole_and_still_skips_its_closed_entries():
+    """Under 10% of a dimension closed, the CPU kernel keeps the set whole and lets the zero gates
+    zero their rows and columns inside the GEMM: the closed outputs are still exactly 0 and the
+    closed gates, their weight rows and columns and the LoRA factors there get exactly no gradient,
+    as the reference's masks say."""
+    g = torch.Generator().manual_seed(7)
+    n, k = 64, 48
+    x = torch.randn(4, 9, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g)
+    gr = make_gate(n, gen=g, sparsity=0.0)
+    gc = make_gate(k, gen=g, sparsity=0.0)
+    gr[[3, 40]] = 0.0  # 3% of the rows, 2% of the columns: kept whole
+    gc[17] = 0.0
+    a, lb = torch.randn(4, k, generator=g) * 0.3, torch.randn(n, 4, generator=g) * 0.3
+    leaves = [t.clone().requires_grad_(True) for t in (x, b, gr, gc, a, lb)]
+    y = op(leaves[0], w, leaves[1], leaves[2], leaves[3], leaves[4], leaves[5], 0.7)
+    dy = torch.randn(y.shape, generator=g)
+    grads = dict(zip(("x", "bias", "row_gate", "col_gate", "lora_a", "lora_b"), torch.autograd.grad(y, leaves, dy)))
+    ref = [t.double().requires_grad_(True) for t in (x, b, gr, gc, a, lb)]
+    y_ref = gated_linear_ref(ref[0], w.double(), ref[1], ref[2], ref[3], ref[4], ref[5], 0.7)
+    want = dict(zip(grads, torch.autograd.grad(y_ref, ref, dy.double())))
+    assert rel_err(y, y_ref) < 1e-5
+    for name in grads:
+        assert rel_err(grads[name], want[name]) < 1e-5, name
+    assert torch.equal(y[..., [3, 40]], torch.zeros_like(y[..., [3, 40]]))
+    for name, closed in (("row_gate", grads["row_gate"][[3, 40]]), ("col_gate", grads["col_gate"][17]),
+                         ("bias", grads["bias"][[3, 40]]), ("x", grads["x"][..., 17]),
+                         ("lora_a", grads["lora_a"][:, 17]), ("lora_b", grads["lora_b"][[3, 40]])):
+        assert torch.equal(closed, torch.zeros_like(closed)), name

@@ -173,6 +173,26 @@ GateSet gate_set(const at::Tensor& gate) {
   return s;
 }
 
+// The closed fraction below which a set stays whole (keep_whole_if_cheaper).
+constexpr double kWholeBelow = 0.1;
+
+void keep_whole_if_cheaper(GateSet& s) {
+  const char* env = std::getenv("FG_CPU_WHOLE_BELOW");  // read per call: a benchmark may switch it
+  const double below = env && *env ? std::max(std::atof(env), 0.0) : kWholeBelow;
+  Active& a = s.active;
+  const int64_t open = a.size(), closed = a.full - open;
+  if (a.all || open == 0 || static_cast<double>(closed) >= below * a.full) return;
+  std::vector<double> values(a.full, 0.0);
+  for (int64_t i = 0; i < open; ++i) values[a.idx[i]] = s.values.empty() ? 1.0 : s.values[i];
+  s.values.clear();
+  s.values.reserve(a.full);
+  for (double v : values) s.values.push_back(v);
+  a.idx.clear();
+  a.all = true;
+  a.pad = 0;
+  a.lanes = LaneMap();
+}
+
 Active index_set(const c10::optional<at::Tensor>& idx, int64_t full, const char* name, const char* what,
                  bool distinct) {
   Active a;

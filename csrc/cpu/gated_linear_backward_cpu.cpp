@@ -6,7 +6,8 @@
 //   dW[R][:, C] = g_r dyr^T (x[:, C] g_c),  dB[R] = s g_r dyr^T (x[:, C] Af^T),  dA[:, C] = s v^T x[:, C] g_c
 // (where the forward folded the LoRA term into its block, fold_lora, dx reads Wf + s Bf Af as one.)
 // (dh = dy[:, R] g_r in the usual notation: the gates move onto the small operands). Removed rows
-// and columns are never read, multiplied or written except as zeros of the result.
+// and columns are never read, multiplied or written except as zeros of the result (or, in a set kept
+// whole, as zero gates: keep_whole_if_cheaper).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -79,7 +80,8 @@ class ColumnSums {
     double* f = full.data_ptr<double>();
     for (int64_t i = 0; i < n_; ++i) {
       double v = total[i];
-      if (!gate.empty()) v = divide ? v / gate[i] : v * gate[i];
+      // A zero gate (a closed entry of a set kept whole) gets no gradient, and its sum is 0 / 0.
+      if (!gate.empty()) v = gate[i] == 0.0 ? 0.0 : divide ? v / gate[i] : v * gate[i];
       f[idx.all ? i : idx.idx[i]] = v;
     }
     return full.to(opt.dtype());
@@ -301,6 +303,8 @@ gated_linear_backward_cpu(const at::Tensor& grad_out, const c10::optional<at::Te
   if (need_dgc || need_dw || need_da || need_dlb) in.x2 = as_rows(*x_opt, K);
   in.rows = gate_set(row_gate);
   in.cols = gate_set(col_gate);
+  keep_whole_if_cheaper(in.rows);
+  keep_whole_if_cheaper(in.cols);
   pad_for_gemm(in.rows.active);
   pad_for_gemm(in.cols.active);
   in.r = lora ? lora_a->size(0) : 0;
