@@ -115,6 +115,29 @@ void scatter_block(const scalar_t* src, int64_t lds, int64_t n, const Active& a,
   });
 }
 
+// The closed fraction below which a set stays whole (gate_set).
+constexpr double kWholeBelow = 0.1;
+
+// A partial, sorted set of `open` entries made whole: every entry, the closed ones with value 0.
+void keep_whole_if_cheaper(GateSet& s) {
+  static const double below = [] {
+    const char* e = std::getenv("FG_CPU_WHOLE_BELOW");
+    return e && *e ? std::max(std::atof(e), 0.0) : kWholeBelow;
+  }();
+  Active& a = s.active;
+  const int64_t open = a.size();
+  if (a.all || open == 0 || static_cast<double>(a.full - open) >= below * a.full) return;
+  Scale whole;
+  whole.reserve(a.full);
+  for (int64_t i = 0, j = 0; i < a.full; ++i) {
+    const bool on = j < open && a.idx[j] == i;
+    whole.push_back(on ? (s.values.empty() ? 1.0 : s.values[j]) : 0.0);
+    j += on;
+  }
+  s.values = std::move(whole);
+  a = Active{{}, a.full, true};
+}
+
 }  // namespace
 
 void build_lanes(Active& a) {
@@ -169,28 +192,9 @@ GateSet gate_set(const at::Tensor& gate) {
   s.active.all = static_cast<int64_t>(s.active.idx.size()) == n;
   if (s.active.all) s.active.idx.clear();
   if (all_one) s.values.clear();
+  keep_whole_if_cheaper(s);
   build_lanes(s.active);
   return s;
-}
-
-// The closed fraction below which a set stays whole (keep_whole_if_cheaper).
-constexpr double kWholeBelow = 0.1;
-
-void keep_whole_if_cheaper(GateSet& s) {
-  const char* env = std::getenv("FG_CPU_WHOLE_BELOW");  // read per call: a benchmark may switch it
-  const double below = env && *env ? std::max(std::atof(env), 0.0) : kWholeBelow;
-  Active& a = s.active;
-  const int64_t open = a.size(), closed = a.full - open;
-  if (a.all || open == 0 || static_cast<double>(closed) >= below * a.full) return;
-  std::vector<double> values(a.full, 0.0);
-  for (int64_t i = 0; i < open; ++i) values[a.idx[i]] = s.values.empty() ? 1.0 : s.values[i];
-  s.values.clear();
-  s.values.reserve(a.full);
-  for (double v : values) s.values.push_back(v);
-  a.idx.clear();
-  a.all = true;
-  a.pad = 0;
-  a.lanes = LaneMap();
 }
 
 Active index_set(const c10::optional<at::Tensor>& idx, int64_t full, const char* name, const char* what,

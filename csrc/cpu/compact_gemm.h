@@ -118,25 +118,22 @@ inline void pack_cols(const scalar_t* src, const Active& a, scalar_t* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = src[a.idx[i]];
 }
 
-// Non-zero entries of a gate, and the gate values there (empty when every value is 1, so that
-// callers can skip the scaling).
+// The set a kernel runs a gate on: its non-zero entries and the gate values there (empty when
+// every value is 1, so that callers can skip the scaling). A nearly complete set is kept whole
+// instead: all entries, the few closed ones as zero values, which (folded into the block) zero their
+// rows or columns exactly inside the GEMM. Gathering a dimension costs passes over the tokens (x in
+// and dx out for columns, the output and dy for rows) and a GEMM of a ragged width, which a few
+// closed entries do not pay back: with 2.5% of the rows and of the columns closed, a training step
+// took 1.10x a LoRA step gathered and 1.02x whole on MiniLM (0.97x with every gate open), 1.02x and
+// 0.95x on LLaMA-60M. One layer's forward + backward (528 tokens, LoRA r=8, 384x384, 1536x384 and
+// 384x1536) broke even between 5% and 20% closed, so a set stays whole while under
+// FG_CPU_WHOLE_BELOW (env, default 0.1; 0 always gathers) of it is closed. Forward and backward
+// both take their sets from here, so the backward finds its forward's block.
 struct GateSet {
   Active active;
-  Scale values;  // compact gate values, or empty when they are all exactly 1
+  Scale values;  // gate values over `active`, or empty when they are all exactly 1
 };
 GateSet gate_set(const at::Tensor& gate);
-
-// Keeps a nearly complete set whole: its few closed entries stay in the GEMM as zero gate values
-// (folded into the block, they zero their rows or columns exactly) instead of being gathered out.
-// Gathering a dimension costs passes over the tokens (x in and dx out for columns, the output and
-// dy for rows) and a GEMM of a ragged width, which a few closed entries do not pay back: with 2.5%
-// of the rows and of the columns closed, a training step took 1.10x a LoRA step gathered and 1.02x
-// whole on MiniLM (0.97x with every gate open), 1.02x and 0.95x on LLaMA-60M. One layer's forward +
-// backward (528 tokens, LoRA r=8, 384x384, 1536x384 and 384x1536) broke even between 5% and 20%
-// closed, so a set stays whole while under
-// FG_CPU_WHOLE_BELOW (env, default 0.1; 0 always gathers) of it is closed. Forward and backward
-// decide alike, so the backward finds its forward's block.
-void keep_whole_if_cheaper(GateSet& s);
 
 // Active set from a user-supplied index tensor; undefined -> all. Values must lie in [0, full):
 // checked while they are copied (one pass, no reductions dispatched), the error names `name`

@@ -7,7 +7,7 @@
 // (where the forward folded the LoRA term into its block, fold_lora, dx reads Wf + s Bf Af as one.)
 // (dh = dy[:, R] g_r in the usual notation: the gates move onto the small operands). Removed rows
 // and columns are never read, multiplied or written except as zeros of the result (or, in a set kept
-// whole, as zero gates: keep_whole_if_cheaper).
+// whole, as zero gates: gate_set).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -303,8 +303,6 @@ gated_linear_backward_cpu(const at::Tensor& grad_out, const c10::optional<at::Te
   if (need_dgc || need_dw || need_da || need_dlb) in.x2 = as_rows(*x_opt, K);
   in.rows = gate_set(row_gate);
   in.cols = gate_set(col_gate);
-  keep_whole_if_cheaper(in.rows);
-  keep_whole_if_cheaper(in.cols);
   pad_for_gemm(in.rows.active);
   pad_for_gemm(in.cols.active);
   in.r = lora ? lora_a->size(0) : 0;

@@ -1,7 +1,7 @@
 // CPU kernels of fg::gated_linear (training forward) and fg::gathered_linear (inference on a
 // compacted layer), and the CPU registration of every fg op. Only active rows R = {row_gate != 0}
 // and columns C = {col_gate != 0} are read, multiplied or written, except in a set kept whole
-// (keep_whole_if_cheaper: under 10% closed), whose zero gates zero their rows or columns in the GEMM.
+// (gate_set: under 10% closed), whose zero gates zero their rows or columns in the GEMM.
 #include <torch/library.h>
 
 #include "../checks.h"
@@ -37,8 +37,6 @@ at::Tensor gated_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   FG_TRACE("fg::cpu::forward");
   GateSet rg = gate_set(row_gate);
   GateSet cg = gate_set(col_gate);
-  keep_whole_if_cheaper(rg);
-  keep_whole_if_cheaper(cg);
   pad_for_gemm(rg.active);
   pad_for_gemm(cg.active);
   // The gates are folded into the compact operands as they are gathered:
