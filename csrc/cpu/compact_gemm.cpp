@@ -271,10 +271,10 @@ at::Tensor gather_block(const at::Tensor& weight, const Active& rows, const Acti
   return out;
 }
 
-at::Tensor gather_cols(const at::Tensor& x2, const Active& cols, const Scale& scale) {
+at::Tensor gather_cols(const at::Tensor& x2, const Active& cols, const Scale& scale, Workspace* ws) {
   TORCH_INTERNAL_ASSERT(x2.dim() == 2 && (x2.stride(1) == 1 || x2.size(1) <= 1));
   const int64_t M = x2.size(0), nc = cols.size(), ldo = cols.padded();
-  at::Tensor out = at::empty({M, ldo}, x2.options());
+  at::Tensor out = ws ? ws->empty({M, ldo}, x2.options()) : at::empty({M, ldo}, x2.options());
   if (M == 0 || ldo == 0) return out;
   const int64_t ld = x2.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x2.scalar_type(), "fg_gather_cols", [&] {
@@ -416,19 +416,21 @@ void compact_linear_forward(const at::Tensor& x2, const CompactLinear& p, at::Te
   if (rows.all) {
     // No scatter: one GEMM (with the bias) over all tokens writes `out` directly; blocking would
     // make the BLAS re-pack the whole weight once per block (measured ~10% at 768->3072).
-    const at::Tensor xc = cols.all ? x2 : gather_cols(x2, cols, {});
+    Workspace ws;
+    const at::Tensor xc = cols.all ? x2 : gather_cols(x2, cols, {}, &ws);
     gemm(xc, out, p.bias_c.defined());
     return;
   }
   // Blocks of tokens: gather, GEMM into a compact buffer still in cache for the epilogue (bias and
   // scatter into the active output columns, zeros elsewhere).
   for_token_blocks(M, token_block(M), [&](int64_t m0, int64_t mb) {
+    Workspace ws;  // this block's gathered x and GEMM result, reused by the thread's next block
     at::Tensor xb = mb == M ? x2 : x2.narrow(0, m0, mb);
     if (!cols.all) {
       FG_TRACE("fg::cpu::gather_x");
-      xb = gather_cols(xb, cols, {});
+      xb = gather_cols(xb, cols, {}, &ws);
     }
-    at::Tensor hb = at::empty({mb, ldh}, out.options());
+    at::Tensor hb = ws.empty({mb, ldh}, out.options());
     gemm(xb, hb, false);
     FG_TRACE("fg::cpu::epilogue");
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "fg_epilogue", [&] {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "lane_pack.h"
+#include "workspace.h"
 
 namespace fg {
 namespace cpu {
@@ -152,8 +153,8 @@ at::Tensor gather_block(const at::Tensor& weight, const Active& rows, const Acti
                         const Scale& row_scale = {}, const Scale& col_scale = {});
 
 // x2[:, cols] * scale (scale may be empty = 1) as a contiguous (M, cols.padded()) tensor, zero in
-// the padding, parallel over rows. x2 must have unit stride in its last dimension.
-at::Tensor gather_cols(const at::Tensor& x2, const Active& cols, const Scale& scale);
+// the padding, parallel over rows, in `ws` when given. x2 must have unit stride in its last dimension.
+at::Tensor gather_cols(const at::Tensor& x2, const Active& cols, const Scale& scale, Workspace* ws = nullptr);
 
 // Writes the first |cols| columns of `src` (compact, (n, >= |cols|), unit inner stride) into the columns `cols` of `dst` rows (n, full), times
 // `scale` (may be empty = 1), zeroing every other column; parallel over rows.

@@ -69,8 +69,11 @@ class ColumnSums {
   }
 
   // The sums, each multiplied (or divided, with `divide`) by gate[i] when `gate` is non-empty,
-  // written into out[idx[i]] of a zero (full,) tensor of dtype `opt`.
-  at::Tensor finish(const Active& idx, const Scale& gate, bool divide, const at::TensorOptions& opt) {
+  // written into out[idx[i]] of a zero (full,) tensor of dtype `opt`. The sums are over the active
+  // entries, or over the whole dimension when they were built `full_width` (then only the active
+  // ones are read).
+  at::Tensor finish(const Active& idx, const Scale& gate, bool divide, const at::TensorOptions& opt,
+                    bool full_width = false) {
     std::vector<double> total(n_, 0.0);
     for (int64_t t = 0; t < threads_; ++t) {
       flush_stage(acc_.data() + t * n_, stage_.data() + t * n_, n_);
@@ -78,11 +81,12 @@ class ColumnSums {
     }
     at::Tensor full = at::zeros({idx.full}, opt.dtype(at::kDouble));
     double* f = full.data_ptr<double>();
-    for (int64_t i = 0; i < n_; ++i) {
-      double v = total[i];
+    for (int64_t i = 0; i < idx.size(); ++i) {
+      const int64_t at = idx.all ? i : idx.idx[i];
+      double v = total[full_width ? at : i];
       // A zero gate (a closed entry of a set kept whole) gets no gradient, and its sum is 0 / 0.
       if (!gate.empty()) v = gate[i] == 0.0 ? 0.0 : divide ? v / gate[i] : v * gate[i];
-      f[idx.all ? i : idx.idx[i]] = v;
+      f[at] = v;
     }
     return full.to(opt.dtype());
   }
@@ -108,6 +112,7 @@ struct Inputs {
   bool xu_filled = false;
   int64_t M = 0, r = 0;
   at::TensorOptions opt;
+  Workspace* ws = nullptr;  // where the call's temporaries live (dyr, xu, the compact dx)
   int64_t n_rows() const { return rows.active.size(); }
   int64_t n_cols() const { return cols.active.size(); }
   bool empty_block() const { return n_rows() == 0 || n_cols() == 0 || M == 0; }
@@ -126,8 +131,10 @@ RowPass row_pass(const Inputs& in, const c10::optional<at::Tensor>& output, cons
   FG_TRACE("fg::cpu::row_pass");
   const bool pack = need_dyr && !rows.all;
   RowPass out;
-  if (need_dyr) out.dyr = rows.all ? in.dy : at::empty({M, ldh}, in.opt);
-  ColumnSums bias_sums(need_db ? nR : 0), gate_sums(need_dgr ? nR : 0);
+  if (need_dyr) out.dyr = rows.all ? in.dy : in.ws->empty({M, ldh}, in.opt);
+  // The row-gate sums run over all N columns of dy and y as they lie: a contiguous pass reads the
+  // same cache lines as a gather of the active ones and skips packing y's active entries.
+  ColumnSums bias_sums(need_db ? nR : 0), gate_sums(need_dgr ? N : 0);
   const at::Tensor y2 = need_dgr ? as_rows(*output, N).contiguous() : at::Tensor();
   if (nR > 0 && M > 0 && (pack || need_db || need_dgr)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in.dy.scalar_type(), "fg_backward_rows", [&] {
@@ -135,9 +142,11 @@ RowPass row_pass(const Inputs& in, const c10::optional<at::Tensor>& output, cons
       const scalar_t* y = need_dgr ? y2.data_ptr<scalar_t>() : nullptr;
       scalar_t* dyr_out = pack ? out.dyr.data_ptr<scalar_t>() : nullptr;
       for_rows(M, row_grain(N), [&](int64_t begin, int64_t end) {
-        std::vector<scalar_t> dy_buf(rows.all || pack ? 0 : nR), y_buf(need_dgr && !rows.all ? nR : 0);
+        std::vector<scalar_t> dy_buf(rows.all || pack || !need_db ? 0 : nR);
         for (int64_t m = begin; m < end; ++m) {
-          // dy[m, R] and y[m, R] as contiguous rows.
+          if (need_dgr) gate_sums.add<scalar_t>(dy + m * N, y + m * N);
+          if (!pack && !need_db) continue;
+          // dy[m, R] as a contiguous row.
           const scalar_t* dyr = dy + m * N;
           if (!rows.all) {
             scalar_t* dst = pack ? dyr_out + m * ldh : dy_buf.data();
@@ -146,21 +155,14 @@ RowPass row_pass(const Inputs& in, const c10::optional<at::Tensor>& output, cons
             dyr = dst;
           }
           if (need_db) bias_sums.add<scalar_t>(dyr, nullptr);
-          if (need_dgr) {
-            const scalar_t* yr = y + m * N;
-            if (!rows.all) {
-              pack_cols(yr, rows, y_buf.data());
-              yr = y_buf.data();
-            }
-            gate_sums.add<scalar_t>(dyr, yr);
-          }
         }
       });
     });
   }
   // d(row_gate)[i] = sum_m dy * z with z = y / g_r (the pre-gate output), divided once at the end.
   if (need_db) out.db = bias_sums.finish(rows, in.rows.values, /*divide=*/false, in.opt);
-  if (need_dgr) out.dgr = gate_sums.finish(rows, in.rows.values, /*divide=*/true, row_gate.options());
+  if (need_dgr)
+    out.dgr = gate_sums.finish(rows, in.rows.values, /*divide=*/true, row_gate.options(), /*full_width=*/true);
   return out;
 }
 
@@ -210,7 +212,9 @@ void input_and_col_gate_grads(const Inputs& in, const at::Tensor& weight, const 
       // Every column active: the GEMM writes dx itself, there is nothing to scatter.
       const bool direct = dx && cols.all;
       at::Tensor dxb = dx ? (mb == M ? dx2 : dx2.narrow(0, m0, mb)) : at::Tensor();
-      at::Tensor dxs = direct ? at::mm_out(dxb, dyb, wf) : at::mm(dyb, wf);
+      Workspace block_ws;  // the compact dx of this block, reused by the thread's next block
+      at::Tensor dxs = direct ? dxb : block_ws.empty({mb, wf.size(1)}, in.opt);
+      at::mm_out(dxs, dyb, wf);
       if (low_rank) dxs.addmm_(mb == M ? in.v : in.v.narrow(0, m0, mb), in.lora.a_f, 1.0, in.lora.scale);
       if (dx && !direct) {
         FG_TRACE("fg::cpu::scatter_dx");
@@ -250,7 +254,7 @@ void weight_and_lora_grads(const Inputs& in, const at::Tensor& dyr, int64_t N, i
   const at::Tensor xu = empty         ? at::Tensor()
                         : cols.all    ? in.x2
                         : in.xu_filled ? in.xu
-                                       : gather_cols(in.x2, cols, {});
+                                       : gather_cols(in.x2, cols, {}, in.ws);
   if (dw) {
     at::Tensor block = empty ? at::Tensor() : at::mm(dyr.t(), xu);
     if (!empty) scale_block_(block, in.rows.values, in.cols.values);
@@ -296,7 +300,9 @@ gated_linear_backward_cpu(const at::Tensor& grad_out, const c10::optional<at::Te
              need_da = mask[5] && lora, need_dlb = mask[6] && lora;
 
   FG_TRACE("fg::cpu::backward");
+  Workspace ws;  // outlives every temporary below
   Inputs in;
+  in.ws = &ws;
   in.opt = weight.options();
   in.dy = as_rows(grad_out, N).contiguous();
   in.M = in.dy.size(0);
@@ -319,7 +325,7 @@ gated_linear_backward_cpu(const at::Tensor& grad_out, const c10::optional<at::Te
   if (need_dgr) dgr = rp.dgr;
   if (need_dx) dx = at::empty(out_shape(grad_out, K), in.opt);
   const bool need_wl = need_dw || need_da || need_dlb;
-  if (share_x_gather(in, need_dgc, need_wl)) in.xu = at::empty({in.M, in.cols.active.padded()}, in.opt);
+  if (share_x_gather(in, need_dgc, need_wl)) in.xu = ws.empty({in.M, in.cols.active.padded()}, in.opt);
   if (need_dx || need_dgc)
     input_and_col_gate_grads(in, weight, rp.dyr, need_dx ? &dx : nullptr, need_dgc ? &dgc : nullptr, col_gate);
   in.xu_filled = in.xu.defined();

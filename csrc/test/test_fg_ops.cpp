@@ -6,6 +6,8 @@
 #include <cstdio>
 #include <string>
 
+#include "../cpu/workspace.h"
+
 namespace {
 
 int failures = 0;
@@ -38,9 +40,55 @@ at::Tensor gathered_linear(const at::Tensor& x, const at::Tensor& wc, const at::
   return op.call(x, wc, bc, ri, ci, n);
 }
 
+void expect(bool ok, const std::string& what) {
+  std::printf("%s %s\n", ok ? "PASS" : "FAIL", what.c_str());
+  if (!ok) ++failures;
+}
+
+// The kernels' scratch memory: reused from call to call, nested as a stack, and never handed out
+// again while a temporary that escaped its Workspace still uses it.
+void test_workspace() {
+  using fg::cpu::Workspace;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  auto one_call = [&] {
+    Workspace ws;
+    return ws.empty({100, 37}, f32).data_ptr();
+  };
+  one_call();  // the first call sizes the buffer
+  const void* first = one_call();
+  const at::Tensor hold = at::empty({100, 37}, f32);  // would take memory that malloc just freed
+  expect(one_call() == first, "workspace: a later call reuses the same memory");
+  {
+    Workspace outer;
+    at::Tensor a = outer.empty({64, 64}, f32);
+    const void* inner_ptr = nullptr;
+    for (int i = 0; i < 2; ++i) {
+      Workspace inner;
+      at::Tensor b = inner.empty({64, 64}, f32);
+      const auto* pa = static_cast<const char*>(a.data_ptr());
+      const auto* pb = static_cast<const char*>(b.data_ptr());
+      expect(pb >= pa + a.nbytes() || pb + b.nbytes() <= pa, "workspace: a nested piece does not overlap its parent's");
+      if (i == 1) expect(b.data_ptr() == inner_ptr, "workspace: a closed nested Workspace's memory is reused");
+      inner_ptr = b.data_ptr();
+    }
+  }
+  at::Tensor kept;
+  {
+    Workspace ws;
+    kept = ws.empty({100, 37}, f32);
+    kept.fill_(7.0f);
+  }
+  {
+    Workspace ws;
+    ws.empty({100, 37}, f32).fill_(-1.0f);
+  }
+  expect(kept.eq(7.0f).all().item<bool>(), "workspace: a temporary that outlived its Workspace is never overwritten");
+}
+
 }  // namespace
 
 int main() {
+  test_workspace();
   at::manual_seed(0);
   const int64_t M = 37, N = 29, K = 53;
   for (double sparsity : {0.0, 0.4, 1.0}) {
