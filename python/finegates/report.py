@@ -55,13 +55,16 @@ def compression_report(model: nn.Module, *, masks: Optional[Mapping[GatedLinear,
     quantity ``target_sparsity`` asks for). ``layers``: per rewritten layer its open rows/columns
     (gated layers), ``params``, ``compact_params`` and ``removed_params``."""
     gated = {name: m for name, m in model.named_modules() if isinstance(m, GatedLinear)}
+    # The eval gates' masks, read once for the plan and the counts below.
+    masks = {**{m: (m.row_gates.eval_values() != 0, m.col_gates.eval_values() != 0) for m in gated.values()
+                if m not in (masks or {})}, **(masks or {})}
     plan = compact_size(model, masks=masks, portable=portable) if gated else {}
     layers = []
     for name, (params, counted) in plan.items():
         entry: Dict[str, Any] = dict(name=name, gated=name in gated)
         m = gated.get(name)
         if m is not None:
-            rows, cols = (masks or {}).get(m, (m.row_gates.eval_values() != 0, m.col_gates.eval_values() != 0))
+            rows, cols = masks[m]
             entry.update(out_features=m.out_features, in_features=m.in_features,
                          active_rows=int(rows.sum()), active_cols=int(cols.sum()))
         entry.update(params=params, compact_params=counted.params, removed_params=params - counted.params)
