@@ -79,7 +79,8 @@ def cpu_weight_cache_bytes() -> int:
     ``gated_linear`` on CPU keeps, per frozen weight (one that does not require grad), the block
     ``g_r W[R][:, C] g_c`` it last built. A training step's backward reuses its forward's block; a
     forward reuses an earlier call's block only inside :func:`frozen_weights`. A block is reused
-    only while the weight's version counter, its storage, the active sets and the gate values are
+    only while the weight's version counter, its storage, the active sets, the gate values and the
+    LoRA factors' values (compared as values: fused AdamW updates them without a version bump) are
     unchanged. At most ``FG_CPU_WEIGHT_CACHE_MB`` MiB (default 1024; 0 turns the cache off).
     """
     require_library()

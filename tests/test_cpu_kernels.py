@@ -331,3 +331,29 @@ def test_a_nearly_open_layer_runs_whole_and_still_skips_its_closed_entries():
                          ("bias", grads["bias"][[3, 40]]), ("x", grads["x"][..., 17]),
                          ("lora_a", grads["lora_a"][:, 17]), ("lora_b", grads["lora_b"][[3, 40]])):
         assert torch.equal(closed, torch.zeros_like(closed)), name
+
+
+@pytest.mark.parametrize("closed", [0.0, 0.3])
+def test_inside_frozen_weights_a_fused_optimizer_step_on_the_adapter_is_seen(closed):
+    """Fused AdamW updates the LoRA factors without bumping their version counter: inside
+    frozen_weights() a block with the adapter folded in must still follow their new values, step
+    after step (every gate open, and rows and columns gathered)."""
+    g = torch.Generator().manual_seed(70)
+    n, k = 64, 48
+    x = torch.randn(300, k, generator=g)
+    w = torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g)
+    gr, gc = make_gate(n, gen=g, sparsity=closed), make_gate(k, gen=g, sparsity=closed)
+    a = torch.nn.Parameter(torch.randn(4, k, generator=g) * 0.3)
+    lb = torch.nn.Parameter(torch.randn(n, 4, generator=g) * 0.3)
+    opt = torch.optim.AdamW([a, lb], lr=0.1, fused=True)
+    with fg_kernels.frozen_weights():
+        for step in range(3):
+            y = op(x, w, b, gr, gc, a, lb, 0.7)
+            with torch.no_grad():
+                want = gated_linear_ref(x.double(), w.double(), b.double(), gr.double(), gc.double(),
+                                        a.double(), lb.double(), 0.7)
+            assert rel_err(y.detach(), want) < 1e-5, step
+            y.square().sum().backward()
+            opt.step()
+            opt.zero_grad()

@@ -7,6 +7,7 @@
 
 #include <array>
 #include <atomic>
+#include <cstring>
 #include <cstdlib>
 #include <iterator>
 #include <list>
@@ -52,9 +53,22 @@ bool same(const TensorKey& k, const at::Tensor& t) {
          k.geometry == geometry_of(t) && k.dtype == t.scalar_type();
 }
 
+// A small tensor's values themselves: the LoRA factors. An optimizer may update them without
+// bumping their version counter (fused AdamW does not), so their version cannot say they are
+// unchanged; a copy compared byte for byte can (a few KB against a block of |R| x |C|).
+at::Tensor value_key(const at::Tensor& t) { return t.defined() ? t.contiguous().clone() : at::Tensor(); }
+
+bool same_values(const at::Tensor& copy, const at::Tensor& t) {
+  if (!t.defined() || !copy.defined()) return t.defined() == copy.defined();
+  if (copy.sizes() != t.sizes() || copy.scalar_type() != t.scalar_type()) return false;
+  const at::Tensor c = t.contiguous();
+  return std::memcmp(copy.data_ptr(), c.data_ptr(), c.nbytes()) == 0;
+}
+
 // Everything the folded block depends on, compared exactly.
 struct BlockKey {
-  TensorKey weight, lora_a, lora_b;  // the LoRA factors undefined when the block holds no adapter
+  TensorKey weight;
+  at::Tensor lora_a, lora_b;  // copies of the factors' values; undefined when the block holds no adapter
   double lora_scale = 0.0;
   std::vector<int64_t> rows, cols;  // index lists; empty = all
   int64_t row_pad = 0, col_pad = 0;
@@ -66,14 +80,15 @@ at::Tensor factor(const LoraTerm* lora, bool b) { return lora ? (b ? lora->b : l
 // Compared in place (no copy of the index lists and values per call: the common case is a hit).
 bool matches(const BlockKey& k, const at::Tensor& weight, const GateSet& rows, const GateSet& cols,
              const LoraTerm* lora) {
-  return same(k.weight, weight) && same(k.lora_a, factor(lora, false)) && same(k.lora_b, factor(lora, true)) &&
+  return same(k.weight, weight) && same_values(k.lora_a, factor(lora, false)) &&
+         same_values(k.lora_b, factor(lora, true)) &&
          k.lora_scale == (lora ? lora->scale : 0.0) && k.row_pad == rows.active.pad &&
          k.col_pad == cols.active.pad && k.rows == rows.active.idx && k.cols == cols.active.idx &&
          k.row_values == rows.values.values() && k.col_values == cols.values.values();
 }
 
 BlockKey key_of(const at::Tensor& weight, const GateSet& rows, const GateSet& cols, const LoraTerm* lora) {
-  return BlockKey{tensor_key(weight),  tensor_key(factor(lora, false)), tensor_key(factor(lora, true)),
+  return BlockKey{tensor_key(weight), value_key(factor(lora, false)), value_key(factor(lora, true)),
                   lora ? lora->scale : 0.0, rows.active.idx, cols.active.idx, rows.active.pad, cols.active.pad,
                   rows.values.values(), cols.values.values()};
 }

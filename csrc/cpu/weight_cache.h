@@ -6,7 +6,8 @@
 // per weight and rebuilt only when the weight, the active sets or the gate values differ.
 //
 // With LoRA the block may hold the adapter too (W_f + s B_f A_f, see fold_lora in compact_gemm.h);
-// its key then also holds the factors' versions and storage.
+// its key then also holds a copy of the factors' values (an optimizer may update them without
+// bumping their version counter: fused AdamW does not).
 //
 // Only weights that do not require grad are cached (a frozen weight, as in FineGates fine-tuning).
 // A block is found again only where the weight provably did not change: the backward of a step
@@ -29,7 +30,7 @@ namespace cpu {
 
 // The LoRA term folded into a block: s * b_f a_f with the gate-folded factors b_f = g_r B[R]
 // (rows.padded() x r, zero padding) and a_f = A[:, C] g_c (r x cols.padded()); a and b are the
-// factors themselves, for the key (their versions and storage, as the weight's). `fold` says whether
+// factors themselves, for the key (their values). `fold` says whether
 // the term goes into the weight block (fold_lora) or runs on the low-rank path; decided here once,
 // so that a backward asks for the block its forward built.
 struct LoraTerm {
