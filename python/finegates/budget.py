@@ -22,6 +22,7 @@ nearest the request (binary search over the exact size). After it the gates stop
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -163,6 +164,7 @@ def close_to_budget(model: nn.Module, target_sparsity: float, rank: Optional[Ten
                              f"{rank.numel()}" + ("" if rank.numel() != values.numel() else " with NaN or inf"))
         order = order[torch.argsort(rank[order], stable=True)]
 
+    @functools.lru_cache(maxsize=None)  # the scan below revisits counts the search made
     def removed(k: int) -> float:
         return 1.0 - kept_fraction(model, _masks_closing(order, k, sizes))
 
