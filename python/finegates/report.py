@@ -55,9 +55,12 @@ def compression_report(model: nn.Module, *, masks: Optional[Mapping[GatedLinear,
     quantity ``target_sparsity`` asks for). ``layers``: per rewritten layer its open rows/columns
     (gated layers), ``params``, ``compact_params`` and ``removed_params``."""
     gated = {name: m for name, m in model.named_modules() if isinstance(m, GatedLinear)}
-    # The eval gates' masks, read once for the plan and the counts below.
-    masks = {**{m: (m.row_gates.eval_values() != 0, m.col_gates.eval_values() != 0) for m in gated.values()
-                if m not in (masks or {})}, **(masks or {})}
+    # Every gated layer's masks, its eval gates' where none are given, read once for the plan and
+    # the counts below.
+    masks = dict(masks or {})
+    for m in gated.values():
+        if m not in masks:
+            masks[m] = (m.row_gates.eval_values() != 0, m.col_gates.eval_values() != 0)
     plan = compact_size(model, masks=masks, portable=portable) if gated else {}
     layers = []
     for name, (params, counted) in plan.items():
