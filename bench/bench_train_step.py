@@ -41,7 +41,9 @@ Step time: median over the timed steps, the variants interleaved round by round 
 every round, each timed step right after an untimed one of its own variant) within each (model, f),
 so the ratios come from one run. Peak memory: a fresh subprocess per (model, variant,
 f) builds the model, records the RSS, resets the peak counter (``/proc/self/clear_refs`` = 5), runs
-2 steps and reads ``VmHWM``. Breakdown: ``torch.profiler`` over a few steps of fg and lora at f = 0.4,
+2 steps and reads ``VmHWM``; fg also with ``FG_CPU_WEIGHT_CACHE_MB=0``. Where fg's extra memory goes:
+one forward of fg and of lora with a ``saved_tensors_hooks`` count of what autograd keeps, the gated
+layers' outputs that nothing but the gated op saves, and the CPU block cache's bytes. Breakdown: ``torch.profiler`` over a few steps of fg and lora at f = 0.4,
 each top-level event (an op called from Python, or an autograd node) counted in one part.
 """
 
@@ -376,13 +378,69 @@ def measure_memory_inprocess(model: str, variant: str, inactive: float, steps: i
     return {"peak_kb": peak, "growth_kb": peak - base, "method": method}
 
 
-def measure_memory(model: str, variant: str, inactive: float, steps: int = 2) -> Dict[str, object]:
+def measure_memory(model: str, variant: str, inactive: float, steps: int = 2,
+                   env_extra: Optional[Dict[str, str]] = None) -> Dict[str, object]:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-worker", model, variant, str(inactive), str(steps)]
     # A fixed mmap threshold stops glibc from moving it up after large frees, so freed activation
     # blocks go back to the OS and the RSS peak tracks live tensors (not allocator history).
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", **(env_extra or {}))
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=str(REPO_ROOT), env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# The CPU kernels' cache of gate-folded weight blocks off: the backward rebuilds its forward's block.
+NO_BLOCK_CACHE = ("fg, FG_CPU_WEIGHT_CACHE_MB=0", {"FG_CPU_WEIGHT_CACHE_MB": "0"})
+
+
+def _saved_by_forward(variant: str, net: nn.Module, batch: Dict[str, Tensor]):
+    """Runs the step's forward and returns (what autograd keeps: {storage address: [bytes, how many
+    saves]}, parameters and buffers left out; the output storages of the gated layers; the graph's
+    loss, to keep it alive while the caller looks)."""
+    saved: Dict[int, List[int]] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        entry = saved.setdefault(t.untyped_storage().data_ptr(), [t.untyped_storage().nbytes(), 0])
+        entry[1] += 1
+        return t
+
+    outputs = set()
+    hooks = [m.register_forward_hook(lambda _m, _i, o: outputs.add(o.untyped_storage().data_ptr()))
+             for m in net.modules() if isinstance(m, GatedLinear)]
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if variant.startswith("fg"):
+                out, sp = Objective(net, BudgetObjective(net))(batch)
+                loss = out.loss + LAMBDA * sp
+            else:
+                loss = net(**batch).loss
+    finally:
+        for h in hooks:
+            h.remove()
+    for t in [*net.parameters(), *net.buffers()]:
+        saved.pop(t.untyped_storage().data_ptr(), None)
+    return saved, outputs, loss
+
+
+def memory_split(model: str, inactive: float = 0.4, seed: int = 0) -> Dict[str, float]:
+    """Where fg's extra memory over lora goes, in MB, from one forward of each: what autograd keeps
+    (activations), the part of fg's that only the gated op keeps (its outputs, for the row-gate
+    gradient, where no other op saves them too) and the weight blocks its forward keeps for the
+    backward (the CPU kernels' cache)."""
+    import fg_kernels
+
+    batch, mb = make_batch(model, seed), 1.0 / 2**20
+    split: Dict[str, float] = {}
+    for variant in ("lora", "fg"):
+        net = build_variant(model, variant, inactive, seed)
+        fg_kernels.clear_cpu_weight_cache()
+        saved, outputs, loss = _saved_by_forward(variant, net, batch)
+        split[f"{variant} activations"] = sum(b for b, _ in saved.values()) * mb
+        if variant == "fg":
+            split["fg outputs kept only by the gated op"] = sum(
+                saved[p][0] for p in outputs if p in saved and saved[p][1] == 1) * mb
+            split["fg weight blocks kept for the backward"] = fg_kernels.cpu_weight_cache_bytes() * mb
+        del loss, saved
+    return split
 
 
 # The default run end to end: ``finegates finetune`` against ``--method lora``, the same steps.
@@ -529,6 +587,10 @@ def target_lines(rows, memory) -> List[str]:
         ratio = m["peak_kb"] / memory[(model, "lora", 0.0)]["peak_kb"]
         out.append(f"- {model}, {v} / lora peak RSS at {f:.0%} inactive: {ratio:.3f} (target <= 1): "
                    f"**{'PASS' if ratio <= 1.0 else 'MISS'}**")
+        off = memory.get((model, NO_BLOCK_CACHE[0], f)) if v == "fg" else None
+        if off:
+            out.append(f"  - with `{NO_BLOCK_CACHE[0].split(', ')[1]}` (the backward rebuilds the weight blocks): "
+                       f"{off['peak_kb'] / memory[(model, 'lora', 0.0)]['peak_kb']:.3f}")
     return out
 
 
@@ -547,6 +609,24 @@ def memory_table(memory) -> List[str]:
     for (model, v, f), m in sorted(memory.items()):
         L.append(f"| {model} | {v} | {f:.0%} | {m['peak_kb'] / 1024:.0f} | {m['growth_kb'] / 1024:.0f} |")
     return L
+
+
+def memory_split_table(splits: Dict[str, Dict[str, float]], memory) -> List[str]:
+    keys = next(iter(splits.values())).keys()
+    L = ["| MB | " + " | ".join(splits) + " |", "|---|" + "---|" * len(splits)]
+    for k in keys:
+        L.append(f"| {k} | " + " | ".join(f"{splits[m][k]:.1f}" for m in splits) + " |")
+    L.append("| peak RSS over lora's: fg / fg without the block cache | " + " | ".join(
+        _peak_over_lora(memory, m) for m in splits) + " |")
+    return L
+
+
+def _peak_over_lora(memory, model: str) -> str:
+    lora = memory.get((model, "lora", 0.0))
+    fg, off = memory.get((model, "fg", 0.4)), memory.get((model, NO_BLOCK_CACHE[0], 0.4))
+    if not (lora and fg and off):
+        return "-"
+    return f"{(fg['peak_kb'] - lora['peak_kb']) / 1024:.0f} / {(off['peak_kb'] - lora['peak_kb']) / 1024:.0f}"
 
 
 def breakdown_table(parts: Dict) -> List[str]:
@@ -586,7 +666,7 @@ def end_to_end_lines(e2e: Dict[str, List[float]]) -> List[str]:
     return L
 
 
-def render(env, cmd, rows, memory, parts, checks, timing_params, e2e=None) -> str:
+def render(env, cmd, rows, memory, parts, checks, timing_params, e2e=None, splits=None) -> str:
     L = ["# Training-step benchmark: FineGates vs the masked reference vs PEFT LoRA", "",
          "Written by `bench/bench_train_step.py --write-results`. Do not edit by hand; the definitions "
          "(models, variants, gate patterns, what a step is) are the script's docstring.", "",
@@ -601,6 +681,14 @@ def render(env, cmd, rows, memory, parts, checks, timing_params, e2e=None) -> st
     L += ["", "## Peak memory", "",
           f"Fresh subprocess per case, {timing_params['mem_steps']} steps, method: "
           f"{next(iter(memory.values()))['method'] if memory else '-'}.", ""] + memory_table(memory)
+    if splits:
+        L += ["", "Where fg's extra memory goes at 40% inactive (one forward of each variant; activations: "
+              "the storages autograd keeps, parameters and buffers left out). The gated op keeps its "
+              "output for the row-gate gradient (d g_r = sum dy * y / g_r); where no other op saves "
+              "the same tensor (the residual-stream outputs, LLaMA's q and k before the rotary "
+              "embedding) that is memory LoRA does not hold. The weight blocks live from the forward "
+              f"to the backward; `{NO_BLOCK_CACHE[0].split(', ')[1]}` makes the backward rebuild "
+              "them instead.", ""] + memory_split_table(splits, memory)
     if parts:
         L += ["", "## Where a step goes (40% inactive)", "",
               "torch.profiler over 3 steps; each top-level event (an op called from Python, or an autograd "
@@ -653,13 +741,16 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     checks = [check_fg_vs_masked(m) for m in models]
     timing = {(m, f): time_case(m, f, steps, warmup, log=lambda s: print(s, flush=True)) for m in models for f in INACTIVE}
-    memory, parts = {}, {}
+    memory, parts, splits = {}, {}, {}
     if not args.quick:
         for m in models:
             for v in VARIANTS:
                 for f in ((0.0,) if v == "lora" else MEMORY_INACTIVE):
                     memory[(m, v, f)] = measure_memory(m, v, f, mem_steps)
                     print(f"  memory {m} {v} f={f}: peak {memory[(m, v, f)]['peak_kb'] / 1024:.0f} MB", flush=True)
+            memory[(m, NO_BLOCK_CACHE[0], 0.4)] = measure_memory(m, "fg", 0.4, mem_steps, NO_BLOCK_CACHE[1])
+            splits[m] = memory_split(m)
+            print(f"  memory {m}: {splits[m]}", flush=True)
             for v in ("fg", "lora"):
                 parts[(m, v)] = breakdown(m, v, 0.4)
     rounds = args.end_to_end_rounds if args.end_to_end_rounds is not None else (0 if args.quick else 2)
@@ -671,7 +762,7 @@ def main(argv=None) -> int:
         (f" --steps {args.steps}" if args.steps else "") + \
         (f" --end-to-end-rounds {args.end_to_end_rounds}" if args.end_to_end_rounds is not None else "") + (" --write-results" if args.write_results else "")
     text = render(environment(), cmd, ratio_rows(timing), memory, parts, checks,
-                  {"steps": steps, "warmup": warmup, "mem_steps": mem_steps}, e2e)
+                  {"steps": steps, "warmup": warmup, "mem_steps": mem_steps}, e2e, splits)
     print("\n" + text)
     print(f"(total {time.perf_counter() - t_start:.0f} s)")
     if args.write_results:
