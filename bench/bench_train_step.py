@@ -43,8 +43,9 @@ so the ratios come from one run. Peak memory: a fresh subprocess per (model, var
 f) builds the model, records the RSS, resets the peak counter (``/proc/self/clear_refs`` = 5), runs
 2 steps and reads ``VmHWM``; fg also with ``FG_CPU_WEIGHT_CACHE_MB=0``. Where fg's extra memory goes:
 one forward of fg and of lora with a ``saved_tensors_hooks`` count of what autograd keeps, the gated
-layers' outputs that nothing but the gated op saves, and the CPU block cache's bytes. Breakdown: ``torch.profiler`` over a few steps of fg and lora at f = 0.4,
-each top-level event (an op called from Python, or an autograd node) counted in one part.
+layers' outputs that nothing but the gated op saves, and the CPU block cache's bytes. Breakdown:
+``torch.profiler`` over a few steps of fg and lora at f = 0.4, each top-level event (an op called
+from Python, or an autograd node) counted in one part.
 """
 
 from __future__ import annotations
@@ -253,24 +254,33 @@ def build_variant(model: str, variant: str, inactive: float, seed: int = 0) -> n
     return net
 
 
-def make_step(variant: str, net: nn.Module, batch: Dict[str, Tensor]) -> Callable[[], float]:
-    """A closure running one full training step; returns the loss."""
+def make_objective(variant: str, net: nn.Module) -> Optional[Objective]:
+    """The training loop's forward for the FineGates variants (None for the others)."""
+    return Objective(net, BudgetObjective(net)) if variant.startswith("fg") else None
+
+
+def forward_loss(variant: str, net: nn.Module, batch: Dict[str, Tensor], objective: Optional[Objective]) -> Tensor:
+    """A step's forward: the task loss plus the variant's sparsity term."""
     from torch.profiler import record_function
 
+    if objective is not None:  # the training loop's forward: gates sampled in one pass, the budget term
+        out, sp = objective(batch)
+        return out.loss + LAMBDA * sp  # the logits go, as in the training loop: not kept through the backward
+    loss = net(**batch).loss
+    if variant == "masked":
+        with record_function("sparsity+gates"):  # a label for breakdown()
+            loss = loss + LAMBDA * masked_sparsity_loss(net)
+    return loss
+
+
+def make_step(variant: str, net: nn.Module, batch: Dict[str, Tensor]) -> Callable[[], float]:
+    """A closure running one full training step; returns the loss."""
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3, fused=True)
-    objective = Objective(net, BudgetObjective(net)) if variant.startswith("fg") else None
+    objective = make_objective(variant, net)
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
-        if objective is not None:  # the training loop's forward: gates sampled in one pass, the budget term
-            out, sp = objective(batch)
-            loss = out.loss + LAMBDA * sp
-            del out  # the logits, as in the training loop: not kept through the backward
-        else:
-            loss = net(**batch).loss
-            if variant == "masked":
-                with record_function("sparsity+gates"):  # a label for breakdown()
-                    loss = loss + LAMBDA * masked_sparsity_loss(net)
+        loss = forward_loss(variant, net, batch, objective)
         loss.backward()
         opt.step()
         return float(loss.detach())
@@ -389,7 +399,9 @@ def measure_memory(model: str, variant: str, inactive: float, steps: int = 2,
 
 
 # The CPU kernels' cache of gate-folded weight blocks off: the backward rebuilds its forward's block.
-NO_BLOCK_CACHE = ("fg, FG_CPU_WEIGHT_CACHE_MB=0", {"FG_CPU_WEIGHT_CACHE_MB": "0"})
+NO_BLOCK_CACHE_SETTING = "FG_CPU_WEIGHT_CACHE_MB=0"
+NO_BLOCK_CACHE_ENV = dict([NO_BLOCK_CACHE_SETTING.split("=")])
+NO_BLOCK_CACHE = f"fg, {NO_BLOCK_CACHE_SETTING}"  # its label in the memory table
 
 
 def _saved_by_forward(variant: str, net: nn.Module, batch: Dict[str, Tensor]):
@@ -408,11 +420,7 @@ def _saved_by_forward(variant: str, net: nn.Module, batch: Dict[str, Tensor]):
              for m in net.modules() if isinstance(m, GatedLinear)]
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            if variant.startswith("fg"):
-                out, sp = Objective(net, BudgetObjective(net))(batch)
-                loss = out.loss + LAMBDA * sp
-            else:
-                loss = net(**batch).loss
+            loss = forward_loss(variant, net, batch, make_objective(variant, net))
     finally:
         for h in hooks:
             h.remove()
@@ -587,9 +595,9 @@ def target_lines(rows, memory) -> List[str]:
         ratio = m["peak_kb"] / memory[(model, "lora", 0.0)]["peak_kb"]
         out.append(f"- {model}, {v} / lora peak RSS at {f:.0%} inactive: {ratio:.3f} (target <= 1): "
                    f"**{'PASS' if ratio <= 1.0 else 'MISS'}**")
-        off = memory.get((model, NO_BLOCK_CACHE[0], f)) if v == "fg" else None
+        off = memory.get((model, NO_BLOCK_CACHE, f)) if v == "fg" else None
         if off:
-            out.append(f"  - with `{NO_BLOCK_CACHE[0].split(', ')[1]}` (the backward rebuilds the weight blocks): "
+            out.append(f"  - with `{NO_BLOCK_CACHE_SETTING}` (the backward rebuilds the weight blocks): "
                        f"{off['peak_kb'] / memory[(model, 'lora', 0.0)]['peak_kb']:.3f}")
     return out
 
@@ -623,7 +631,7 @@ def memory_split_table(splits: Dict[str, Dict[str, float]], memory) -> List[str]
 
 def _peak_over_lora(memory, model: str) -> str:
     lora = memory.get((model, "lora", 0.0))
-    fg, off = memory.get((model, "fg", 0.4)), memory.get((model, NO_BLOCK_CACHE[0], 0.4))
+    fg, off = memory.get((model, "fg", 0.4)), memory.get((model, NO_BLOCK_CACHE, 0.4))
     if not (lora and fg and off):
         return "-"
     return f"{(fg['peak_kb'] - lora['peak_kb']) / 1024:.0f} / {(off['peak_kb'] - lora['peak_kb']) / 1024:.0f}"
@@ -687,7 +695,7 @@ def render(env, cmd, rows, memory, parts, checks, timing_params, e2e=None, split
               "output for the row-gate gradient (d g_r = sum dy * y / g_r); where no other op saves "
               "the same tensor (the residual-stream outputs, LLaMA's q and k before the rotary "
               "embedding) that is memory LoRA does not hold. The weight blocks live from the forward "
-              f"to the backward; `{NO_BLOCK_CACHE[0].split(', ')[1]}` makes the backward rebuild "
+              f"to the backward; `{NO_BLOCK_CACHE_SETTING}` makes the backward rebuild "
               "them instead.", ""] + memory_split_table(splits, memory)
     if parts:
         L += ["", "## Where a step goes (40% inactive)", "",
@@ -748,7 +756,7 @@ def main(argv=None) -> int:
                 for f in ((0.0,) if v == "lora" else MEMORY_INACTIVE):
                     memory[(m, v, f)] = measure_memory(m, v, f, mem_steps)
                     print(f"  memory {m} {v} f={f}: peak {memory[(m, v, f)]['peak_kb'] / 1024:.0f} MB", flush=True)
-            memory[(m, NO_BLOCK_CACHE[0], 0.4)] = measure_memory(m, "fg", 0.4, mem_steps, NO_BLOCK_CACHE[1])
+            memory[(m, NO_BLOCK_CACHE, 0.4)] = measure_memory(m, "fg", 0.4, mem_steps, NO_BLOCK_CACHE_ENV)
             splits[m] = memory_split(m)
             print(f"  memory {m}: {splits[m]}", flush=True)
             for v in ("fg", "lora"):
