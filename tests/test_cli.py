@@ -388,11 +388,11 @@ def test_recovery_steps_freeze_the_gates_at_the_end(tiny_bert, sst_small, tmp_pa
     assert main(argv) == 0
     from safetensors.torch import load_file
 
-    ck = {s: load_file(out / "checkpoints" / f"step-{s}" / "model.safetensors") for s in (4, 5, 7)}
-    gates = [k for k in ck[5] if k.endswith("gates.theta")]
-    assert gates and all(torch.equal(ck[5][k], ck[7][k]) for k in gates)
-    assert any(not torch.equal(ck[4][k], ck[5][k]) for k in gates)  # the closure, in the first recovery step
-    assert any(not torch.equal(ck[5][k], ck[7][k]) for k in ck[5] if "lora_b" in k or "classifier" in k)
+    ck = {s: load_file(out / "checkpoints" / f"step-{s}" / "model.safetensors") for s in (3, 4, 7)}
+    gates = [k for k in ck[4] if k.endswith("gates.theta")]
+    assert gates and all(torch.equal(ck[4][k], ck[7][k]) for k in gates)
+    assert any(not torch.equal(ck[3][k], ck[4][k]) for k in gates)  # the closure, right after the freeze step
+    assert any(not torch.equal(ck[4][k], ck[7][k]) for k in ck[4] if "lora_b" in k or "classifier" in k)
     m = json.loads((out / "metrics.json").read_text())
     assert m["final_lambda"] == 0.0
     assert abs(m["removed_fraction_of_gated"] - 0.5) <= 0.03
@@ -459,7 +459,7 @@ def test_train_options_are_the_parsed_arguments(command):
 
 @pytest.mark.parametrize("field,value,expected", [
     ("batch_size", 0, "an integer >= 1"), ("max_steps", 2.5, "None or an integer >= 1"),
-    ("target_sparsity", 1.0, r"a fraction in \[0, 1\)"), ("sparsity_objective", "lagrange", "one of budget, reference"),
+    ("target_sparsity", 1.0, r"None \(the layers. own\) or a fraction in \[0, 1\)"), ("sparsity_objective", "lagrange", "one of budget, reference"),
     ("recovery_lr", -0.1, r"a fraction in \[0, 1\]"), ("closure_rank", "taylor", "one of value, saliency"),
 ])
 def test_train_options_refuse_bad_values_by_name(field, value, expected):

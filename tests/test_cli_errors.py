@@ -82,7 +82,7 @@ def _tree(root: Path):
 def _earlier_run(out: Path, marker: str) -> Path:
     """A directory as a finished run with a checkpoint leaves it, with ``marker`` as its finegates_run.json."""
     (out / "checkpoints" / "step-1").mkdir(parents=True)
-    (out / "checkpoints" / "step-1" / "custom_checkpoint_0.pkl").write_bytes(b"state")
+    (out / "checkpoints" / "step-1" / "train_state.json").write_text('{"step": 1}')
     (out / "metrics.json").write_text("{}")
     (out / "finegates_run.json").write_text(marker)
     return out

@@ -69,7 +69,7 @@ def test_logged_lambda_is_the_one_each_step_trained_with(tmp_path):
     trainer.train()
     logs = [h for h in trainer.state.log_history if "lambda" in h]
     assert [h["step"] for h in logs] == [1, 2, 3, 4]
-    assert [h["lambda"] for h in logs] == [trainer.sparsity_schedule(s) for s in range(4)]
+    assert [h["lambda"] for h in logs] == [trainer.engine.lambda_schedule(s) for s in range(4)]
     assert [h["lambda"] for h in logs] == [0.0, 5.0, 10.0, 10.0]
 
 
@@ -85,7 +85,7 @@ def test_trainer_budget_lands_on_the_target(tmp_path, closure_rank):
                                closure_rank=closure_rank)
     trainer.train()
     if closure_rank == "saliency":
-        assert trainer.saliency._handles == [] and float(trainer.saliency.ranking().sum()) > 0
+        assert trainer.engine.saliency._handles == [] and float(trainer.engine.saliency.ranking().sum()) > 0
     logs = [h for h in trainer.state.log_history if "keep_fraction" in h]
     assert logs[0]["lambda"] > 0 and logs[-1]["lambda"] == 0.0  # frozen for the last steps
     rep = finegates.compression_report(model)
@@ -104,9 +104,10 @@ def _lm_data(n=8, seed=0):
 def test_gradient_accumulation_weights_the_sparsity_term_once(tmp_path, objective, family, monkeypatch):
     """One optimizer step of batch 8 moves the gates as 2 accumulated micro-batches of 4 do (only
     the gates train, on the sparsity term alone): it is added once per step, not per micro-batch."""
-    import finegates.integrations as integrations
+    import finegates.engine as engine
 
-    monkeypatch.setattr(integrations, "close_to_budget", lambda model, target, rank=None: None)  # only the step's movement
+    monkeypatch.setattr(engine, "close_to_budget", lambda model, target, rank=None: dict(  # only the step's movement
+        removed_fraction=0.0, newly_closed=0, reopened=0))
     task_loss = transformers.Trainer.compute_loss
 
     def no_task_gradient(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -126,7 +127,7 @@ def test_gradient_accumulation_weights_the_sparsity_term_once(tmp_path, objectiv
         data = _lm_data(8) if family == "llama" else _data(8)
         trainer = FineGatesTrainer(model=model, args=args, train_dataset=data, gate_lr=1.0, **kw)
         if objective == "budget":
-            trainer.controller.error = 0.1  # a fixed weight for the one step
+            trainer.engine.controller.error = 0.1  # a fixed weight for the one step
         trainer.train()
         after = [p.detach() for n, p in model.named_parameters() if n.endswith("gates.theta")]
         moved.append(sum(float((a - b).abs().sum()) for a, b in zip(after, before)))
@@ -156,7 +157,8 @@ def test_the_documented_trainer_example_runs(tmp_path):
 
 def test_trainer_takes_its_sparsity_settings_from_train_options(tmp_path):
     """options=TrainOptions(...) sets what the keywords of the same name set; both at once, or a
-    recovery left to the command line's default (None), are refused by name."""
+    target the gated layers were not sparsified to, are refused by name; a command-line run's own
+    train_options.json is taken as it is (its recovery None: the last fifth of the Trainer's run)."""
     from finegates import TrainOptions
 
     opts = TrainOptions(sparsity_objective="reference", sparsity_lambda=3.0, sparsity_start=2, sparsity_warmup=4,
@@ -167,12 +169,20 @@ def test_trainer_takes_its_sparsity_settings_from_train_options(tmp_path):
         model = build("bert")
         finegates.sparsify(model, target_sparsity=0.4, verbose=False)
         t = FineGatesTrainer(model=model, args=_args(tmp_path, max_steps=8), train_dataset=_data(8), **kw)
-        made.append((type(t.objective).__name__, t.sparsity_schedule(6), t.recovery_steps, t.recovery_lr))
+        t.engine.plan(8)
+        made.append((type(t.engine.objective).__name__, t.engine.lambda_schedule(6), t.engine.recovery_steps,
+                     t.engine.options.recovery_lr))
     assert made[0] == made[1] == ("ReferenceObjective", made[1][1], 1, 0.25) and made[0][1] > 0
     model = build("bert")
     finegates.sparsify(model, target_sparsity=0.4, verbose=False)
     with pytest.raises(TypeError, match=r"not both \(got \['sparsity_lambda'\]\)"):
         FineGatesTrainer(model=model, args=_args(tmp_path), train_dataset=_data(8), options=opts, sparsity_lambda=1.0)
-    with pytest.raises(ValueError, match="options.recovery_steps must be a number of steps"):
+    with pytest.raises(ValueError, match=r"options.target_sparsity=0.5 but the gated layers were sparsified with "
+                                         r"target_sparsity 0.4"):
         FineGatesTrainer(model=model, args=_args(tmp_path), train_dataset=_data(8),
-                         options=TrainOptions(recovery_steps=None))
+                         options=TrainOptions(target_sparsity=0.5))
+    TrainOptions(target_sparsity=0.4, recovery_steps=None, max_steps=500, batch_size=4).save(tmp_path / "opts.json")
+    t = FineGatesTrainer(model=model, args=_args(tmp_path, max_steps=10), train_dataset=_data(8),
+                         options=TrainOptions.load(tmp_path / "opts.json"))
+    t.create_optimizer_and_scheduler(10)
+    assert (t.engine.freeze_step, t.engine.recovery_steps) == (8, 2)

@@ -1,7 +1,8 @@
 """FineGates training layer: learnable row/column gates on the Linears of any model.
 
     model = finegates.sparsify(model, target_sparsity=0.4)
-    loss = task_loss + lam * finegates.sparsity_loss(model)
+    engine = finegates.SparsityEngine(model, finegates.TrainOptions(), total_steps=500)   # any loop:
+    loss = task_loss + engine.sparsity_term(); ...; optimizer.step(); engine.step()  # ... engine.finish()
     finegates.compression_report(model)
     finegates.save_compact(finegates.compact(model.eval()), "out/compact")   # smaller, same outputs
     model = finegates.load_compact("out/compact")                           # stock classes, no gates
@@ -19,7 +20,8 @@ from .pooling import use_mean_pooling
 from .report import compression_report
 from .compaction.serialize import load_compact, save_compact
 from .config import FineGatesConfig, TrainOptions
-from .sparsify import dense_view, gated_layers, sparsify, trainable_parameters
+from .engine import SparsityEngine
+from .sparsify import dense_view, gated_layers, sparsify, sparsify_as, sparsify_record, trainable_parameters
 from .state import load_trainable_state, trainable_state_dict
 
 __all__ = [
@@ -29,6 +31,9 @@ __all__ = [
     "sparsify",
     "FineGatesConfig",
     "TrainOptions",
+    "SparsityEngine",
+    "sparsify_record",
+    "sparsify_as",
     "dense_view",
     "sparsity_loss",
     "SparsitySchedule",

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-__all__ = ["FineGatesConfig", "TrainOptions", "GATE_GRADIENTS"]
+__all__ = ["FineGatesConfig", "TrainOptions", "GATE_GRADIENTS", "RECOVERY_SHARE"]
 
 GATE_GRADIENTS = ("straight-through", "clamp")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -121,14 +121,25 @@ def closure_rank_for(closure_rank: Optional[str], sparsity_objective: str, owner
     return closure_rank
 
 
+# The recovery phase when ``recovery_steps`` is None: the last fifth of the run.
+RECOVERY_SHARE = 0.2
+
+_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainOptions(_JsonRecord):
-    """What a training run reads besides the model: the command line's training loop all of it
-    (built from the parsed arguments, each field the flag of the same name, ``--batch-size`` ->
-    ``batch_size``; the command line sets every field, its defaults are per command),
-    :class:`finegates.integrations.FineGatesTrainer` the sparsity fields. ``max_steps`` None trains ``epochs`` epochs; ``recovery_steps`` None is the
-    last fifth of the run; ``sparsity_lambda`` weighs the reference objective only (the budget
-    objective learns its multiplier)."""
+    """What a training run reads besides the model, and the one place their defaults live.
+
+    The sparsity fields (``target_sparsity`` to ``closure_rank``, and ``gate_lr``) are the method's
+    schedule, read by :class:`finegates.engine.SparsityEngine` in every loop: the command line's,
+    :class:`finegates.integrations.FineGatesTrainer` and a user's own. The others are the command
+    line's loop (built from the parsed arguments, each field the flag of the same name,
+    ``--batch-size`` -> ``batch_size``; the command line sets every field, its defaults are per
+    command). ``target_sparsity`` None is the target the gated layers were given by
+    :func:`finegates.sparsify`; ``max_steps`` None trains ``epochs`` epochs; ``recovery_steps`` None
+    is the last fifth of the run (``RECOVERY_SHARE``); ``sparsity_lambda`` weighs the reference
+    objective only (the budget objective learns its multiplier)."""
 
     batch_size: int = 16
     eval_batch_size: int = 64
@@ -140,9 +151,9 @@ class TrainOptions(_JsonRecord):
     weight_decay: float = 0.0
     max_grad_norm: float = 0.0
     seed: int = 42
-    target_sparsity: float = 0.0
+    target_sparsity: Optional[float] = None
     sparsity_objective: str = "budget"
-    sparsity_lambda: float = 0.0
+    sparsity_lambda: float = 5.0
     sparsity_start: int = 0
     sparsity_warmup: int = 0
     sparsity_ramp: str = "linear"
@@ -152,6 +163,7 @@ class TrainOptions(_JsonRecord):
     recovery_steps: Optional[int] = 0
     recovery_lr: float = 0.5
     closure_rank: Optional[str] = None  # None: closure_rank_for's default
+    gate_lr: float = 0.05
     distill_weight: float = 0.0
     distill_temperature: float = 1.0
     logging_steps: int = 50
@@ -160,20 +172,38 @@ class TrainOptions(_JsonRecord):
 
     def __post_init__(self):
         for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "epochs", "logging_steps"):
-            _require(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 1, "an integer >= 1")
+            _require(self, name, _is_int(getattr(self, name)) and getattr(self, name) >= 1, "an integer >= 1")
         for name in ("warmup_steps", "sparsity_start", "sparsity_warmup", "checkpointing_steps", "keep_checkpoints"):
-            _require(self, name, isinstance(getattr(self, name), int) and getattr(self, name) >= 0, "an integer >= 0")
+            _require(self, name, _is_int(getattr(self, name)) and getattr(self, name) >= 0, "an integer >= 0")
         for name in ("max_steps", "recovery_steps"):
-            v = getattr(self, name)
-            _require(self, name, v is None or (isinstance(v, int) and v >= (1 if name == "max_steps" else 0)),
-                     "None or an integer >= " + ("1" if name == "max_steps" else "0"))
-        _require(self, "target_sparsity", 0.0 <= self.target_sparsity < 1.0, "a fraction in [0, 1)")
-        _require(self, "recovery_lr", 0.0 <= self.recovery_lr <= 1.0, "a fraction in [0, 1]")
-        _require(self, "distill_temperature", self.distill_temperature > 0, "a number > 0")
-        for name, allowed in _CHOICES.items():
+            v, least = getattr(self, name), 1 if name == "max_steps" else 0
+            _require(self, name, v is None or (_is_int(v) and v >= least), f"None or an integer >= {least}")
+        _require(self, "seed", _is_int(self.seed) and 0 <= self.seed < 2 ** 32, "an integer in [0, 2**32)")
+        ts = self.target_sparsity
+        _require(self, "target_sparsity", ts is None or (_is_number(ts) and 0.0 <= ts < 1.0),
+                 "None (the layers' own) or a fraction in [0, 1)")
+        for name in ("weight_decay", "max_grad_norm", "sparsity_lambda", "budget_multiplier_lr", "budget_penalty",
+                     "gate_lr", "distill_weight"):
+            _require(self, name, _is_number(getattr(self, name)) and getattr(self, name) >= 0, "a finite number >= 0")
+        _require(self, "recovery_lr", _is_number(self.recovery_lr) and 0.0 <= self.recovery_lr <= 1.0,
+                 "a fraction in [0, 1]")
+        _require(self, "distill_temperature", _is_number(self.distill_temperature) and self.distill_temperature > 0,
+                 "a finite number > 0")
+        _require(self, "kurtosis", isinstance(self.kurtosis, bool), "true or false")
+        for name, allowed in {**_CHOICES, "lr_scheduler": _SCHEDULERS}.items():
             _require(self, name, getattr(self, name) in allowed, "one of " + ", ".join(allowed))
         object.__setattr__(self, "closure_rank", closure_rank_for(self.closure_rank, self.sparsity_objective,
                                                                   "TrainOptions."))
+
+    def recovery_steps_for(self, total_steps: int) -> int:
+        """The recovery phase of a run of ``total_steps`` optimizer steps (None: a fifth of it); a
+        ValueError when it leaves no step to train the gates in."""
+        if self.recovery_steps is None:
+            return int(total_steps * RECOVERY_SHARE)
+        if self.recovery_steps and self.recovery_steps >= total_steps:
+            raise ValueError(f"recovery_steps={self.recovery_steps} leaves no step to train the gates in a run of "
+                             f"{total_steps} steps")
+        return int(self.recovery_steps)
 
     @classmethod
     def from_namespace(cls, namespace: Any) -> "TrainOptions":
@@ -182,6 +212,14 @@ class TrainOptions(_JsonRecord):
         if present.get("sparsity_lambda") is None:
             present.pop("sparsity_lambda", None)
         return cls(**present)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _require(options: "TrainOptions", name: str, ok: bool, expected: str) -> None:

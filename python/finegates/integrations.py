@@ -6,22 +6,23 @@
     trainer.train()
     trainer.compact_and_save("out/compact")      # the physically smaller model, 40% of the gated layers removed
 
-What it adds to ``Trainer``: the sparsity objective on the training loss (by default the size budget
-of :mod:`finegates.budget`: the target ramps to ``sparsify``'s ``target_sparsity`` over
-``sparsity_warmup`` steps, a learned multiplier holds the model to it, and at ``max_steps -
-recovery_steps`` (or after the last step) the gates close exactly to it; ``sparsity_objective=
-"reference"`` is the paper's per-layer objective with a fixed ``sparsity_lambda``), the gate logits
-in their own optimizer group (``gate_lr``, no weight decay) beside the rest (``args.learning_rate``),
-and ``lambda``, ``sparsity_loss`` and ``keep_fraction`` in the Trainer's own logs. Distribution,
-mixed precision, gradient accumulation and checkpoints are the Trainer's (Accelerate underneath);
-the sparsity term is scaled like the task loss under gradient accumulation. The sparsity settings
-are keywords of the same name or, as one object, ``options=finegates.TrainOptions(...)`` (the
-command line's record of a run; its other fields are the ``TrainingArguments``' business).
+It is a thin adapter: the method's schedule is the :class:`~finegates.engine.SparsityEngine`'s, the
+same object the command line's loop and a plain PyTorch loop drive. The Trainer gives it its loss
+(``compute_loss`` adds the engine's sparsity term), its steps (a callback), the run's length
+(``create_scheduler``: ``max_steps`` or the epochs' count), its optimizer groups (gate logits at
+``gate_lr``, no weight decay, the rest at ``args.learning_rate``), its checkpoints (the engine's state
+beside the Trainer's, so a resume continues exactly) and its logs (``lambda``, ``sparsity_loss``,
+``keep_fraction``). Distribution, mixed precision, gradient accumulation and checkpoints stay the
+Trainer's (Accelerate underneath); the sparsity term is scaled like the task loss under gradient
+accumulation. The sparsity settings are keywords of the same name or, as one object,
+``options=finegates.TrainOptions(...)`` (e.g. a command-line run's own ``train_options.json``; its
+loop fields are the ``TrainingArguments``' business), with TrainOptions' defaults.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+import dataclasses
+import os
 from typing import Optional
 
 import torch
@@ -29,101 +30,60 @@ from transformers import Trainer, TrainerCallback
 
 import fg_kernels
 
-from .budget import BudgetController, close_to_budget, with_recovery
-from .config import TrainOptions, closure_rank_for
-from .layers import GatedLinear
-from .loss import OBJECTIVES, BudgetObjective, ReferenceObjective, SparsitySchedule
-from .report import keep_fraction
-from .saliency import GateSaliency
-from .sparsify import gated_layers, param_groups
+from .config import TrainOptions
+from .engine import SparsityEngine
 
 __all__ = ["FineGatesTrainer"]
 
+# The TrainOptions fields the Trainer reads (the sparsity engine's); the others (batch size, steps,
+# the loop's learning rate ...) are the TrainingArguments' business.
+_ENGINE_FIELDS = ("target_sparsity", "sparsity_objective", "sparsity_lambda", "sparsity_start", "sparsity_warmup",
+                  "sparsity_ramp", "budget_multiplier_lr", "budget_penalty", "kurtosis", "recovery_steps",
+                  "recovery_lr", "closure_rank", "gate_lr")
 
-class _AfterStep(TrainerCallback):
-    """The budget controller's update after every optimizer step, and the freeze."""
 
-    def __init__(self, trainer: "FineGatesTrainer"):
-        self.trainer = trainer
+class _EngineSteps(TrainerCallback):
+    """The engine's step after every optimizer step, and its closing call at the end."""
+
+    def __init__(self, engine: SparsityEngine):
+        self.engine = engine
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._after_step(state.global_step)
+        self.engine.step()
 
     def on_train_end(self, args, state, control, **kwargs):
-        self.trainer._freeze(closing=True)
+        self.engine.finish()
 
 
-# The Trainer's sparsity settings (keywords of the same name, or the fields of a TrainOptions) and
-# their defaults.
-_SPARSITY_DEFAULTS = dict(sparsity_objective="budget", sparsity_lambda=5.0, sparsity_start=0, sparsity_warmup=0,
-                          sparsity_ramp="linear", budget_penalty=50.0, budget_multiplier_lr=1.0, recovery_steps=0,
-                          recovery_lr=0.5, kurtosis=False, closure_rank=None)
-
-
-def _sparsity_settings(options: TrainOptions) -> dict:
+def _options(options: Optional[TrainOptions], given: dict) -> TrainOptions:
+    if options is not None and given:
+        raise TypeError(f"FineGatesTrainer: pass options or its sparsity fields, not both (got {sorted(given)})")
+    if options is None:
+        return TrainOptions(**given)
     if not isinstance(options, TrainOptions):
         raise TypeError(f"FineGatesTrainer: options must be a finegates.TrainOptions, got {type(options).__name__}")
-    if options.recovery_steps is None:
-        raise ValueError("FineGatesTrainer: options.recovery_steps must be a number of steps (None, a fifth of the "
-                         "run, is the command line's)")
-    return {k: getattr(options, k) for k in _SPARSITY_DEFAULTS}
+    return options
 
 
 class FineGatesTrainer(Trainer):
-    """``transformers.Trainer`` for a model with FineGates (:func:`finegates.sparsify` first)."""
+    """``transformers.Trainer`` for a model with FineGates (:func:`finegates.sparsify` first), driving
+    a :class:`~finegates.engine.SparsityEngine` (``self.engine``) over the Trainer's own step count
+    (``max_steps``, or the epochs' steps), with its state in every checkpoint."""
 
-    def __init__(self, *args, options: Optional[TrainOptions] = None, gate_lr: float = 0.05, **kwargs):
-        given = {k: kwargs.pop(k) for k in _SPARSITY_DEFAULTS if k in kwargs}
-        if options is not None and given:
-            raise TypeError(f"FineGatesTrainer: pass options or its sparsity fields, not both (got {sorted(given)})")
-        settings = _sparsity_settings(options) if options is not None else {**_SPARSITY_DEFAULTS, **given}
-        s = SimpleNamespace(**settings)
+    def __init__(self, *args, options: Optional[TrainOptions] = None, **kwargs):
+        given = {k: kwargs.pop(k) for k in _ENGINE_FIELDS if k in kwargs}
+        opts = _options(options, given)
         super().__init__(*args, **kwargs)
-        layers = [m for _, m in gated_layers(self.model)]
-        if not layers:
-            raise ValueError("FineGatesTrainer: the model has no gated layer; call finegates.sparsify(model, ...) first")
-        if s.sparsity_objective not in OBJECTIVES:
-            raise ValueError(f"FineGatesTrainer: sparsity_objective must be one of {OBJECTIVES}, got {s.sparsity_objective!r}")
-        if int(s.recovery_steps) != s.recovery_steps or s.recovery_steps < 0:
-            raise ValueError(f"FineGatesTrainer: recovery_steps must be an integer >= 0, got {s.recovery_steps!r}")
-        self.gate_lr = float(gate_lr)
-        self.recovery_steps, self.recovery_lr = int(s.recovery_steps), float(s.recovery_lr)
-        self.controller: Optional[BudgetController] = None
-        if s.sparsity_objective == "budget":
-            if s.kurtosis:
-                raise ValueError("FineGatesTrainer: kurtosis weights the reference objective (sparsity_objective='reference')")
-            targets = {m.target_sparsity for m in layers}
-            if len(targets) != 1:
-                raise ValueError(f"FineGatesTrainer: the budget needs one target_sparsity, the gated layers have {sorted(targets)}")
-            self.objective = BudgetObjective(self.model)
-            self.controller = BudgetController(targets.pop(), start=s.sparsity_start, ramp_steps=s.sparsity_warmup,
-                                               multiplier_lr=s.budget_multiplier_lr, penalty=s.budget_penalty)
-        else:
-            self.objective = ReferenceObjective(s.kurtosis)
-            self.sparsity_schedule = SparsitySchedule(s.sparsity_lambda, s.sparsity_start, s.sparsity_warmup, s.sparsity_ramp)
-        closure_rank = closure_rank_for(s.closure_rank, s.sparsity_objective, "FineGatesTrainer: ")
-        self.saliency = GateSaliency(self.model) if closure_rank == "saliency" else None
-        self._layers = [m for m in layers if m.target_sparsity is not None]
-        self._last_sparsity: Optional[float] = None
-        self._last_lambda = 0.0
-        self._frozen = False
-        self.add_callback(_AfterStep(self))
-
-    def _freeze_at(self) -> Optional[int]:
-        return self.args.max_steps - self.recovery_steps if self.recovery_steps and self.args.max_steps > 0 else None
-
-    def _weight(self, step: int) -> float:
-        freeze = self._freeze_at()
-        if self._frozen or (freeze is not None and step >= freeze):
-            return 0.0
-        return self.controller.weight(step) if self.controller else self.sparsity_schedule(step)
+        self.engine = SparsityEngine(self.model, opts, accelerator=self.accelerator,
+                                     say=lambda msg: self.is_world_process_zero() and print(msg))
+        self.add_callback(_EngineSteps(self.engine))
 
     def create_optimizer(self, model=None):
         """The Trainer's optimizer class and settings over FineGates' groups: gate logits at
-        ``gate_lr`` without weight decay, everything else that trains at ``args.learning_rate``."""
+        ``options.gate_lr`` without weight decay, everything else that trains at ``args.learning_rate``."""
         if self.optimizer is None:
             opt_model = self.model if model is None else model
-            groups = param_groups(opt_model, self.gate_lr, self.args.learning_rate)
+            groups = self.engine.param_groups(self.args.learning_rate)
             groups = groups[1:] + groups[:1]  # gates last: the Trainer logs the first group's learning rate
             for g in groups:
                 g.setdefault("weight_decay", self.args.weight_decay)
@@ -133,17 +93,15 @@ class FineGatesTrainer(Trainer):
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        """The Trainer's schedule; with ``recovery_steps`` it ends at the freeze, after which the
-        gates stop and the rest restarts at ``recovery_lr`` of its peak, decaying to 0."""
-        if not self.recovery_steps or self.lr_scheduler is not None:
-            return super().create_scheduler(num_training_steps, optimizer)
+        """The Trainer's schedule up to the engine's freeze, then the recovery phase
+        (:meth:`SparsityEngine.lr_scheduler`); ``num_training_steps`` is the Trainer's count of the
+        run's optimizer steps, from ``max_steps`` or the epochs."""
+        if self.lr_scheduler is not None:
+            return self.lr_scheduler
+        self.engine.plan(num_training_steps)
         optimizer = optimizer or self.optimizer
-        freeze = num_training_steps - self.recovery_steps
-        if freeze <= 0:
-            raise ValueError(f"FineGatesTrainer: recovery_steps={self.recovery_steps} leaves no step to train the gates")
-        base = super().create_scheduler(freeze, optimizer)
-        self.lr_scheduler = with_recovery(optimizer, base, freeze, self.recovery_steps, self.recovery_lr,
-                                          {len(optimizer.param_groups) - 1})
+        base = super().create_scheduler(self.engine.freeze_step or num_training_steps, optimizer)
+        self.lr_scheduler = self.engine.lr_scheduler(optimizer, base)
         return self.lr_scheduler
 
     def _ga_scaled(self, num_items_in_batch) -> bool:
@@ -157,49 +115,31 @@ class FineGatesTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        lam = self._weight(self.state.global_step)
-        budget_on = self.controller is not None and not self._frozen  # its controller reads S every step
-        if model.training and (lam != 0 or budget_on):
-            sp = self.objective.combine({m: self.objective.term(m) for m in self._layers})
-            term = lam * sp.to(loss.dtype)
+        if model.training:
+            term = self.engine.sparsity_term().to(loss.dtype)
             if self._ga_scaled(num_items_in_batch):  # summed over the micro-batches: one step's worth in all
                 term = term / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
             loss = loss + term
-            self._last_sparsity = float(sp.detach())
-        self._last_lambda = lam
         return (loss, outputs) if return_outputs else loss
 
-    def _after_step(self, step: int) -> None:
-        if self.saliency is not None and not self._frozen:
-            self.saliency.step(self.accelerator)
-        freeze = self._freeze_at()
-        if freeze is not None and step >= freeze:
-            self._freeze(closing=step == freeze)
-        elif self.controller is not None and self._last_sparsity is not None:
-            self.controller.update(step, self._last_sparsity, self.accelerator.unwrap_model(self.model))
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """The Trainer's checkpoint, with the engine's state (JSON and safetensors) beside it."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            self.engine.save(output_dir)
 
-    @torch.no_grad()
-    def _freeze(self, closing: bool) -> None:
-        """The exact closure to the budget (budget objective), then no gate noise."""
-        if self._frozen:
-            return
-        raw = self.accelerator.unwrap_model(self.model)
-        rank = self.saliency.final_ranking(self.accelerator) if self.saliency is not None else None
-        if self.controller is not None and closing:
-            close_to_budget(raw, self.controller.target_sparsity, rank=rank)
-        for m in raw.modules():
-            if isinstance(m, GatedLinear):
-                m.row_gates.sigma = m.col_gates.sigma = 0.0
-        self._frozen = True
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None:
+            self.engine.load(checkpoint)
 
     def log(self, logs, *args, **kwargs):
         """The Trainer's logs, with the gates' state (only where the training loss is logged):
         ``lambda`` is the weight the last step trained with."""
         if "loss" in logs:
-            logs["lambda"] = self._last_lambda
-            logs["keep_fraction"] = keep_fraction(self.accelerator.unwrap_model(self.model))
-            if self._last_sparsity is not None:
-                logs["sparsity_loss"] = self._last_sparsity
+            values = self.engine.log_values()
+            logs.update({k: values[k] for k in ("lambda", "keep_fraction", "sparsity_loss") if k in values})
         super().log(logs, *args, **kwargs)
 
     def evaluation_loop(self, *args, **kwargs):

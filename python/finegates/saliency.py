@@ -53,7 +53,13 @@ class GateSaliency:
 
     @torch.no_grad()
     def _accumulate(self, index: int, side: int, values: Tensor, grad: Tensor) -> None:
+        if self._step_taylor[index][side].device != grad.device:  # made before the model moved to its device
+            self._move(grad.device)
         self._step_taylor[index][side].add_(values.float() * grad.float())
+
+    def _move(self, device: torch.device) -> None:
+        self.scores = [[s.to(device) for s in pair] for pair in self.scores]
+        self._step_taylor = [[t.to(device) for t in pair] for pair in self._step_taylor]
 
     @torch.no_grad()
     def step(self, accelerator=None) -> None:

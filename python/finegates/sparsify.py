@@ -5,15 +5,15 @@ from __future__ import annotations
 import copy
 import logging
 import re
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from torch import nn
 
 from .config import FineGatesConfig
 from .layers import GatedLinear, is_linear_like, set_submodule
 
-__all__ = ["sparsify", "dense_view", "trainable_parameters", "gated_layers", "default_match", "param_groups",
-           "HEAD_NAMES"]
+__all__ = ["sparsify", "dense_view", "trainable_parameters", "gated_layers", "gate_parameters", "default_match",
+           "param_groups", "sparsify_record", "sparsify_as", "HEAD_NAMES"]
 
 logger = logging.getLogger("finegates")
 
@@ -26,6 +26,12 @@ _EXCLUDE_PARTS = ("embed", "embeddings", "wte", "wpe") + HEAD_NAMES
 def gated_layers(model: nn.Module):
     """``(name, GatedLinear)`` pairs of the model."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, GatedLinear)]
+
+
+def gate_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The gate logits of every gated layer, rows then columns, in module order: the one way the
+    optimizer groups and the learning-rate schedule find the gates."""
+    return [g.theta for _, layer in gated_layers(model) for g in (layer.row_gates, layer.col_gates)]
 
 
 def trainable_parameters(model: nn.Module) -> int:
@@ -121,6 +127,46 @@ def sparsify(model: nn.Module, config: Optional[FineGatesConfig] = None, *, verb
         raise TypeError(f"sparsify: pass a FineGatesConfig or its fields as keywords, not both (got {sorted(options)})")
     c = config if config is not None else FineGatesConfig(**options)
     targets = _select_targets(model, c.target_modules)
+    _gate(model, c, targets)
+    msg = f"finegates.sparsify: gated {len(targets)} layers, trainable parameters: {trainable_parameters(model):,}"
+    logger.info(msg)
+    if verbose:
+        print(msg)
+    return model
+
+
+# The attribute of a sparsified model that records how it was sparsified: one entry per call,
+# ``{"config": FineGatesConfig.to_dict(), "modules": [the names it gated]}``.
+RECORD_ATTR = "finegates_sparsify"
+
+
+def sparsify_record(model: nn.Module) -> List[Dict[str, Any]]:
+    """How ``model`` was sparsified (every :func:`sparsify` call, in order): what checkpoints, the
+    engine's state and compact models save, and what :func:`sparsify_as` replays."""
+    return [dict(config=dict(e["config"]), modules=list(e["modules"])) for e in getattr(model, RECORD_ATTR, [])]
+
+
+def sparsify_as(model: nn.Module, record: List[Dict[str, Any]]) -> nn.Module:
+    """Sparsifies a fresh ``model`` as the one :func:`sparsify_record` describes was: the same
+    configs on the same modules (then :func:`finegates.load_trainable_state` restores its gates)."""
+    if not isinstance(record, list) or not record:
+        raise ValueError(f"sparsify_as: record must be a non-empty list of sparsify calls, got {record!r}")
+    for i, entry in enumerate(record):
+        if not isinstance(entry, dict) or set(entry) != {"config", "modules"}:
+            raise ValueError(f"sparsify_as: record[{i}] must hold exactly 'config' and 'modules'")
+        config = FineGatesConfig.from_dict(entry["config"])
+        names = entry["modules"]
+        linear = {n for n, m in model.named_modules() if n and is_linear_like(m) and not isinstance(m, GatedLinear)}
+        missing = [n for n in names if not isinstance(n, str) or n not in linear]
+        if missing or not names:
+            raise ValueError(f"sparsify_as: record[{i}] gates modules this model has no ungated Linear/Conv1D for: "
+                             f"{missing[:3] or 'none named'}")
+        _gate(model, config, list(names))
+    return model
+
+
+def _gate(model: nn.Module, c: FineGatesConfig, targets: List[str]) -> None:
+    """Gates the modules ``targets`` of ``model`` with config ``c`` and records the call."""
     _refuse_tied(model, targets)
     _freeze_all_but_gated(model)
     for n in targets:
@@ -136,11 +182,8 @@ def sparsify(model: nn.Module, config: Optional[FineGatesConfig] = None, *, verb
             layer.bias.requires_grad_(bool(c.train_bias))
     _unfreeze_head(model, c.train_weights, c.trainable_modules)
     _check_reachable(model, c.target_sparsity)
-    msg = f"finegates.sparsify: gated {len(targets)} layers, trainable parameters: {trainable_parameters(model):,}"
-    logger.info(msg)
-    if verbose:
-        print(msg)
-    return model
+    record = sparsify_record(model) + [dict(config=c.to_dict(), modules=list(targets))]
+    object.__setattr__(model, RECORD_ATTR, record)
 
 
 def _select_targets(model: nn.Module, target_modules) -> List[str]:
@@ -202,13 +245,14 @@ def param_groups(model: nn.Module, gate_lr: float, other_lr: float, weight_lr: O
     """AdamW groups: gate logits (no weight decay), the gated layers' weights (pretraining), and the
     rest that trains (task head, pooler, biases, LoRA)."""
     gated_weights = {id(m.weight) for _, m in gated_layers(model)}
+    gate_ids = {id(p) for p in gate_parameters(model)}
     gates, weights, rest = [], [], []
     seen = set()
     for n, p in model.named_parameters():
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if n.endswith(("row_gates.theta", "col_gates.theta")):
+        if id(p) in gate_ids:
             gates.append(p)
         elif id(p) in gated_weights and weight_lr is not None:
             weights.append(p)

@@ -6,20 +6,17 @@
 - FSDP on the CPU: Accelerate applies its FSDP plugin to GPU groups only and silently trains a CPU
   group with DDP instead; here a CPU group launched with FSDP gets the FSDP plugin it asked for
   (``fully_shard`` runs on gloo), so the same launch trains the same way with or without a GPU.
-- Gates outside their block's forward: under FSDP2 a gate vector is a shard (a ``DTensor``) except
-  while its block runs. :func:`full_gates` gathers every gate vector whole for code that reads or sets
-  gates between steps (the compression report, the budget's exact closure) and writes changes back
-  into each process's shard.
+- Gates outside their block's forward: :func:`finegates.sharding.full_gates` (the library's, since
+  the sparsity engine reads gates between steps too).
 - The end of the run: :func:`full_model` gathers the full state dict on the main process into a
   parameterless copy of the gated model made before sharding, which compaction then reads.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -27,7 +24,7 @@ from torch import nn
 from .errors import UsageError
 from .model_loading import first_line
 
-__all__ = ["launch_world_size", "make_accelerator", "engine", "full_gates", "meta_copy", "full_model"]
+__all__ = ["launch_world_size", "make_accelerator", "engine", "meta_copy", "full_model"]
 
 # Accelerate's launch switches for engines this tool does not run on.
 _UNSUPPORTED = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
@@ -114,33 +111,6 @@ def engine(accelerator) -> str:
     if accelerator.distributed_type == DistributedType.FSDP:
         return f"fsdp{accelerator.state.fsdp_plugin.fsdp_version}"
     return "ddp" if accelerator.num_processes > 1 else "single"
-
-
-def _gate_vectors(model: nn.Module):
-    from ..gates import Gates
-
-    return [m for m in model.modules() if isinstance(m, Gates)]
-
-
-@contextlib.contextmanager
-def full_gates(model: nn.Module, write_back: bool = False) -> Iterator[None]:
-    """Every gate vector of ``model`` whole for the duration (FSDP2 shards gathered; a no-op
-    otherwise); with ``write_back``, values set meanwhile go back into each process's shard. Under
-    FSDP2 every process must enter (the gather is collective)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    sharded = [(g, g.theta) for g in _gate_vectors(model) if isinstance(g.theta, DTensor)]
-    for g, shard in sharded:
-        g._parameters["theta"] = nn.Parameter(shard.detach().full_tensor(), requires_grad=False)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for g, shard in sharded:
-                if write_back:
-                    whole = g._parameters["theta"].detach()
-                    shard.copy_(distribute_tensor(whole, shard.device_mesh, shard.placements, src_data_rank=None))
-                g._parameters["theta"] = shard
 
 
 def meta_copy(model: nn.Module) -> nn.Module:

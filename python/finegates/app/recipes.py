@@ -179,8 +179,6 @@ def _train_and_finish(args, accelerator, model, *, gated, data, collate_fn, para
 
     train_ds, val_ds = data
     options = TrainOptions.from_namespace(args)
-    if accelerator.is_main_process:
-        options.save(out_dir / "train_options.json")
     result = train(options, accelerator, model, gated=gated, train_dataset=train_ds, eval_dataset=val_ds,
                    collate_fn=collate_fn, param_groups=param_groups, evaluate=evaluate, output_dir=out_dir,
                    resume_from=resume_from)

@@ -37,7 +37,7 @@ try:
 except ImportError:  # pragma: no cover  (not on Windows: no lock there)
     fcntl = None
 
-__all__ = ["RunDir", "MARKER", "CHECKPOINT_RE", "find_checkpoint"]
+__all__ = ["RunDir", "MARKER", "CHECKPOINT_RE", "TRAIN_STATE", "find_checkpoint"]
 
 MARKER = "finegates_run.json"  # written first into every output directory this tool creates
 
@@ -54,6 +54,7 @@ INPUT_PATHS = ("model", "tokenizer", "config", "train_file", "validation_file", 
 
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")  # OUTPUT_DIR/checkpoints/step-N, written by the training loop
+TRAIN_STATE = "train_state.json"  # the training loop's counters, in every checkpoint it writes
 
 
 def find_checkpoint(output_dir: Path) -> Optional[Path]:
@@ -262,8 +263,8 @@ class RunDir:
             rp = Path(r)
             if not rp.is_dir():
                 raise UsageError(f"--resume-from-checkpoint {r!r} is not a directory; pass a checkpoints/step-N directory or 'latest'")
-            if not (rp / "custom_checkpoint_0.pkl").exists():
-                raise UsageError(f"--resume-from-checkpoint {r!r} is not a finegates checkpoint (no custom_checkpoint_0.pkl)")
+            if not (rp / TRAIN_STATE).exists():
+                raise UsageError(f"--resume-from-checkpoint {r!r} is not a finegates checkpoint (no {TRAIN_STATE})")
             owner = rp.absolute().parent.parent
             if rp.absolute().parent.name != "checkpoints" or owner.resolve() != self.path.absolute().resolve():
                 raise UsageError(

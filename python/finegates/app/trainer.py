@@ -11,9 +11,14 @@ Why the pieces look the way they do:
   dropout) is then consumed only by the model, so a run resumed from a checkpoint (RNG states
   restored by ``load_state``, data position by ``skip_first_batches``) continues exactly as the
   uninterrupted run would have.
-* Checkpoints (``output_dir/checkpoints/step-N``, ``accelerator.save_state``) are written to a
-  temporary directory and renamed, so a crash never leaves a half-written checkpoint that
-  ``--resume-from-checkpoint latest`` would pick up.
+* What FineGates does over the run (the objective's weight, the budget controller, the saliency,
+  the freeze and its exact closure, recovery's learning rates) is the library's
+  :class:`~finegates.engine.SparsityEngine`, the same object the Hugging Face Trainer and a plain
+  loop drive; this loop calls it and logs what it reports.
+* Checkpoints (``output_dir/checkpoints/step-N``, ``accelerator.save_state`` plus the loop's and the
+  engine's state as JSON and safetensors, never pickle) are written to a temporary directory and
+  renamed, so a crash never leaves a half-written checkpoint that ``--resume-from-checkpoint latest``
+  would pick up.
 """
 
 from __future__ import annotations
@@ -33,22 +38,17 @@ from torch.utils.data import DataLoader, Sampler
 import fg_kernels
 
 from .errors import UsageError
-from ..budget import BudgetController, close_to_budget, with_recovery
-from .distributed import full_gates, full_model, meta_copy
+from .distributed import full_model, meta_copy
+from ..engine import SparsityEngine, base_scheduler
 from ..layers import GatedLinear, gates_open
-from ..loss import BudgetObjective, ReferenceObjective, SparsitySchedule
-from ..files import follow_umask
+from ..loss import BudgetObjective, ReferenceObjective
+from ..files import follow_umask, write_json
 from .outputs import StepLog
 from ..gate_batch import GateBatch
-from ..report import keep_fraction
-from ..saliency import GateSaliency
-from .run_dir import CHECKPOINT_RE
-from ..sparsify import gated_layers
+from .run_dir import CHECKPOINT_RE, TRAIN_STATE
 from ..config import TrainOptions
 
 __all__ = ["Objective", "EpochSampler", "TrainState", "train"]
-
-RECOVERY_SHARE = 0.2  # the default recovery phase: the last fifth of the run
 
 
 class Objective(nn.Module):
@@ -159,7 +159,7 @@ class EpochSampler(Sampler):
 
 
 class TrainState:
-    """The loop's own counters, saved in every checkpoint (``register_for_checkpointing``)."""
+    """The loop's own counters, saved in every checkpoint as ``train_state.json``."""
 
     def __init__(self):
         self.step = 0
@@ -172,8 +172,23 @@ class TrainState:
         self.step = int(d["step"])
         self.train_time = float(d.get("train_time", 0.0))
 
+    def save(self, directory: Path) -> None:
+        write_json(Path(directory) / TRAIN_STATE, self.state_dict())
 
-def _save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, log: Optional[StepLog]) -> Path:
+    def load(self, directory: Path) -> None:
+        import json
+
+        path = Path(directory) / TRAIN_STATE
+        try:
+            d = json.loads(path.read_text())
+            self.load_state_dict(d)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"{str(path)!r} is missing or unreadable ({type(e).__name__}); the checkpoint cannot "
+                             "be resumed") from None
+
+
+def _save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, log: Optional[StepLog],
+                     state: TrainState, engine: Optional[SparsityEngine]) -> Path:
     ck = Path(output_dir) / "checkpoints"
     final = ck / f"step-{step}"
     tmp = ck / f".tmp-step-{step}"
@@ -184,6 +199,9 @@ def _save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, log: O
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        state.save(tmp)
+        if engine is not None:
+            engine.save(tmp)
         if log is not None:
             log.flush()
         follow_umask(tmp)  # accelerate writes model.safetensors 0600
@@ -221,36 +239,16 @@ class _Loop:
     sampler: EpochSampler
     trainable: List[torch.Tensor]
     max_steps: int
-    recovery_steps: int = 0
+    engine: Optional[SparsityEngine] = None  # the sparsity engine of a gated model
     skeleton: Optional[nn.Module] = None  # under FSDP, the main process's parameterless copy of the model
 
 
-def _sparsity_objective(opts: TrainOptions, model: nn.Module, gated: bool):
-    if not gated:
-        return None
-    if opts.sparsity_objective == "reference":
-        return ReferenceObjective(kurtosis=opts.kurtosis)
-    return BudgetObjective(model)
-
-
-def _gate_groups(param_groups: List[Dict[str, Any]], model: nn.Module) -> set:
-    thetas = {id(g.theta) for _, layer in gated_layers(model) for g in (layer.row_gates, layer.col_gates)}
-    return {i for i, g in enumerate(param_groups) if g["params"] and all(id(p) in thetas for p in g["params"])}
-
-
-def _scheduler(opts: TrainOptions, optimizer, max_steps: int, n_proc: int, recovery: int, gate_groups: set):
-    """The LR schedule (per process step, accelerate's convention); with a recovery phase the main
-    schedule ends at the freeze and the recovery schedule of :func:`finegates.budget.with_recovery`
-    follows."""
-    from transformers import get_scheduler
-
-    main_steps = max_steps - recovery
-    base = get_scheduler(opts.lr_scheduler, optimizer, num_warmup_steps=opts.warmup_steps * n_proc,
-                         num_training_steps=main_steps * n_proc)
-    if not recovery:
-        return base
-    return with_recovery(optimizer, base, main_steps * n_proc, recovery * n_proc,
-                         opts.recovery_lr, gate_groups)
+def _engine(opts: TrainOptions, accelerator, model: nn.Module, max_steps: int) -> SparsityEngine:
+    """The run's sparsity engine; its refusals (a recovery phase as long as the run) as usage errors."""
+    try:
+        return SparsityEngine(model, opts, total_steps=max_steps, accelerator=accelerator, say=accelerator.print)
+    except ValueError as e:
+        raise UsageError(str(e).removeprefix("SparsityEngine: ")) from None
 
 
 def _adamw(param_groups, weight_decay: float, accelerator) -> torch.optim.AdamW:
@@ -276,38 +274,26 @@ def _prepare(opts: TrainOptions, accelerator, model, gated, train_dataset, eval_
         generator=torch.Generator().manual_seed(opts.seed),
     )
     eval_dl = DataLoader(eval_dataset, batch_size=opts.eval_batch_size, shuffle=False, collate_fn=collate_fn)
-    objective = Objective(model, _sparsity_objective(opts, model, gated), opts.distill_weight,
-                          opts.distill_temperature)
-    optimizer = _adamw(param_groups, opts.weight_decay, accelerator)
     n_proc = accelerator.num_processes
     batches_per_epoch = math.ceil(len(train_dataset) / (opts.batch_size * n_proc))
     steps_per_epoch = max(1, math.ceil(batches_per_epoch / opts.gradient_accumulation_steps))
     max_steps = opts.max_steps if opts.max_steps else opts.epochs * steps_per_epoch
-    recovery = _recovery_steps(opts, gated, max_steps)
-    scheduler = _scheduler(opts, optimizer, max_steps, n_proc, recovery, _gate_groups(param_groups, model))
+    engine = _engine(opts, accelerator, model, max_steps) if gated else None
+    objective = Objective(model, engine.objective if engine else None, opts.distill_weight, opts.distill_temperature)
+    optimizer = _adamw(param_groups, opts.weight_decay, accelerator)
+    scheduler = engine.lr_scheduler(optimizer, scale=n_proc) if engine else \
+        base_scheduler(opts, optimizer, max_steps, scale=n_proc)
     objective, optimizer, train_dl, eval_dl, scheduler = accelerator.prepare(
         objective, optimizer, train_dl, eval_dl, scheduler
     )
     trainable = [p for g in param_groups for p in g["params"]]
-    return _Loop(objective, optimizer, scheduler, train_dl, eval_dl, sampler, trainable, max_steps, recovery, skeleton)
+    return _Loop(objective, optimizer, scheduler, train_dl, eval_dl, sampler, trainable, max_steps, engine, skeleton)
 
 
 def _sharded(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP
-
-
-def _recovery_steps(opts: TrainOptions, gated: bool, max_steps: int) -> int:
-    """``--recovery-steps``; None: a fifth of the run (``RECOVERY_SHARE``)."""
-    if not gated:
-        return 0
-    recovery = opts.recovery_steps
-    if recovery is None:
-        return int(max_steps * RECOVERY_SHARE)
-    if recovery >= max_steps:
-        raise UsageError(f"--recovery-steps {recovery} leaves no step to train the gates in a run of {max_steps} steps")
-    return int(recovery)
 
 
 class _Means:
@@ -338,17 +324,19 @@ class _Means:
         return tuple(local.tolist())
 
 
-def _step_record(step, epoch, losses, lam, loop: _Loop, keep, gates: "_GateControl") -> Dict[str, Any]:
+def _step_record(step, epoch, losses, loop: _Loop) -> Dict[str, Any]:
     """One row of train_log.csv (``losses``: :meth:`_Means.across`; ``sparsity_loss``: the objective's
-    value, with the budget objective the expected kept fraction; ``keep``: the compact model's kept
-    fraction now; ``target_keep``: the kept fraction the objective aims at now)."""
+    value, with the budget objective the expected kept fraction; ``lambda``: the weight the step
+    trained with; ``keep``: the compact model's kept fraction now; ``target_keep``: the kept
+    fraction the objective aims at now; every process calls it)."""
     loss, task, sparsity = losses
-    gated = gates.gated
+    engine = loop.engine
+    gates = engine.log_values() if engine is not None else {}
     return dict(
         step=step, epoch=epoch, loss=loss, task_loss=task,
-        sparsity_loss=sparsity if gated else "", **{"lambda": lam},
-        keep_fraction=keep if gated else "",
-        target_keep=gates.target_keep(step) if gated else "", lr=loop.scheduler.get_last_lr()[-1],
+        sparsity_loss=sparsity if engine else "", **{"lambda": gates.get("lambda", 0.0)},
+        keep_fraction=gates.get("keep_fraction", ""), target_keep=gates.get("target_keep", ""),
+        lr=loop.scheduler.get_last_lr()[-1],
     )
 
 
@@ -363,12 +351,13 @@ def _report(record, bar, log: StepLog, accelerator, gated: bool) -> None:
         accelerator.log({k: v for k, v in record.items() if v != "" and k != "step"}, step=record["step"])
 
 
-def _train_step(loop: _Loop, batch, lam: float, opts: TrainOptions, accelerator):
-    """Forward (task + lambda * sparsity), backward and, at an accumulation boundary, the update."""
+def _train_step(loop: _Loop, batch, opts: TrainOptions, accelerator):
+    """Forward (task + the engine's weight * sparsity), backward and, at an accumulation boundary,
+    the update."""
     with accelerator.accumulate(loop.objective):
         out, sp = loop.objective(batch)
         task_loss = out.loss
-        loss = task_loss + lam * sp if sp is not None else task_loss
+        loss = task_loss + loop.engine.sparsity_term(sp) if sp is not None else task_loss
         del out  # the logits (vocabulary-sized for a causal LM) need not live through the backward
         accelerator.backward(loss)
         if accelerator.sync_gradients and opts.max_grad_norm:
@@ -377,95 +366,6 @@ def _train_step(loop: _Loop, batch, lam: float, opts: TrainOptions, accelerator)
         loop.scheduler.step()
         loop.optimizer.zero_grad()
     return loss, task_loss, sp
-
-
-class _GateControl:
-    """What the gates do at each step: the sparsity weight (the budget controller's multiplier, or
-    the reference's lambda schedule), the controller's update after the step, and the freeze
-    (exact closure to the budget, then no noise and no learning rate) at ``max_steps -
-    recovery_steps``, or after the last step when there is no recovery phase."""
-
-    def __init__(self, opts: TrainOptions, loop: _Loop, raw_model: nn.Module, gated: bool, accelerator):
-        self.gated, self.raw_model, self.accelerator = gated, raw_model, accelerator
-        budget = gated and opts.sparsity_objective == "budget"
-        self.controller = BudgetController(
-            opts.target_sparsity, start=opts.sparsity_start, ramp_steps=opts.sparsity_warmup,
-            multiplier_lr=opts.budget_multiplier_lr, penalty=opts.budget_penalty,
-        ) if budget else None
-        self.lam_of = None if budget or not gated else SparsitySchedule(
-            opts.sparsity_lambda, start_step=opts.sparsity_start, warmup_steps=opts.sparsity_warmup,
-            shape=opts.sparsity_ramp)
-        self.reference_keep = 1.0 - opts.target_sparsity
-        self.freeze_at = loop.max_steps - loop.recovery_steps if gated and loop.recovery_steps else None
-        self.frozen = False
-        self.saliency = GateSaliency(raw_model) if budget and opts.closure_rank == "saliency" else None
-        # The exact kept fraction, when the gates cannot have changed since it was counted: the
-        # controller's count of this step, or the count after the freeze (a count walks the whole
-        # compaction plan, ~10 ms on MiniLM, and the log asks at every logging step).
-        self.counted: Optional[Tuple[int, float]] = None  # (step, kept fraction)
-
-    def before_step(self, step: int) -> float:
-        if not self.gated:
-            return 0.0
-        if self.freeze_at is not None and step >= self.freeze_at:
-            if not self.frozen:
-                _freeze_gates(self.raw_model, self.controller, step == self.freeze_at, self.accelerator, self.saliency)
-                self.frozen, self.counted = True, None
-            return 0.0
-        return self.controller.weight(step) if self.controller else self.lam_of(step)
-
-    def after_step(self, step: int, expected: Optional[float]) -> None:
-        if self.saliency is not None and not self.frozen:
-            self.saliency.step(self.accelerator)
-        if self.controller is None or self.frozen or expected is None:
-            return
-        if not self.controller.measures(step):  # an estimated step reads no gate: nothing to gather
-            self.controller.update(step, expected, None)
-            return
-        with full_gates(self.raw_model):
-            self.controller.update(step, expected, self.raw_model)
-        self.counted = (step, self.controller.kept)
-
-    def keep_fraction(self, step: int) -> Optional[float]:
-        """The compact model's kept fraction of the gated parameters after ``step`` (every process
-        calls it)."""
-        if not self.gated:
-            return None
-        if self.counted is not None and (self.counted[0] == step or self.frozen):
-            return self.counted[1]
-        with full_gates(self.raw_model):
-            keep = keep_fraction(self.raw_model)
-        self.counted = (step, keep)
-        return keep
-
-    def target_keep(self, step: int) -> float:
-        return self.controller.target_kept(step) if self.controller else self.reference_keep
-
-    def finish(self, step: int) -> None:
-        """Without a recovery phase the budget's exact closure comes after the last step."""
-        if self.controller is not None and not self.frozen:
-            _freeze_gates(self.raw_model, self.controller, True, self.accelerator, self.saliency)
-            self.frozen, self.counted = True, None
-
-
-def _freeze_gates(raw_model: nn.Module, controller: Optional[BudgetController], closing: bool, accelerator,
-                  saliency: Optional[GateSaliency] = None) -> None:
-    """The recovery phase (``--recovery-steps``): with the budget objective the gates are first closed
-    exactly to the requested size (``closing``: not again when resuming past the freeze), ranked by
-    ``saliency`` where given (averaged over the processes, so that all close the same gates); then
-    they keep their deterministic values (no noise; their learning rate is 0 from here, see
-    :func:`_scheduler`), so the head and adapters adapt to the model compaction will keep."""
-    rank = saliency.final_ranking(accelerator) if saliency is not None else None
-    if controller is not None and closing:
-        with full_gates(raw_model, write_back=True):
-            done = close_to_budget(raw_model, controller.target_sparsity, rank=rank)
-        accelerator.print(
-            f"finegates: gates frozen at {100 * done['removed_fraction']:.2f}% removed ({done['newly_closed']} closed, "
-            f"{done['reopened']} reopened at the freeze)"
-        )
-    for _, layer in gated_layers(raw_model):
-        for gates in (layer.row_gates, layer.col_gates):
-            gates.sigma = 0.0
 
 
 def train(
@@ -493,16 +393,11 @@ def train(
                         f"arguments), got {type(opts).__name__}")
     loop = _prepare(opts, accelerator, model, gated, train_dataset, eval_dataset, collate_fn, param_groups)
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
-    gates = _GateControl(opts, loop, accelerator.unwrap_model(loop.objective).model, gated, accelerator)
-    if gates.controller is not None:
-        accelerator.register_for_checkpointing(gates.controller)
-    if gates.saliency is not None:
-        accelerator.register_for_checkpointing(gates.saliency)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        accelerator.print(f"finegates: resumed from {resume_from} (step {state.step})")
-    steps = _Steps(opts, accelerator, loop, gates, state, Path(output_dir), resumed=resume_from is not None)
+        _resume(accelerator, loop, state, Path(resume_from))
+    if accelerator.is_main_process:
+        opts.save(Path(output_dir) / "train_options.json")
+    steps = _Steps(opts, accelerator, loop, state, Path(output_dir), resumed=resume_from is not None)
     step = steps.run()
     t_eval = time.perf_counter()
     metrics = _evaluate(loop, evaluate, accelerator)
@@ -516,16 +411,30 @@ def train(
                 train_time_s=state.train_time, eval_time_s=eval_time, last_log=steps.last, max_steps=loop.max_steps)
 
 
+def _resume(accelerator, loop: _Loop, state: TrainState, checkpoint: Path) -> None:
+    """The loop's and the engine's state first (a resume the engine refuses changes nothing), then
+    Accelerate's (model, optimizer, schedule, RNG)."""
+    state.load(checkpoint)
+    if loop.engine is not None:
+        try:
+            loop.engine.load(checkpoint)
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(f"--resume-from-checkpoint {str(checkpoint)!r}: "
+                             f"{str(e).removeprefix('SparsityEngine: ')}") from None
+    accelerator.load_state(str(checkpoint))
+    accelerator.print(f"finegates: resumed from {checkpoint} (step {state.step})")
+
+
 class _Steps:
     """The optimizer steps of a run, from where it starts (or resumes) to ``max_steps``, and what
     follows each: the gates' update, the log (every process takes part: the losses are averaged and
     the gates gathered), the checkpoint. Resuming mid-epoch skips the batches already seen."""
 
-    def __init__(self, opts: TrainOptions, accelerator, loop: _Loop, gates: _GateControl, state: TrainState, output_dir: Path,
+    def __init__(self, opts: TrainOptions, accelerator, loop: _Loop, state: TrainState, output_dir: Path,
                  resumed: bool):
         from tqdm.auto import tqdm
 
-        self.opts, self.accelerator, self.loop, self.gates, self.state = opts, accelerator, loop, gates, state
+        self.opts, self.accelerator, self.loop, self.state = opts, accelerator, loop, state
         self.output_dir = output_dir
         self.main = accelerator.is_main_process
         self.log = StepLog(output_dir / "train_log.csv", resume_step=state.step if resumed else None) if self.main else None
@@ -547,37 +456,50 @@ class _Steps:
             skip = 0
             loop.objective.train()
             for batch in batches:
-                lam = self.gates.before_step(step)
-                self.means.add(*_train_step(loop, batch, lam, self.opts, self.accelerator))
+                self.means.add(*_train_step(loop, batch, self.opts, self.accelerator))
                 if not self.accelerator.sync_gradients:
                     continue
                 step += 1
-                self._after_step(step, epoch, lam)
+                self._after_step(step, epoch)
                 if step >= loop.max_steps:
                     break
             epoch += 1
-        self.gates.finish(step)
+        self._finish()
         self.state.train_time += time.perf_counter() - self.t0
         self.bar.close()
         if self.main:
             self.log.flush()
         return step
 
-    def _after_step(self, step: int, epoch: int, lam: float) -> None:
+    def _after_step(self, step: int, epoch: int) -> None:
         opts = self.opts
         self.state.step = step
-        self.gates.after_step(step, self.means.last_sparsity)
+        if self.loop.engine is not None:
+            self.loop.engine.step()
         self.bar.update(1)
         if step % opts.logging_steps == 0 or step == self.loop.max_steps or step == 1:
-            keep, losses = self.gates.keep_fraction(step), self.means.across(self.accelerator)
+            record = _step_record(step, epoch, self.means.across(self.accelerator), self.loop)
             if self.main:
-                self.last = _step_record(step, epoch, losses, lam, self.loop, keep, self.gates)
-                _report(self.last, self.bar, self.log, self.accelerator, self.gates.gated)
+                self.last = record
+                _report(self.last, self.bar, self.log, self.accelerator, self.loop.engine is not None)
         self.means.reset()
         if opts.checkpointing_steps and step % opts.checkpointing_steps == 0:
             self.state.train_time += time.perf_counter() - self.t0
-            _save_checkpoint(self.accelerator, self.output_dir, step, opts.keep_checkpoints, self.log)
+            _save_checkpoint(self.accelerator, self.output_dir, step, opts.keep_checkpoints, self.log, self.state,
+                             self.loop.engine)
             self.t0 = time.perf_counter()
+
+    def _finish(self) -> None:
+        """The engine's closing call; a closure after the last step enters the run's last record, so
+        that it says what the compact model keeps (every process calls it)."""
+        engine = self.loop.engine
+        if engine is None:
+            return
+        frozen = engine.frozen
+        engine.finish()
+        keep = engine.keep_fraction()
+        if not frozen and self.main and self.last:
+            self.last = dict(self.last, keep_fraction=keep, target_keep=engine.target_keep())
 
 
 def _evaluate(loop: _Loop, evaluate: Callable, accelerator) -> Dict[str, Any]:
