@@ -106,6 +106,7 @@ def test_finetune_end_to_end(tiny_bert, sst_small, tmp_path, capsys):
     assert all(0 < float(r["sparsity_loss"]) <= 1 and float(r["target_keep"]) == 0.5 for r in rows)
     assert float(rows[0]["lambda"]) == 0 and float(rows[-1]["lambda"]) > 0
     assert abs(m["removed_fraction_of_gated"] - 0.5) <= 0.03  # up to the MLP's width padding of this tiny model
+    assert m["final_keep_fraction"] == pytest.approx(1 - m["removed_fraction_of_gated"])  # the closure, after the last step
     assert (out / "sparsity_per_layer.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.glob(".*.tmp"))
     opts = finegates.TrainOptions.load(out / "train_options.json")  # what the loop read, kept with the run
@@ -461,6 +462,10 @@ def test_train_options_are_the_parsed_arguments(command):
     ("batch_size", 0, "an integer >= 1"), ("max_steps", 2.5, "None or an integer >= 1"),
     ("target_sparsity", 1.0, r"None \(the layers. own\) or a fraction in \[0, 1\)"), ("sparsity_objective", "lagrange", "one of budget, reference"),
     ("recovery_lr", -0.1, r"a fraction in \[0, 1\]"), ("closure_rank", "taylor", "one of value, saliency"),
+    # what JSON can hold and a flag cannot
+    ("batch_size", True, "an integer >= 1"), ("weight_decay", float("nan"), "a finite number >= 0"),
+    ("budget_penalty", -1.0, "a finite number >= 0"), ("seed", -1, r"an integer in \[0, 2\*\*32\)"),
+    ("lr_scheduler", "bogus", "one of linear, .*"), ("target_sparsity", "0.4", "None .*"), ("kurtosis", "false", "true or false"),
 ])
 def test_train_options_refuse_bad_values_by_name(field, value, expected):
     from finegates.config import TrainOptions

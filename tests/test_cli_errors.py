@@ -324,6 +324,8 @@ def test_inputs_inside_the_run_to_replace_are_refused(files, capsys):
     ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, ["FSDP version 1", "--fsdp_version 2"]),
     ({"ACCELERATE_USE_FSDP": "true"}, ["FSDP version 1"]),  # accelerate launch's default version
     ({"ACCELERATE_USE_DEEPSPEED": "true"}, ["DeepSpeed is not supported"]),
+    # accelerate launch --cpu --num_processes 2 without a config: its simple launcher starts one process
+    ({"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}, ["started a single process", "torchrun --standalone"]),
 ])
 def test_an_engine_the_run_cannot_honour_is_refused(env, needles, files, capsys, monkeypatch):
     for k, v in env.items():

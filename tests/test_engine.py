@@ -245,3 +245,13 @@ def test_the_documented_plain_loop_example_runs(tmp_path):
     assert 0.0 <= metrics["accuracy"] <= 1.0
     assert abs(metrics["removed_fraction_of_gated"] - 0.4) < 0.005
     assert finegates.load_compact(tmp_path / "run" / "compact") is not None
+
+
+def test_the_compact_model_keeps_its_training_record(tiny, tmp_path):
+    """save_compact writes what sparsify was given and the engine's options into the manifest;
+    load_compact gives them back on the loaded model."""
+    model, engine = _plain_loop(tiny)
+    finegates.save_compact(finegates.compact(model.eval()), tmp_path / "c")
+    loaded = finegates.load_compact(tmp_path / "c")
+    assert finegates.sparsify_record(loaded) == finegates.sparsify_record(model)
+    assert finegates.TrainOptions.from_dict(loaded.finegates_train_options) == engine.options

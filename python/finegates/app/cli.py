@@ -151,7 +151,7 @@ def _training_options(p: argparse.ArgumentParser, *, batch: int, epochs: int, ma
     g.add_argument("--warmup-steps", type=_nonneg_int, default=warmup)
     g.add_argument("--weight-decay", type=_nonneg_float, default=0.0)
     g.add_argument("--max-grad-norm", type=_nonneg_float, default=0.0, help="gradient clipping (0 = off)")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=_number(int, lo=0, hi=2 ** 32), default=42, help="random seed, in [0, 2**32) (default 42)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the model's (frozen) weights; gates stay float32")
     g.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"], help="accelerate autocast")

@@ -44,6 +44,11 @@ def _fsdp_requested() -> bool:
 
 def _check_engine_settings() -> None:
     """The engine settings of the launch that the run cannot honour, refused before Accelerate starts."""
+    if _single_process_of_a_group():
+        raise UsageError(
+            "accelerate launch --cpu --num_processes N started a single process (Accelerate's simple launcher, "
+            "without a multi-CPU config file); for N CPU processes as one group launch "
+            "`torchrun --standalone --nproc_per_node N -m finegates ... --cpu`")
     for var, name in _UNSUPPORTED.items():
         if os.environ.get(var, "false").lower() == "true":
             raise UsageError(f"{name} is not supported; launch with --use_fsdp (FSDP) or without it (DDP)")
@@ -67,6 +72,13 @@ def _shard_on_cpu(accelerator) -> None:
     accelerator.state.fsdp_plugin = plugin
     accelerator.state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+
+def _single_process_of_a_group() -> bool:
+    """Accelerate's simple launcher asked for several processes (it sets the rendezvous address only
+    then) but started this one alone: no ``WORLD_SIZE``."""
+    return (os.environ.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in os.environ
+            and "WORLD_SIZE" not in os.environ)
 
 
 def _has_gpu() -> bool:

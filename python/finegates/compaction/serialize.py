@@ -35,6 +35,7 @@ from .folding import COMPACTED
 from ..layers import GatedLinear, set_submodule
 from ..files import follow_umask
 from ..pooling import CONFIG_KEY, use_mean_pooling
+from ..sparsify import RECORD_ATTR, sparsify_record
 
 __all__ = ["save_compact", "load_compact", "MANIFEST_NAME", "WEIGHTS_NAME"]
 
@@ -194,6 +195,7 @@ def save_compact(model: nn.Module, path: PathLike, *, tokenizer=None) -> Path:
             attributes={n: dict(getattr(m, COMPACT_ATTRS)) for n, m in model.named_modules() if hasattr(m, COMPACT_ATTRS)},
             weights_sha256=_sha256(tmp / WEIGHTS_NAME),
             config_sha256=_sha256(tmp / "config.json") if (tmp / "config.json").is_file() else None,
+            training=_training_record(model),
         )
         manifest["files"] = sorted([p.name for p in tmp.iterdir()] + [MANIFEST_NAME])
         manifest["manifest_sha256"] = _manifest_digest(manifest)
@@ -208,10 +210,33 @@ def save_compact(model: nn.Module, path: PathLike, *, tokenizer=None) -> Path:
     return path
 
 
+def _training_record(model: nn.Module) -> Optional[Dict[str, Any]]:
+    """How the model was trained to this size: what :func:`finegates.sparsify` was given and where
+    (``sparsify_record``) and the sparsity engine's options, when the model carries them."""
+    record = sparsify_record(model)
+    if not record:
+        return None
+    return dict(sparsify=record, train_options=getattr(model, "finegates_train_options", None))
+
+
+def _restore_training_record(model: nn.Module, training: Optional[Dict[str, Any]]) -> None:
+    """The loaded model carries its training record again (``finegates.sparsify_record(model)``)."""
+    if not training:
+        return
+    record = training.get("sparsify") or []
+    if not isinstance(record, list) or not all(isinstance(e, dict) and isinstance(e.get("config"), dict)
+                                               and isinstance(e.get("modules"), list) for e in record):
+        raise ValueError("load_compact: the manifest's training.sparsify must be a list of {config, modules} "
+                         "objects (as save_compact writes it)")
+    object.__setattr__(model, RECORD_ATTR, record)
+    if training.get("train_options") is not None:
+        object.__setattr__(model, "finegates_train_options", training["train_options"])
+
+
 # The types save_compact writes each manifest field with (None: null), and each layer kind's spec.
 _FIELDS = dict(format_version=(int,), model_class=(str,), transformers_class=(str, None), dtype=(str, None), parameters=(int,),
                layers=(dict,), attributes=(dict,), weights_sha256=(str,), config_sha256=(str, None),
-               files=(list,), manifest_sha256=(str,))
+               files=(list,), manifest_sha256=(str,), training=(dict, None))
 _SPEC_FIELDS = dict(
     linear=dict(in_features=int, out_features=int, bias=bool),
     gathered=dict(in_features=int, out_features=int, active_out=int, active_in=int, bias=bool,
@@ -382,6 +407,7 @@ def load_compact(path: PathLike, *, model: Optional[nn.Module] = None, device=No
     _load_weights(model, wpath, path)
     if getattr(getattr(model, "config", None), CONFIG_KEY, None) == "mean":
         use_mean_pooling(model)  # the classifier was trained on mean-pooled token states
+    _restore_training_record(model, manifest.get("training"))
     model.requires_grad_(False)
     model.eval()
     if device is not None:
