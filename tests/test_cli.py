@@ -283,6 +283,48 @@ def test_replacing_a_run_keeps_it_until_the_new_one_finishes(tiny_bert, sst_smal
     assert _steps(out) == 3 and sorted(os.listdir(tmp_path)) == ["run"]
 
 
+def _tree(root: Path) -> dict:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_resuming_a_finished_run_keeps_its_results_until_it_finishes(tiny_bert, sst_small, tmp_path, monkeypatch,
+                                                                    capsys):
+    """A finished 20-step run (a fifth of recovery, checkpoints every 5) resumed from step-10: an
+    interrupted resume leaves the earlier results as they were (its own checkpoints stay); a
+    finished one rotates the checkpoints by its own timeline (the earlier run's later ones go) and
+    replaces the results; a resume whose freeze falls on its checkpoint closes there."""
+    out = tmp_path / "run"
+    argv = _ft_args(tiny_bert, sst_small, out, "--max-steps", "20", "--recovery-steps", "4", "--checkpointing-steps", "5",
+                    "--keep-checkpoints", "0")
+    assert main(argv) == 0
+    results = {k: v for k, v in _tree(out).items() if not k.startswith("checkpoints/")}
+    import finegates.app.recipes as recipes
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("stopped by the user")
+
+    monkeypatch.setattr(recipes, "finish_run", crash)
+    resume = [*argv, "--keep-checkpoints", "2", "--resume-from-checkpoint", str(out / "checkpoints" / "step-5")]
+    with pytest.raises(KeyboardInterrupt):
+        main(resume)
+    assert "earlier results" in capsys.readouterr().err
+    assert {k: v for k, v in _tree(out).items() if not k.startswith("checkpoints/")} == results
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # no staging left
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-15", "step-20"]  # its own, the last 2
+    monkeypatch.undo()
+    assert main([*resume[:-1], str(out / "checkpoints" / "step-15")]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-15", "step-20"]
+    # --max-steps 19 puts the freeze (19 - 4 = 15) on the checkpoint's step: the gates close at the resume
+    assert main([*argv, "--max-steps", "19", "--resume-from-checkpoint", str(out / "checkpoints" / "step-15")]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["steps"] == 19 and abs(m["removed_fraction_of_gated"] - 0.5) <= 0.03
+    # --max-steps 18 would put it before (14): refused, nothing changed
+    before = _tree(out)
+    assert main([*argv, "--max-steps", "18", "--resume-from-checkpoint", str(out / "checkpoints" / "step-15")]) == 2
+    assert "past this run's freeze step 14" in capsys.readouterr().err
+    assert _tree(out) == before
+
+
 def test_resume_is_checked_against_the_run_it_continues(tiny_bert, sst_small, tmp_path, capsys):
     done = tmp_path / "done"
     assert main(_ft_args(tiny_bert, sst_small, done, "--max-steps", "1", "--no-compact")) == 0

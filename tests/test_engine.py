@@ -97,23 +97,23 @@ def _trainer(tiny: Path, out: Path, model=None, **args):
     return model, trainer
 
 
+def _example(name: str):
+    """A script of docs/examples as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "docs" / "examples" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _plain_loop(tiny: Path):
-    """The README's recipe: the engine's four calls around a plain loop."""
+    """The documented plain loop (docs/examples/plain_loop_sst2.py's ``fit``) on the tiny model."""
     model = _model(tiny)
     train, collate = _data(tiny)
     batch = collate([train[i] for i in range(len(train))])  # the whole sample: one batch per step
     engine = finegates.SparsityEngine(model, finegates.TrainOptions(**SCHEDULE), total_steps=STEPS)
-    optimizer = torch.optim.AdamW(engine.param_groups(lr=HEAD_LR))
-    scheduler = engine.lr_scheduler(optimizer)
-    model.train()
-    for _ in range(STEPS):
-        loss = model(**batch).loss + engine.sparsity_term()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        engine.step()
-    engine.finish()
+    _example("plain_loop_sst2").fit(model, engine, lambda: batch, lr=HEAD_LR)
     return model, engine
 
 
@@ -235,13 +235,7 @@ def test_the_sparsify_record_rebuilds_the_gated_model(tiny):
 def test_the_documented_plain_loop_example_runs(tmp_path):
     """docs/examples/plain_loop_sst2.py, 3 steps: MiniLM, the bundled data, the engine's calls,
     the exact closure at the end and the compact model."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "plain_loop_sst2", Path(__file__).resolve().parents[1] / "docs" / "examples" / "plain_loop_sst2.py")
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    metrics = example.main(["--max-steps", "3", "--output-dir", str(tmp_path / "run")])
+    metrics = _example("plain_loop_sst2").main(["--max-steps", "3", "--output-dir", str(tmp_path / "run")])
     assert 0.0 <= metrics["accuracy"] <= 1.0
     assert abs(metrics["removed_fraction_of_gated"] - 0.4) < 0.005
     assert finegates.load_compact(tmp_path / "run" / "compact") is not None

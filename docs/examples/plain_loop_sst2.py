@@ -36,6 +36,21 @@ def batches(tok, split: str, batch_size: int, seed: int):
             return
 
 
+def fit(model, engine: finegates.SparsityEngine, next_batch, lr: float) -> None:
+    """The loop itself: ``engine.total_steps`` optimizer steps, the engine's calls around them."""
+    optimizer = torch.optim.AdamW(engine.param_groups(lr=lr))
+    scheduler = engine.lr_scheduler(optimizer)
+    model.train()
+    for _ in range(engine.total_steps):
+        loss = model(**next_batch()).loss + engine.sparsity_term()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        engine.step()
+    engine.finish()
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--max-steps", type=int, default=500)
@@ -53,19 +68,8 @@ def main(argv=None) -> dict:
     options = finegates.TrainOptions(gate_lr=0.02, sparsity_start=steps // 10, sparsity_warmup=steps // 2,
                                      recovery_steps=None, warmup_steps=steps // 10, lr_scheduler="linear")
     engine = finegates.SparsityEngine(model, options, total_steps=steps)
-    optimizer = torch.optim.AdamW(engine.param_groups(lr=2e-3))
-    scheduler = engine.lr_scheduler(optimizer)
-
-    model.train()
     train = batches(tok, "train", 16, seed=42)
-    for _ in range(steps):
-        loss = model(**next(train)).loss + engine.sparsity_term()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        engine.step()
-    engine.finish()
+    fit(model, engine, lambda: next(train), lr=2e-3)
 
     model.eval()
     correct = total = 0

@@ -18,25 +18,28 @@ LOG_FIELDS = ["step", "epoch", "loss", "task_loss", "sparsity_loss", "lambda", "
 
 class StepLog:
     """Per-step training log (``train_log.csv``). Rows are kept in memory and the whole file is
-    rewritten atomically on ``flush``; on resume the rows after the checkpoint's step are dropped,
-    so the log of a resumed run reads like the log of an uninterrupted one."""
+    rewritten atomically on ``flush``; every checkpoint holds a copy, and a resume starts from the
+    checkpoint's rows (older checkpoints: the log's rows up to its step), so the log of a resumed run
+    reads like the log of an uninterrupted one."""
 
-    def __init__(self, path: Path, resume_step: Optional[int] = None):
+    def __init__(self, path: Path, resume_step: Optional[int] = None, resume_from: Optional[Path] = None):
         self.path = Path(path)
         self.rows: List[Dict[str, Any]] = []
-        if resume_step is not None and self.path.exists():
-            with open(self.path, newline="") as f:
+        source = resume_from if resume_from is not None and Path(resume_from).is_file() else self.path
+        if resume_step is not None and source.exists():
+            with open(source, newline="") as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
 
     def append(self, row: Dict[str, Any]) -> None:
         self.rows.append({k: row.get(k, "") for k in LOG_FIELDS})
 
-    def flush(self) -> None:
+    def flush(self, path: Optional[Path] = None) -> None:
+        """Writes the rows to the log (or to ``path``: a checkpoint's copy)."""
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=LOG_FIELDS)
         w.writeheader()
         w.writerows(self.rows)
-        atomic_write_bytes(self.path, buf.getvalue().encode())
+        atomic_write_bytes(Path(path) if path is not None else self.path, buf.getvalue().encode())
 
 
 def plot_layers(path: Path, layers: Iterable[Dict[str, Any]], title: str = "") -> None:

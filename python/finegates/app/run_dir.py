@@ -7,7 +7,10 @@
 - ``--resume-from-checkpoint`` continues a run in its own directory: the checkpoint must lie in
   ``OUTPUT_DIR/checkpoints``, the arguments that shape the run must be those it was started with
   (``--max-steps`` / ``--epochs`` may grow, not shrink below the checkpoint's step), and ``latest`` on a
-  finished run without checkpoints is refused rather than retrained over.
+  finished run without checkpoints is refused rather than retrained over. A resumed run writes its
+  results (metrics, log, plot, compact model) into a sibling ``.<name>.finegates-new`` whose
+  ``checkpoints`` is a link to the run's own, and moves them in only when it has finished: the earlier
+  results stay as they were until then, and an interrupted resume leaves them with its checkpoints.
 - A path that cannot be written is refused up front, in one line.
 - One directory holds one live run: the main process holds an flock on a sibling
   ``.<name>.finegates-lock`` for the run's life (the kernel drops it however the process ends), and a
@@ -55,6 +58,17 @@ INPUT_PATHS = ("model", "tokenizer", "config", "train_file", "validation_file", 
 
 CHECKPOINT_RE = re.compile(r"^step-(\d+)$")  # OUTPUT_DIR/checkpoints/step-N, written by the training loop
 TRAIN_STATE = "train_state.json"  # the training loop's counters, in every checkpoint it writes
+
+# What a finished run leaves beside its checkpoints: a resumed run replaces these when it finishes.
+RESULTS = frozenset({"metrics.json", "train_log.csv", "train_options.json", "layers.json", "sparsity_per_layer.png",
+                     "compact"})
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
 
 
 def find_checkpoint(output_dir: Path) -> Optional[Path]:
@@ -158,6 +172,7 @@ class RunDir:
         self.path = Path(args.output_dir) if args.output_dir else default_path()
         self.real = Path(os.path.realpath(self.path))  # what is replaced when the path is a symlink
         self.replace = False
+        self.staged = False  # a resume: results in the sibling until the run finishes
         self.created = False
         self.resume_from: Optional[Path] = None
         self.started: Optional[Dict] = None  # the arguments of the run already in the directory
@@ -224,8 +239,9 @@ class RunDir:
 
     @property
     def work(self) -> Path:
-        """The directory the run writes into: a sibling (of a symlink's target) while it replaces an earlier run."""
-        return self._sibling("new") if self.replace else self.path
+        """The directory the run writes into: a sibling (of a symlink's target) while it replaces an
+        earlier run or resumes one."""
+        return self._sibling("new") if self.replace or self.staged else self.path
 
     def _sibling(self, what: str) -> Path:
         return self.real.parent / f".{self.real.name}.finegates-{what}"
@@ -274,6 +290,7 @@ class RunDir:
             self._check_ours(parser)
             self.resume_from = rp
         self._check_same_run(args)
+        self.staged = True
 
     def _check_same_run(self, args) -> None:
         step = _checkpoint_step(self.resume_from)
@@ -290,7 +307,9 @@ class RunDir:
 
     def create(self, accelerator, args, argv) -> None:
         """Makes the working directory (once everything has loaded) and marks it as a finegates run."""
-        if accelerator.is_main_process:
+        if accelerator.is_main_process and self.staged:
+            self._stage()
+        elif accelerator.is_main_process:
             work = self.work
             if self.replace:
                 shutil.rmtree(work, ignore_errors=True)  # left by an earlier interrupted replacement
@@ -303,9 +322,42 @@ class RunDir:
                 write_json(work / MARKER, dict(command=args.command, argv=list(argv), started=time.time()))
         accelerator.wait_for_everyone()
 
+    def _stage(self) -> None:
+        """A resumed run's working directory: its checkpoints are the run's own (a link), its log
+        starts as the run's."""
+        work = self.work
+        shutil.rmtree(work, ignore_errors=True)  # left by an earlier interrupted resume
+        work.mkdir()
+        (self.real / "checkpoints").mkdir(exist_ok=True)
+        os.symlink(self.real / "checkpoints", work / "checkpoints", target_is_directory=True)
+        if (self.real / "train_log.csv").is_file():
+            shutil.copy2(self.real / "train_log.csv", work / "train_log.csv")
+
+    def _unstage(self) -> None:
+        """The finished resume's results replace the earlier ones, entry by entry; the earlier
+        run's results this run did not write (a compact model, with --no-compact now) go."""
+        work = self.work
+        (work / "checkpoints").unlink()
+        new = {e.name for e in work.iterdir()}
+        for name in RESULTS - new:
+            _remove(self.real / name)
+        old = self._sibling("old")
+        for entry in work.iterdir():
+            dest = self.real / entry.name
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(dest, old)
+            os.replace(entry, dest)
+        shutil.rmtree(old, ignore_errors=True)
+        work.rmdir()
+
     def finish(self) -> None:
         """Main process, after every process is done: swap the new run in place of the earlier one
-        (in the target of a symlinked output directory, so the link stays a link)."""
+        (in the target of a symlinked output directory, so the link stays a link), or move a
+        resumed run's results in."""
+        if self.staged and self.work.exists():
+            self._unstage()
+            return
         if not self.replace or not self.work.exists():
             return
         old = self._sibling("old")
@@ -317,6 +369,11 @@ class RunDir:
     def cleanup(self) -> None:
         """After a failure: remove what this run created (the earlier run, if any, stays as it was),
         unless it holds a checkpoint to resume from in place."""
+        if self.staged:
+            shutil.rmtree(self.work, ignore_errors=True)  # the link only: the checkpoints stay
+            print(f"finegates: the earlier results in {self.path} are unchanged; this run's checkpoints are kept "
+                  "(resume with --resume-from-checkpoint latest)", file=sys.stderr)
+            return
         if not self.created or not self.work.exists():
             return
         if self.replace:

@@ -204,16 +204,24 @@ def _save_checkpoint(accelerator, output_dir: Path, step: int, keep: int, log: O
             engine.save(tmp)
         if log is not None:
             log.flush()
+            log.flush(tmp / "train_log.csv")
         follow_umask(tmp)  # accelerate writes model.safetensors 0600
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        if keep > 0:
-            done = sorted((int(m.group(1)), p) for p in ck.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
-            for _, p in done[:-keep]:
-                shutil.rmtree(p, ignore_errors=True)
+        _rotate(ck, step, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def _rotate(ck: Path, step: int, keep: int) -> None:
+    """The checkpoints of this run's timeline: the last ``keep`` up to ``step`` stay (0: all); any
+    past ``step`` belong to the run this one resumed from an earlier checkpoint, and go."""
+    done = sorted((int(m.group(1)), p) for p in ck.iterdir() if (m := CHECKPOINT_RE.match(p.name)))
+    mine = [p for s, p in done if s <= step]
+    stale = [p for s, p in done if s > step] + (mine[:-keep] if keep > 0 else [])
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 @torch.no_grad()
@@ -397,7 +405,7 @@ def train(
         _resume(accelerator, loop, state, Path(resume_from))
     if accelerator.is_main_process:
         opts.save(Path(output_dir) / "train_options.json")
-    steps = _Steps(opts, accelerator, loop, state, Path(output_dir), resumed=resume_from is not None)
+    steps = _Steps(opts, accelerator, loop, state, Path(output_dir), resumed=Path(resume_from) if resume_from else None)
     step = steps.run()
     t_eval = time.perf_counter()
     metrics = _evaluate(loop, evaluate, accelerator)
@@ -412,16 +420,17 @@ def train(
 
 
 def _resume(accelerator, loop: _Loop, state: TrainState, checkpoint: Path) -> None:
-    """The loop's and the engine's state first (a resume the engine refuses changes nothing), then
-    Accelerate's (model, optimizer, schedule, RNG)."""
+    """Accelerate's state (model, optimizer, schedule, RNG), then the loop's and the engine's: a
+    closure the engine makes at the resume acts on the checkpoint's gates, and a resume it refuses
+    has written nothing."""
     state.load(checkpoint)
+    accelerator.load_state(str(checkpoint))
     if loop.engine is not None:
         try:
             loop.engine.load(checkpoint)
         except (ValueError, FileNotFoundError) as e:
             raise UsageError(f"--resume-from-checkpoint {str(checkpoint)!r}: "
                              f"{str(e).removeprefix('SparsityEngine: ')}") from None
-    accelerator.load_state(str(checkpoint))
     accelerator.print(f"finegates: resumed from {checkpoint} (step {state.step})")
 
 
@@ -431,13 +440,14 @@ class _Steps:
     the gates gathered), the checkpoint. Resuming mid-epoch skips the batches already seen."""
 
     def __init__(self, opts: TrainOptions, accelerator, loop: _Loop, state: TrainState, output_dir: Path,
-                 resumed: bool):
+                 resumed: Optional[Path]):
         from tqdm.auto import tqdm
 
         self.opts, self.accelerator, self.loop, self.state = opts, accelerator, loop, state
         self.output_dir = output_dir
         self.main = accelerator.is_main_process
-        self.log = StepLog(output_dir / "train_log.csv", resume_step=state.step if resumed else None) if self.main else None
+        self.log = StepLog(output_dir / "train_log.csv", resume_step=state.step if resumed else None,
+                           resume_from=resumed / "train_log.csv" if resumed else None) if self.main else None
         self.bar = tqdm(total=loop.max_steps, initial=state.step, disable=not self.main, desc="train", dynamic_ncols=True)
         self.last: Dict[str, Any] = {}
         self.means = _Means()
