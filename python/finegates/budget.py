@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import Tensor, nn
 
+from .config import TrainOptions
 from .layers import GatedLinear
 from .report import compression_report
 
@@ -70,7 +71,8 @@ class BudgetController:
     ``load_state_dict`` carry it through checkpoints."""
 
     def __init__(self, target_sparsity: float, *, start: int = 0, ramp_steps: int = 0,
-                 multiplier_lr: float = 1.0, penalty: float = 50.0, measure_every: int = 10):
+                 multiplier_lr: float = TrainOptions.budget_multiplier_lr, penalty: float = TrainOptions.budget_penalty,
+                 measure_every: int = 10):
         if not 0.0 <= float(target_sparsity) < 1.0 or target_sparsity != target_sparsity:
             raise ValueError(f"BudgetController: target_sparsity must lie in [0, 1), got {target_sparsity!r}")
         for name, v in (("start", start), ("ramp_steps", ramp_steps)):

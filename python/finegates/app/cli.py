@@ -27,7 +27,7 @@ from typing import List, Optional
 from .errors import UsageError
 from .glue import GLUE_TASKS
 from ..loss import OBJECTIVES
-from ..config import CLOSURE_RANKS, GATE_GRADIENTS
+from ..config import CLOSURE_RANKS, GATE_GRADIENTS, TrainOptions
 from .run_dir import RunDir
 
 __all__ = ["main", "build_parser", "DEFAULT_OUTPUT_ROOT"]
@@ -55,6 +55,9 @@ def _number(cast, *, lo: float, hi: Optional[float] = None, lo_open: bool = Fals
 
     return parse
 
+
+# The library's defaults (TrainOptions, their one home), for the flags whose default no command changes.
+_LIBRARY = TrainOptions()
 
 _positive_int = _number(int, lo=0, lo_open=True)
 _nonneg_int = _number(int, lo=0)
@@ -93,15 +96,17 @@ def _sparsity_options(p: argparse.ArgumentParser, *, gate_lr: float, lam: float,
                    help="fraction of the gated layers' parameters the compact model removes, in [0, 1) (with "
                         "--sparsity-objective reference: each layer's target fraction of closed rows and of closed "
                         f"columns) (default {target})")
-    g.add_argument("--sparsity-objective", default="budget", choices=list(OBJECTIVES),
+    g.add_argument("--sparsity-objective", default=_LIBRARY.sparsity_objective, choices=list(OBJECTIVES),
                    help="budget: one size budget for the whole model, learned multiplier, exact closure at the "
                         "freeze; reference: the paper's per-layer keep targets with a fixed weight (default budget)")
     g.add_argument("--sparsity-lambda", type=_nonneg_float, default=None,
                    help=f"weight of the reference objective (default {lam}; not used by the budget objective)")
-    g.add_argument("--budget-multiplier-lr", type=_nonneg_float, default=1.0,
-                   help="budget objective: step size of the learned multiplier per unit of size error (default 1.0)")
-    g.add_argument("--budget-penalty", type=_nonneg_float, default=50.0,
-                   help="budget objective: weight of the size error itself, which damps the multiplier (default 50)")
+    g.add_argument("--budget-multiplier-lr", type=_nonneg_float, default=_LIBRARY.budget_multiplier_lr,
+                   help="budget objective: step size of the learned multiplier per unit of size error "
+                        f"(default {_LIBRARY.budget_multiplier_lr:g})")
+    g.add_argument("--budget-penalty", type=_nonneg_float, default=_LIBRARY.budget_penalty,
+                   help="budget objective: weight of the size error itself, which damps the multiplier "
+                        f"(default {_LIBRARY.budget_penalty:g})")
     g.add_argument("--sparsity-start", type=_nonneg_int, default=sp_start,
                    help=f"optimizer step at which the sparsity objective starts (default {sp_start})")
     g.add_argument("--sparsity-warmup", type=_nonneg_int, default=sp_warmup,
@@ -121,9 +126,9 @@ def _sparsity_options(p: argparse.ArgumentParser, *, gate_lr: float, lam: float,
                    help="the last N steps train with the gates frozen (closed exactly to the budget first; no noise, "
                         "no sparsity loss): the head and adapters adapt to the model compaction keeps (default "
                         + ("the last fifth of the run)" if recovery is None else f"{recovery})"))
-    g.add_argument("--recovery-lr", type=_number(float, lo=0.0, hi=1.0, hi_open=False), default=0.5,
+    g.add_argument("--recovery-lr", type=_number(float, lo=0.0, hi=1.0, hi_open=False), default=_LIBRARY.recovery_lr,
                    help="learning rate of the recovery phase, as a fraction of the peak, decaying linearly to 0 "
-                        "(default 0.5)")
+                        f"(default {_LIBRARY.recovery_lr:g})")
     g.add_argument("--closure-rank", default=None, choices=list(CLOSURE_RANKS),
                    help="budget objective: how the exact closure at the freeze ranks the gates: by value, or by task "
                         "saliency (the squared first-order Taylor estimate (g * dL/dg)^2 per weight, averaged over "
