@@ -337,6 +337,9 @@ def test_trainable_state_round_trip():
     assert torch.equal(model(x), other(x))
     with pytest.raises(KeyError):
         finegates.load_trainable_state(mlp(), state)
+    partial = {k: v for k, v in state.items() if k != "2.row_gates.theta"}
+    with pytest.raises(KeyError, match=r"lacks 1 gate/LoRA tensors of the model, e.g. \['2.row_gates.theta'\]"):
+        finegates.load_trainable_state(fresh, partial)
 
 
 @pytest.mark.parametrize("bad", [1.0, -0.1, float("nan")])
