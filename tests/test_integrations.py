@@ -181,6 +181,10 @@ def test_trainer_takes_its_sparsity_settings_from_train_options(tmp_path):
                                          r"target_sparsity 0.4"):
         FineGatesTrainer(model=model, args=_args(tmp_path), train_dataset=_data(8),
                          options=TrainOptions(target_sparsity=0.5))
+    # one set of defaults: the reference objective without a lambda trains with TrainOptions' 5 either way
+    lams = [FineGatesTrainer(model=model, args=_args(tmp_path), train_dataset=_data(8), **kw).engine.lambda_schedule.lam
+            for kw in (dict(options=TrainOptions(sparsity_objective="reference")), dict(sparsity_objective="reference"))]
+    assert lams == [TrainOptions.sparsity_lambda, TrainOptions.sparsity_lambda] == [5.0, 5.0]
     TrainOptions(target_sparsity=0.4, recovery_steps=None, max_steps=500, batch_size=4).save(tmp_path / "opts.json")
     t = FineGatesTrainer(model=model, args=_args(tmp_path, max_steps=10), train_dataset=_data(8),
                          options=TrainOptions.load(tmp_path / "opts.json"))
