@@ -265,6 +265,44 @@ def test_resume_never_writes_a_foreign_directory(tiny_bert, sst_small, tmp_path,
     assert (foreign / "metrics.json").read_text() == "mine" and sorted(os.listdir(foreign)) == ["metrics.json"]
 
 
+class _Planted:
+    """A pickle that runs code when unpickled: it creates the file named in ``path``."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.mark.parametrize("damage", ["malicious rng", "foreign pickle", "missing rng", "missing optimizer",
+                                    "missing engine", "missing model"])
+def test_a_resume_never_runs_code_from_its_checkpoint(damage, tiny_bert, sst_small, tmp_path, capsys):
+    """Nothing the run wrote is read back with pickle's code execution: a planted pickle never runs
+    (an RNG state that is not plain data is refused; a pickle the run never wrote is never read), and
+    a checkpoint missing a file is refused in one line instead of resuming without it."""
+    import pickle
+
+    out, ran = tmp_path / "run", tmp_path / "ran"
+    argv = _ft_args(tiny_bert, sst_small, out, "--max-steps", "4", "--checkpointing-steps", "2", "--no-compact",
+                    "--keep-checkpoints", "0")
+    assert main(argv) == 0
+    ck = out / "checkpoints" / "step-2"
+    files = {"malicious rng": "random_states_0.pkl", "foreign pickle": "custom_checkpoint_0.pkl",
+             "missing rng": "random_states_0.pkl", "missing optimizer": "optimizer.bin",
+             "missing engine": "finegates_engine.json", "missing model": "model.safetensors"}
+    if damage.startswith("missing"):
+        (ck / files[damage]).unlink()
+    else:
+        (ck / files[damage]).write_bytes(pickle.dumps(_Planted(ran)))
+    code = main([*argv, "--resume-from-checkpoint", str(ck)])
+    assert not ran.exists()
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err
+    expected = {"malicious rng": "is not a plain RNG state", "foreign pickle": "which finegates never writes"}
+    assert expected.get(damage, f"lacks {files[damage]}") in err
+
+
 def test_replacing_a_run_keeps_it_until_the_new_one_finishes(tiny_bert, sst_small, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     assert main(_ft_args(tiny_bert, sst_small, out, "--max-steps", "2", "--no-compact")) == 0

@@ -419,10 +419,42 @@ def train(
                 train_time_s=state.train_time, eval_time_s=eval_time, last_log=steps.last, max_steps=loop.max_steps)
 
 
+def _check_checkpoint(checkpoint: Path, accelerator, gated: bool) -> None:
+    """Every file the resume reads is there, and every process's RNG state loads as plain data
+    (Accelerate would skip a missing or refused one and resume without it, silently). Every
+    process checks every file, so all refuse together."""
+    from accelerate.utils import load
+
+    from ..engine import ENGINE_STATE_JSON
+
+    rng = [f"random_states_{i}.pkl" for i in range(accelerator.num_processes)]
+    needed = [TRAIN_STATE, *rng] + ([ENGINE_STATE_JSON] if gated else [])
+    if not _sharded(accelerator):  # FSDP writes its model and optimizer as directories of shards
+        needed += ["optimizer.bin", "scheduler.bin"]
+        if not (checkpoint / "model.safetensors").is_file() and not (checkpoint / "pytorch_model.bin").is_file():
+            needed.append("model.safetensors")
+    foreign = sorted(p.name for p in checkpoint.glob("custom_checkpoint_*.pkl"))
+    if foreign:  # Accelerate would unpickle them, code and all
+        raise UsageError(f"--resume-from-checkpoint {str(checkpoint)!r} holds {', '.join(foreign)}, which finegates "
+                         "never writes (a pickle can run code when it is read); it is not loaded. Remove it or "
+                         "resume from another checkpoint")
+    missing = [n for n in needed if not (checkpoint / n).is_file()]
+    if missing:
+        raise UsageError(f"--resume-from-checkpoint {str(checkpoint)!r} lacks {', '.join(missing)}; resume from "
+                         "another checkpoint of the run, or start it again")
+    for name in rng:
+        try:
+            load(checkpoint / name)  # weights_only: plain tensors and numbers, never code
+        except Exception as e:
+            raise UsageError(f"--resume-from-checkpoint {str(checkpoint)!r}: {name} is not a plain RNG state "
+                             f"({type(e).__name__}); it is not loaded. Resume from another checkpoint") from None
+
+
 def _resume(accelerator, loop: _Loop, state: TrainState, checkpoint: Path) -> None:
     """Accelerate's state (model, optimizer, schedule, RNG), then the loop's and the engine's: a
     closure the engine makes at the resume acts on the checkpoint's gates, and a resume it refuses
     has written nothing."""
+    _check_checkpoint(checkpoint, accelerator, loop.engine is not None)
     state.load(checkpoint)
     accelerator.load_state(str(checkpoint))
     if loop.engine is not None:
