@@ -196,7 +196,13 @@ def test_sparsify_takes_a_config_that_saves_and_loads(tmp_path):
         finegates.FineGatesConfig.from_dict({**config.to_dict(), "lora_dropout": 0.1})
     for bad, field in (({"target_sparsity": 1.0}, "target_sparsity"), ({"sigma": float("nan")}, "sigma"),
                        ({"lora_rank": 2.5}, "lora_rank"), ({"gate_dtype": "int8"}, "gate_dtype"),
-                       ({"gate_gradient": "magic"}, "gate_gradient")):
+                       ({"gate_gradient": "magic"}, "gate_gradient"),
+                       # what a JSON file can hold and a keyword rarely does
+                       ({"lora_alpha": float("nan")}, "lora_alpha"), ({"lora_alpha": -2.0}, "lora_alpha"),
+                       ({"train_weights": "false"}, "train_weights"), ({"train_bias": 0}, "train_bias"),
+                       ({"trainable_modules": "LayerNorm"}, r"trainable_modules.*for one module: \['LayerNorm'\]"),
+                       ({"target_modules": [3]}, "target_modules"), ({"target_sparsity": True}, "target_sparsity"),
+                       ({"kurtosis_tau": 0.0}, "kurtosis_tau")):
         with pytest.raises(ValueError, match=field):
             finegates.FineGatesConfig(**{"target_sparsity": 0.3, **bad})
 

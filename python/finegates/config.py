@@ -72,15 +72,30 @@ class FineGatesConfig(_JsonRecord):
 
     def __post_init__(self):
         ts = self.target_sparsity
-        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not (0.0 <= ts < 1.0):
+        if not _is_number(ts) or not (0.0 <= ts < 1.0):
             raise ValueError(f"target_sparsity must lie in [0, 1), got {ts!r}")
         if self.gate_gradient not in GATE_GRADIENTS:
             raise ValueError(f"gate_gradient must be one of {GATE_GRADIENTS}, got {self.gate_gradient!r}")
-        if not (isinstance(self.sigma, (int, float)) and math.isfinite(self.sigma) and self.sigma >= 0):
+        if not (_is_number(self.sigma) and self.sigma >= 0):
             raise ValueError(f"sigma must be a finite number >= 0, got {self.sigma!r}")
         r = self.lora_rank
         if isinstance(r, bool) or not isinstance(r, (int, float)) or int(r) != r or r < 0:
             raise ValueError(f"lora_rank must be an integer >= 0, got {r!r}")
+        a = self.lora_alpha
+        if a is not None and not (_is_number(a) and a >= 0):
+            raise ValueError(f"lora_alpha must be None (the rank) or a finite number >= 0, got {a!r}")
+        for name in ("train_weights", "train_bias", "kurtosis"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if not (_is_number(self.kurtosis_tau) and self.kurtosis_tau > 0):
+            raise ValueError(f"kurtosis_tau must be a finite number > 0, got {self.kurtosis_tau!r}")
+        tm = self.trainable_modules
+        if tm is not None and (isinstance(tm, str) or not all(isinstance(n, str) and n for n in tm)):
+            raise ValueError(f"trainable_modules must be None or a list of module name suffixes, got {tm!r}"
+                             + (f" (for one module: [{tm!r}])" if isinstance(tm, str) else ""))
+        tg = self.target_modules
+        if tg is not None and not isinstance(tg, str) and not all(isinstance(n, str) and n for n in tg):
+            raise ValueError(f"target_modules must be None, a regex or a list of module name suffixes, got {tg!r}")
         if isinstance(self.gate_dtype, str):
             if self.gate_dtype not in _DTYPES:
                 raise ValueError(f"gate_dtype must be one of {sorted(_DTYPES)}, got {self.gate_dtype!r}")
