@@ -194,6 +194,24 @@ def test_labels_that_are_not_classes_or_numbers(files, capsys):
                out, "--validation-file", bad.name, f"is {shown} in data row {row}")
 
 
+def test_labels_that_would_change_the_task_or_the_head(files, capsys):
+    """One fractional value among class ids is an error, not a regression task; a stray huge class id
+    would build a head of that many classes; a name's trailing space is not another class."""
+    from finegates.app.data_loading import load_classification
+
+    out, good = files["tmp"] / "o", str(files["good_jsonl"])
+    half = _jsonl_with(files, "half.jsonl", 2, label=0.5)
+    _check(capsys, _ft(files, out, "--train-file", str(half), "--validation-file", good),
+           out, "half.jsonl", "holds class ids but 1 non-integer value(s) (data row 2: 0.5)", "--task stsb")
+    huge = _jsonl_with(files, "huge.jsonl", 3, label=500000)
+    _check(capsys, _ft(files, out, "--train-file", str(huge), "--validation-file", good),
+           out, "huge.jsonl", "class id of 500000", "number the classes 0 to k-1")
+    names = files["tmp"] / "names.tsv"
+    names.write_text("sentence\tlabel\na\tpos\nb\tneg\nc\tpos \nd\tneg\n")
+    train, val, _, num_labels, label_names = load_classification(None, str(names), str(names), None, "label")
+    assert num_labels == 2 and label_names == ["neg", "pos"] and train["labels"] == [1, 0, 1, 0]
+
+
 def test_labels_compare_by_their_text_in_both_files(files, capsys):
     """A csv column holding a word reads 1 as "1"; the other file's numeric 1 is the same class."""
     from finegates.app.data_loading import load_classification

@@ -155,7 +155,7 @@ def _load_local(info, train_file, validation_file, cols, label_column: str, head
     _check_cells([(train, train_file, "--train-file"), (val, validation_file, "--validation-file")],
                  cols, label_column, header)
     train_labels, val_labels = train[label_column].tolist(), val[label_column].tolist()
-    regression = info.num_labels == 1 if info else _is_float_labels(train_labels)
+    regression = info.num_labels == 1 if info else _is_float_labels(train_labels, label_column, train_file)
     if regression:
         train["labels"] = _float_labels(train_labels, label_column, train_file)
         val["labels"] = _float_labels(val_labels, label_column, validation_file)
@@ -173,8 +173,9 @@ def _load_local(info, train_file, validation_file, cols, label_column: str, head
 
 def _label_key(v) -> str:
     """The text form labels are compared by, the same in both files: a csv column holding a word
-    reads 1 as "1", a numeric one as 1. 1.0 stays 1, as when labels were compared as numbers."""
-    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+    reads 1 as "1", a numeric one as 1. 1.0 stays 1, as when labels were compared as numbers; a
+    name's surrounding spaces do not make another class ("pos " is "pos")."""
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v).strip()
 
 
 def _classes(labels, info, train_file, label_column: str):
@@ -188,8 +189,13 @@ def _classes(labels, info, train_file, label_column: str):
         raise UsageError(f"--train-file {train_file!r}: column {label_column!r} has a single label value "
                          f"({values[0]!r}); need >= 2 classes")
     if all(isinstance(v, int) for v in values) and min(values) >= 0:
+        if max(values) >= 2 * len(values) + 8:  # a head of max + 1 classes, most of them never seen
+            raise UsageError(f"--train-file {train_file!r}: column {label_column!r} has {len(values)} classes but a "
+                             f"class id of {max(values)}, which would make a head of {max(values) + 1} classes; "
+                             "number the classes 0 to k-1 (or give them as names)")
         return None, max(max(values) + 1, info.num_labels if info else 2), {_label_key(v): v for v in values}
-    return [str(v) for v in values], len(values), {_label_key(v): i for i, v in enumerate(values)}
+    names = list(by_key)  # in the values' order, one per key
+    return names, len(names), {k: i for i, k in enumerate(names)}
 
 
 def _missing(v) -> bool:
@@ -220,8 +226,18 @@ def _check_labels(values, column: str, path, flag: str) -> None:
                              "every example needs a label")
 
 
-def _is_float_labels(values) -> bool:
-    return any(isinstance(v, float) and not float(v).is_integer() for v in values)
+def _is_float_labels(values, column: str, path) -> bool:
+    """Regression targets: non-integer numbers. A few among labels that are mostly class ids is a
+    data error, not a regression task."""
+    fractional = [i for i, v in enumerate(values) if isinstance(v, float) and not float(v).is_integer()]
+    if not fractional:
+        return False
+    if 2 * len(fractional) < len(values):
+        i = fractional[0]
+        raise UsageError(f"--train-file {str(path)!r}: column {column!r} holds class ids but {len(fractional)} "
+                         f"non-integer value(s) (data row {i + 1}: {values[i]!r}); fix those rows, or pass --task stsb "
+                         "for a regression target")
+    return True
 
 
 def _float_labels(values, column, path):
