@@ -242,9 +242,10 @@ def check_gathered_linear(
 
 
 # Index lists whose values were checked, by identity: the key says which values, bound and rule
-# were checked. A compact layer's index buffers never change, so a GPU reads them back once per
-# layer and never again (no host sync per call, and a warmed-up model can be captured in a CUDA
-# graph). Weak: the cache holds no tensor alive.
+# were checked, and the entry holds a private copy of them, which is what the kernels read. A compact
+# layer's index buffers never change, so a GPU reads them back once per layer and never again (no
+# host sync per call, and a warmed-up model can be captured in a CUDA graph). Weak: the cache holds
+# no caller's tensor alive.
 _CHECKED_INDEX_LISTS: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
 
 
@@ -257,33 +258,40 @@ def _index_key(idx: Tensor, bound: int, distinct: bool) -> Optional[tuple]:
     return (idx.data_ptr(), idx._version, idx.numel(), idx.stride(), bound, distinct)
 
 
-def check_index_values(idx: Tensor, bound: int, name: str, what: str, distinct: bool = False) -> None:
+def check_index_values(idx: Tensor, bound: int, name: str, what: str, distinct: bool = False) -> Tensor:
     """Every value of an index list in ``[0, bound)`` and, with ``distinct`` (``row_idx``: each
     output written once, so the gradient of every output goes to one row), no value twice.
-    Reads the values (one host sync on a GPU) the first time a tensor is seen; later calls with
-    the same tensor, unchanged since (same memory and version), pass without reading. A write
-    through ``.data`` escapes the version counter: a changed index list must be a new tensor or
-    be written in place through the tensor itself. Inference tensors are read at every call."""
+
+    Returns the index list the kernel must read: a private copy of the values that were checked.
+    The values are read (one host sync on a GPU) the first time a tensor is seen; later calls with
+    the same tensor, unchanged since (same memory and version), pass without reading and get the
+    same copy. A write that escapes the version counter (``.data``, a numpy or storage alias)
+    therefore never reaches a kernel unchecked: the kernel keeps reading the values that were
+    checked, until the tensor is written through itself or replaced. Inference tensors are read
+    at every call."""
     if idx.numel() == 0:
-        return
+        return idx
     key = _index_key(idx, bound, distinct)
-    if key is not None and _CHECKED_INDEX_LISTS.get(idx) == key:
-        return
+    cached = _CHECKED_INDEX_LISTS.get(idx) if key is not None else None
+    if cached is not None and cached[0] == key:
+        return cached[1]
     torch._check_value(
         not (idx.is_cuda and torch.cuda.is_current_stream_capturing()),
         lambda: f"{name} is seen for the first time inside a CUDA graph capture: its values must be checked on "
         "the host first; run the model once before capturing it",
     )
-    lo, hi = (int(v) for v in torch.stack([idx.min(), idx.max()]).tolist())
+    private = idx.detach().clone(memory_format=torch.contiguous_format)
+    lo, hi = (int(v) for v in torch.stack([private.min(), private.max()]).tolist())
     torch._check_index(lo >= 0 and hi < bound,
                        lambda: f"{name} values must lie in [0, {bound}) ({what}), got range [{lo}, {hi}]")
     if distinct:
-        values, counts = torch.unique(idx, return_counts=True)
+        values, counts = torch.unique(private, return_counts=True)
         twice = values[counts > 1]
         torch._check_value(twice.numel() == 0, lambda: f"{name} values must be distinct (each output is written "
                            f"once), got {int(twice[0])} more than once")
     if key is not None:
-        _CHECKED_INDEX_LISTS[idx] = key
+        _CHECKED_INDEX_LISTS[idx] = (key, private)
+    return private
 
 
 # --------------------------------------------------------------------------------------------

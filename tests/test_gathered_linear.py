@@ -277,6 +277,47 @@ def test_index_list_written_after_a_call_is_checked_again(name, value, match, ba
         op(inp, backend)
 
 
+def _write_around_the_version_counter(idx: torch.Tensor, how: str, value: int) -> None:
+    if how == ".data":
+        idx.data[1] = value
+    elif how == "numpy":
+        idx.numpy()[1] = value
+    else:
+        torch.tensor([], dtype=idx.dtype).set_(idx.untyped_storage())[1] = value
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("how", [".data", "numpy", "storage"])
+@pytest.mark.parametrize("name,value", [("col_idx", 10 ** 6), ("col_idx", 2 ** 40), ("row_idx", -1), ("row_idx", "repeat")])
+def test_an_index_written_around_the_version_counter_never_reaches_a_kernel(name, value, how, backend, seed):
+    """After a good call, a bad value written where the version counter cannot see it is refused (a
+    backend that checks every call) or never read (the kernel reads the copy that was checked): the
+    result is that of the checked indices, never an out-of-bounds read or a dropped row."""
+    if backend.device != "cpu":
+        pytest.skip("writes through numpy and host storage need CPU tensors")
+    inp = make_gathered_inputs(seed, (4,), 25, 19, row_spec="unsorted", col_spec="unsorted", device=backend.device)
+    want = op(inp, backend)
+    idx = getattr(inp, name)
+    _write_around_the_version_counter(idx, how, int(idx[0]) if value == "repeat" else value)
+    try:
+        got = op(inp, backend)
+    except BAD_INPUT_ERRORS:
+        return
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_huge_out_features_without_tokens_allocates_nothing(backend):
+    """out_features is the caller's number: no backend sizes a buffer by it before a token needs
+    one (the C++ distinctness check used a bitmap of out_features entries: std::bad_alloc at 2**40)."""
+    x = torch.randn(0, 4, device=backend.device)
+    w = torch.randn(2, 4, device=backend.device)
+    y = backend.gathered_linear(x, w, None, torch.tensor([1, 0], device=backend.device), None, 2 ** 40)
+    assert y.shape == (0, 2 ** 40)
+    with pytest.raises(BAD_INPUT_ERRORS, match="row_idx values must be distinct"):
+        backend.gathered_linear(x, w, None, torch.tensor([1, 1], device=backend.device), None, 2 ** 40)
+
+
 def test_index_values_read_once_per_tensor(monkeypatch):
     """The shared check reads an unchanged index list once; a new bound or a write reads it again."""
     from fg_kernels import contract

@@ -218,12 +218,13 @@ Active index_set(const c10::optional<at::Tensor>& idx, int64_t full, const char*
   TORCH_CHECK_INDEX(n == 0 || (lo >= 0 && hi < full), name, " values must lie in [0, ", full, ") (", what,
                     "), got range [", lo, ", ", hi, "]");
   if (distinct && !strictly_increasing(a.idx)) {
-    std::vector<bool> seen(static_cast<size_t>(full), false);
-    for (int64_t v : a.idx) {
-      TORCH_CHECK_VALUE(!seen[v], name, " values must be distinct (each output is written once), got ", v,
-                        " more than once");
-      seen[v] = true;
-    }
+    // Sorted, not a bitmap of `full` entries: `full` comes from the caller (out_features) and may be
+    // far larger than memory; the list itself is at most the layer's rows.
+    std::vector<int64_t> sorted(a.idx);
+    std::sort(sorted.begin(), sorted.end());
+    const auto dup = std::adjacent_find(sorted.begin(), sorted.end());
+    TORCH_CHECK_VALUE(dup == sorted.end(), name, " values must be distinct (each output is written once), got ",
+                      *dup, " more than once");
   }
   build_lanes(a);
   return a;

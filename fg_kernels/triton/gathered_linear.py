@@ -46,9 +46,9 @@ def gathered_linear_forward(
     out_features = int(out_features)
     contract.check_gathered_linear(x, weight_c, bias_c, row_idx, col_idx, out_features)
     if row_idx is not None:
-        contract.check_index_values(row_idx, out_features, "row_idx", "out_features", distinct=True)
+        row_idx = contract.check_index_values(row_idx, out_features, "row_idx", "out_features", distinct=True)
     if col_idx is not None:
-        contract.check_index_values(col_idx, x.shape[-1], "col_idx", "x.shape[-1]")
+        col_idx = contract.check_index_values(col_idx, x.shape[-1], "col_idx", "x.shape[-1]")
     M = contract.token_count(x)
     y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype, device=x.device)  # final shape, not a view
     if M == 0 or out_features == 0:
