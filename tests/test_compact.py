@@ -227,6 +227,52 @@ def test_load_refuses_a_malformed_layer_spec(saved):
     finegates.load_compact(path)
 
 
+def _resigned_config(path, **fields):
+    """config.json edited and its checksum in the manifest recomputed, as a hostile directory would be."""
+    from finegates.compaction.serialize import _sha256
+
+    cfg = json.loads((path / "config.json").read_text())
+    cfg.update(fields)
+    (path / "config.json").write_text(json.dumps(cfg))
+    _edit_manifest(path, config_sha256=_sha256(path / "config.json"))
+
+
+def test_load_refuses_a_resigned_hostile_manifest(saved, monkeypatch):
+    """A manifest whose checksums were recomputed: sizes are checked against the weights file
+    before anything is allocated, only model classes and the attributes compaction sets are taken,
+    and a config asking for remote code is refused without running it or asking."""
+    import builtins
+
+    path, _ = saved
+    m = json.loads((path / "finegates_compact.json").read_text())
+    layers, attrs = m["layers"], m["attributes"]
+    gat = next(n for n, spec in layers.items() if spec["kind"] == "gathered")
+    as_linear = dict(kind="linear", in_features=2 ** 40, out_features=layers[gat]["active_out"], bias=layers[gat]["bias"])
+    cases = [
+        (dict(layers=dict(layers, **{gat: as_linear})), r"expects .* of shape \[\d+, 1099511627776\]"),
+        (dict(layers=dict(layers, **{gat: dict(layers[gat], out_features=2 ** 40)})), "more than the model's layer"),
+        (dict(layers=dict(layers, **{gat: dict(layers[gat], active_in=-5)})), "impossible sizes"),
+        (dict(layers=dict(layers, **{gat: dict(layers[gat], active_out=layers[gat]["out_features"] + 1)})),
+         "impossible sizes"),
+        (dict(transformers_class="pipeline"), "no model class 'pipeline'"),
+        (dict(transformers_class="BertConfig"), "no model class 'BertConfig'"),
+    ]
+    if attrs:
+        module = next(iter(attrs))
+        cases += [(dict(attributes={module: {"forward": 1}}), r"attributes\..*\.forward' must be one of"),
+                  (dict(attributes={module: {next(iter(attrs[module])): -1}}), "must be an integer >= 0")]
+    for fields, match in cases:
+        _edit_manifest(path, **fields)
+        with pytest.raises(ValueError, match=match):
+            finegates.load_compact(path)
+        _edit_manifest(path, layers=layers, attributes=attrs, transformers_class=m["transformers_class"])
+    monkeypatch.setattr(builtins, "input", lambda *a: pytest.fail("load_compact asked whether to run remote code"))
+    _resigned_config(path, model_type="my-remote-model", auto_map={"AutoConfig": "evil.Config"})
+    with pytest.raises(ValueError, match="not a config of a built-in transformers model"):
+        finegates.load_compact(path)
+    assert not (path / "evil.py").exists()
+
+
 def test_save_is_atomic_when_interrupted(saved, monkeypatch):
     path, model = saved
     before = (path / "model.safetensors").read_bytes()

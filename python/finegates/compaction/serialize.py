@@ -312,6 +312,63 @@ def _read_manifest(path: Path) -> Dict[str, Any]:
     return manifest
 
 
+def _expected_shapes(name: str, spec: Dict[str, Any]) -> Dict[str, tuple]:
+    """The tensors a layer spec puts into the weights file, with their shapes."""
+    if spec["kind"] == "linear":
+        rows, cols = spec["out_features"], spec["in_features"]
+        shapes = {f"{name}.weight": (rows, cols)}
+    else:
+        rows, cols = spec["active_out"], spec["active_in"]
+        shapes = {f"{name}.weight": (rows, cols)}
+        if spec["scatter_rows"]:
+            shapes[f"{name}.row_idx"] = (rows,)
+        if spec["gather_cols"]:
+            shapes[f"{name}.col_idx"] = (cols,)
+    if spec["bias"]:
+        shapes[f"{name}.bias"] = (rows,)
+    return shapes
+
+
+def _check_specs_against_weights(manifest: Dict[str, Any], wpath: Path, path: Path) -> None:
+    """Every layer spec's sizes are non-negative, its active sizes within its full ones, and each
+    tensor it describes lies in the weights file with that shape: checked from the file's header
+    before anything is allocated (a manifest that claims 2**40 features allocates nothing)."""
+    from safetensors import safe_open
+
+    with safe_open(str(wpath), framework="pt") as f:
+        stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for name, spec in manifest["layers"].items():
+        sizes = {k: spec[k] for k in ("in_features", "out_features", "active_out", "active_in") if k in spec}
+        bad = {k: v for k, v in sizes.items() if v < 0}
+        if spec["kind"] == "gathered" and not bad:
+            bad = {k: sizes[k] for k, full in (("active_out", "out_features"), ("active_in", "in_features"))
+                   if sizes[k] > sizes[full]}
+        if bad:
+            raise ValueError(f"load_compact: layers.{name} in {MANIFEST_NAME} has impossible sizes {bad} "
+                             "(negative, or more active than in all); re-save the model")
+        for key, shape in _expected_shapes(name, spec).items():
+            if stored.get(key) != shape:
+                raise ValueError(f"load_compact: layers.{name} in {MANIFEST_NAME} expects {key} of shape {list(shape)}, "
+                                 f"the weights file has {list(stored[key]) if key in stored else 'none'}; re-save "
+                                 "the model")
+
+
+def _check_attributes(manifest: Dict[str, Any], path: Path) -> None:
+    """Only the attention attributes compaction sets (a registered layout's ``set_attrs``), each a
+    size: a manifest cannot set anything else on a module."""
+    from .layouts import registered_layouts
+
+    allowed = {a for layout in registered_layouts() if layout.attention is not None
+               for a in layout.attention.set_attrs}
+    for name, attrs in manifest["attributes"].items():
+        for a, v in attrs.items():
+            if a not in allowed:
+                raise _field_error(path, f"attributes.{name}.{a}", f"one of the attributes compaction sets "
+                                   f"({', '.join(sorted(allowed))})", v)
+            if not _is(v, (int,)) or v < 0:
+                raise _field_error(path, f"attributes.{name}.{a}", "an integer >= 0", v)
+
+
 def _skeleton(path: Path, manifest: Dict[str, Any]) -> nn.Module:
     name = manifest.get("transformers_class")
     if not name:
@@ -322,9 +379,14 @@ def _skeleton(path: Path, manifest: Dict[str, Any]) -> nn.Module:
     import transformers
 
     cls = getattr(transformers, name, None)
-    if cls is None:
-        raise ValueError(f"load_compact: transformers {transformers.__version__} has no class {name!r}")
-    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise ValueError(f"load_compact: transformers {transformers.__version__} has no model class {name!r} "
+                         f"(transformers_class in {MANIFEST_NAME} must name a PreTrainedModel)")
+    try:  # never the code of a config's auto_map, and never a prompt asking whether to run it
+        config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except ValueError as e:
+        raise ValueError(f"load_compact: config.json in {str(path)!r} is not a config of a built-in transformers "
+                         f"model ({str(e).splitlines()[0]})") from None
     return cls(config)
 
 
@@ -345,6 +407,11 @@ def _swap_layer(model: nn.Module, name: str, spec: Dict[str, Any], dtype) -> Non
         new = nn.Linear(spec["in_features"], spec["out_features"], bias=spec["bias"], dtype=dtype)
         setattr(new, COMPACTED, True)
     elif spec["kind"] == "gathered":
+        full = (getattr(old, "in_features", None), getattr(old, "out_features", None))
+        if type(old) is nn.Linear and (spec["in_features"] > full[0] or spec["out_features"] > full[1]):
+            raise ValueError(f"load_compact: layers.{name} in {MANIFEST_NAME} is {spec['out_features']} x "
+                             f"{spec['in_features']} wide, more than the model's layer ({full[1]} x {full[0]}); "
+                             "mismatched model, or re-save it")
         new = GatheredLinear(
             spec["in_features"], spec["out_features"], spec["active_out"], spec["active_in"],
             bias=spec["bias"], scatter_rows=spec["scatter_rows"], gather_cols=spec["gather_cols"], dtype=dtype,
@@ -392,6 +459,8 @@ def load_compact(path: PathLike, *, model: Optional[nn.Module] = None, device=No
             f"load_compact: {WEIGHTS_NAME} in {str(path)!r} does not match the checksum in {MANIFEST_NAME} "
             "(corrupt or modified file); re-save the model"
         )
+    _check_specs_against_weights(manifest, wpath, path)
+    _check_attributes(manifest, path)
     if model is None:
         model = _skeleton(path, manifest)
     dtype = getattr(torch, manifest["dtype"]) if manifest.get("dtype") else None
