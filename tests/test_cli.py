@@ -99,6 +99,8 @@ def test_finetune_end_to_end(tiny_bert, sst_small, tmp_path, capsys):
     assert 0.0 < m["removed_fraction"] < m["removed_fraction_of_gated"] < 1.0
     assert isinstance(m["trainable_params"], int) and 0 < m["trainable_params"] < m["params_total"]
     assert m["latency_ratio"] > 0 and m["latency_dense_ms"] > 0 and m["train_time_s"] > 0
+    q1, q3 = m["latency_ratio_quartiles"]
+    assert q1 <= m["latency_ratio"] <= q3 and m["latency_reps"] == 12 and isinstance(m["latency_noisy"], bool)
     rows = list(csv.DictReader(open(out / "train_log.csv")))
     assert [int(r["step"]) for r in rows] == [1, 2, 4, 6]
     # the budget: the expected kept fraction, a multiplier that grows while the model is too large,
@@ -504,6 +506,19 @@ def test_reference_objective_reproduces_the_earlier_runs(tiny_bert, sst_small, t
     for key in ("loss", "sparsity", "lam"):
         assert got[key] == pytest.approx(_REFERENCE_RUN[key], rel=1e-5, abs=1e-7), key
     assert json.loads((out / "metrics.json").read_text())["accuracy"] == _REFERENCE_RUN["accuracy"]
+
+
+def test_latency_ratio_is_paired_and_says_when_it_is_noise():
+    """The ratio is the median of paired repetitions: one stalled dense run (a busy machine) does not
+    turn 0.8 into a 46x speed-up, and a spread past NOISY_SPREAD is flagged as noise."""
+    from finegates.app.latency import latency_ratio
+
+    dense, compact = [10.0] * 12, [8.0] * 12
+    dense[3] = 400.0
+    quiet = latency_ratio(dense, compact)
+    assert quiet["ratio"] == pytest.approx(0.8) and not quiet["noisy"] and quiet["reps"] == 12
+    noisy = latency_ratio([10.0] * 12, [4.0, 12.0] * 6)
+    assert noisy["noisy"] and noisy["ratio_q1"] < noisy["ratio"] < noisy["ratio_q3"]
 
 
 def test_lm_metrics_is_the_models_own_token_mean_loss():

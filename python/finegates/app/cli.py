@@ -296,9 +296,12 @@ def _summary(args, m, out: Path) -> str:
         )
     lines.append(f"  trainable parameters: {m['trainable_params']:,}")
     if m.get("latency_ratio"):
+        q1, q3 = m["latency_ratio_quartiles"]
         lines.append(
-            f"  compact vs dense latency on a fixed batch: {m['latency_compact_ms']:.1f} ms vs {m['latency_dense_ms']:.1f} ms "
-            f"= {m['latency_ratio']:.2f} ({m['speedup']:.2f}x speedup)"
+            f"  compact vs dense latency on a fixed batch: {m['latency_compact_ms']:.1f} ms vs {m['latency_dense_ms']:.1f} ms, "
+            f"ratio {m['latency_ratio']:.2f} ({m['speedup']:.2f}x speedup; middle half of {m['latency_reps']} paired "
+            f"runs {q1:.2f}-{q3:.2f})"
+            + ("\n  (the machine was busy: the ratios spread too far to claim a speed-up)" if m["latency_noisy"] else "")
         )
     files = [f for f in ("metrics.json", "train_log.csv", "sparsity_per_layer.png", "compact/", "checkpoints/")
              if (out / f.rstrip("/")).exists()]

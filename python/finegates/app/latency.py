@@ -9,13 +9,19 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-__all__ = ["measure_latency", "latency_batch"]
+__all__ = ["measure_latency", "latency_ratio", "latency_batch", "NOISY_SPREAD"]
+
+# A ratio whose middle half of paired repetitions spans more than this fraction of its median is
+# reported as measured on a noisy machine: no speed claim.
+NOISY_SPREAD = 0.2
 
 
 @torch.no_grad()
-def measure_latency(models: List[nn.Module], batch: Dict[str, torch.Tensor], reps: int = 10, warmup: int = 2) -> List[float]:
-    """Median wall time (seconds) of ``model(**batch)`` in eval mode for each model, the models
-    run in turn within each repetition so that other load on the machine hits all of them alike."""
+def measure_latency(models: List[nn.Module], batch: Dict[str, torch.Tensor], reps: int = 12,
+                    warmup: int = 2) -> List[List[float]]:
+    """Wall times (seconds) of ``model(**batch)`` in eval mode, one list per model with one time per
+    repetition; the models run in turn within each repetition, so that other load on the machine
+    hits all of them alike and repetition i of each can be paired."""
     from tqdm.auto import tqdm
 
     for m in models:
@@ -29,7 +35,17 @@ def measure_latency(models: List[nn.Module], batch: Dict[str, torch.Tensor], rep
                 torch.cuda.synchronize()
             if i >= warmup:
                 times[j].append(time.perf_counter() - t)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def latency_ratio(base: List[float], other: List[float]) -> Dict[str, float]:
+    """``other / base`` from paired repetitions: the median of the per-repetition ratios (a hiccup
+    in one repetition moves it little), the quartiles around it, each model's median time, and
+    whether the spread makes it noise (``noisy``: quartile range over ``NOISY_SPREAD`` of the median)."""
+    ratios = [o / b for b, o in zip(base, other)]
+    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return dict(ratio=median, ratio_q1=q1, ratio_q3=q3, noisy=(q3 - q1) > NOISY_SPREAD * median,
+                base_s=statistics.median(base), other_s=statistics.median(other), reps=len(ratios))
 
 
 def latency_batch(dataset, collate_fn, n: int, device) -> Dict[str, torch.Tensor]:

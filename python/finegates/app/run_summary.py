@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Optional
 from torch import nn
 
 from .distributed import engine
-from .latency import measure_latency
+from .latency import latency_ratio, measure_latency
 from ..report import compression_report
 
 __all__ = ["finish_run"]
@@ -73,11 +73,12 @@ def _compact_metrics(model: nn.Module, lat_batch, eval_compact: Optional[Callabl
             m.update({f"compact_{k}": v for k, v in eval_compact(model_c).items()})
         m["compact_eval_time_s"] = round(time.perf_counter() - t, 3)
     t = time.perf_counter()
-    dense_latency, compact_latency = measure_latency([dense_model, model_c], lat_batch)
+    lat = latency_ratio(*measure_latency([dense_model, model_c], lat_batch))
     m["latency_time_s"] = round(time.perf_counter() - t, 3)
-    m.update(latency_batch=list(lat_batch["input_ids"].shape), latency_dense_ms=round(1e3 * dense_latency, 3),
-             latency_compact_ms=round(1e3 * compact_latency, 3), latency_ratio=compact_latency / dense_latency,
-             speedup=dense_latency / compact_latency)
+    m.update(latency_batch=list(lat_batch["input_ids"].shape), latency_dense_ms=round(1e3 * lat["base_s"], 3),
+             latency_compact_ms=round(1e3 * lat["other_s"], 3), latency_ratio=lat["ratio"],
+             latency_ratio_quartiles=[lat["ratio_q1"], lat["ratio_q3"]], latency_reps=lat["reps"],
+             latency_noisy=lat["noisy"], speedup=1.0 / lat["ratio"])
     save_compact(model_c, out_dir / "compact", tokenizer=tokenizer)
     return m
 
