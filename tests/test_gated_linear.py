@@ -760,3 +760,32 @@ def test_autocast_runs_the_op_in_the_autocast_dtype(backend, dtype, seed):
     torch.testing.assert_close(out, op_fn(backend)(lowp), rtol=0, atol=0)  # ... gives the same bits
     out.float().sum().backward()
     assert leaves.row_gate.grad.dtype == torch.float32 and leaves.lora_a.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", backend_params())
+@pytest.mark.parametrize("closed", [2, 10], ids=["few-closed", "many-closed"])
+def test_non_finite_values_at_closed_rows_and_columns_stay_out(closed, backend):
+    """A closed column contributes nothing and a closed row is exactly 0, also when what they would
+    multiply is inf or NaN: x non-finite at a closed column, an inf column gate beside a closed row.
+    With few closed the C++ op keeps the sets whole (zero gates folded into the block), with many it
+    gathers them; both answer alike, and like every other backend."""
+    dev = backend.device
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 30, generator=g).to(dev)
+    w = torch.randn(20, 30, generator=g).to(dev)
+    b = torch.randn(20, generator=g).to(dev)
+    col_gate = torch.ones(30, device=dev)
+    col_gate[:closed] = 0.0
+    row_gate = torch.ones(20, device=dev)
+    row_gate[3] = 0.0
+    x_bad = x.clone()
+    x_bad[:, 0] = float("nan")
+    x_bad[2, 1] = float("inf")
+    clean = backend.gated_linear(x, w, b, row_gate, col_gate)
+    got = backend.gated_linear(x_bad, w, b, row_gate, col_gate)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, clean, rtol=1e-5, atol=1e-5)  # the whole and the gathered path round alike
+    inf_gate = col_gate.clone()
+    inf_gate[-1] = float("inf")
+    y = backend.gated_linear(x, w, b, row_gate, inf_gate)
+    assert torch.equal(y[:, 3], torch.zeros(6, device=dev))

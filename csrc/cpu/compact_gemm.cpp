@@ -169,7 +169,16 @@ void pad_for_gemm(Active& a) {
   a.pad = (multiple - a.size() % multiple) % multiple;
 }
 
-GateSet gate_set(const at::Tensor& gate) {
+std::vector<int64_t> closed_in_whole(const GateSet& s) {
+  std::vector<int64_t> closed;
+  if (!s.active.all || s.values.empty()) return closed;
+  for (int64_t i = 0; i < s.values.size(); ++i) {
+    if (s.values[i] == 0.0) closed.push_back(i);
+  }
+  return closed;
+}
+
+GateSet gate_set(const at::Tensor& gate, bool allow_whole) {
   // Read in the gate's own dtype (a conversion would cost an allocation and a dispatch per call).
   const at::Tensor g = gate.contiguous();
   const int64_t n = g.numel();
@@ -192,7 +201,7 @@ GateSet gate_set(const at::Tensor& gate) {
   s.active.all = static_cast<int64_t>(s.active.idx.size()) == n;
   if (s.active.all) s.active.idx.clear();
   if (all_one) s.values.clear();
-  keep_whole_if_cheaper(s);
+  if (allow_whole) keep_whole_if_cheaper(s);
   build_lanes(s.active);
   return s;
 }

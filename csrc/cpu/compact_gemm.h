@@ -134,7 +134,9 @@ struct GateSet {
   Active active;
   Scale values;  // gate values over `active`, or empty when they are all exactly 1
 };
-GateSet gate_set(const at::Tensor& gate);
+GateSet gate_set(const at::Tensor& gate, bool allow_whole = true);
+// The closed entries of a set kept whole (value 0), in order; empty for a set that is not whole.
+std::vector<int64_t> closed_in_whole(const GateSet& s);
 
 // Active set from a user-supplied index tensor; undefined -> all. Values must lie in [0, full):
 // checked while they are copied (one pass, no reductions dispatched), the error names `name`
