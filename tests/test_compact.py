@@ -641,3 +641,20 @@ def test_layout_of_a_class_derived_from_a_block(family):
     block = next(m for m in model.modules() if layout_for(m) is not None)
     derived = type("FSDP" + type(block).__name__, (type(block),), {})
     assert layout_for(object.__new__(derived)) is layout_for(block)
+
+
+def test_the_report_says_what_ungated_partners_lose():
+    """Only the MLP's up projection gated: closing its rows removes the down projection's columns
+    too (ungated, a dimension they share). The report counts both, names the ungated part, and the
+    compact model has exactly the size it says."""
+    model = build("bert")
+    finegates.sparsify(model, target_sparsity=0.0, target_modules=["intermediate.dense"], verbose=False)
+    with torch.no_grad():
+        for _, m in finegates.gated_layers(model):
+            m.row_gates.theta[: m.out_features // 2] = -3.0
+    rep = finegates.compression_report(model)
+    ungated = sum(l["removed_params"] for l in rep["layers"] if not l["gated"])
+    assert rep["params_removed_ungated"] == ungated > 0
+    assert rep["removed_fraction_of_gated"] == pytest.approx(rep["params_removable"] / rep["params_gated"])
+    finegates.compact(model.eval())
+    assert sum(p.numel() for p in model.parameters()) == rep["params_compact"]

@@ -51,9 +51,14 @@ def compression_report(model: nn.Module, *, masks: Optional[Mapping[GatedLinear,
     ``params_gated``: weights and biases of the gated layers; ``params_removable``: what
     compaction removes (also from ungated layers it shrinks with a gated partner);
     ``params_compact = params_total - params_removable``, the compact model's count;
-    ``removed_fraction`` (of all) and ``removed_fraction_of_gated`` (of the gated layers: the
-    quantity ``target_sparsity`` asks for). ``layers``: per rewritten layer its open rows/columns
-    (gated layers), ``params``, ``compact_params`` and ``removed_params``."""
+    ``params_removed_ungated``: the part of ``params_removable`` that ungated layers lose (a
+    dimension they share with a gated partner: the MLP's down projection when only its up
+    projection is gated, a value projection beside a gated output projection, which then becomes
+    a gathered layer); ``removed_fraction`` (of all) and ``removed_fraction_of_gated``
+    (``params_removable / params_gated``: the quantity ``target_sparsity`` asks for). With every
+    Linear of the blocks gated (the default) no ungated layer shrinks; with a subset gated the
+    partners' removal counts too, so the fraction can exceed 1. ``layers``: per rewritten layer
+    its open rows/columns (gated layers), ``params``, ``compact_params`` and ``removed_params``."""
     gated = {name: m for name, m in model.named_modules() if isinstance(m, GatedLinear)}
     # Every gated layer's masks, its eval gates' where none are given, read once for the plan and
     # the counts below.
@@ -79,6 +84,7 @@ def compression_report(model: nn.Module, *, masks: Optional[Mapping[GatedLinear,
         params_total=total,
         params_gated=params_gated,
         params_removable=removable,
+        params_removed_ungated=sum(l["removed_params"] for l in layers if not l["gated"]),
         params_compact=total - removable,
         removed_fraction=removable / total if total else 0.0,
         removed_fraction_of_gated=removable / params_gated if params_gated else 0.0,

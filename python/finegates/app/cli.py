@@ -291,6 +291,8 @@ def _summary(args, m, out: Path) -> str:
         lines.append(
             f"  parameters removed: {m['params_removable']:,} = {100 * m['removed_fraction_of_gated']:.1f}% of the gated "
             f"Linear layers" + (f" (asked for {100 * asked:.1f}%)" if asked is not None else "")
+            + (f" (of which {m['params_removed_ungated']:,} from ungated layers that share a dimension with a gated "
+               "one)" if m.get("params_removed_ungated") else "")
             + f", {100 * m['removed_fraction']:.1f}% of all {m['params_total']:,}; compact model "
             f"{m.get('compact_model_params', m['params_compact']):,} parameters"
         )

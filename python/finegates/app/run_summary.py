@@ -49,7 +49,7 @@ def _compression_metrics(model: nn.Module, out_dir: Path) -> Dict[str, Any]:
                       "gated params removed in the compact model)")
     write_json(out_dir / "layers.json", rep["layers"])
     return {k: rep[k] for k in ("removed_fraction", "removed_fraction_of_gated", "params_total", "params_gated",
-                                "params_removable", "params_compact")}
+                                "params_removable", "params_removed_ungated", "params_compact")}
 
 
 def _compact_metrics(model: nn.Module, lat_batch, eval_compact: Optional[Callable], tokenizer, out_dir: Path,
