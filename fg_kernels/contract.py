@@ -19,7 +19,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = [
     "FLOAT_DTYPES", "INDEX_DTYPES", "GRAD_SLOTS", "BackwardPlan", "backward_plan",
@@ -241,12 +240,12 @@ def check_gathered_linear(
         )
 
 
-# Index lists whose values were checked, by identity: the key says which values, bound and rule
-# were checked, and the entry holds a private copy of them, which is what the kernels read. A compact
-# layer's index buffers never change, so a GPU reads them back once per layer and never again (no
-# host sync per call, and a warmed-up model can be captured in a CUDA graph). Weak: the cache holds
-# no caller's tensor alive.
-_CHECKED_INDEX_LISTS: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+# An index list whose values were checked carries the check on itself, under this attribute: the
+# key says which values, bound and rule were checked, beside a private copy of them, which is what
+# the kernels read. A compact layer's index buffers never change, so a GPU reads them back once per
+# layer and never again (no host sync per call, and a warmed-up model can be captured in a CUDA
+# graph). An attribute, not a weak reference: torch.utils.swap_tensors refuses a tensor that has one.
+_CHECKED = "_fg_checked_index"
 
 
 def _index_key(idx: Tensor, bound: int, distinct: bool) -> Optional[tuple]:
@@ -272,7 +271,7 @@ def check_index_values(idx: Tensor, bound: int, name: str, what: str, distinct: 
     if idx.numel() == 0:
         return idx
     key = _index_key(idx, bound, distinct)
-    cached = _CHECKED_INDEX_LISTS.get(idx) if key is not None else None
+    cached = getattr(idx, _CHECKED, None) if key is not None else None
     if cached is not None and cached[0] == key:
         return cached[1]
     torch._check_value(
@@ -290,7 +289,7 @@ def check_index_values(idx: Tensor, bound: int, name: str, what: str, distinct: 
         torch._check_value(twice.numel() == 0, lambda: f"{name} values must be distinct (each output is written "
                            f"once), got {int(twice[0])} more than once")
     if key is not None:
-        _CHECKED_INDEX_LISTS[idx] = (key, private)
+        setattr(idx, _CHECKED, (key, private))
     return private
 
 

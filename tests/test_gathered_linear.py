@@ -318,6 +318,22 @@ def test_a_huge_out_features_without_tokens_allocates_nothing(backend):
         backend.gathered_linear(x, w, None, torch.tensor([1, 1], device=backend.device), None, 2 ** 40)
 
 
+@pytest.mark.parametrize("backend", backend_params())
+def test_a_checked_index_buffer_can_be_swapped(backend, seed):
+    """torch.utils.swap_tensors works on an index list a call has checked (a weak reference to it
+    made swap_tensors refuse), and the swapped-in values are checked in turn."""
+    inp = make_gathered_inputs(seed, (4,), 25, 19, row_spec="unsorted", col_spec="unsorted", device=backend.device)
+    op(inp, backend)
+    fresh = inp.col_idx.flip(0).clone()
+    torch.utils.swap_tensors(inp.col_idx, fresh)
+    torch.testing.assert_close(op(inp, backend), ref(inp), rtol=1e-4, atol=1e-4)
+    bad = inp.col_idx.clone()
+    bad[0] = 19
+    torch.utils.swap_tensors(inp.col_idx, bad)
+    with pytest.raises(BAD_INPUT_ERRORS, match=r"col_idx values must lie in \[0, 19\)"):
+        op(inp, backend)
+
+
 def test_index_values_read_once_per_tensor(monkeypatch):
     """The shared check reads an unchanged index list once; a new bound or a write reads it again."""
     from fg_kernels import contract
