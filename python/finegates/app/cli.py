@@ -367,6 +367,7 @@ def run(args, argv, parser: argparse.ArgumentParser) -> dict:
             resolve_config(args.config)
     _check_dtype(args)
     _check_sparsity(args)
+    _check_train_options(args)
     model = getattr(args, "model", None)
     if model:
         from .model_loading import looks_like_path
@@ -421,6 +422,17 @@ def _run_in(out: RunDir, args, argv) -> dict:
         out.finish()
         print(_summary(args, metrics, out.path))
     return metrics
+
+
+def _check_train_options(args) -> None:
+    """The flags through TrainOptions' own checks, the ones a JSON file of options meets: one set
+    of rules for both, before anything loads."""
+    from ..config import TrainOptions
+
+    try:
+        TrainOptions.from_namespace(args)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _check_sparsity(args) -> None:
