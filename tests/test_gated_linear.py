@@ -789,3 +789,15 @@ def test_non_finite_values_at_closed_rows_and_columns_stay_out(closed, backend):
     inf_gate[-1] = float("inf")
     y = backend.gated_linear(x, w, b, row_gate, inf_gate)
     assert torch.equal(y[:, 3], torch.zeros(6, device=dev))
+    # the backward: no gradient through a closed row or column, whatever x and dy hold there
+    dy = torch.randn(6, 20, generator=g).to(dev)
+    dy_bad = dy.clone()
+    dy_bad[:, 3] = float("nan")
+    grads = []
+    for xi, dyi in ((x, dy), (x_bad, dy_bad)):
+        leaves = [t.clone().requires_grad_() for t in (xi, w, b, row_gate, col_gate)]
+        backend.gated_linear(*leaves).backward(dyi)
+        grads.append([t.grad for t in leaves])
+    for name, clean_g, bad_g in zip(("x", "weight", "bias", "row_gate", "col_gate"), *grads):
+        assert torch.isfinite(bad_g).all(), name
+        torch.testing.assert_close(bad_g, clean_g, rtol=1e-5, atol=1e-5, msg=name)

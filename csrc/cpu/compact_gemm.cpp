@@ -178,6 +178,14 @@ std::vector<int64_t> closed_in_whole(const GateSet& s) {
   return closed;
 }
 
+void exact_if_nonfinite(GateSet& s, const at::Tensor& gate, const at::Tensor& t) {
+  if (!t.defined() || t.size(0) == 0) return;
+  const std::vector<int64_t> closed = closed_in_whole(s);
+  if (closed.empty()) return;
+  const at::Tensor idx = at::tensor(closed, t.options().dtype(at::kLong));
+  if (!at::isfinite(t.index_select(1, idx)).all().item<bool>()) s = gate_set(gate, /*allow_whole=*/false);
+}
+
 GateSet gate_set(const at::Tensor& gate, bool allow_whole) {
   // Read in the gate's own dtype (a conversion would cost an allocation and a dispatch per call).
   const at::Tensor g = gate.contiguous();

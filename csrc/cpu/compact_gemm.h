@@ -137,6 +137,10 @@ struct GateSet {
 GateSet gate_set(const at::Tensor& gate, bool allow_whole = true);
 // The closed entries of a set kept whole (value 0), in order; empty for a set that is not whole.
 std::vector<int64_t> closed_in_whole(const GateSet& s);
+// A set kept whole multiplies its closed entries by their zero gate, and 0 * inf is NaN where a
+// closed row or column must contribute nothing: when `t` (tokens x the set's dimension) holds a NaN
+// or inf at a closed entry, `s` becomes the exact set of `gate` instead (one read of those entries).
+void exact_if_nonfinite(GateSet& s, const at::Tensor& gate, const at::Tensor& t);
 
 // Active set from a user-supplied index tensor; undefined -> all. Values must lie in [0, full):
 // checked while they are copied (one pass, no reductions dispatched), the error names `name`

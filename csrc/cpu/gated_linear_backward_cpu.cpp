@@ -309,6 +309,8 @@ gated_linear_backward_cpu(const at::Tensor& grad_out, const c10::optional<at::Te
   if (need_dgc || need_dw || need_da || need_dlb) in.x2 = as_rows(*x_opt, K);
   in.rows = gate_set(row_gate);
   in.cols = gate_set(col_gate);
+  exact_if_nonfinite(in.rows, row_gate, in.dy);  // closed rows and columns pass no gradient, inf or not
+  exact_if_nonfinite(in.cols, col_gate, in.x2);
   pad_for_gemm(in.rows.active);
   pad_for_gemm(in.cols.active);
   in.r = lora ? lora_a->size(0) : 0;

@@ -16,14 +16,6 @@ namespace {
 
 const Active kAllOfOne{{}, 1, true};
 
-// Whether x has a NaN or inf in any of `cols` (the closed columns of a set kept whole, which the
-// GEMM multiplies by their zero gate: 0 * inf is NaN, where a closed column must contribute nothing).
-bool nonfinite_in(const at::Tensor& x2, const std::vector<int64_t>& cols) {
-  if (cols.empty() || x2.size(0) == 0) return false;
-  const at::Tensor idx = at::tensor(cols, x2.options().dtype(at::kLong));
-  return !at::isfinite(x2.index_select(1, idx)).all().item<bool>();
-}
-
 // (v * scale)[idx] for a 1-D tensor, contiguous (scale may be empty = 1).
 at::Tensor gather_vec(const at::Tensor& v, const Active& a, const Scale& scale = {}) {
   return gather_block(v.reshape({1, -1}), kAllOfOne, a, {}, scale).reshape({-1}).contiguous();
@@ -45,7 +37,7 @@ at::Tensor gated_linear_cpu(const at::Tensor& x, const at::Tensor& weight, const
   FG_TRACE("fg::cpu::forward");
   GateSet rg = gate_set(row_gate);
   GateSet cg = gate_set(col_gate);
-  if (nonfinite_in(x2, closed_in_whole(cg))) cg = gate_set(col_gate, /*allow_whole=*/false);
+  exact_if_nonfinite(cg, col_gate, x2);
   const std::vector<int64_t> closed_rows = closed_in_whole(rg);
   pad_for_gemm(rg.active);
   pad_for_gemm(cg.active);
