@@ -227,6 +227,8 @@ def test_the_sparsify_record_rebuilds_the_gated_model(tiny):
     assert _thetas(fresh).keys() == _thetas(model).keys()
     for k, v in _thetas(model).items():
         assert torch.equal(_thetas(fresh)[k], v)
+    with pytest.raises(ValueError, match=r"record\[0\] must hold exactly 'config' \(an object\) and 'modules'"):
+        finegates.sparsify_as(fresh, [dict(config=record[0]["config"])])
     with pytest.raises(ValueError, match="no ungated Linear"):
         finegates.sparsify_as(transformers.AutoModelForSequenceClassification.from_pretrained(tiny / "model"),
                               [dict(config=record[0]["config"], modules=["bert.nothing"])])

@@ -13,7 +13,7 @@ from .config import FineGatesConfig
 from .layers import GatedLinear, is_linear_like, set_submodule
 
 __all__ = ["sparsify", "dense_view", "trainable_parameters", "gated_layers", "gate_parameters", "default_match",
-           "param_groups", "sparsify_record", "sparsify_as", "HEAD_NAMES"]
+           "param_groups", "sparsify_record", "sparsify_as", "check_sparsify_record", "HEAD_NAMES"]
 
 logger = logging.getLogger("finegates")
 
@@ -146,14 +146,24 @@ def sparsify_record(model: nn.Module) -> List[Dict[str, Any]]:
     return [dict(config=dict(e["config"]), modules=list(e["modules"])) for e in getattr(model, RECORD_ATTR, [])]
 
 
+def check_sparsify_record(record: Any, what: str) -> None:
+    """ValueError naming ``what`` unless ``record`` has the shape :func:`sparsify_record` gives: a
+    list of ``{"config": {...}, "modules": [...]}`` entries."""
+    if not isinstance(record, list):
+        raise ValueError(f"{what} must be a list of sparsify calls, got {record!r}")
+    for i, entry in enumerate(record):
+        if not (isinstance(entry, dict) and set(entry) == {"config", "modules"} and isinstance(entry["config"], dict)
+                and isinstance(entry["modules"], list)):
+            raise ValueError(f"{what}[{i}] must hold exactly 'config' (an object) and 'modules' (a list)")
+
+
 def sparsify_as(model: nn.Module, record: List[Dict[str, Any]]) -> nn.Module:
     """Sparsifies a fresh ``model`` as the one :func:`sparsify_record` describes was: the same
     configs on the same modules (then :func:`finegates.load_trainable_state` restores its gates)."""
-    if not isinstance(record, list) or not record:
-        raise ValueError(f"sparsify_as: record must be a non-empty list of sparsify calls, got {record!r}")
+    check_sparsify_record(record, "sparsify_as: record")
+    if not record:
+        raise ValueError("sparsify_as: record must be a non-empty list of sparsify calls, got []")
     for i, entry in enumerate(record):
-        if not isinstance(entry, dict) or set(entry) != {"config", "modules"}:
-            raise ValueError(f"sparsify_as: record[{i}] must hold exactly 'config' and 'modules'")
         config = FineGatesConfig.from_dict(entry["config"])
         names = entry["modules"]
         linear = {n for n, m in model.named_modules() if n and is_linear_like(m) and not isinstance(m, GatedLinear)}

@@ -427,8 +427,6 @@ def _run_in(out: RunDir, args, argv) -> dict:
 def _check_train_options(args) -> None:
     """The flags through TrainOptions' own checks, the ones a JSON file of options meets: one set
     of rules for both, before anything loads."""
-    from ..config import TrainOptions
-
     try:
         TrainOptions.from_namespace(args)
     except ValueError as e:

@@ -23,6 +23,7 @@ Why the pieces look the way they do:
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -39,7 +40,7 @@ import fg_kernels
 
 from .errors import UsageError
 from .distributed import full_model, meta_copy
-from ..engine import SparsityEngine, base_scheduler
+from ..engine import ENGINE_STATE_JSON, SparsityEngine, base_scheduler
 from ..layers import GatedLinear, gates_open
 from ..loss import BudgetObjective, ReferenceObjective
 from ..files import follow_umask, write_json
@@ -176,8 +177,6 @@ class TrainState:
         write_json(Path(directory) / TRAIN_STATE, self.state_dict())
 
     def load(self, directory: Path) -> None:
-        import json
-
         path = Path(directory) / TRAIN_STATE
         try:
             d = json.loads(path.read_text())
@@ -312,14 +311,12 @@ class _Means:
 
     def reset(self) -> None:
         self.loss = self.task = self.sparsity = 0.0
-        self.last_sparsity: Optional[float] = None
         self.n = 0
 
     def add(self, loss, task_loss, sp) -> None:
         self.loss += float(loss.detach())
         self.task += float(task_loss.detach())
-        self.last_sparsity = float(sp.detach()) if sp is not None else None
-        self.sparsity += self.last_sparsity or 0.0
+        self.sparsity += float(sp.detach()) if sp is not None else 0.0
         self.n += 1
 
     def across(self, accelerator) -> Tuple[float, float, float]:
@@ -424,8 +421,6 @@ def _check_checkpoint(checkpoint: Path, accelerator, gated: bool) -> None:
     (Accelerate would skip a missing or refused one and resume without it, silently). Every
     process checks every file, so all refuse together."""
     from accelerate.utils import load
-
-    from ..engine import ENGINE_STATE_JSON
 
     rng = [f"random_states_{i}.pkl" for i in range(accelerator.num_processes)]
     needed = [TRAIN_STATE, *rng] + ([ENGINE_STATE_JSON] if gated else [])

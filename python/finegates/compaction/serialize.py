@@ -35,7 +35,7 @@ from .folding import COMPACTED
 from ..layers import GatedLinear, set_submodule
 from ..files import follow_umask
 from ..pooling import CONFIG_KEY, use_mean_pooling
-from ..sparsify import RECORD_ATTR, sparsify_record
+from ..sparsify import RECORD_ATTR, check_sparsify_record, sparsify_record
 
 __all__ = ["save_compact", "load_compact", "MANIFEST_NAME", "WEIGHTS_NAME"]
 
@@ -224,10 +224,7 @@ def _restore_training_record(model: nn.Module, training: Optional[Dict[str, Any]
     if not training:
         return
     record = training.get("sparsify") or []
-    if not isinstance(record, list) or not all(isinstance(e, dict) and isinstance(e.get("config"), dict)
-                                               and isinstance(e.get("modules"), list) for e in record):
-        raise ValueError("load_compact: the manifest's training.sparsify must be a list of {config, modules} "
-                         "objects (as save_compact writes it)")
+    check_sparsify_record(record, f"load_compact: {MANIFEST_NAME}'s training.sparsify")
     object.__setattr__(model, RECORD_ATTR, record)
     if training.get("train_options") is not None:
         object.__setattr__(model, "finegates_train_options", training["train_options"])
