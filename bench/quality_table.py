@@ -108,6 +108,15 @@ CONFIGS: Dict[str, tuple] = {
                          "--recovery-steps", "0", "--gate-gradient", "clamp", "--gate-lr", "0.05", "--gate-noise", "0.1"]),
 }
 
+# The prune-then-LoRA peers (bench/peers.py, the [peers] extra): name -> (what, schedule, fraction removed).
+PEER_SCHEDULES = {
+    "tp-prune-tune": "Torch-Pruning (Taylor), prune -> LoRA: head 50 steps, prune, LoRA for the rest",
+    "tp-tune-prune": "Torch-Pruning (Taylor), LoRA 400 steps -> merge -> prune -> fresh LoRA 100 steps",
+    "textpruner-tune-prune": "TextPruner (iterative Taylor), LoRA 400 steps -> merge -> prune -> fresh LoRA 100 steps",
+}
+PEERS: Dict[str, tuple] = {f"peer-{schedule}-{pct}": (f"{what}, {pct}% removed", schedule, pct / 100)
+                           for schedule, what in PEER_SCHEDULES.items() for pct in (40, 50, 60)}
+
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -117,10 +126,7 @@ def run_one(name: str, seed: int, steps: int, out: Path) -> Dict:
     d = out / f"{name}-s{seed}"
     if (d / "metrics.json").is_file():
         return json.loads((d / "metrics.json").read_text())
-    compact = [] if name.startswith("fg-") else ["--no-compact"]  # the compact model's size is the result
-    steps = CONFIGS[name][2] if len(CONFIGS[name]) > 2 else steps
-    argv = [sys.executable, "-m", "finegates", "finetune", *CONFIGS[name][1], "--max-steps", str(steps),
-            "--seed", str(seed), *compact, "--logging-steps", "50", "--output-dir", str(d), "--overwrite"]
+    argv = _peer_argv(name, seed, steps, d) if name in PEERS else _finetune_argv(name, seed, steps, d)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     t0 = time.time()
     r = subprocess.run(argv, env=env, capture_output=True, text=True)
@@ -130,6 +136,19 @@ def run_one(name: str, seed: int, steps: int, out: Path) -> Dict:
     log(f"{name} seed {seed}: accuracy {m['accuracy']:.4f}, removed {100 * (m.get('removed_fraction_of_gated') or 0):.1f}% "
         f"[{time.time() - t0:.0f} s]")
     return m
+
+
+def _finetune_argv(name: str, seed: int, steps: int, d: Path) -> List[str]:
+    compact = [] if name.startswith("fg-") else ["--no-compact"]  # the compact model's size is the result
+    steps = CONFIGS[name][2] if len(CONFIGS[name]) > 2 else steps
+    return [sys.executable, "-m", "finegates", "finetune", *CONFIGS[name][1], "--max-steps", str(steps),
+            "--seed", str(seed), *compact, "--logging-steps", "50", "--output-dir", str(d), "--overwrite"]
+
+
+def _peer_argv(name: str, seed: int, steps: int, d: Path) -> List[str]:
+    _, schedule, fraction = PEERS[name]
+    return [sys.executable, str(BENCH / "peers.py"), "--schedule", schedule, "--sparsity", str(fraction),
+            "--seed", str(seed), "--steps", str(steps), "--output-dir", str(d)]
 
 
 def _cell(values: List[float], scale: float = 100.0, digits: int = 1) -> str:
@@ -144,7 +163,7 @@ def render(out: Path) -> str:
     rows = ["| configuration | what | seeds | accuracy % mean (min–max) | requested % | removed in the compact model % "
             "| compact = gated accuracy | train time s |",
             "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for name, (what, *_) in CONFIGS.items():
+    for name, (what, *_) in {**CONFIGS, **PEERS}.items():
         ms = [json.loads(p.read_text()) for p in sorted(out.glob(f"{name}-s*/metrics.json"))
               if p.parent.name[len(name) + 2:].isdigit()]  # not another configuration named name-s...
         if not ms:
@@ -152,7 +171,7 @@ def render(out: Path) -> str:
         acc = [m["accuracy"] for m in ms]
         rem = [m["removed_fraction_of_gated"] for m in ms if m.get("removed_fraction_of_gated") is not None]
         tt = [m["train_time_s"] for m in ms]
-        asked = f"{100 * ms[0]['target_sparsity']:.0f}" if name.startswith("fg-") and "target_sparsity" in ms[0] else "—"
+        asked = f"{100 * ms[0]['target_sparsity']:.0f}" if name.startswith(("fg-", "peer-")) and "target_sparsity" in ms[0] else "—"
         same = "yes" if all(m.get("compact_accuracy") == m["accuracy"] for m in ms) else "no"
         rows.append(f"| `{name}` | {what} | {len(ms)} | {_cell(acc)} | {asked} | {_cell(rem, digits=2) if rem else '0'} "
                     f"| {same if rem else '—'} | {_cell(tt, 1.0, 0)} |")
@@ -161,14 +180,14 @@ def render(out: Path) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="", help="comma-separated names of " + ", ".join(CONFIGS))
+    p.add_argument("--configs", default="", help="comma-separated names of " + ", ".join([*CONFIGS, *PEERS]))
     p.add_argument("--seeds", default="1,2,3")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--out", type=Path, default=BENCH / "out" / "quality_sweep")
     p.add_argument("--write-results", action="store_true", help=f"write {RESULTS.name} from every run under --out")
     args = p.parse_args(argv)
     names = [c for c in args.configs.split(",") if c]
-    unknown = [c for c in names if c not in CONFIGS]
+    unknown = [c for c in names if c not in CONFIGS and c not in PEERS]
     if unknown:
         p.error(f"unknown configuration(s) {unknown}")
     if names:

@@ -48,9 +48,9 @@ def _gates(model: nn.Module):
 def check_reachable(model: nn.Module, target_sparsity: float) -> float:
     """The largest removal compaction can reach (every gate closed); ValueError when
     ``target_sparsity`` exceeds it (units that must stay: biases, one head per attention, ...)."""
-    masks = {m: (torch.zeros(m.out_features, dtype=torch.bool, device=m.weight.device),
-                 torch.zeros(m.in_features, dtype=torch.bool, device=m.weight.device))
-             for m in model.modules() if isinstance(m, GatedLinear)}
+    masks = {m: (torch.full((m.out_features,), m.row_gates.fixed, dtype=torch.bool, device=m.weight.device),
+                 torch.full((m.in_features,), m.col_gates.fixed, dtype=torch.bool, device=m.weight.device))
+             for m in model.modules() if isinstance(m, GatedLinear)}  # every gate closed but those fixed open
     most = compression_report(model, masks=masks)["removed_fraction_of_gated"]
     if target_sparsity > most + 1e-9:
         raise ValueError(
@@ -133,8 +133,8 @@ class BudgetController:
 
 
 def _masks_closing(order: Tensor, k: int, sizes: List[Tuple[GatedLinear, int, int]]):
-    """Masks with the ``k`` lowest-ranked gates (``order`` over the flat gate vector) closed."""
-    flat = torch.ones(order.numel(), dtype=torch.bool)
+    """Masks with the ``k`` lowest-ranked gates (``order``: positions in the flat gate vector) closed."""
+    flat = torch.ones(sum(rows + cols for _, rows, cols in sizes), dtype=torch.bool)
     flat[order[:k]] = False
     masks, pos = {}, 0
     for m, rows, cols in sizes:
@@ -154,7 +154,8 @@ def close_to_budget(model: nn.Module, target_sparsity: float, rank: Optional[Ten
     or by ``rank`` where given (one number per gate, higher keeps, in the order of the layers' rows
     then columns, e.g. :meth:`finegates.saliency.GateSaliency.ranking`; ties broken by value). Sets
     the logits (closed: at most ``atanh(-0.5)``; reopened: the eval value mirrored to ``|v|``) and
-    returns ``dict(closed, reopened, newly_closed, removed_fraction)``."""
+    returns ``dict(closed, reopened, newly_closed, removed_fraction)``. Gates fixed open
+    (:meth:`finegates.gates.Gates.fix_open`) are never closed."""
     layers = [m for m in model.modules() if isinstance(m, GatedLinear)]
     sizes = [(m, m.out_features, m.in_features) for m in layers]
     values = torch.cat([torch.cat((m.row_gates.mu(), m.col_gates.mu())).float().cpu() + 0.5 for m in layers])
@@ -165,6 +166,8 @@ def close_to_budget(model: nn.Module, target_sparsity: float, rank: Optional[Ten
             raise ValueError(f"close_to_budget: rank must hold {values.numel()} finite numbers (one per gate), got "
                              f"{rank.numel()}" + ("" if rank.numel() != values.numel() else " with NaN or inf"))
         order = order[torch.argsort(rank[order], stable=True)]
+    fixed = torch.cat([torch.full((g.size,), g.fixed, dtype=torch.bool) for m in layers for g in (m.row_gates, m.col_gates)])
+    order = order[~fixed[order]]
 
     @functools.lru_cache(maxsize=None)  # the scan below revisits counts the search made
     def removed(k: int) -> float:
@@ -180,7 +183,7 @@ def close_to_budget(model: nn.Module, target_sparsity: float, rank: Optional[Ten
     # The MLP's width padding makes the count step back now and then: the nearest k around it.
     window = range(max(0, lo - _SCAN), min(order.numel(), lo + _SCAN) + 1)
     k = min(window, key=lambda j: (abs(removed(j) - target_sparsity), j))
-    keep = torch.ones(order.numel(), dtype=torch.bool)
+    keep = torch.ones(values.numel(), dtype=torch.bool)
     keep[order[:k]] = False
     was_open = values > 0
     _set_logits(layers, values, keep)

@@ -55,7 +55,10 @@ class FineGatesConfig(_JsonRecord):
     layers' weights / biases train. ``trainable_modules``: more modules (suffixes) that train.
     ``sigma``: the gate noise. ``gate_dtype``: the dtype of the gate logits. ``kurtosis`` /
     ``kurtosis_tau``: the reference's kurtosis weighting. ``gate_gradient``: ``"straight-through"``
-    or ``"clamp"`` (the reference)."""
+    or ``"clamp"`` (the reference). ``residual_gates``: False gates only the dimensions compaction
+    shrinks inside a block (attention's q/k/v rows and o columns, the MLP's units); the sides that
+    read or write the residual stream keep fixed open gates, so the compact model leaves no gather
+    or scatter of the residual stream (the shape a head-and-unit pruned model has)."""
 
     target_sparsity: float
     target_modules: Optional[Union[str, List[str]]] = None
@@ -69,6 +72,7 @@ class FineGatesConfig(_JsonRecord):
     kurtosis: bool = False
     kurtosis_tau: float = 100.0
     gate_gradient: str = "straight-through"
+    residual_gates: bool = True
 
     def __post_init__(self):
         ts = self.target_sparsity
@@ -84,7 +88,7 @@ class FineGatesConfig(_JsonRecord):
         a = self.lora_alpha
         if a is not None and not (_is_number(a) and a >= 0):
             raise ValueError(f"lora_alpha must be None (the rank) or a finite number >= 0, got {a!r}")
-        for name in ("train_weights", "train_bias", "kurtosis"):
+        for name in ("train_weights", "train_bias", "kurtosis", "residual_gates"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not (_is_number(self.kurtosis_tau) and self.kurtosis_tau > 0):

