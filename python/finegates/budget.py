@@ -168,12 +168,18 @@ def close_to_budget(model: nn.Module, target_sparsity: float, rank: Optional[Ten
         order = order[torch.argsort(rank[order], stable=True)]
     fixed = torch.cat([torch.full((g.size,), g.fixed, dtype=torch.bool) for m in layers for g in (m.row_gates, m.col_gates)])
     order = order[~fixed[order]]
+    bounds = torch.arange(order.numel() + 1)  # gates closed with the k lowest units closed
+    if any(m.closes_whole_units for m in layers):
+        from .compaction.units import unit_groups
+
+        order, bounds = _by_units(order, unit_groups(model, layers), values if rank is None else rank)
+    n_units = bounds.numel() - 1
 
     @functools.lru_cache(maxsize=None)  # the scan below revisits counts the search made
     def removed(k: int) -> float:
-        return 1.0 - kept_fraction(model, _masks_closing(order, k, sizes))
+        return 1.0 - kept_fraction(model, _masks_closing(order, int(bounds[k]), sizes))
 
-    lo, hi = 0, order.numel()  # removed(k) grows with k: the smallest k reaching the target
+    lo, hi = 0, n_units  # removed(k) grows with k: the smallest k reaching the target
     while lo < hi:
         mid = (lo + hi) // 2
         if removed(mid) >= target_sparsity:
@@ -181,14 +187,34 @@ def close_to_budget(model: nn.Module, target_sparsity: float, rank: Optional[Ten
         else:
             lo = mid + 1
     # The MLP's width padding makes the count step back now and then: the nearest k around it.
-    window = range(max(0, lo - _SCAN), min(order.numel(), lo + _SCAN) + 1)
+    window = range(max(0, lo - _SCAN), min(n_units, lo + _SCAN) + 1)
     k = min(window, key=lambda j: (abs(removed(j) - target_sparsity), j))
+    closed = int(bounds[k])
     keep = torch.ones(values.numel(), dtype=torch.bool)
-    keep[order[:k]] = False
+    keep[order[:closed]] = False
     was_open = values > 0
     _set_logits(layers, values, keep)
-    return dict(closed=k, reopened=int((keep & ~was_open).sum()), newly_closed=int((~keep & was_open).sum()),
+    return dict(closed=closed, reopened=int((keep & ~was_open).sum()), newly_closed=int((~keep & was_open).sum()),
                 removed_fraction=removed(k))
+
+
+def _by_units(order: Tensor, groups: Tensor, score: Tensor) -> Tuple[Tensor, Tensor]:
+    """``order`` regrouped into whole units (``groups``: a unit id per gate, -1 a unit of its own),
+    units ranked by their gates' mean score (ties: the unit whose first gate comes first); returns
+    the gate order and, per count k of closed units, the number of gates they hold."""
+    gid = groups[order].clone()
+    singles = gid < 0
+    gid[singles] = int(gid.max().clamp_min(-1)) + 1 + torch.arange(int(singles.sum()))
+    n = int(gid.max()) + 1 if gid.numel() else 0
+    sizes = torch.bincount(gid, minlength=n)
+    mean = torch.zeros(n, dtype=torch.float64).index_add_(0, gid, score[order].double()) / sizes.clamp_min(1)
+    first = torch.full((n,), gid.numel(), dtype=torch.long).scatter_reduce_(0, gid, torch.arange(gid.numel()), "amin")
+    by_first = torch.argsort(first)
+    unit_order = by_first[torch.argsort(mean[by_first], stable=True)]
+    place = torch.empty(n, dtype=torch.long)
+    place[unit_order] = torch.arange(n)
+    regrouped = order[torch.argsort(place[gid], stable=True)]
+    return regrouped, torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(sizes[unit_order], 0)])
 
 
 def _set_logits(layers: List[GatedLinear], values: Tensor, keep: Tensor) -> None:

@@ -12,9 +12,10 @@ from typing import Any, Dict, List, Optional, Union
 
 import torch
 
-__all__ = ["FineGatesConfig", "TrainOptions", "GATE_GRADIENTS", "RECOVERY_SHARE"]
+__all__ = ["FineGatesConfig", "TrainOptions", "GATE_GRADIENTS", "STRUCTURES", "RECOVERY_SHARE"]
 
 GATE_GRADIENTS = ("straight-through", "clamp")
+STRUCTURES = ("rows_cols", "heads_units")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -55,10 +56,12 @@ class FineGatesConfig(_JsonRecord):
     layers' weights / biases train. ``trainable_modules``: more modules (suffixes) that train.
     ``sigma``: the gate noise. ``gate_dtype``: the dtype of the gate logits. ``kurtosis`` /
     ``kurtosis_tau``: the reference's kurtosis weighting. ``gate_gradient``: ``"straight-through"``
-    or ``"clamp"`` (the reference). ``residual_gates``: False gates only the dimensions compaction
-    shrinks inside a block (attention's q/k/v rows and o columns, the MLP's units); the sides that
-    read or write the residual stream keep fixed open gates, so the compact model leaves no gather
-    or scatter of the residual stream (the shape a head-and-unit pruned model has)."""
+    or ``"clamp"`` (the reference). ``structure``: ``"rows_cols"`` (every row and column of a gated
+    layer can close) or ``"heads_units"``: only the dimensions compaction shrinks inside a block are
+    gated (attention's q/k/v rows and o columns, the MLP's units; the sides that read or write the
+    residual stream keep fixed open gates) and the budget's exact closure closes whole attention heads
+    and whole MLP units, so the compact model is plain ``nn.Linear`` s with nothing gathered or
+    scattered: the shape head-and-unit pruning gives, which runs faster per parameter removed."""
 
     target_sparsity: float
     target_modules: Optional[Union[str, List[str]]] = None
@@ -72,7 +75,7 @@ class FineGatesConfig(_JsonRecord):
     kurtosis: bool = False
     kurtosis_tau: float = 100.0
     gate_gradient: str = "straight-through"
-    residual_gates: bool = True
+    structure: str = "rows_cols"
 
     def __post_init__(self):
         ts = self.target_sparsity
@@ -88,7 +91,9 @@ class FineGatesConfig(_JsonRecord):
         a = self.lora_alpha
         if a is not None and not (_is_number(a) and a >= 0):
             raise ValueError(f"lora_alpha must be None (the rank) or a finite number >= 0, got {a!r}")
-        for name in ("train_weights", "train_bias", "kurtosis", "residual_gates"):
+        if self.structure not in STRUCTURES:
+            raise ValueError(f"structure must be one of {STRUCTURES}, got {self.structure!r}")
+        for name in ("train_weights", "train_bias", "kurtosis"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if not (_is_number(self.kurtosis_tau) and self.kurtosis_tau > 0):

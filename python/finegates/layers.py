@@ -107,6 +107,9 @@ class GatedLinear(nn.Module):
         self.target_sparsity = target_sparsity
         self.backend = "ops"
         self.gates_forced_open = False  # set by gates_open()
+        # sparsify(structure="heads_units"): the budget's closure closes this layer's gates by whole
+        # heads and MLP units (finegates.compaction.units)
+        self.closes_whole_units = False
         # Kurtosis weighting (reference --kurt), enabled by sparsify(kurtosis=True).
         self.kurtosis_tau: Optional[float] = None
         self.kurtosis_state = None  # (row weights, col weights, rows, cols) of the last training forward

@@ -191,8 +191,8 @@ def _gate(model: nn.Module, c: FineGatesConfig, targets: List[str]) -> None:
         if layer.bias is not None:
             layer.bias.requires_grad_(bool(c.train_bias))
     _unfreeze_head(model, c.train_weights, c.trainable_modules)
-    if not c.residual_gates:
-        _fix_residual_sides(model, targets)
+    if c.structure == "heads_units":
+        _gate_whole_units(model, targets)
     _check_reachable(model, c.target_sparsity)
     record = sparsify_record(model) + [dict(config=c.to_dict(), modules=list(targets))]
     object.__setattr__(model, RECORD_ATTR, record)
@@ -247,21 +247,22 @@ def dense_view(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def _fix_residual_sides(model: nn.Module, targets: List[str]) -> None:
-    """``residual_gates=False``: every side of the new layers that compaction does not pair (the
-    residual stream's) keeps fixed open gates."""
+def _gate_whole_units(model: nn.Module, targets: List[str]) -> None:
+    """``structure="heads_units"``: every side of the new layers that compaction does not pair (the
+    residual stream's) keeps fixed open gates, and the closure closes these layers by whole units."""
     from .compaction.compact import paired_sides
 
     paired = paired_sides(model)
     for n in targets:
         layer = model.get_submodule(n)
+        layer.closes_whole_units = True
         rows, cols = paired.get(layer, (False, False))
         if not rows:
             layer.row_gates.fix_open()
         if not cols:
             layer.col_gates.fix_open()
     if not any(rows or cols for layer, (rows, cols) in paired.items() if layer in {model.get_submodule(n) for n in targets}):
-        raise ValueError("sparsify: residual_gates=False leaves no gate to train: compaction pairs no dimension of "
+        raise ValueError("sparsify: structure='heads_units' leaves no gate to train: compaction pairs no dimension of "
                          "the selected modules (register the block's layout with finegates.register_layout)")
 
 

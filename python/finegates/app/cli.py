@@ -27,7 +27,7 @@ from typing import List, Optional
 from .errors import UsageError
 from .glue import GLUE_TASKS
 from ..loss import OBJECTIVES
-from ..config import CLOSURE_RANKS, GATE_GRADIENTS, TrainOptions
+from ..config import CLOSURE_RANKS, GATE_GRADIENTS, STRUCTURES, TrainOptions
 from .run_dir import RunDir
 
 __all__ = ["main", "build_parser", "DEFAULT_OUTPUT_ROOT"]
@@ -122,10 +122,10 @@ def _sparsity_options(p: argparse.ArgumentParser, *, gate_lr: float, lam: float,
     g.add_argument("--gate-gradient", default="straight-through", choices=list(GATE_GRADIENTS),
                    help="straight-through: the task's gradient reaches gates at the top of their clamp; clamp: the "
                         "reference (no gradient there) (default straight-through)")
-    g.add_argument("--no-residual-gates", action="store_true",
-                   help="gate only the dimensions compaction shrinks inside a block (attention heads and head dims, "
-                        "MLP units); the sides reading or writing the residual stream stay open, so the compact model "
-                        "has no gathers or scatters there (the shape of a head-and-unit pruned model)")
+    g.add_argument("--structure", default="rows_cols", choices=list(STRUCTURES),
+                   help="rows_cols: every row and column of a gated layer can close; heads_units: whole attention "
+                        "heads and MLP units close, the residual stream's sides stay open, and the compact model is "
+                        "plain Linears of fewer heads and units, nothing gathered (default rows_cols)")
     g.add_argument("--recovery-steps", type=_nonneg_int, default=recovery,
                    help="the last N steps train with the gates frozen (closed exactly to the budget first; no noise, "
                         "no sparsity loss): the head and adapters adapt to the model compaction keeps (default "

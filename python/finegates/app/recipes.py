@@ -174,7 +174,7 @@ def _prepare_method(args, model: nn.Module):
     if args.method == "finegates":
         sparsify(model, target_sparsity=args.target_sparsity, lora_rank=args.lora_rank, lora_alpha=_lora_alpha(args),
                  sigma=args.gate_noise, kurtosis=args.kurtosis, gate_gradient=args.gate_gradient,
-                 residual_gates=not args.no_residual_gates, verbose=False)
+                 structure=args.structure, verbose=False)
         return model, _param_groups(model, args.gate_lr, args.head_lr)
     if args.method == "dense":
         for p in model.parameters():
@@ -245,7 +245,7 @@ def _lm_run(args, accelerator, out_dir, resume_from, on_created, model, tokenize
     lat_batch = latency_batch(val_ds, _lm_collate, args.latency_batch_size, "cpu")
     sparsify(model, target_sparsity=args.target_sparsity, train_weights=weight_lr is not None, sigma=args.gate_noise,
              train_bias=weight_lr is not None, kurtosis=args.kurtosis, gate_gradient=args.gate_gradient,
-             residual_gates=not args.no_residual_gates, verbose=False)
+             structure=args.structure, verbose=False)
     if weight_lr is not None:  # from scratch: everything trains (embeddings, norms, head), not only gated layers
         for p in model.parameters():
             p.requires_grad_(True)
