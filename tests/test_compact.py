@@ -658,3 +658,16 @@ def test_the_report_says_what_ungated_partners_lose():
     assert rep["removed_fraction_of_gated"] == pytest.approx(rep["params_removable"] / rep["params_gated"])
     finegates.compact(model.eval())
     assert sum(p.numel() for p in model.parameters()) == rep["params_compact"]
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_make_portable_is_what_portable_compaction_builds(family):
+    import copy
+
+    model = gated(family, 0.3, seed=4)
+    portable = finegates.compact(copy.deepcopy(model), portable=True)
+    made = finegates.make_portable(finegates.compact(model))
+    assert not [m for m in made.modules() if isinstance(m, GatheredLinear)]
+    ours, theirs = made.state_dict(), portable.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

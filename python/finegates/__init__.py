@@ -10,7 +10,7 @@
 
 from fg_kernels import __version__  # one version for the package fg-kernels
 
-from .compaction.compact import compact
+from .compaction.compact import compact, make_portable
 from .compaction.modules import GatheredLinear
 from .gates import Gates
 from .layers import GatedLinear, set_backend
@@ -43,6 +43,7 @@ __all__ = [
     "trainable_state_dict",
     "load_trainable_state",
     "compact",
+    "make_portable",
     "GatheredLinear",
     "save_compact",
     "load_compact",

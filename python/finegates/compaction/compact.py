@@ -24,11 +24,12 @@ from torch import Tensor, nn
 
 from .attention import COMPACT_ATTRS, compact_attention
 from .mlp import compact_mlp, recognise_mlp
-from .folding import COUNTING, PORTABLE, LayerCount, LayoutMismatch, Rewrites, fold, residual_layer
+from .folding import COUNTING, PORTABLE, LayerCount, LayoutMismatch, Rewrites, fold, plain_linear, residual_layer
+from .modules import GatheredLinear
 from ..layers import GatedLinear
 from .layouts import BlockLayout, layout_for
 
-__all__ = ["compact", "compact_size", "paired_blocks", "paired_sides", "COMPACT_ATTRS"]
+__all__ = ["compact", "compact_size", "make_portable", "paired_blocks", "paired_sides", "COMPACT_ATTRS"]
 
 _HOW_TO_REGISTER = "register its layout with finegates.register_layout (README, 'Compaction')"
 
@@ -58,6 +59,16 @@ def compact(model: nn.Module, *, portable: bool = False, progress: bool = False)
         PORTABLE.reset(token)
     for p in model.parameters():
         p.requires_grad_(False)
+    return model
+
+
+def make_portable(model: nn.Module) -> nn.Module:
+    """A compact model (from :func:`compact` or :func:`finegates.load_compact`) made portable in
+    place: every :class:`GatheredLinear` becomes the zero-filled ``nn.Linear`` that
+    ``compact(..., portable=True)`` builds, so a saved compact model needs no ``fg`` op to run."""
+    for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, GatheredLinear)]:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, plain_linear(m))
     return model
 
 

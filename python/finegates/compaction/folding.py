@@ -34,7 +34,7 @@ COUNTING: contextvars.ContextVar = contextvars.ContextVar("finegates_counting_co
 # possibly tied to an embedding) load as the stock model defines them.
 COMPACTED = "_finegates_compacted"
 
-__all__ = ["COMPACTED", "COUNTING", "LayerCount", "Rewrites", "LayoutMismatch", "submodule", "require_linears", "Folded", "fold", "build", "residual_layer", "idx", "Projection", "PartPlan", "is_linear"]
+__all__ = ["COMPACTED", "COUNTING", "LayerCount", "Rewrites", "LayoutMismatch", "submodule", "require_linears", "Folded", "fold", "build", "plain_linear", "residual_layer", "idx", "Projection", "PartPlan", "is_linear"]
 
 
 class Rewrites:
@@ -258,6 +258,21 @@ def _zero_filled(w: Tensor, b: Optional[Tensor], row_idx, col_idx, out_width, in
         bias = b.new_zeros(n)
         bias[r] = b
     return full, bias
+
+
+def plain_linear(m: GatheredLinear) -> nn.Linear:
+    """A GatheredLinear as the stock ``nn.Linear`` that portable compaction builds in its place: its
+    block in a full-width weight, zeros elsewhere (the same outputs, no ``fg`` op)."""
+    w, b = _zero_filled(m.weight.detach(), None if m.bias is None else m.bias.detach(), m.row_idx, m.col_idx,
+                        m.out_features, m.in_features)
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if b is not None:
+            lin.bias.copy_(b)
+    lin.requires_grad_(False)
+    setattr(lin, COMPACTED, True)
+    return lin
 
 
 def residual_layer(f: Folded) -> nn.Module:
