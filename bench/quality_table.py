@@ -184,6 +184,32 @@ def render(out: Path) -> str:
     return "\n".join(rows)
 
 
+# The head-to-head table: per fraction removed, FineGates (both structures) and the peers.
+HEAD_TO_HEAD = [("FineGates (defaults)", "fg-budget-{f}-saliency"), ("FineGates `--structure heads_units`", "fg-heads-units-{f}"),
+                *((PEER_SCHEDULES[s].split(",")[0] + ", " + s.split("-", 1)[1].replace("-", " → "), f"peer-{s}-{{f}}")
+                  for s in PEER_SCHEDULES)]
+
+
+def render_head_to_head(out: Path, fractions=(40, 50, 60)) -> str:
+    """Accuracy (mean, min-max, per seed), size and time of FineGates and the peers, per fraction."""
+    rows = ["| removed | method | accuracy % mean (min–max) | seed 1 / 2 / 3 | removed in the model % | train + prune s |",
+            "|---:|---|---:|---:|---:|---:|"]
+    for f in fractions:
+        for label, pattern in HEAD_TO_HEAD:
+            name = pattern.format(f=f)
+            runs = {int(p.parent.name[len(name) + 2:]): json.loads(p.read_text())
+                    for p in out.glob(f"{name}-s*/metrics.json") if p.parent.name[len(name) + 2:].isdigit()}
+            if not runs:
+                continue
+            ms = [runs[k] for k in sorted(runs)]
+            seeds = " / ".join(f"{100 * runs[k]['accuracy']:.1f}" if k in runs else "—" for k in (1, 2, 3))
+            rem = [m["removed_fraction_of_gated"] for m in ms]
+            time_s = [m["train_time_s"] + m.get("prune_time_s", 0.0) for m in ms]
+            rows.append(f"| {f}% | {label} | {_cell([m['accuracy'] for m in ms])} | {seeds} | {_cell(rem, digits=2)} "
+                        f"| {_cell(time_s, 1.0, 0)} |")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", default="", help="comma-separated names of " + ", ".join([*CONFIGS, *PEERS]))
@@ -191,6 +217,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--out", type=Path, default=BENCH / "out" / "quality_sweep")
     p.add_argument("--write-results", action="store_true", help=f"write {RESULTS.name} from every run under --out")
+    p.add_argument("--head-to-head", action="store_true", help="print FineGates against the prune-then-LoRA peers")
     args = p.parse_args(argv)
     names = [c for c in args.configs.split(",") if c]
     unknown = [c for c in names if c not in CONFIGS and c not in PEERS]
@@ -203,6 +230,9 @@ def main(argv=None) -> int:
     for name in names:
         for seed in (int(s) for s in args.seeds.split(",")):
             run_one(name, seed, args.steps, args.out)
+    if args.head_to_head:
+        print(render_head_to_head(args.out))
+        return 0
     table = render(args.out)
     print(table)
     if args.write_results:
