@@ -96,3 +96,16 @@ def test_each_tool_removes_the_asked_heads_and_units(tool):
     assert [int((~m).sum()) for m in structure.units] == [24, 24]
     check_pruned(model, dense, structure, batches)
     assert counted_removal(dense, model, structure)["params_removed"] == 2 * (4 * 12 * 48 + 3 * 12 + 24 * 97)
+
+
+def test_every_peer_row_of_the_quality_table_is_a_schedule_the_runner_takes(tmp_path):
+    from bench import peers, quality_table
+
+    for name, (_, schedule, fraction) in quality_table.PEERS.items():
+        argv = quality_table._peer_argv(name, 2, 500, tmp_path / name)
+        assert schedule in peers.SCHEDULES and argv[argv.index("--schedule") + 1] == schedule
+        assert float(argv[argv.index("--sparsity") + 1]) == fraction
+    with pytest.raises(SystemExit):
+        peers.main(["--schedule", "tp-prune-tune", "--sparsity", "1.5", "--output-dir", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        peers.main(["--schedule", "tp-prune-tune", "--sparsity", "0.4", "--steps", "50", "--output-dir", str(tmp_path)])
