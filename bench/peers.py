@@ -15,8 +15,9 @@ optimizer steps as a FineGates run (500 by default). Schedules:
 ``tp-tune-prune``   LoRA+Prune: LoRA for 80% of the steps, merged, Torch-Pruning, a fresh LoRA for the rest;
 ``textpruner-tune-prune``  the same with TextPruner's iterative Taylor pruning (4 rounds).
 
-Each phase's batches are drawn as a fresh command-line run with the same seed draws them. The
-pruned model is checked before it trains on (logits equal to the dense model's with the same heads
+The phases share out the examples a FineGates run with the same seed sees, in its order (the
+first phase its first steps' examples, the next the following ones): the same data, each example as
+often, whatever the split. The pruned model is checked before it trains on (logits equal to the dense model's with the same heads
 and units zeroed) and counted by FineGates' own counter. The run leaves ``metrics.json`` (the keys
 of a ``finegates finetune`` run's, where they mean the same) and the final model, LoRA merged, in
 ``pruned/`` (``structure.json`` + ``model.safetensors``), for the latency bench.
@@ -88,14 +89,29 @@ def _setup(steps: int, seed: int, out: Path) -> Run:
                                desc="evaluate (pruned)", **metrics))
 
 
+def _examples(run: Run, start: int, steps: int):
+    """The training examples of optimizer steps ``start`` to ``start + steps`` of a whole run with
+    the command line's sampler (one permutation per epoch, seeded with seed + epoch)."""
+    from finegates.app.trainer import EpochSampler
+
+    n, bs = len(run.task.train_ds), run.args.batch_size
+    sampler, order = EpochSampler(n, run.args.seed), []
+    while len(order) < (start + steps) * bs:
+        sampler.set_epoch(len(order) // n)
+        order += list(sampler)
+    return run.task.train_ds.select(order[start * bs:(start + steps) * bs])
+
+
 def _train_phase(run: Run, model: nn.Module, steps: int, param_groups, name: str) -> Dict[str, Any]:
-    """``steps`` optimizer steps of the command line's loop on ``model``."""
+    """The next ``steps`` optimizer steps of the command line's loop on ``model``, on the examples
+    those steps of a whole run would see (each once, the loop's own shuffling within them)."""
     from finegates.app.trainer import train
     from finegates.config import TrainOptions
 
     opts = dataclasses.replace(TrainOptions.from_namespace(run.args), max_steps=steps)
     (run.out / "phases" / name).mkdir(parents=True, exist_ok=True)
-    result = train(opts, run.accelerator, model, gated=False, train_dataset=run.task.train_ds,
+    start = sum(p["steps"] for p in run.phases)
+    result = train(opts, run.accelerator, model, gated=False, train_dataset=_examples(run, start, steps),
                    eval_dataset=run.task.val_ds, collate_fn=run.task.collate, param_groups=param_groups,
                    evaluate=run.evaluate, output_dir=run.out / "phases" / name)
     run.phases.append(dict(name=name, steps=result["steps"], train_time_s=result["train_time_s"],
