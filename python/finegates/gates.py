@@ -83,7 +83,7 @@ class Gates(nn.Module):
     @torch.no_grad()
     def fix_open(self) -> "Gates":
         """Holds every gate of this vector open: value 1, logits not trained, and the budget's
-        closure never closes them (``sparsify(..., residual_gates=False)``)."""
+        closure never closes them (``sparsify(..., structure="heads_units")`` on residual sides)."""
         self.theta.fill_(FIXED_OPEN_LOGIT)
         self.theta.requires_grad_(False)
         self.fixed = True
