@@ -212,14 +212,7 @@ def build(
         w, b = _zero_filled(w, b, row_idx, col_idx, out_width, in_width)
         row_idx = col_idx = None
     if row_idx is None and col_idx is None:
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(w)
-            if b is not None:
-                lin.bias.copy_(b)
-        lin.requires_grad_(False)
-        setattr(lin, COMPACTED, True)
-        return lin
+        return _compacted_linear(w, b)
     return GatheredLinear.from_block(
         w,
         b,
@@ -265,6 +258,11 @@ def plain_linear(m: GatheredLinear) -> nn.Linear:
     block in a full-width weight, zeros elsewhere (the same outputs, no ``fg`` op)."""
     w, b = _zero_filled(m.weight.detach(), None if m.bias is None else m.bias.detach(), m.row_idx, m.col_idx,
                         m.out_features, m.in_features)
+    return _compacted_linear(w, b)
+
+
+def _compacted_linear(w: Tensor, b: Optional[Tensor]) -> nn.Linear:
+    """A frozen ``nn.Linear`` holding ``w`` and ``b``, marked as built by compaction."""
     lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         lin.weight.copy_(w)
