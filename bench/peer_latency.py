@@ -27,7 +27,7 @@ BENCH = Path(__file__).resolve().parent
 if __package__ in (None, ""):
     sys.path.insert(0, str(BENCH.parent))
 
-from bench.peers import load_pruned  # noqa: E402
+from bench.peers import dense_classifier, load_pruned  # noqa: E402
 
 # row label -> the quality sweep's configuration (its run directory is NAME-s{seed}) and what to load
 MODELS: List[Tuple[str, str, str]] = [
@@ -40,20 +40,13 @@ MODELS: List[Tuple[str, str, str]] = [
 ]
 
 
-def _load(run: Path, kind: str) -> nn.Module:
+def _load(run: Path, kind: str, dense: nn.Module) -> nn.Module:
     import finegates
 
     if kind == "pruned":
-        return load_pruned(run / "pruned")
+        return load_pruned(run / "pruned", dense)
     model = finegates.load_compact(run / "compact")
     return finegates.make_portable(model) if kind == "portable" else model
-
-
-def _dense() -> nn.Module:
-    from finegates.app.recipes import classification_task
-    from bench.peers import _cli_args
-
-    return classification_task(_cli_args(1, 0), say=lambda *a: None).model.eval()
 
 
 def _batches(tokens: int) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -73,12 +66,13 @@ def _batches(tokens: int) -> Dict[str, Dict[str, torch.Tensor]]:
 def measure(out: Path, fractions: List[int], seed: int, reps: int, tokens: int) -> Dict:
     from finegates.app.latency import latency_ratio, measure_latency
 
-    dense = _dense()
+    dense = dense_classifier()
+    batches = _batches(tokens)
     rows = []
     for f in fractions:
-        found = [(label, _load(out / f"{cfg.format(f=f)}-s{seed}", kind)) for label, cfg, kind in MODELS
+        found = [(label, _load(out / f"{cfg.format(f=f)}-s{seed}", kind, dense)) for label, cfg, kind in MODELS
                  if (out / f"{cfg.format(f=f)}-s{seed}" / "metrics.json").is_file()]
-        for shape, batch in _batches(tokens).items():
+        for shape, batch in batches.items():
             times = measure_latency([dense] + [m for _, m in found], batch, reps=reps)
             for (label, _), t in zip(found, times[1:]):
                 r = latency_ratio(times[0], t)

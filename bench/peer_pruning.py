@@ -182,12 +182,17 @@ def counted_removal(dense: nn.Module, pruned: nn.Module, structure: Structure) -
                 params_gated=report["params_gated"])
 
 
+def _train_everything(model: nn.Module) -> None:
+    """Every parameter requires grad: the tools read weight gradients (Taylor scores), and
+    Torch-Pruning traces the autograd graph, in which frozen weights would be invisible."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
 def _loss_backward(model: nn.Module, batches) -> None:
     """Accumulates the task loss's gradient over ``batches`` on every parameter (the Taylor scores)."""
     model.eval()
     model.zero_grad()
-    for p in model.parameters():
-        p.requires_grad_(True)
     for batch in batches:
         model(**batch).loss.backward()
 
@@ -208,8 +213,7 @@ def torch_pruning_prune(model: nn.Module, batches, heads: int, units: int) -> St
                                                           getattr(model, "classifier", None)) if m is not None]]
     ignored += [m for l in layers for m in (l.attention.output.dense, l.output.dense)]
     example = {k: v for k, v in batches[0].items() if k != "labels"}
-    for p in model.parameters():  # Torch-Pruning traces the autograd graph: frozen weights would be invisible
-        p.requires_grad_(True)
+    _train_everything(model)
     pruner = tp.pruner.MetaPruner(
         model, example_inputs=example, importance=tp.importance.GroupTaylorImportance(),
         pruning_ratio=(units - 0.5) / inter,  # Torch-Pruning keeps int(n * (1 - ratio)) channels
@@ -245,8 +249,7 @@ def textpruner_prune(model: nn.Module, batches, heads: int, units: int, n_iters:
 
     _, n_heads, _, inter = _dims(model)
     n_layers = len(encoder_layers(model))
-    for p in model.parameters():
-        p.requires_grad_(True)
+    _train_everything(model)
     with tempfile.TemporaryDirectory() as tmp:
         pruner = TransformerPruner(
             model,

@@ -160,20 +160,15 @@ def _prune(run: Run, model: nn.Module, tool: str, fraction: float, seed: int):
     t0 = time.perf_counter()
     if tool == "tp":
         structure = torch_pruning_prune(model, batches, heads, units)
-    else:
-        structure = slice_pruned_after(textpruner_prune(model, batches, heads, units), model)
+    else:  # TextPruner zeroes what it prunes; the model is cut to its masks here
+        structure = textpruner_prune(model, batches, heads, units)
+        slice_pruned(model, structure)
     prune_time = time.perf_counter() - t0
     worst = check_pruned(model, dense, structure, batches[:4])
     size = counted_removal(dense, model, structure)
     model.eval()
     return model, structure, dict(prune_time_s=round(prune_time, 2), heads_removed_per_layer=heads,
                                   units_removed_per_layer=units, pruned_check_max_abs_diff=worst, **size)
-
-
-def slice_pruned_after(structure: Structure, model: nn.Module) -> Structure:
-    """TextPruner zeroes what it prunes; cut the model to its masks."""
-    slice_pruned(model, structure)
-    return structure
 
 
 def run_schedule(schedule: str, fraction: float, seed: int, steps: int, out: Path) -> Dict[str, Any]:
@@ -218,14 +213,19 @@ def _save_pruned(model: nn.Module, structure: Structure, out: Path) -> None:
     write_json(out / "structure.json", structure.to_dict())
 
 
-def load_pruned(path: Path) -> nn.Module:
-    """A saved peer model: the dense MiniLM classifier cut to ``structure.json``, its weights loaded."""
-    from safetensors.torch import load_file
-
+def dense_classifier() -> nn.Module:
+    """The dense MiniLM classifier every peer starts from (the command line's, mean pooling), in eval mode."""
     from finegates.app.recipes import classification_task
 
-    task = classification_task(_cli_args(1, 0), say=lambda *a: None)
-    model = task.model
+    return classification_task(_cli_args(1, 0), say=lambda *a: None).model.eval()
+
+
+def load_pruned(path: Path, dense: nn.Module) -> nn.Module:
+    """A saved peer model: a copy of ``dense`` (:func:`dense_classifier`) cut to ``structure.json``,
+    its weights loaded."""
+    from safetensors.torch import load_file
+
+    model = copy.deepcopy(dense)
     structure = Structure.from_dict(json.loads((path / "structure.json").read_text()),
                                     model.config.num_attention_heads, model.config.intermediate_size)
     slice_pruned(model, structure)

@@ -253,17 +253,17 @@ def _gate_whole_units(model: nn.Module, targets: List[str]) -> None:
     from .compaction.compact import paired_sides
 
     paired = paired_sides(model)
-    for n in targets:
-        layer = model.get_submodule(n)
+    layers = [model.get_submodule(n) for n in targets]
+    if not any(any(paired.get(layer, ())) for layer in layers):
+        raise ValueError("sparsify: structure='heads_units' leaves no gate to train: compaction pairs no dimension of "
+                         "the selected modules (register the block's layout with finegates.register_layout)")
+    for layer in layers:
         layer.closes_whole_units = True
         rows, cols = paired.get(layer, (False, False))
         if not rows:
             layer.row_gates.fix_open()
         if not cols:
             layer.col_gates.fix_open()
-    if not any(rows or cols for layer, (rows, cols) in paired.items() if layer in {model.get_submodule(n) for n in targets}):
-        raise ValueError("sparsify: structure='heads_units' leaves no gate to train: compaction pairs no dimension of "
-                         "the selected modules (register the block's layout with finegates.register_layout)")
 
 
 def _check_reachable(model: nn.Module, target_sparsity: float) -> None:

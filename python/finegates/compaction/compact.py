@@ -26,7 +26,7 @@ from .attention import COMPACT_ATTRS, compact_attention
 from .mlp import compact_mlp, recognise_mlp
 from .folding import COUNTING, PORTABLE, LayerCount, LayoutMismatch, Rewrites, fold, plain_linear, residual_layer
 from .modules import GatheredLinear
-from ..layers import GatedLinear
+from ..layers import GatedLinear, set_submodule
 from .layouts import BlockLayout, layout_for
 
 __all__ = ["compact", "compact_size", "make_portable", "paired_blocks", "paired_sides", "COMPACT_ATTRS"]
@@ -67,8 +67,7 @@ def make_portable(model: nn.Module) -> nn.Module:
     place: every :class:`GatheredLinear` becomes the zero-filled ``nn.Linear`` that
     ``compact(..., portable=True)`` builds, so a saved compact model needs no ``fg`` op to run."""
     for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, GatheredLinear)]:
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, plain_linear(m))
+        set_submodule(model, name, plain_linear(m))
     return model
 
 
